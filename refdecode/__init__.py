@@ -1,0 +1,30 @@
+"""refdecode: lossless speculative decoding that drafts tokens by copying from reference text.
+
+    model, tokenizer = refdecode.load_model("smollm2-135m")
+    store = refdecode.ReferenceStore(tokenizer)
+    store.add("reference text", source="doc-1")
+    out = refdecode.generate(model, tokenizer, prompt_ids, store=store, max_new_tokens=128)
+"""
+
+from .decoding import GenerationOutput, GenerationStats, generate
+from .drafting import Draft, Drafter, DraftPolicy, ReferenceDrafter
+from .hf import hf_generate
+from .models import KNOWN_MODELS, ModelNotFoundError, load_model, load_tokenizer
+from .store import ReferenceStore
+
+__all__ = [
+    "Draft",
+    "DraftPolicy",
+    "Drafter",
+    "GenerationOutput",
+    "GenerationStats",
+    "KNOWN_MODELS",
+    "ModelNotFoundError",
+    "ReferenceDrafter",
+    "ReferenceStore",
+    "generate",
+    "hf_generate",
+    "load_model",
+    "load_tokenizer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,403 @@
+"""The decode loop: prefill, then draft -> verify in one forward -> commit -> roll the cache back, until a stop.
+
+Knows: the transformers causal-LM forward and its DynamicCache (crop to roll back rejected tokens), stopping rules
+(EOS, stop strings, max_new_tokens), streaming, and statistics. Does not know how drafts are found (drafting.py) or
+how tokens are accepted (verification.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter
+from .sampling import SamplingConfig, build_processors
+from .verification import Verdict, process_rows, verify_greedy, verify_sampling
+
+__all__ = ["GenerationOutput", "GenerationStats", "calibrate_costs", "decode", "generate", "prepare_prompt"]
+
+
+@dataclass
+class GenerationStats:
+    """steps: verification forwards after the prefill; drafted/accepted: draft tokens verified/kept;
+    seconds: end to end; prefill_seconds: the prompt's forward and the first token; decode_seconds: the rest."""
+
+    steps: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    recomputed: int = 0  # one-token forwards forced by a too-close greedy call
+    accept_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decoding throughput: new tokens after the first, over the time after the prefill."""
+        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 and self.new_tokens > 1 else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens committed per verification forward (accepted draft tokens + the model's own)."""
+        return (self.new_tokens - 1) / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "new_tokens": self.new_tokens,
+            "seconds": self.seconds,
+            "prefill_seconds": self.prefill_seconds,
+            "decode_seconds": self.decode_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "mean_accepted": self.mean_accepted,
+            "recomputed": self.recomputed,
+        }
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]
+    text: str
+    stats: GenerationStats
+    stop_reason: str = ""  # "eos", "stop_string", "max_new_tokens"
+
+
+def prepare_prompt(tokenizer, prompt, *, chat: bool = False) -> list[int]:
+    """list[int] / LongTensor (T,) or (1, T) / str (tokenized; chat=True applies the chat template) -> list[int]."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        if chat:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            if hasattr(ids, "keys"):  # some versions return a BatchEncoding
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 2:
+            if prompt.shape[0] != 1:
+                raise ValueError(f"batch size {prompt.shape[0]} is not supported: pass one sequence (1, T)")
+            prompt = prompt[0]
+        if prompt.dim() != 1:
+            raise ValueError(f"prompt tensor must be (T,) or (1, T), got shape {tuple(prompt.shape)}")
+        ids = prompt.tolist()
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("the prompt has no tokens")
+    return ids
+
+
+class _StopChecker:
+    """Finds the first new token that ends generation: EOS, or a token whose text completes a stop string."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], stop_strings: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.stop_strings = [s for s in stop_strings if s]
+        if self.stop_strings and tokenizer is None:
+            raise ValueError("stop strings need the tokenizer")
+        self.longest = max((len(s) for s in self.stop_strings), default=0)
+
+    def first_stop(self, output: list[int], start: int) -> tuple[int, str] | None:
+        """(index in output, reason) of the first stopping token among output[start:], else None."""
+        for i in range(start, len(output)):
+            if output[i] in self.eos_ids:
+                return i, "eos"
+            if self.stop_strings and self._completes_stop_string(output, i):
+                return i, "stop_string"
+        return None
+
+    def _completes_stop_string(self, output: list[int], i: int) -> bool:
+        # Decode a window of tokens ending at i; a stop string counts once its last character comes from token i.
+        window = output[max(0, i - self.longest - 8) : i + 1]
+        before = self.tokenizer.decode(window[:-1])
+        after = self.tokenizer.decode(window)
+        return any(s in after and (s not in before or after.rfind(s) + len(s) > len(before)) for s in self.stop_strings)
+
+
+def _forward(model, cache, token_ids: list[int], device) -> torch.Tensor:
+    """One forward of `token_ids` after the cached context; returns float32 logits [len(token_ids), V]."""
+    ids = torch.tensor([token_ids], dtype=torch.long, device=device)
+    out = model(input_ids=ids, cache=cache, use_cache=True)
+    return out.logits[0].float()
+
+
+def _crop(cache, tokens_to_remove: int) -> None:
+    if tokens_to_remove > 0:
+        cache.crop(-tokens_to_remove)
+
+
+_COST_TABLES: dict[tuple, dict[int, float]] = {}
+
+
+def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), repeats: int = 2) -> dict:
+    """Time forwards of several widths on the live cache (then roll them back); cached per model and device."""
+    key = (id(model), str(model.device), str(model.dtype))
+    if key in _COST_TABLES:
+        return _COST_TABLES[key]
+    device = model.device
+    table: dict[int, float] = {}
+    for width in widths:
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            _forward(model, cache, [pending] * width, device)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+            _crop(cache, width)
+        table[width] = best
+    _COST_TABLES[key] = table
+    return table
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt,
+    *,
+    store=None,
+    index=None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    logits_processor=None,
+    stop: Sequence[str] | str | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    chat: bool = False,
+    streamer=None,
+    drafter: Drafter | None = None,
+    policy: DraftPolicy | None = None,
+    max_draft: int = 64,
+    calibrate: bool = True,
+    tie_margin: float | None = None,
+    retrieve_k: int = 4,
+) -> GenerationOutput:
+    """Generate with reference drafting; the output equals plain decoding (greedy) or has its distribution.
+
+    Args:
+        prompt: list[int], LongTensor (T,) or (1, T), or str (tokenized; chat=True applies the chat template).
+        store: ReferenceStore of documents to draft from; the prompt and the output so far are always references.
+        index: a refdecode.corpus.CorpusIndex (or its path): top passages for the prompt join the references and
+            its corpus-wide span index drafts where nothing local matches.
+        temperature: 0 -> greedy; > 0 -> sampling with top_k / top_p / repetition_penalty / logits_processor and a
+            torch.Generator seeded from `seed` (or pass `generator`).
+        stop: stop strings; eos_token_id defaults to the model's generation config.
+        streamer: an object with put(LongTensor) / end(), e.g. transformers.TextStreamer.
+        drafter: a custom Drafter (default: ReferenceDrafter over prompt, output, store and index).
+        policy: a DraftPolicy (default: adaptive, calibrated on this model); max_draft caps the draft length.
+        tie_margin: greedy only; top-2 score gap below which a wide forward's argmax is recomputed one token wide
+            (default: 1e-3 for float32 models, 0 for half precision, where wide and narrow forwards differ anyway).
+    Returns:
+        GenerationOutput(token_ids, text, stats, stop_reason).
+    """
+    config = SamplingConfig(
+        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed
+    )
+    prompt_ids = prepare_prompt(tokenizer, prompt, chat=chat)
+    if config.sampling and generator is None:
+        generator = torch.Generator(device=model.device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    spans = None
+    if index is not None:
+        store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k)
+    return decode(
+        model,
+        tokenizer,
+        prompt_ids,
+        processors=build_processors(config, logits_processor),
+        sampling=config.sampling,
+        generator=generator,
+        max_new_tokens=max_new_tokens,
+        eos_ids=_eos_ids(model, eos_token_id),
+        stop_strings=[stop] if isinstance(stop, str) else list(stop or []),
+        streamer=streamer,
+        drafter=drafter or ReferenceDrafter(prompt_ids, store=store, spans=spans),
+        policy=policy or DraftPolicy(max_draft=max_draft),
+        calibrate=calibrate,
+        tie_margin=tie_margin,
+    )
+
+
+def decode(
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    *,
+    processors,
+    sampling: bool,
+    generator: torch.Generator | None,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    stop_strings: Sequence[str],
+    streamer,
+    drafter: Drafter,
+    policy: DraftPolicy,
+    calibrate: bool = True,
+    tie_margin: float | None = None,
+) -> GenerationOutput:
+    """The loop behind `generate` and `hf_generate`, with everything already resolved.
+
+    processors: a transformers LogitsProcessorList producing the scores to decide on (for sampling it includes the
+    temperature / top-k / top-p warpers); sampling: sample from softmax(scores) with `generator`, else argmax.
+    """
+    t_start = time.perf_counter()
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if sampling and generator is None:
+        raise ValueError("sampling needs a torch.Generator")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and len(prompt_ids) >= limit:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+    device = model.device
+    if tie_margin is None:
+        tie_margin = 1e-3 if model.dtype == torch.float32 else 0.0
+    stopper = _StopChecker(tokenizer, eos_ids, stop_strings)
+    stats = GenerationStats()
+    if streamer is not None:  # like transformers: the prompt first (TextStreamer(skip_prompt=True) drops it)
+        streamer.put(torch.tensor([prompt_ids], dtype=torch.long))
+    context = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # [T] committed tokens, grows
+
+    # 1) prefill: the prompt in one forward; its last row gives the first new token
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1:].float()
+    scores = process_rows(processors, context, [], logits)
+    first = _choose(scores, sampling, generator)
+    cache.activate_past_recording()  # sliding-window layers must keep past states to be croppable
+    output: list[int] = []
+    stop_reason = _commit(output, [first], stopper, max_new_tokens, streamer)
+    drafter.observe(output[-1:])
+    context = torch.cat([context, context.new_tensor(output[-1:])])
+    _sync(device)
+    stats.prefill_seconds = time.perf_counter() - t_start
+    if not stop_reason and calibrate and not policy.costs:
+        policy.costs = ForwardCostModel(calibrate_costs(model, cache, output[-1]))
+    t_decode = time.perf_counter()
+
+    force_plain = False
+    while not stop_reason:
+        # 2) draft: propose, then keep the length that pays at this acceptance and forward cost
+        budget = max_new_tokens - len(output) - 1
+        draft = None if force_plain else drafter.propose(context.tolist(), budget)
+        k = 0 if draft is None else policy.choose_length(draft, budget)
+        draft = draft.truncated(k) if draft is not None and k > 0 else None
+        tokens = draft.tokens if draft is not None else []
+        # 3) verify: one forward over the pending token and the draft, [k + 1, V] scores
+        t0 = time.perf_counter()
+        logits = _forward(model, cache, [output[-1]] + tokens, device)
+        scores = process_rows(processors, context, tokens, logits)
+        verdict = _verify(scores, tokens, draft, sampling, generator, tie_margin if k > 0 else 0.0)
+        _sync(device)
+        policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0)
+        stats.steps += 1
+        stats.drafted_tokens += k
+        stats.accepted_tokens += verdict.accepted
+        # 4) commit, and roll the cache back to the tokens that stay (the newest token is fed next step)
+        new = tokens[: verdict.accepted]
+        if verdict.next_token is None:  # too close to call at this width: recompute one token wide
+            stats.recomputed += 1
+            _crop(cache, k + 1 - verdict.accepted)
+            force_plain = True
+            if not new:
+                continue
+            # the last accepted token becomes the pending one: its cache entry is dropped and re-fed next step
+        else:
+            _crop(cache, k - verdict.accepted)
+            new = new + [verdict.next_token]
+            force_plain = False
+        before = len(output)
+        stop_reason = _commit(output, new, stopper, max_new_tokens, streamer)
+        stats.accept_lengths.append(len(output) - before)
+        drafter.observe(output[before:])
+        context = torch.cat([context, context.new_tensor(output[before:])])
+    if streamer is not None:
+        streamer.end()
+
+    _sync(device)
+    t_end = time.perf_counter()
+    stats.decode_seconds = t_end - t_decode
+    stats.seconds = t_end - t_start
+    stats.new_tokens = len(output)
+    text = tokenizer.decode(output, skip_special_tokens=True) if tokenizer is not None else ""
+    return GenerationOutput(output, text, stats, stop_reason)
+
+
+def _choose(scores: torch.Tensor, sampling: bool, generator) -> int:
+    """The model's own token from one row of scores [1, V]."""
+    if sampling:
+        return int(torch.multinomial(torch.softmax(scores[0], dim=-1), 1, generator=generator))
+    return int(scores[0].argmax())
+
+
+def _verify(scores, tokens, draft: Draft | None, sampling: bool, generator, tie_margin: float) -> Verdict:
+    if sampling:
+        probs = torch.softmax(scores, dim=-1)
+        q = None if draft is None else draft.probs
+        return verify_sampling(probs, tokens, generator, draft_probs=q)
+    return verify_greedy(scores, tokens, tie_margin=tie_margin)
+
+
+def _commit(output: list[int], new: list[int], stopper: _StopChecker, max_new_tokens: int, streamer) -> str:
+    """Append `new`, cut at the first stop (kept, like transformers) or at max_new_tokens; returns the stop reason."""
+    start = len(output)
+    output.extend(new)
+    reason = ""
+    found = stopper.first_stop(output, start)
+    if found is not None:
+        del output[found[0] + 1 :]
+        reason = found[1]
+    if len(output) >= max_new_tokens:
+        del output[max_new_tokens:]
+        reason = reason or "max_new_tokens"
+    if streamer is not None and len(output) > start:
+        streamer.put(torch.tensor(output[start:], dtype=torch.long))
+    return reason
+
+
+def _eos_ids(model, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(model.generation_config, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return {int(t) for t in eos_token_id}
+
+
+def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: int):
+    """Retrieve the index's top passages for the prompt into a copy-on-use store; return (store, span source)."""
+    from .corpus import CorpusIndex
+    from .store import ReferenceStore
+
+    if not isinstance(index, CorpusIndex):
+        index = CorpusIndex.load(index, tokenizer=tokenizer)
+    merged = ReferenceStore(tokenizer)
+    if store is not None:
+        for doc_id, doc in enumerate(store.documents):
+            merged.add(store.index.sequences[doc_id], source=doc.source)
+    query = tokenizer.decode(prompt_ids[-512:], skip_special_tokens=True)
+    for passage in index.retrieve(query, k=retrieve_k):
+        merged.add(passage.token_ids, source=f"{passage.source}#{passage.id}")
+    return merged, index

@@ -1,0 +1,288 @@
+"""Drafting: propose the next tokens by copying from references, and decide how many of them are worth verifying.
+
+Knows: the Drafter extension point (propose / observe), the reference drafter that follows copied spans across
+steps, and the draft-length policy (predicted acceptance per match length x measured cost of a wider forward).
+Does not know: models, caches, logits or acceptance rules; it only sees token ids and timings.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from .matching import SuffixIndex
+
+__all__ = [
+    "Draft",
+    "Drafter",
+    "ReferenceDrafter",
+    "AcceptanceModel",
+    "ForwardCostModel",
+    "DraftPolicy",
+]
+
+
+@dataclass
+class Draft:
+    """Tokens proposed to follow the context.
+
+    tokens: the chain of draft tokens.
+    match_len: evidence behind it (tokens of context matched at the source; grows while a copied span is followed).
+    source: where the tokens were copied from, for stats and debugging.
+    probs: optional per-token draft probabilities q(token) from a model drafter; None = point mass (copied text).
+    """
+
+    tokens: list[int]
+    match_len: int = 0
+    source: str = ""
+    probs: list[float] | None = None
+
+    def truncated(self, length: int) -> "Draft":
+        probs = None if self.probs is None else self.probs[:length]
+        return Draft(self.tokens[:length], self.match_len, self.source, probs)
+
+
+class Drafter(Protocol):
+    """Extension point: anything that proposes draft tokens (like transformers' CandidateGenerator)."""
+
+    def propose(self, context: Sequence[int], max_tokens: int) -> Draft | None:
+        """Draft up to max_tokens tokens to follow `context` (the prompt and all committed tokens)."""
+
+    def observe(self, new_tokens: Sequence[int]) -> None:
+        """Tokens just committed to the context (accepted draft tokens and the model's own token)."""
+
+
+class SpanSource(Protocol):
+    """A corpus-wide span index (see refdecode.corpus): continuations of the longest matching context suffix."""
+
+    def span_continuations(
+        self, context_tail: Sequence[int], max_tokens: int, *, max_candidates: int = 8, min_match: int = 2
+    ) -> tuple[int, list[list[int]]]: ...
+
+
+@dataclass
+class _Followed:
+    """A copied span being followed: the next token expected is index.sequences[seq][pos]."""
+
+    index: SuffixIndex
+    seq: int
+    pos: int
+
+
+class ReferenceDrafter:
+    """Drafts by copying what followed the longest matching context suffix in the prompt, the output so far, the
+    store's documents and (optionally) a corpus span index.
+
+    Spans are *followed*: once a span's tokens are accepted, the next draft continues from where it left off, with
+    evidence (`match_len`) that grows with every token it predicted right. Several equally good spans vote token
+    by token, so a draft stops where the references disagree.
+    """
+
+    def __init__(self, context: Sequence[int], *, store=None, spans: SpanSource | None = None, max_ngram: int = 12):
+        self.session = SuffixIndex(max_ngram=max_ngram)
+        self.session.add(list(context))
+        self.store_index = store.index if store is not None else None
+        self.spans = spans
+        self.followed: list[_Followed] = []
+        self.run = 0  # tokens in a row that the followed spans predicted
+
+    def observe(self, new_tokens: Sequence[int]) -> None:
+        self.session.extend(0, new_tokens)
+        for token in new_tokens:
+            self.followed = [f for f in self.followed if self._expects(f, token)]
+            for f in self.followed:
+                f.pos += 1
+            self.run = self.run + 1 if self.followed else 0
+
+    @staticmethod
+    def _expects(f: _Followed, token: int) -> bool:
+        seq = f.index.sequences[f.seq]
+        return f.pos < len(seq) and seq[f.pos] == token
+
+    def propose(self, context: Sequence[int], max_tokens: int) -> Draft | None:
+        if max_tokens <= 0:
+            return None
+        # 1) the freshest evidence: the longest context suffix in the output/prompt and in the store
+        best_len, candidates = 0, []
+        for index in (self.session, self.store_index):
+            if index is None:
+                continue
+            match = index.longest_suffix(context)
+            if match.length > best_len:
+                best_len, candidates = match.length, []
+            if match.length == best_len and match.length > 0:
+                candidates += [_Followed(index, s, end + 1) for s, end in match.positions]
+        # 2) spans already being followed win while their run is at least as long as the fresh match
+        if self.followed and self.run >= best_len:
+            best_len, candidates = self.run, self.followed
+        if candidates:
+            tokens, agreeing = _vote(candidates, max_tokens)
+            if tokens:
+                self.followed, self.run = agreeing, best_len
+                return Draft(tokens, best_len, "reference")
+        # 3) nothing local matched: ask the corpus-wide span index
+        if self.spans is not None:
+            length, continuations = self.spans.span_continuations(context[-32:], max_tokens)
+            if continuations:
+                return Draft(_vote_lists(continuations), length, "corpus")
+        return None
+
+
+def _vote(candidates: list[_Followed], max_tokens: int) -> tuple[list[int], list[_Followed]]:
+    """Build a draft token by token from the candidates' continuations: take the most common next token (ties: the
+    first candidate, i.e. the most recent occurrence), drop the candidates that disagree, stop where none is left.
+    Returns the draft and the spans that agree with all of it (positioned at the draft's start)."""
+    conts = [c.index.sequences[c.seq][c.pos : c.pos + max_tokens] for c in candidates]
+    alive = [i for i, cont in enumerate(conts) if cont]
+    tokens: list[int] = []
+    for step in range(max_tokens):
+        alive = [i for i in alive if step < len(conts[i])]
+        if not alive:
+            break
+        counts = Counter(conts[i][step] for i in alive)
+        top = max(counts.values())
+        token = next(conts[i][step] for i in alive if counts[conts[i][step]] == top)
+        tokens.append(token)
+        alive = [i for i in alive if conts[i][step] == token]
+    first = tokens[:1]
+    agreeing = [candidates[i] for i, cont in enumerate(conts) if cont[:1] == first]
+    return tokens, [_Followed(c.index, c.seq, c.pos) for c in agreeing]
+
+
+def _vote_lists(continuations: list[list[int]]) -> list[int]:
+    tokens: list[int] = []
+    alive = [c for c in continuations if c]
+    step = 0
+    while alive:
+        alive = [c for c in alive if step < len(c)]
+        if not alive:
+            break
+        token = Counter(c[step] for c in alive).most_common(1)[0][0]
+        tokens.append(token)
+        alive = [c for c in alive if c[step] == token]
+        step += 1
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Draft length policy
+# ---------------------------------------------------------------------------------------------------------------
+
+_MATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass
+class AcceptanceModel:
+    """Per-token acceptance probability by match length, learned online with exponential forgetting.
+
+    Each verified draft is a run of Bernoulli trials that ends at the first rejection: `accepted` successes and one
+    failure unless the whole draft was accepted. Estimates start at `prior` with weight `prior_weight` (a Beta prior)
+    and forget old evidence by `decay` per update, so they follow the recent acceptance of the current request.
+    """
+
+    prior: float = 0.5
+    prior_weight: float = 2.0
+    decay: float = 0.9
+    successes: list[float] = field(default_factory=lambda: [0.0] * len(_MATCH_BUCKETS))
+    trials: list[float] = field(default_factory=lambda: [0.0] * len(_MATCH_BUCKETS))
+
+    @staticmethod
+    def bucket(match_len: int) -> int:
+        return max(0, bisect.bisect_right(_MATCH_BUCKETS, max(1, match_len)) - 1)
+
+    def rate(self, match_len: int) -> float:
+        b = self.bucket(match_len)
+        return (self.successes[b] + self.prior * self.prior_weight) / (self.trials[b] + self.prior_weight)
+
+    def update(self, match_len: int, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        b = self.bucket(match_len)
+        self.successes[b] = self.successes[b] * self.decay + accepted
+        self.trials[b] = self.trials[b] * self.decay + accepted + (1 if accepted < drafted else 0)
+
+
+class ForwardCostModel:
+    """Seconds of one forward pass by width (tokens fed at once), measured on the running model.
+
+    Filled by `calibrate` (a few timed forwards) and refined online from every decoding step by an exponential
+    moving average; widths in between are interpolated linearly, widths beyond the widest measured extrapolated.
+    """
+
+    def __init__(self, widths_seconds: dict[int, float] | None = None, *, smoothing: float = 0.2):
+        self.table: dict[int, float] = dict(widths_seconds or {})
+        self.smoothing = smoothing
+
+    def __bool__(self) -> bool:
+        return bool(self.table)
+
+    def observe(self, width: int, seconds: float) -> None:
+        old = self.table.get(width)
+        self.table[width] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+
+    def cost(self, width: int) -> float:
+        if not self.table:
+            return 1.0 + 0.05 * (width - 1)  # unmeasured: a mild prior, relative units
+        widths = sorted(self.table)
+        if width in self.table:
+            return self.table[width]
+        i = bisect.bisect_left(widths, width)
+        if i == 0:
+            return self.table[widths[0]]
+        if i == len(widths):
+            if len(widths) == 1:
+                return self.table[widths[-1]]
+            w0, w1 = widths[-2], widths[-1]
+            slope = max(0.0, (self.table[w1] - self.table[w0]) / (w1 - w0))
+            return self.table[w1] + slope * (width - w1)
+        w0, w1 = widths[i - 1], widths[i]
+        t = (width - w0) / (w1 - w0)
+        return self.table[w0] * (1 - t) + self.table[w1] * t
+
+
+@dataclass
+class DraftPolicy:
+    """Chooses the draft length k that maximises expected tokens per second of verification.
+
+    With per-token acceptance a (from the AcceptanceModel, by match length), a chain of k draft tokens yields
+    E[k] = 1 + a + a^2 + ... + a^k tokens (accepted prefix plus the model's own token) for the cost of one forward of
+    width k + 1. k = 0 is plain decoding. Nothing here is tuned to a workload: both curves are measured online.
+    """
+
+    max_draft: int = 64
+    min_draft: int = 1
+    acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
+    costs: ForwardCostModel = field(default_factory=ForwardCostModel)
+
+    def __post_init__(self):
+        if self.max_draft < 0:
+            raise ValueError(f"max_draft must be >= 0, got {self.max_draft}")
+        if self.min_draft < 1:
+            raise ValueError(f"min_draft must be >= 1, got {self.min_draft}")
+
+    def choose_length(self, draft: Draft | None, budget: int) -> int:
+        """Draft length to verify: 0 (plain decoding) .. min(len(draft), budget, max_draft)."""
+        if draft is None or not draft.tokens:
+            return 0
+        limit = min(len(draft.tokens), budget, self.max_draft)
+        if limit < self.min_draft:
+            return 0
+        a = min(self.acceptance.rate(draft.match_len), 0.999)
+        best_k, best_rate = 0, 1.0 / self.costs.cost(1)
+        expected = 1.0
+        for k in range(1, limit + 1):
+            expected += a**k
+            rate = expected / self.costs.cost(k + 1)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+            if a**k < 1e-3:
+                break
+        return best_k if best_k >= self.min_draft else 0
+
+    def update(self, draft: Draft | None, drafted: int, accepted: int, width: int, seconds: float) -> None:
+        self.costs.observe(width, seconds)
+        if draft is not None and drafted > 0:
+            self.acceptance.update(draft.match_len, drafted, accepted)
+

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random models built from a config (no weights downloaded) and the real SmolLM2."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _tiny_llama(vocab_size: int = 96, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)  # weight init only; tests pass their own generators for sampling
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _tiny_gemma3(vocab_size: int = 96, seed: int = 0):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return _tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    return _tiny_gemma3()
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma3"])
+def tiny_model(request):
+    return _tiny_llama() if request.param == "llama" else _tiny_gemma3()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    try:
+        import refdecode
+
+        return refdecode.load_model("smollm2-135m")
+    except refdecode.ModelNotFoundError as err:
+        pytest.skip(f"SmolLM2 not installed: {err}")
