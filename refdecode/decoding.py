@@ -8,6 +8,7 @@ how tokens are accepted (verification.py).
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -97,11 +98,14 @@ def prepare_prompt(tokenizer, prompt, *, chat: bool = False) -> list[int]:
 
 
 class _StopChecker:
-    """Finds the first new token that ends generation: EOS, or a token whose text completes a stop string."""
+    """Finds the first new token that ends generation: EOS, a token whose text completes a stop string, or one after
+    which a transformers StoppingCriteria (called with the prompt and output up to that token) says stop."""
 
-    def __init__(self, tokenizer, eos_ids: set[int], stop_strings: Sequence[str]):
+    def __init__(self, tokenizer, eos_ids: set[int], stop_strings: Sequence[str], criteria=None, prompt_ids=()):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.criteria = criteria
+        self.prompt_ids = list(prompt_ids)
         self.stop_strings = [s for s in stop_strings if s]
         if self.stop_strings and tokenizer is None:
             raise ValueError("stop strings need the tokenizer")
@@ -114,7 +118,13 @@ class _StopChecker:
                 return i, "eos"
             if self.stop_strings and self._completes_stop_string(output, i):
                 return i, "stop_string"
+            if self.criteria and self._criteria_stop(output[: i + 1]):
+                return i, "stopping_criteria"
         return None
+
+    def _criteria_stop(self, output: list[int]) -> bool:
+        ids = torch.tensor([self.prompt_ids + output], dtype=torch.long)
+        return bool(torch.as_tensor(self.criteria(ids, None)).any())
 
     def _completes_stop_string(self, output: list[int], i: int) -> bool:
         # Decode a window of tokens ending at i; a stop string counts once its last character comes from token i.
@@ -136,27 +146,30 @@ def _crop(cache, tokens_to_remove: int) -> None:
         cache.crop(-tokens_to_remove)
 
 
-_COST_TABLES: dict[tuple, dict[int, float]] = {}
+_COST_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(device, dtype): table}
 
 
-def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), repeats: int = 2) -> dict:
-    """Time forwards of several widths on the live cache (then roll them back); cached per model and device."""
-    key = (id(model), str(model.device), str(model.dtype))
-    if key in _COST_TABLES:
-        return _COST_TABLES[key]
+def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), rounds: int = 3) -> dict:
+    """Seconds of one forward per width, timed on the live cache (each forward rolled back); cached per model.
+
+    The widths are timed in interleaved rounds and the minimum kept, so a burst of load from another process while
+    one width is timed does not make that width look expensive for the rest of the process.
+    """
+    key = (str(model.device), str(model.dtype))
+    per_model = _COST_TABLES.setdefault(model, {})
+    if key in per_model:
+        return per_model[key]
     device = model.device
-    table: dict[int, float] = {}
-    for width in widths:
-        best = float("inf")
-        for _ in range(repeats):
+    table = {width: float("inf") for width in widths}
+    for _ in range(rounds):
+        for width in widths:
             _sync(device)
             t0 = time.perf_counter()
             _forward(model, cache, [pending] * width, device)
             _sync(device)
-            best = min(best, time.perf_counter() - t0)
+            table[width] = min(table[width], time.perf_counter() - t0)
             _crop(cache, width)
-        table[width] = best
-    _COST_TABLES[key] = table
+    per_model[key] = table
     return table
 
 
@@ -254,11 +267,13 @@ def decode(
     policy: DraftPolicy,
     calibrate: bool = True,
     tie_margin: float | None = None,
+    stopping_criteria=None,
 ) -> GenerationOutput:
     """The loop behind `generate` and `hf_generate`, with everything already resolved.
 
     processors: a transformers LogitsProcessorList producing the scores to decide on (for sampling it includes the
     temperature / top-k / top-p warpers); sampling: sample from softmax(scores) with `generator`, else argmax.
+    stopping_criteria: optional transformers StoppingCriteriaList, checked after every committed token.
     """
     t_start = time.perf_counter()
     if max_new_tokens < 1:
@@ -271,7 +286,7 @@ def decode(
     device = model.device
     if tie_margin is None:
         tie_margin = 1e-3 if model.dtype == torch.float32 else 0.0
-    stopper = _StopChecker(tokenizer, eos_ids, stop_strings)
+    stopper = _StopChecker(tokenizer, eos_ids, stop_strings, stopping_criteria, prompt_ids)
     stats = GenerationStats()
     if streamer is not None:  # like transformers: the prompt first (TextStreamer(skip_prompt=True) drops it)
         streamer.put(torch.tensor([prompt_ids], dtype=torch.long))
@@ -393,10 +408,7 @@ def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: in
 
     if not isinstance(index, CorpusIndex):
         index = CorpusIndex.load(index, tokenizer=tokenizer)
-    merged = ReferenceStore(tokenizer)
-    if store is not None:
-        for doc_id, doc in enumerate(store.documents):
-            merged.add(store.index.sequences[doc_id], source=doc.source)
+    merged = store.copy() if store is not None else ReferenceStore(tokenizer)
     query = tokenizer.decode(prompt_ids[-512:], skip_special_tokens=True)
     for passage in index.retrieve(query, k=retrieve_k):
         merged.add(passage.token_ids, source=f"{passage.source}#{passage.id}")

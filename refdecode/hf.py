@@ -4,8 +4,11 @@ Knows: the calling convention transformers 5 uses for a callable `custom_generat
 config, the logits processors including the sampling warpers, and the stopping criteria, then calls us), and how
 to map that onto refdecode's decode loop. Does not know: drafting or verification details.
 
-Limits, checked with clear errors: batch size 1, no beam search, and no stopping criteria beyond the standard
-ones (max length, EOS, stop strings), which the decode loop applies itself.
+transformers does not forward its own `tokenizer=` and `streamer=` arguments to a callable custom_generate, so
+this one takes `ref_tokenizer=` (to tokenize text references) and `ref_streamer=` instead; for the same reason
+transformers refuses `stop_strings=` here (it cannot find a tokenizer), so pass `stop=[...]` with `ref_tokenizer=`.
+Every stopping criterion transformers prepared (max length, EOS, custom ones) is applied after each committed token. Limits, checked with clear
+errors: batch size 1, no beam search.
 """
 
 from __future__ import annotations
@@ -29,21 +32,23 @@ def hf_generate(
     generation_config=None,
     synced_gpus: bool = False,
     streamer=None,
-    references: Sequence[str] | None = None,
+    references: Sequence[str | Sequence[int]] | None = None,
     store: ReferenceStore | None = None,
     index=None,
-    tokenizer=None,
-    refdecode_streamer=None,
+    ref_tokenizer=None,
+    ref_streamer=None,
+    stop: Sequence[str] | None = None,
     max_draft: int = 64,
+    policy: DraftPolicy | None = None,
     seed: int | None = None,
     **model_kwargs,
 ) -> torch.LongTensor:
     """Drop-in decoding method for `model.generate(custom_generate=hf_generate, ...)`.
 
-    Extra generate() arguments it understands: references (list of texts; needs tokenizer=), store (a
-    ReferenceStore), index (a corpus index or its path), tokenizer, max_draft, seed (sampling), and
-    refdecode_streamer (transformers does not forward `streamer=` to a callable custom_generate, so pass a
-    TextStreamer here). Returns the prompt followed by the new tokens, like generate() does: [1, T + new].
+    Extra generate() arguments it understands: references (texts, which need ref_tokenizer=, or token-id lists),
+    store (a ReferenceStore), index (a corpus index or its path; needs ref_tokenizer=), max_draft or a DraftPolicy
+    (policy=), seed (sampling),
+    ref_streamer (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=). Returns the prompt followed by the new tokens, like generate(): [1, T + new].
     """
     # 1) what transformers resolved for us
     if input_ids.shape[0] != 1:
@@ -52,17 +57,17 @@ def hf_generate(
         raise ValueError("hf_generate must be called through model.generate(custom_generate=hf_generate, ...)")
     if getattr(generation_config, "num_beams", 1) > 1:
         raise ValueError("refdecode.hf_generate does not do beam search (num_beams > 1)")
-    _check_stopping_criteria(stopping_criteria)
     prompt_ids = input_ids[0].tolist()
     max_new_tokens = generation_config.max_length - len(prompt_ids)
-    if references and tokenizer is None and store is None:
-        raise ValueError("pass tokenizer=... to generate() along with references=[...]")
+    tokenizer = ref_tokenizer if ref_tokenizer is not None else getattr(store, "tokenizer", None)
+    if tokenizer is None and (index is not None or stop or any(isinstance(r, str) for r in references or [])):
+        raise ValueError("pass ref_tokenizer=tokenizer to generate() along with text references, stop or an index")
     # 2) references: the caller's store plus the given texts
     if references:
-        merged = ReferenceStore(tokenizer if tokenizer is not None else store.tokenizer)
         if store is not None:
-            for doc_id, doc in enumerate(store.documents):
-                merged.add(store.index.sequences[doc_id], source=doc.source)
+            merged = store.copy()
+        else:
+            merged = ReferenceStore(tokenizer if tokenizer is not None else _IdsOnly(model.config.vocab_size))
         for i, text in enumerate(references):
             merged.add(text, source=f"reference-{i}")
         store = merged
@@ -70,7 +75,7 @@ def hf_generate(
     if index is not None:
         from .decoding import _attach_index
 
-        store, spans = _attach_index(index, tokenizer or store.tokenizer, prompt_ids, store, retrieve_k=4)
+        store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k=4)
     sampling = bool(generation_config.do_sample)
     generator = None
     if sampling:
@@ -78,11 +83,6 @@ def hf_generate(
         generator.manual_seed(seed if seed is not None else torch.seed())
     eos = generation_config.eos_token_id
     eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(t) for t in eos})
-    stop_strings = generation_config.stop_strings or []
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need tokenizer=... in generate(), as in transformers")
     # 3) decode
     out = decode(
         model,
@@ -93,22 +93,23 @@ def hf_generate(
         generator=generator,
         max_new_tokens=max_new_tokens,
         eos_ids=eos_ids,
-        stop_strings=stop_strings,
-        streamer=refdecode_streamer,
+        stop_strings=[stop] if isinstance(stop, str) else list(stop or []),
+        stopping_criteria=stopping_criteria,
+        streamer=ref_streamer,
         drafter=ReferenceDrafter(prompt_ids, store=store, spans=spans),
-        policy=DraftPolicy(max_draft=max_draft),
+        policy=policy or DraftPolicy(max_draft=max_draft),
     )
     new = torch.tensor([out.token_ids], dtype=input_ids.dtype, device=input_ids.device)
     model.refdecode_stats = out.stats  # the last call's statistics, for callers who want them
     return torch.cat([input_ids, new], dim=1)
 
 
-_STANDARD_CRITERIA = ("MaxLengthCriteria", "EosTokenCriteria", "StopStringCriteria")
 
+class _IdsOnly:
+    """Stands in for a tokenizer when every reference is already token ids."""
 
-def _check_stopping_criteria(criteria) -> None:
-    for criterion in criteria or []:
-        if type(criterion).__name__ not in _STANDARD_CRITERIA:
-            raise ValueError(
-                f"refdecode.hf_generate supports the standard stopping criteria only, not {type(criterion).__name__}"
-            )
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size

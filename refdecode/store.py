@@ -77,5 +77,12 @@ class ReferenceStore:
             raise ValueError(f"reference file is not UTF-8 text: {path} (byte {err.start})") from None
         return self.add(text, source=source or str(path))
 
+    def copy(self) -> "ReferenceStore":
+        """A new store with the same documents (token ids are shared; adding to the copy leaves this one alone)."""
+        twin = ReferenceStore(self.tokenizer, max_ngram=self.index.max_ngram)
+        for doc_id, doc in enumerate(self.documents):
+            twin.add(self.index.sequences[doc_id], source=doc.source)
+        return twin
+
     def source_of(self, doc_id: int) -> str:
         return self.documents[doc_id].source

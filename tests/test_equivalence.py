@@ -59,7 +59,9 @@ def test_greedy_matches_transformers(tiny_model, case):
     elif kind == 3:  # random references: mostly rejected
         for i in range(3):
             store.add([rng.randrange(2, vocab) for _ in range(50)], source=f"random-{i}")
-    out = refdecode.generate(tiny_model, tok, prompt, store=store if kind else None, max_new_tokens=max_new)
+    out = refdecode.generate(
+        tiny_model, tok, prompt, store=store if kind else None, max_new_tokens=max_new, calibrate=(case % 2 == 0)
+    )
     assert out.token_ids == expected
     assert out.stats.new_tokens == len(expected)
     if kind == 1 and max_new > 7:

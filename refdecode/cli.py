@@ -1,0 +1,177 @@
+"""The `refdecode` command line: generate, plus the `index` and `bench` command groups.
+
+Knows: argument parsing, reading prompt/reference files, printing text, streams and JSON, and turning every
+expected failure (missing or non-UTF-8 file, empty prompt, unknown model, bad option) into one line on stderr and
+exit status 2. Does not know: how decoding works (it calls refdecode.generate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+def _read_text(path: str, what: str) -> str:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CliError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise CliError(f"{what} is a directory, not a file: {path}") from None
+    except PermissionError:
+        raise CliError(f"cannot read {what} file: {path} (permission denied)") from None
+    except UnicodeDecodeError as err:
+        raise CliError(f"{what} file is not UTF-8 text: {path} (invalid byte at offset {err.start})") from None
+    return text
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text with reference drafting")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or a local checkpoint dir")
+    p.add_argument("--ref", action="append", default=[], metavar="FILE", help="a reference file (repeatable)")
+    p.add_argument("--index", help="a corpus index directory built with `refdecode index build`")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--max-draft", type=int, default=64, help="longest draft verified in one forward")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are accepted")
+    p.set_defaults(func=_run_generate)
+
+
+class _PrintStreamer:
+    """Prints decoded text as tokens arrive (the prompt, which comes first, is skipped)."""
+
+    def __init__(self, tokenizer, stream):
+        self.tokenizer, self.stream = tokenizer, stream
+        self.tokens: list[int] = []
+        self.printed = 0
+        self.seen_prompt = False
+
+    def put(self, value) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+            return
+        self.stream.write(text[self.printed :])
+        self.stream.flush()
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self.stream.write(text[self.printed :] + "\n")
+        self.stream.flush()
+
+
+def _run_generate(args) -> int:
+    import refdecode
+
+    if args.max_new_tokens < 1:
+        raise CliError("--max-new-tokens must be at least 1")
+    prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt")
+    if not prompt.strip():
+        raise CliError("the prompt is empty")
+    references = [(path, _read_text(path, "reference")) for path in args.ref]
+    for path, text in references:
+        if not text.strip():
+            raise CliError(f"reference file is empty: {path}")
+    if args.index and not Path(args.index).is_dir():
+        raise CliError(f"index directory not found: {args.index}")
+    model, tokenizer = refdecode.load_model(args.model, dtype=args.dtype, device=args.device)
+    store = refdecode.ReferenceStore(tokenizer)
+    context = getattr(model.config, "max_position_embeddings", None)
+    for path, text in references:
+        doc = store.add(text, source=path)
+        n = store.documents[doc].num_tokens
+        if context and n > context:
+            print(f"refdecode: note: {path} has {n} tokens, more than the model's context ({context}); "
+                  "it is only copied from, never fed to the model", file=sys.stderr)
+    streamer = _PrintStreamer(tokenizer, sys.stderr if args.json else sys.stdout) if args.stream else None
+    out = refdecode.generate(
+        model,
+        tokenizer,
+        prompt,
+        store=store if len(store) else None,
+        index=args.index,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        chat=args.chat,
+        streamer=streamer,
+        max_draft=args.max_draft,
+    )
+    if args.json:
+        record = {"text": out.text, "token_ids": out.token_ids, **out.stats.as_dict(), "stop_reason": out.stop_reason}
+        print(json.dumps(record))
+    elif not args.stream:
+        print(out.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refdecode", description="Lossless reference-drafted speculative decoding for transformers models."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    try:
+        from .corpus.cli import add_index_commands
+
+        add_index_commands(subparsers)
+    except ImportError:  # the corpus extra is optional
+        pass
+    try:
+        from .bench.cli import add_bench_command
+
+        add_bench_command(subparsers)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as err:
+        print(f"refdecode: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"refdecode: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("refdecode: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

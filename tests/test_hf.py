@@ -1,0 +1,111 @@
+"""transformers integration: model.generate(custom_generate=refdecode.hf_generate, ...)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
+
+import refdecode
+from refdecode.drafting import DraftPolicy, ForwardCostModel
+
+
+def flat_costs():
+    """A draft policy that sees wide forwards as free, so drafting never depends on this machine's timing."""
+    return DraftPolicy(costs=ForwardCostModel({1: 1.0, 64: 1.0}))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return refdecode.load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def model_with_vocab(tokenizer):
+    """A tiny random Llama over SmolLM2's real vocabulary, so text-level features (stop strings) are testable."""
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # peaked distributions, so greedy text has words rather than ties
+    return model
+
+
+def test_custom_generate_equals_plain_generate(model_with_vocab, tokenizer):
+    x = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
+    plain = model_with_vocab.generate(x, max_new_tokens=40, do_sample=False)
+    continuation = tokenizer.decode(plain[0, x.shape[1] :])
+    ours = model_with_vocab.generate(
+        x, max_new_tokens=40, do_sample=False, custom_generate=refdecode.hf_generate,
+        references=["unrelated text " + continuation], ref_tokenizer=tokenizer, policy=flat_costs(),
+    )
+    assert torch.equal(ours, plain)
+    assert model_with_vocab.refdecode_stats.accepted_tokens > 0
+
+
+def test_stop_strings_match_transformers(model_with_vocab, tokenizer):
+    x = torch.tensor([tokenizer.encode("Once upon a time")])
+    full = model_with_vocab.generate(x, max_new_tokens=30, do_sample=False)[0, x.shape[1] :].tolist()
+    text = tokenizer.decode(full)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # a string that appears mid-way, maybe across tokens
+    assert stop.strip()
+    plain = model_with_vocab.generate(x, max_new_tokens=30, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
+    ours = model_with_vocab.generate(  # transformers drops tokenizer= for callables: stop= + ref_tokenizer= instead
+        x, max_new_tokens=30, do_sample=False, stop=[stop],
+        custom_generate=refdecode.hf_generate, references=[text], ref_tokenizer=tokenizer,
+    )
+    assert torch.equal(ours, plain)
+    direct = refdecode.generate(model_with_vocab, tokenizer, x[0], max_new_tokens=30, stop=stop)
+    assert direct.token_ids == plain[0, x.shape[1] :].tolist()
+    assert direct.stop_reason == "stop_string"
+
+
+def test_text_streamer_receives_exactly_the_output(model_with_vocab, tokenizer):
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    x = torch.tensor([tokenizer.encode("Streaming test")])
+    streamer = Collect()
+    ours = model_with_vocab.generate(
+        x, max_new_tokens=12, do_sample=False, custom_generate=refdecode.hf_generate,
+        ref_streamer=streamer,
+    )
+    assert streamer.ended
+    assert streamer.chunks[0] == x[0].tolist()  # the prompt first, as transformers does
+    assert sum(streamer.chunks[1:], []) == ours[0, x.shape[1] :].tolist()
+
+
+def test_custom_stopping_criteria_and_token_references(model_with_vocab, tokenizer):
+    class AtToken(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    x = torch.tensor([tokenizer.encode("Custom criteria")])
+    full = model_with_vocab.generate(x, max_new_tokens=20, do_sample=False)
+    stop_token = int(full[0, x.shape[1] + 7])
+    plain = model_with_vocab.generate(x, max_new_tokens=20, do_sample=False, stopping_criteria=[AtToken(stop_token)])
+    ours = model_with_vocab.generate(
+        x, max_new_tokens=20, do_sample=False, stopping_criteria=[AtToken(stop_token)],
+        custom_generate=refdecode.hf_generate, references=[full[0].tolist()],  # token ids need no tokenizer
+    )
+    assert torch.equal(ours, plain)
+
+
+def test_unsupported_settings_fail_clearly(model_with_vocab, tokenizer):
+    x = torch.tensor([tokenizer.encode("Batch")] * 2)
+    with pytest.raises(ValueError, match="batch size"):
+        model_with_vocab.generate(x, max_new_tokens=4, custom_generate=refdecode.hf_generate)
+    with pytest.raises(ValueError, match="ref_tokenizer"):
+        model_with_vocab.generate(x[:1], max_new_tokens=4, custom_generate=refdecode.hf_generate, references=["a"])
