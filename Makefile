@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/refdecode generate --model smollm2-135m --chat --stream \
-		--ref README.md --prompt-file README.md --max-new-tokens 96
+	$(VENV)/bin/refdecode generate --model smollm2-135m --chat --stream --stats --max-new-tokens 200 \
+		--prompt-file scripts/demo_prompt.md
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -56,6 +56,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")
     p.add_argument("--stream", action="store_true", help="print tokens as they are accepted")
+    p.add_argument("--stats", action="store_true", help="print a line of decoding statistics to stderr")
     p.set_defaults(func=_run_generate)
 
 
@@ -132,6 +133,14 @@ def _run_generate(args) -> int:
         print(json.dumps(record))
     elif not args.stream:
         print(out.text)
+    if args.stats:
+        s = out.stats
+        print(
+            f"refdecode: {s.new_tokens} new tokens, the first from the prefill, the rest from {s.steps} verification "
+            f"forwards ({s.mean_accepted:.2f} tokens each; {s.accepted_tokens}/{s.drafted_tokens} draft tokens "
+            f"accepted); {s.tokens_per_second:.1f} tokens/s after the prefill, {s.seconds:.1f} s in all",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter
 from .sampling import SamplingConfig, build_processors
-from .verification import Verdict, process_rows, verify_greedy, verify_sampling
+from .verification import PositionNoise, Verdict, process_rows, verify_greedy, verify_point_mass, verify_sampling
 
 __all__ = ["GenerationOutput", "GenerationStats", "calibrate_costs", "decode", "generate", "prepare_prompt"]
 
@@ -34,7 +34,8 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     recomputed: int = 0  # one-token forwards forced by a too-close greedy call
-    accept_lengths: list[int] = field(default_factory=list)
+    accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step
+    draft_lengths: list[int] = field(default_factory=list)  # draft tokens verified per step
 
     @property
     def tokens_per_second(self) -> float:
@@ -229,7 +230,10 @@ def generate(
     prompt_ids = prepare_prompt(tokenizer, prompt, chat=chat)
     if config.sampling and generator is None:
         generator = torch.Generator(device=model.device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()  # a fresh seed without touching torch's global generator
     spans = None
     if index is not None:
         store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k)
@@ -272,7 +276,8 @@ def decode(
     """The loop behind `generate` and `hf_generate`, with everything already resolved.
 
     processors: a transformers LogitsProcessorList producing the scores to decide on (for sampling it includes the
-    temperature / top-k / top-p warpers); sampling: sample from softmax(scores) with `generator`, else argmax.
+    temperature / top-k / top-p warpers); sampling: sample from softmax(scores), each output position with its own
+    Gumbel noise drawn from `generator` (so the output depends on the seed only, not on draft lengths), else argmax.
     stopping_criteria: optional transformers StoppingCriteriaList, checked after every committed token.
     """
     t_start = time.perf_counter()
@@ -284,7 +289,7 @@ def decode(
     if limit and len(prompt_ids) >= limit:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
     device = model.device
-    if tie_margin is None:
+    if tie_margin is None:  # float32: well above the ~1e-5 differences between wide and narrow forwards
         tie_margin = 1e-3 if model.dtype == torch.float32 else 0.0
     stopper = _StopChecker(tokenizer, eos_ids, stop_strings, stopping_criteria, prompt_ids)
     stats = GenerationStats()
@@ -299,7 +304,8 @@ def decode(
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1:].float()
     scores = process_rows(processors, context, [], logits)
-    first = _choose(scores, sampling, generator)
+    noise = PositionNoise(generator, logits.shape[-1], device) if sampling else None
+    first = _choose(scores, noise)
     cache.activate_past_recording()  # sliding-window layers must keep past states to be croppable
     output: list[int] = []
     stop_reason = _commit(output, [first], stopper, max_new_tokens, streamer)
@@ -323,11 +329,13 @@ def decode(
         t0 = time.perf_counter()
         logits = _forward(model, cache, [output[-1]] + tokens, device)
         scores = process_rows(processors, context, tokens, logits)
-        verdict = _verify(scores, tokens, draft, sampling, generator, tie_margin if k > 0 else 0.0)
+        position = len(output)  # output position of row 0: the token after the pending one
+        verdict = _verify(scores, tokens, draft, noise, position, generator, tie_margin if k > 0 else 0.0)
         _sync(device)
         policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0)
         stats.steps += 1
         stats.drafted_tokens += k
+        stats.draft_lengths.append(k)
         stats.accepted_tokens += verdict.accepted
         # 4) commit, and roll the cache back to the tokens that stay (the newest token is fed next step)
         new = tokens[: verdict.accepted]
@@ -336,6 +344,7 @@ def decode(
             _crop(cache, k + 1 - verdict.accepted)
             force_plain = True
             if not new:
+                stats.accept_lengths.append(0)
                 continue
             # the last accepted token becomes the pending one: its cache entry is dropped and re-fed next step
         else:
@@ -359,19 +368,21 @@ def decode(
     return GenerationOutput(output, text, stats, stop_reason)
 
 
-def _choose(scores: torch.Tensor, sampling: bool, generator) -> int:
-    """The model's own token from one row of scores [1, V]."""
-    if sampling:
-        return int(torch.multinomial(torch.softmax(scores[0], dim=-1), 1, generator=generator))
+def _choose(scores: torch.Tensor, noise: PositionNoise | None) -> int:
+    """The model's own first token from the prefill's scores [1, V]: argmax, or the Gumbel argmax of position 0."""
+    if noise is not None:
+        scores = torch.log_softmax(scores, dim=-1) + noise.rows_for(0, 1)
     return int(scores[0].argmax())
 
 
-def _verify(scores, tokens, draft: Draft | None, sampling: bool, generator, tie_margin: float) -> Verdict:
-    if sampling:
-        probs = torch.softmax(scores, dim=-1)
-        q = None if draft is None else draft.probs
-        return verify_sampling(probs, tokens, generator, draft_probs=q)
-    return verify_greedy(scores, tokens, tie_margin=tie_margin)
+def _verify(scores, tokens, draft: Draft | None, noise, position: int, generator, tie_margin: float) -> Verdict:
+    """scores: [k + 1, V] for output positions position .. position + k."""
+    if noise is None:
+        return verify_greedy(scores, tokens, tie_margin=tie_margin)
+    if draft is not None and draft.probs is not None:  # a model drafter's distributions: min(1, p/q) rule
+        return verify_sampling(torch.softmax(scores, dim=-1), tokens, generator, draft_probs=draft.probs)
+    log_probs = torch.log_softmax(scores, dim=-1)
+    return verify_point_mass(log_probs, tokens, noise.rows_for(position, len(tokens) + 1), tie_margin=tie_margin)
 
 
 def _commit(output: list[int], new: list[int], stopper: _StopChecker, max_new_tokens: int, streamer) -> str:

@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
+import torch
+
 from .matching import SuffixIndex
 
 __all__ = [
@@ -31,13 +33,14 @@ class Draft:
     tokens: the chain of draft tokens.
     match_len: evidence behind it (tokens of context matched at the source; grows while a copied span is followed).
     source: where the tokens were copied from, for stats and debugging.
-    probs: optional per-token draft probabilities q(token) from a model drafter; None = point mass (copied text).
+    probs: optional [len(tokens), V] distributions the tokens were sampled from (a model drafter); None = point
+        masses (copied text). Sampling verification uses them in the min(1, p/q) rule.
     """
 
     tokens: list[int]
     match_len: int = 0
     source: str = ""
-    probs: list[float] | None = None
+    probs: "torch.Tensor | None" = None
 
     def truncated(self, length: int) -> "Draft":
         probs = None if self.probs is None else self.probs[:length]
@@ -118,7 +121,7 @@ class ReferenceDrafter:
         if self.followed and self.run >= best_len:
             best_len, candidates = self.run, self.followed
         if candidates:
-            tokens, agreeing = _vote(candidates, max_tokens)
+            tokens, agreeing = _vote(candidates, max_tokens, live=self.session.sequences[0])
             if tokens:
                 self.followed, self.run = agreeing, best_len
                 return Draft(tokens, best_len, "reference")
@@ -130,11 +133,22 @@ class ReferenceDrafter:
         return None
 
 
-def _vote(candidates: list[_Followed], max_tokens: int) -> tuple[list[int], list[_Followed]]:
+def _continuation(c: _Followed, max_tokens: int, live: list[int]) -> list[int]:
+    """The tokens that follow a candidate. In the live context (prompt + output) a copy may overlap its own
+    output, as in LZ77: a span that repeats with period p keeps being drafted past the context's end."""
+    seq = c.index.sequences[c.seq]
+    cont = seq[c.pos : c.pos + max_tokens]
+    if seq is live and c.pos < len(seq):
+        while len(cont) < max_tokens:
+            cont.append(cont[len(cont) - (len(seq) - c.pos)])
+    return cont
+
+
+def _vote(candidates: list[_Followed], max_tokens: int, live: list[int]) -> tuple[list[int], list[_Followed]]:
     """Build a draft token by token from the candidates' continuations: take the most common next token (ties: the
     first candidate, i.e. the most recent occurrence), drop the candidates that disagree, stop where none is left.
     Returns the draft and the spans that agree with all of it (positioned at the draft's start)."""
-    conts = [c.index.sequences[c.seq][c.pos : c.pos + max_tokens] for c in candidates]
+    conts = [_continuation(c, max_tokens, live) for c in candidates]
     alive = [i for i, cont in enumerate(conts) if cont]
     tokens: list[int] = []
     for step in range(max_tokens):
@@ -178,8 +192,10 @@ class AcceptanceModel:
     """Per-token acceptance probability by match length, learned online with exponential forgetting.
 
     Each verified draft is a run of Bernoulli trials that ends at the first rejection: `accepted` successes and one
-    failure unless the whole draft was accepted. Estimates start at `prior` with weight `prior_weight` (a Beta prior)
-    and forget old evidence by `decay` per update, so they follow the recent acceptance of the current request.
+    failure unless the whole draft was accepted. Two assumptions keep the estimate useful from the first steps on:
+    a bucket with little evidence borrows the pooled rate of all buckets (a Beta prior of weight `prior_weight`
+    centred on it), and a longer match is at least as reliable as a shorter one (the rate is non-decreasing in
+    match length). Old evidence fades by `decay` per update, so estimates follow the current request.
     """
 
     prior: float = 0.5
@@ -192,16 +208,21 @@ class AcceptanceModel:
     def bucket(match_len: int) -> int:
         return max(0, bisect.bisect_right(_MATCH_BUCKETS, max(1, match_len)) - 1)
 
+    def _bucket_rate(self, b: int, pooled: float) -> float:
+        return (self.successes[b] + pooled * self.prior_weight) / (self.trials[b] + self.prior_weight)
+
     def rate(self, match_len: int) -> float:
-        b = self.bucket(match_len)
-        return (self.successes[b] + self.prior * self.prior_weight) / (self.trials[b] + self.prior_weight)
+        pooled = (sum(self.successes) + self.prior * self.prior_weight) / (sum(self.trials) + self.prior_weight)
+        return max(self._bucket_rate(b, pooled) for b in range(self.bucket(match_len) + 1))
 
     def update(self, match_len: int, drafted: int, accepted: int) -> None:
         if drafted <= 0:
             return
         b = self.bucket(match_len)
-        self.successes[b] = self.successes[b] * self.decay + accepted
-        self.trials[b] = self.trials[b] * self.decay + accepted + (1 if accepted < drafted else 0)
+        self.successes = [x * self.decay for x in self.successes]
+        self.trials = [x * self.decay for x in self.trials]
+        self.successes[b] += accepted
+        self.trials[b] += accepted + (1 if accepted < drafted else 0)
 
 
 class ForwardCostModel:

@@ -80,7 +80,8 @@ def hf_generate(
     generator = None
     if sampling:
         generator = torch.Generator(device=model.device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        # like transformers: without seed=, torch.manual_seed(...) before generate() reproduces the run
+        generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
     eos = generation_config.eos_token_id
     eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(t) for t in eos})
     # 3) decode

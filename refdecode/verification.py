@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Verdict", "verify_greedy", "verify_sampling", "process_rows"]
+__all__ = ["PositionNoise", "Verdict", "process_rows", "verify_greedy", "verify_point_mass", "verify_sampling"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,51 @@ def verify_greedy(scores: torch.Tensor, draft: Sequence[int], *, tie_margin: flo
     if margin[n] < tie_margin and k > 0:
         return Verdict(n, None)
     return Verdict(n, best[n])
+
+
+class PositionNoise:
+    """Gumbel noise for each output position, drawn once, in position order, from a seeded generator.
+
+    Sampling token j as argmax(log p_j + g_j) with g_j ~ Gumbel(0, 1) i.i.d. per vocabulary entry is exact sampling
+    from p_j (the Gumbel-max trick). Because row j is drawn the first time position j is verified, and always in
+    position order, g_j does not depend on how the positions were grouped into forwards: the output is a function of
+    the seed alone, identical whatever draft lengths the policy (or the machine's timing) chose.
+    """
+
+    def __init__(self, generator: torch.Generator, vocab_size: int, device):
+        self.generator, self.vocab_size, self.device = generator, vocab_size, device
+        self.first = 0  # output position of rows[0]; earlier rows are committed and dropped
+        self.rows: list[torch.Tensor] = []  # rows[j - first]: [V] noise of output position j
+
+    def rows_for(self, start: int, count: int) -> torch.Tensor:
+        """Noise of positions start .. start + count - 1: [count, V]. Positions before `start` are never asked for
+        again (they are committed), so their rows are released."""
+        if start < self.first:
+            raise ValueError(f"position {start} was already committed")
+        del self.rows[: start - self.first]
+        self.first = start
+        while len(self.rows) < count:
+            u = torch.rand(self.vocab_size, generator=self.generator, device=self.device)
+            self.rows.append(-torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny))))
+        return torch.stack(self.rows[:count])
+
+
+def verify_point_mass(
+    log_probs: torch.Tensor, draft: Sequence[int], noise: torch.Tensor, *, tie_margin: float = 0.0
+) -> Verdict:
+    """Sampling verification of copied tokens, coupled through per-position Gumbel noise.
+
+    log_probs: [k + 1, V] target log-probabilities; noise: [k + 1, V] the positions' Gumbel rows. The token of each
+    position is y_i = argmax(log p_i + g_i); the draft token x_i is accepted iff x_i == y_i, and the first y_i that
+    differs is the model's own token. This is the point-mass rule of verify_sampling with coupled randomness:
+        P(accept x) = P(argmax(log p + g) = x) = p(x),
+        P(y | rejected) = p(y) [y != x] / (1 - p(x))   (the Gumbel argmax conditioned on not being x),
+    i.e. accept x with probability p(x), else sample p with x removed and renormalised. Each y_i is exactly
+    distributed as plain sampling from p_i given the committed prefix (tests/test_sampling.py checks the joint
+    distribution against exact enumeration). tie_margin as in verify_greedy, so that a wide and a narrow forward
+    cannot pick different tokens for the same noise.
+    """
+    return verify_greedy(log_probs + noise, draft, tie_margin=tie_margin)
 
 
 def verify_sampling(

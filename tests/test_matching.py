@@ -81,3 +81,9 @@ def test_drafter_with_no_match_proposes_nothing():
     drafter = ReferenceDrafter([1, 2, 3])
     assert drafter.propose([1, 2, 3, 4], 5) is None
     assert drafter.propose([1, 2, 3], 0) is None
+
+
+def test_drafter_extends_a_repeating_output_past_the_context_end():
+    context = [5, 1, 2, 3, 1, 2, 3, 1, 2]  # period 3: the copy overlaps its own output, as in LZ77
+    draft = ReferenceDrafter(context).propose(context, 10)
+    assert draft.tokens == [3, 1, 2, 3, 1, 2, 3, 1, 2, 3]
