@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from .files import read_text
+
 __all__ = ["main", "build_parser"]
 
 
@@ -21,18 +23,10 @@ class CliError(Exception):
 
 
 def _read_text(path: str, what: str) -> str:
-    p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CliError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise CliError(f"{what} is a directory, not a file: {path}") from None
-    except PermissionError:
-        raise CliError(f"cannot read {what} file: {path} (permission denied)") from None
-    except UnicodeDecodeError as err:
-        raise CliError(f"{what} file is not UTF-8 text: {path} (invalid byte at offset {err.start})") from None
-    return text
+        return read_text(path, what)
+    except ValueError as err:
+        raise CliError(str(err)) from None
 
 
 def _add_generate(subparsers) -> None:

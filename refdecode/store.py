@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .files import read_text
 from .matching import SuffixIndex
 
 __all__ = ["ReferenceStore", "Document"]
@@ -66,16 +67,7 @@ class ReferenceStore:
 
     def add_file(self, path: str | Path, *, source: str | None = None) -> int:
         """Add a UTF-8 text file; ValueError with the file name if it is missing, not UTF-8 or empty."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ValueError(f"reference file not found: {path}") from None
-        except IsADirectoryError:
-            raise ValueError(f"reference is a directory, not a file: {path}") from None
-        except UnicodeDecodeError as err:
-            raise ValueError(f"reference file is not UTF-8 text: {path} (byte {err.start})") from None
-        return self.add(text, source=source or str(path))
+        return self.add(read_text(path, "reference"), source=source or str(path))
 
     def copy(self) -> "ReferenceStore":
         """A new store with the same documents (token ids are shared; adding to the copy leaves this one alone)."""

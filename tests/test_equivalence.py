@@ -9,22 +9,7 @@ import refdecode
 from refdecode.decoding import _eos_ids, decode
 from refdecode.drafting import DraftPolicy, ReferenceDrafter
 from refdecode.store import ReferenceStore
-
-
-class IdTokenizer:
-    """Just enough tokenizer for token-id references: ids pass through, decode is a readable join."""
-
-    def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
-
-    def __len__(self):
-        return self.vocab_size
-
-    def encode(self, text, add_special_tokens=False):
-        return [int(t) for t in text.split()]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(map(str, ids))
+from stats_helpers import IdTokenizer
 
 
 def hf_greedy(model, prompt, max_new_tokens, eos=None):
