@@ -34,6 +34,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     recomputed: int = 0  # one-token forwards forced by a too-close greedy call
+    calibration_seconds: float = 0.0  # the one-time forward-cost calibration (first call per model), inside seconds
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step
     draft_lengths: list[int] = field(default_factory=list)  # draft tokens verified per step
 
@@ -59,6 +60,7 @@ class GenerationStats:
             "tokens_per_second": self.tokens_per_second,
             "mean_accepted": self.mean_accepted,
             "recomputed": self.recomputed,
+            "calibration_seconds": self.calibration_seconds,
         }
 
 
@@ -316,6 +318,7 @@ def decode(
     if not stop_reason and calibrate and not policy.costs:
         policy.costs = ForwardCostModel(calibrate_costs(model, cache, output[-1]))
     t_decode = time.perf_counter()
+    stats.calibration_seconds = t_decode - t_start - stats.prefill_seconds
 
     force_plain = False
     while not stop_reason:

@@ -247,20 +247,30 @@ class ForwardCostModel:
         if not self.table:
             return 1.0 + 0.05 * (width - 1)  # unmeasured: a mild prior, relative units
         widths = sorted(self.table)
-        if width in self.table:
-            return self.table[width]
+        # A wider forward never costs less than a narrower one: a width measured slower than some wider width was
+        # timed during a burst of load, and the wider width's time is the better estimate for it.
+        table = dict(zip(widths, _suffix_minimum([self.table[w] for w in widths])))
+        if width in table:
+            return table[width]
         i = bisect.bisect_left(widths, width)
         if i == 0:
-            return self.table[widths[0]]
+            return table[widths[0]]
         if i == len(widths):
             if len(widths) == 1:
-                return self.table[widths[-1]]
+                return table[widths[-1]]
             w0, w1 = widths[-2], widths[-1]
-            slope = max(0.0, (self.table[w1] - self.table[w0]) / (w1 - w0))
-            return self.table[w1] + slope * (width - w1)
+            slope = max(0.0, (table[w1] - table[w0]) / (w1 - w0))
+            return table[w1] + slope * (width - w1)
         w0, w1 = widths[i - 1], widths[i]
         t = (width - w0) / (w1 - w0)
-        return self.table[w0] * (1 - t) + self.table[w1] * t
+        return table[w0] * (1 - t) + table[w1] * t
+
+
+def _suffix_minimum(values: list[float]) -> list[float]:
+    out = list(values)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1])
+    return out
 
 
 @dataclass
@@ -274,12 +284,16 @@ class DraftPolicy:
 
     max_draft: int = 64
     min_draft: int = 1
+    explore_every: int = 16
     acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
     costs: ForwardCostModel = field(default_factory=ForwardCostModel)
+    _plain_steps: int = 0
 
     def __post_init__(self):
         if self.max_draft < 0:
             raise ValueError(f"max_draft must be >= 0, got {self.max_draft}")
+        if self.explore_every < 1:
+            raise ValueError(f"explore_every must be >= 1, got {self.explore_every}")
         if self.min_draft < 1:
             raise ValueError(f"min_draft must be >= 1, got {self.min_draft}")
 
@@ -300,7 +314,16 @@ class DraftPolicy:
                 best_k, best_rate = k, rate
             if a**k < 1e-3:
                 break
-        return best_k if best_k >= self.min_draft else 0
+        if best_k < self.min_draft:
+            best_k = 0
+        # Exploration: estimates only change where drafts are verified, so a policy that stopped drafting (after a
+        # bad run, or a cost measured under load) would never learn that drafting pays again. Every
+        # `explore_every` plain steps in a row, verify a short draft anyway: a few percent of one step's cost.
+        self._plain_steps = self._plain_steps + 1 if best_k == 0 else 0
+        if self._plain_steps >= self.explore_every:
+            self._plain_steps = 0
+            best_k = min(limit, max(self.min_draft, 2))
+        return best_k
 
     def update(self, draft: Draft | None, drafted: int, accepted: int, width: int, seconds: float) -> None:
         self.costs.observe(width, seconds)

@@ -1,0 +1,63 @@
+"""The draft-length policy: acceptance estimates, the cost curve, the length it picks, and exploration."""
+
+import pytest
+
+from refdecode.drafting import AcceptanceModel, Draft, DraftPolicy, ForwardCostModel
+
+CPU_LIKE = {1: 0.090, 2: 0.095, 4: 0.110, 8: 0.160, 16: 0.200, 32: 0.260, 64: 0.420}
+
+
+def draft(n, match_len):
+    return Draft(list(range(n)), match_len=match_len)
+
+
+def test_acceptance_learns_by_match_length_and_is_monotone():
+    model = AcceptanceModel()
+    assert model.rate(1) == pytest.approx(0.5)
+    for _ in range(20):
+        model.update(1, drafted=4, accepted=0)  # short matches fail
+        model.update(20, drafted=8, accepted=8)  # long ones are copied
+    assert model.rate(1) < 0.3  # pulled up a little by the pooled prior
+    assert model.rate(20) > 0.9
+    assert model.rate(40) >= model.rate(20)  # a longer match is at least as reliable
+    fresh = AcceptanceModel()
+    for _ in range(10):
+        fresh.update(3, drafted=8, accepted=8)
+    assert fresh.rate(12) > 0.8  # an untried bucket borrows what the request showed so far
+
+
+def test_cost_curve_interpolates_and_is_non_decreasing():
+    costs = ForwardCostModel({1: 1.0, 2: 3.0, 4: 1.5, 8: 2.0})  # width 2 timed during a burst of load
+    assert costs.cost(2) == pytest.approx(1.5)
+    assert costs.cost(6) == pytest.approx(1.75)
+    assert costs.cost(16) == pytest.approx(3.0)  # extrapolated from the last two widths
+    costs.observe(8, 4.0)
+    assert costs.cost(8) == pytest.approx(0.8 * 2.0 + 0.2 * 4.0)
+
+
+def test_length_follows_acceptance_and_cost():
+    policy = DraftPolicy(costs=ForwardCostModel(CPU_LIKE))
+    for _ in range(30):
+        policy.acceptance.update(30, drafted=16, accepted=16)
+        policy.acceptance.update(1, drafted=2, accepted=0)
+    long_k = policy.choose_length(draft(64, 30), budget=100)
+    assert long_k >= 16
+    assert policy.choose_length(draft(64, 1), budget=100) <= 1
+    assert policy.choose_length(draft(64, 30), budget=5) <= 5
+    assert policy.choose_length(draft(3, 30), budget=100) <= 3
+    assert policy.choose_length(None, budget=100) == 0
+    flat = DraftPolicy(costs=ForwardCostModel({1: 1.0, 64: 1.0}))  # a GPU: width is free
+    assert flat.choose_length(draft(64, 1), budget=100) >= 8  # even at an untested 0.5 acceptance
+
+
+def test_exploration_keeps_learning_after_drafting_stopped():
+    policy = DraftPolicy(costs=ForwardCostModel({1: 1.0, 2: 5.0, 64: 50.0}), explore_every=4)
+    picks = [policy.choose_length(draft(10, 2), budget=100) for _ in range(12)]
+    assert picks.count(0) == 9 and picks[3] == picks[7] == picks[11] == 2
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError):
+        DraftPolicy(max_draft=-1)
+    with pytest.raises(ValueError):
+        DraftPolicy(explore_every=0)
