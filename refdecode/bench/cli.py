@@ -1,0 +1,142 @@
+"""The `bench` command: options -> BenchConfig -> runner -> report files.
+
+Knows: the command-line options and their defaults (including what `--quick` changes), where results go, and the
+export / import of rendered requests for machines without the data cache. Does not measure or summarize anything
+itself (`refdecode.bench.runner`, `refdecode.bench.report`).
+
+    refdecode bench --workloads code-edit rag --n 10 --out results/cpu-smollm2
+    python -m scripts.bench --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_bench_arguments", "add_bench_command", "build_parser", "run_bench", "main"]
+
+QUICK = {"n": 1, "max_new_tokens": 32, "cost_reps": 2}
+DEFAULTS = {"n": 12, "max_new_tokens": 128, "cost_reps": 5}
+
+
+def _names(value: str) -> list[str]:
+    return [v for v in value.replace(",", " ").split() if v]
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from refdecode.bench.runner import DEFAULT_WORKLOADS, METHODS
+    from refdecode.bench.workloads import WORKLOADS
+
+    parser.add_argument("--workloads", nargs="+", metavar="NAME", default=list(DEFAULT_WORKLOADS),
+                        help=f"workloads to run, space or comma separated ({', '.join(WORKLOADS)}); "
+                             f"default: {' '.join(DEFAULT_WORKLOADS)}")
+    parser.add_argument("--n", type=int, default=None,
+                        help=f"prompts per workload (default {DEFAULTS['n']}, --quick {QUICK['n']}); spec-bench "
+                             "splits them over its six categories")
+    parser.add_argument("--seed", type=int, default=0, help="sampling of the prompts, and of the sampling rows")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"default {DEFAULTS['max_new_tokens']} (--quick {QUICK['max_new_tokens']})")
+    parser.add_argument("--model", default="smollm2-135m", help="refdecode.load_model name (default smollm2-135m)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--methods", nargs="+", metavar="NAME", default=list(METHODS),
+                        help=f"methods ({', '.join(METHODS)}); greedy, the baseline, always runs")
+    parser.add_argument("--sampling", action="store_true",
+                        help="add rows at temperature 0.7, top_p 0.9: transformers sampling vs refdecode")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--cost-reps", type=int, default=None,
+                        help=f"repetitions per width of the forward-cost curve (default {DEFAULTS['cost_reps']})")
+    parser.add_argument("--out", default=None,
+                        help="output folder for results.json, table.md and the plots "
+                             "(default results/bench-MODEL-DEVICE-TIME)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run: n={QUICK['n']}, max_new_tokens={QUICK['max_new_tokens']}, "
+                             f"cost_reps={QUICK['cost_reps']} unless given")
+    parser.add_argument("--export-requests", metavar="FILE",
+                        help="write the sampled requests (token ids, references included) to FILE and exit")
+    parser.add_argument("--requests", metavar="FILE",
+                        help="run the requests of an --export-requests FILE instead of sampling from the data cache")
+    return parser
+
+
+def add_bench_command(subparsers) -> argparse.ArgumentParser:
+    """Add `bench` to a CLI's subparsers; the parsed namespace's `func(args)` runs it and returns an exit code."""
+    parser = subparsers.add_parser(
+        "bench", help="benchmark refdecode against transformers greedy and prompt lookup",
+        description="Time transformers greedy, prompt lookup, refdecode and an oracle drafter on the same prompts "
+                    "(interleaved per prompt), check outputs are identical to greedy, and write a report.")
+    add_bench_arguments(parser)
+    parser.set_defaults(func=run_bench)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench", description="refdecode benchmark")
+    add_bench_arguments(parser)
+    return parser
+
+
+def _config(args):
+    from refdecode.bench.runner import BenchConfig
+
+    chosen = QUICK if args.quick else DEFAULTS
+    return BenchConfig(
+        workloads=tuple(w for v in args.workloads for w in _names(v)),
+        n=args.n if args.n is not None else chosen["n"],
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else chosen["max_new_tokens"],
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        methods=tuple(m for v in args.methods for m in _names(v)),
+        sampling=args.sampling,
+        threads=args.threads,
+        cost_reps=args.cost_reps if args.cost_reps is not None else chosen["cost_reps"],
+        requests_file=args.requests,
+        quick=args.quick,
+    )
+
+
+def run_bench(args) -> int:
+    """Run the benchmark (or only export its requests); returns the exit code: 0, or 2 on bad options."""
+    from refdecode.bench import report, runner
+
+    try:
+        config = _config(args)
+    except ValueError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 2
+    if args.export_requests:
+        return _export(config, args.export_requests)
+    out = Path(args.out or f"results/bench-{Path(config.model).name}-{config.device.replace(':', '')}-"
+                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        results = runner.run_benchmark(config, log=lambda line: print(line, flush=True))
+    except ValueError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 2
+    summary = report.write_report(results, out, plots=not args.no_plots)
+    print()
+    print(report.format_report(results, summary))
+    print(f"wrote {out}/results.json, {out}/table.md" + ("" if args.no_plots else " and plots"))
+    return 0
+
+
+def _export(config, path: str) -> int:
+    from refdecode import load_tokenizer
+    from refdecode.bench import runner
+
+    tokenizer = load_tokenizer(config.model)
+    requests = runner.prepare_requests(config.workloads, config.n, config.seed, tokenizer)
+    meta = {"model": config.model, "seed": config.seed, "n": config.n, "workloads": list(config.workloads)}
+    runner.export_requests(path, requests, tokenizer=tokenizer, meta=meta)
+    counts = {w: sum(r.workload == w for r in requests) for w in config.workloads}
+    print(f"wrote {len(requests)} requests to {path}: " + ", ".join(f"{w} {c}" for w, c in counts.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_bench(build_parser().parse_args(argv))

@@ -1,0 +1,510 @@
+"""The benchmark runner: time transformers greedy, transformers prompt lookup, refdecode and an oracle drafter on the
+same prompts, in one process, interleaved per prompt.
+
+Knows: turning workload requests into token ids (and back out of / into a portable JSON file for machines without
+the data cache), timing each method's prefill and decoding separately (a streamer for transformers, the stats for
+refdecode), checking every speculative output against greedy, and the forward-cost curve of the device.
+Does not know: how summaries, tables and plots are made (`refdecode.bench.report`), nor command-line parsing
+(`refdecode.bench.cli`).
+
+Speed is *decoding throughput*: new tokens after the first, over the time after the first new token arrived (the
+prefill is the same work for every method and is reported apart). One untimed warm-up generation per method runs
+before any measurement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from refdecode.drafting import Draft
+
+__all__ = [
+    "METHODS",
+    "SAMPLING_METHODS",
+    "DEFAULT_WORKLOADS",
+    "BenchConfig",
+    "PreparedRequest",
+    "OracleDrafter",
+    "TimingStreamer",
+    "prepare_requests",
+    "export_requests",
+    "load_requests",
+    "forward_cost_curve",
+    "machine_info",
+    "run_benchmark",
+]
+
+METHODS = ("greedy", "pld", "refdecode", "oracle")  # greedy is the baseline and always runs first
+SAMPLING_METHODS = ("hf-sample", "refdecode-sample")
+DEFAULT_WORKLOADS = ("code-edit", "code-edit-ref", "rag", "summarize", "chat", "control")
+PLD_TOKENS = 10  # transformers' prompt_lookup_num_tokens, the value its docs suggest
+SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.7, 0.9
+REQUESTS_FORMAT = "refdecode-bench-requests/1"
+
+
+@dataclass
+class BenchConfig:
+    """What to run. Validated up front; `quick` only changes the defaults the CLI fills in."""
+
+    workloads: tuple[str, ...] = DEFAULT_WORKLOADS
+    n: int = 12
+    seed: int = 0
+    max_new_tokens: int = 128
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "float32"
+    methods: tuple[str, ...] = METHODS
+    sampling: bool = False
+    threads: int | None = None
+    cost_reps: int = 5
+    cost_context: int = 256
+    cost_max_width: int = 64
+    requests_file: str | None = None
+    quick: bool = False
+
+    def __post_init__(self):
+        from refdecode.bench.workloads import WORKLOADS
+
+        self.workloads = tuple(self.workloads)
+        unknown = [w for w in self.workloads if w not in WORKLOADS]
+        if unknown:
+            raise ValueError(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
+        if not self.workloads and not self.requests_file:
+            raise ValueError("no workloads to run")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(METHODS)}")
+        # greedy is the baseline: every ratio and the identical-output check need it, and the oracle copies it
+        self.methods = tuple(m for m in METHODS if m in self.methods or m == "greedy")
+        for name in ("n", "max_new_tokens", "cost_reps", "cost_max_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cost_context < 1:
+            raise ValueError(f"cost_context must be >= 1, got {self.cost_context}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def all_methods(self) -> tuple[str, ...]:
+        return self.methods + (SAMPLING_METHODS if self.sampling else ())
+
+
+@dataclass
+class PreparedRequest:
+    """A request rendered to token ids. prompt_ids: [T] as the model sees it (chat template applied);
+    references: (source, token ids without special tokens), documents refdecode may copy from but the prompt lacks."""
+
+    id: str
+    workload: str
+    prompt_ids: list[int]
+    references: list[tuple[str, list[int]]] = field(default_factory=list)
+    category: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# requests: render, export, import
+
+
+def render_prompt(request, tokenizer) -> list[int]:
+    """Chat requests through the chat template (generation prompt added), raw prompts through encode."""
+    if request.chat:
+        ids = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    return [int(t) for t in tokenizer.encode(request.prompt)]
+
+
+def prepare_requests(workloads: Sequence[str], n: int, seed: int, tokenizer, *, loader: Callable | None = None):
+    """Sample n requests per workload (refdecode.bench.workloads.load_workload) and render them to token ids."""
+    if loader is None:
+        from refdecode.bench.workloads import load_workload as loader
+    prepared = []
+    for name in workloads:
+        for request in loader(name, n=n, seed=seed, tokenizer=tokenizer):
+            refs = [(src, [int(t) for t in tokenizer.encode(text, add_special_tokens=False)])
+                    for src, text in request.references]
+            prepared.append(PreparedRequest(request.id, request.workload, render_prompt(request, tokenizer),
+                                            [(s, ids) for s, ids in refs if ids], request.category))
+    return prepared
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary size and a fixed text's ids: two tokenizers that differ disagree here."""
+    probe = "def f(x):\n    return x  # Ünïcode, 1234 tokens; <|im_start|> The quick brown fox."
+    ids = tokenizer.encode(probe, add_special_tokens=False)
+    return hashlib.sha1(json.dumps([len(tokenizer), list(ids)]).encode()).hexdigest()[:16]
+
+
+def export_requests(path: str | Path, requests: Sequence[PreparedRequest], *, tokenizer, meta: dict) -> None:
+    """Write the rendered requests to one JSON file, to run them where the data cache is absent."""
+    payload = {
+        "format": REQUESTS_FORMAT,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "meta": meta,
+        "requests": [asdict(r) for r in requests],
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def load_requests(path: str | Path, *, tokenizer=None) -> tuple[list[PreparedRequest], dict]:
+    """Read a file written by export_requests; ValueError if it is not one, or was made with another tokenizer."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"requests file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"requests file {path} is not JSON: {err}") from None
+    if not isinstance(payload, dict) or payload.get("format") != REQUESTS_FORMAT:
+        raise ValueError(f"{path} is not a refdecode requests file (format {REQUESTS_FORMAT})")
+    if tokenizer is not None and payload["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"{path} was rendered with another tokenizer (model {payload['meta'].get('model')!r})")
+    requests = [PreparedRequest(r["id"], r["workload"], list(r["prompt_ids"]),
+                                [(s, list(ids)) for s, ids in r["references"]], r.get("category", ""))
+                for r in payload["requests"]]
+    return requests, payload["meta"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the oracle drafter and the timing streamer
+
+
+class OracleDrafter:
+    """Drafts the true greedy continuation (known from a greedy run): the ceiling for any drafter under the same
+    DraftPolicy on this hardware. After a divergence from `continuation` it drafts nothing."""
+
+    def __init__(self, prompt_ids: Sequence[int], continuation: Sequence[int], *, match_len: int = 64):
+        self.prompt_len = len(prompt_ids)
+        self.continuation = list(continuation)
+        self.match_len = match_len  # evidence given to the policy: the top bucket, as for a long followed span
+
+    def observe(self, new_tokens: Sequence[int]) -> None:
+        pass
+
+    def propose(self, context: Sequence[int], max_tokens: int) -> Draft | None:
+        done = list(context[self.prompt_len :])
+        if max_tokens <= 0 or done != self.continuation[: len(done)]:
+            return None
+        tokens = self.continuation[len(done) : len(done) + max_tokens]
+        return Draft(tokens, self.match_len, "oracle") if tokens else None
+
+
+class TimingStreamer:
+    """A transformers streamer that records perf_counter() at each put: the first put is the prompt, the second
+    carries the first new token(s), each later put is one decoding step's tokens."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.times: list[float] = []
+        self.sizes: list[int] = []
+
+    def put(self, value) -> None:
+        _sync(self.device)  # transformers copies the tokens to the host first, which already synchronises
+        self.times.append(time.perf_counter())
+        self.sizes.append(int(value.numel()))
+
+    def end(self) -> None:
+        pass
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one generation per method -> one record
+
+
+def _record(method: str, token_ids: list[int], first_tokens: int, prefill: float, decode: float, e2e: float,
+            accept_lengths: list[int]) -> dict:
+    """Plain record; tokens_per_second = tokens after the first new token(s) over the time after them."""
+    after = len(token_ids) - first_tokens
+    return {
+        "method": method,
+        "new_tokens": len(token_ids),
+        "first_tokens": first_tokens,
+        "decode_tokens": after,
+        "prefill_seconds": prefill,
+        "decode_seconds": decode,
+        "e2e_seconds": e2e,
+        "tokens_per_second": after / decode if decode > 0 and after > 0 else None,
+        "steps": len(accept_lengths),
+        "mean_accepted": after / len(accept_lengths) if accept_lengths else None,
+        "accept_lengths": accept_lengths,
+        "token_ids": token_ids,
+    }
+
+
+def run_hf(model, prompt_ids: list[int], max_new_tokens: int, method: str, *, seed: int = 0) -> dict:
+    """transformers generate: greedy, prompt lookup, or sampling (T=0.7, top_p=0.9, no top-k)."""
+    device = model.device
+    x = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    kwargs = dict(attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, pad_token_id=_pad_id(model))
+    if method == "greedy":
+        kwargs.update(do_sample=False)
+    elif method == "pld":
+        kwargs.update(do_sample=False, prompt_lookup_num_tokens=PLD_TOKENS)
+    elif method == "hf-sample":
+        kwargs.update(do_sample=True, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, top_k=0)
+    else:
+        raise ValueError(f"not a transformers method: {method}")
+    streamer = TimingStreamer(device)
+    # transformers samples from torch's global generator: fork it so the run is seeded without touching the caller's
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(x, streamer=streamer, **kwargs)
+        _sync(device)
+        t_end = time.perf_counter()
+    token_ids = out[0, len(prompt_ids) :].tolist()
+    if len(streamer.times) < 2:  # nothing generated after the prompt
+        return _record(method, token_ids, len(token_ids), t_end - t0, 0.0, t_end - t0, [])
+    t_first, first = streamer.times[1], streamer.sizes[1]
+    return _record(method, token_ids, first, t_first - t0, t_end - t_first, t_end - t0, streamer.sizes[2:])
+
+
+def _pad_id(model):
+    gc = model.generation_config
+    if gc.pad_token_id is not None:
+        return gc.pad_token_id
+    eos = gc.eos_token_id
+    return eos[0] if isinstance(eos, (list, tuple)) else eos
+
+
+def run_refdecode(model, tokenizer, request: PreparedRequest, max_new_tokens: int, method: str, *,
+                  greedy_ids: list[int] | None = None, seed: int = 0) -> dict:
+    """refdecode.generate: with a ReferenceStore of the request's references, or the oracle drafter."""
+    from refdecode import ReferenceStore, generate
+
+    store = None
+    if request.references and method != "oracle":
+        store = ReferenceStore(tokenizer)
+        for source, ids in request.references:
+            store.add(ids, source=source)
+    kwargs: dict = {}
+    if method == "oracle":
+        if greedy_ids is None:
+            raise ValueError("the oracle needs the greedy output of the same prompt")
+        kwargs.update(drafter=OracleDrafter(request.prompt_ids, greedy_ids))  # and generate's default DraftPolicy
+    elif method == "refdecode-sample":
+        kwargs.update(temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=seed)
+    elif method != "refdecode":
+        raise ValueError(f"not a refdecode method: {method}")
+    _sync(model.device)
+    t0 = time.perf_counter()
+    out = generate(model, tokenizer, request.prompt_ids, store=store, max_new_tokens=max_new_tokens, **kwargs)
+    _sync(model.device)
+    e2e = time.perf_counter() - t0
+    s = out.stats
+    record = _record(method, list(out.token_ids), 1, s.prefill_seconds, s.decode_seconds, e2e,
+                     list(s.accept_lengths))
+    record.update(drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens, recomputed=s.recomputed,
+                  stop_reason=out.stop_reason)
+    return record
+
+
+def run_method(model, tokenizer, request: PreparedRequest, method: str, max_new_tokens: int, *,
+               greedy_ids: list[int] | None, seed: int) -> dict:
+    if method in ("greedy", "pld", "hf-sample"):
+        return run_hf(model, request.prompt_ids, max_new_tokens, method, seed=seed)
+    return run_refdecode(model, tokenizer, request, max_new_tokens, method, greedy_ids=greedy_ids, seed=seed)
+
+
+def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first position where two token lists differ (a length difference counts), else None."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the device: forward-cost curve and description
+
+
+@torch.no_grad()
+def forward_cost_curve(model, *, context: int = 256, max_width: int = 64, reps: int = 5, seed: int = 0) -> dict:
+    """Seconds of one forward of k tokens (k = 1..max_width) after a prefilled cache of `context` tokens, cropped
+    back after each; median of `reps`. relative[k-1] = cost(k) / cost(1), the curve the draft policy trades on."""
+    from transformers import DynamicCache
+
+    device = model.device
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, vocab, (1, context), generator=g).to(device)  # [1, context]
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
+    if hasattr(cache, "activate_past_recording"):  # sliding-window layers must keep past states to be croppable
+        cache.activate_past_recording()
+    widths = list(range(1, max_width + 1))
+    samples: dict[int, list[float]] = {k: [] for k in widths}
+    for rep in range(reps + 1):  # rep 0 warms every width up and is not kept
+        for k in widths:
+            ids = torch.randint(3, vocab, (1, k), generator=g).to(device)  # [1, k]
+            _sync(device)
+            t0 = time.perf_counter()
+            model(input_ids=ids, cache=cache, use_cache=True)  # all k rows of logits, as a verification does
+            _sync(device)
+            if rep:
+                samples[k].append(time.perf_counter() - t0)
+            cache.crop(-k)
+    seconds = [statistics.median(samples[k]) for k in widths]
+    return {"context_tokens": context, "reps": reps, "widths": widths, "seconds": seconds,
+            "relative": [s / seconds[0] for s in seconds]}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(model, dtype: str) -> dict:
+    import transformers
+
+    import refdecode
+
+    device = model.device
+    info = {
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "refdecode": refdecode.__version__,
+        "dtype": dtype,
+        "model_class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole run
+
+
+def run_benchmark(config: BenchConfig, *, model=None, tokenizer=None, requests: Sequence[PreparedRequest] | None = None,
+                  log: Callable[[str], None] = print) -> dict:
+    """Run every method on every request, interleaved per prompt; returns the raw results (see report.summarize).
+
+    model/tokenizer: loaded from config.model when None. requests: from config.requests_file, else sampled from the
+    data cache for config.workloads.
+    """
+    # 1) model, requests, device description
+    notes: list[str] = []
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if model is None:
+        from refdecode import load_model
+
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    if requests is None:
+        if config.requests_file:
+            requests, meta = load_requests(config.requests_file, tokenizer=tokenizer)
+            notes.append(f"requests read from {config.requests_file} (made for {meta.get('model')}, "
+                         f"seed {meta.get('seed')}, n {meta.get('n')})")
+        else:
+            requests = prepare_requests(config.workloads, config.n, config.seed, tokenizer)
+    requests = list(requests)
+    if not requests:
+        raise ValueError("no requests to run")
+    info = machine_info(model, config.dtype)
+    log(_describe(info, config, requests))
+
+    # 2) forward-cost curve (before any generation, on a freshly loaded model: it warms the kernels up too)
+    log(f"forward cost: k = 1..{config.cost_max_width} after {config.cost_context} tokens, median of "
+        f"{config.cost_reps}")
+    cost = forward_cost_curve(model, context=config.cost_context, max_width=config.cost_max_width,
+                              reps=config.cost_reps, seed=config.seed)
+    log("  cost(k)/cost(1): " + ", ".join(f"k={k}: {cost['relative'][k - 1]:.2f}"
+                                        for k in (1, 2, 4, 8, 16, 32, 64) if k <= len(cost["relative"])))
+
+    # 3) one untimed warm-up per method, on the first request
+    methods = config.all_methods
+    warm = requests[0]
+    greedy_warm = None
+    for method in methods:
+        rec = run_method(model, tokenizer, warm, method, config.max_new_tokens, greedy_ids=greedy_warm,
+                         seed=config.seed)
+        greedy_warm = rec["token_ids"] if method == "greedy" else greedy_warm
+    log(f"warm-up done ({', '.join(methods)} on {warm.id})")
+
+    # 4) measure: every method on a prompt before the next prompt
+    records = []
+    for i, request in enumerate(requests):
+        greedy_ids = None
+        line = []
+        for method in methods:
+            rec = run_method(model, tokenizer, request, method, config.max_new_tokens, greedy_ids=greedy_ids,
+                             seed=config.seed + i)
+            if method == "greedy":
+                greedy_ids = rec["token_ids"]
+            elif method in ("pld", "refdecode", "oracle"):
+                pos = first_mismatch(rec["token_ids"], greedy_ids)
+                rec["matches_greedy"], rec["first_mismatch"] = pos is None, pos
+            rec.update(request_id=request.id, workload=request.workload, category=request.category,
+                       prompt_tokens=len(request.prompt_ids))
+            records.append(rec)
+            tps = rec["tokens_per_second"]
+            flag = "" if rec.get("matches_greedy", True) else f" MISMATCH@{rec['first_mismatch']}"
+            line.append(f"{method} {tps:.1f}{flag}" if tps else f"{method} -{flag}")
+        log(f"[{i + 1}/{len(requests)}] {request.id} ({len(request.prompt_ids)} prompt tokens): "
+            + ", ".join(line) + " tok/s")
+
+    return {
+        "meta": {
+            "machine": info,
+            "config": asdict(config),
+            "methods": list(methods),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "timing": ("decoding throughput = new tokens after the first / time after the first new token; "
+                       "transformers methods are timed with a streamer (first put = prompt, second = first new "
+                       "token), refdecode with its GenerationStats; one untimed warm-up per method"),
+            "notes": notes,
+        },
+        "forward_cost": cost,
+        "requests": [{"id": r.id, "workload": r.workload, "category": r.category, "prompt_tokens": len(r.prompt_ids),
+                      "reference_tokens": sum(len(ids) for _, ids in r.references)} for r in requests],
+        "records": records,
+    }
+
+
+def _describe(info: dict, config: BenchConfig, requests: Sequence[PreparedRequest]) -> str:
+    hw = info["gpu"] or info["cpu"]
+    counts: dict[str, int] = {}
+    for r in requests:
+        counts[r.workload] = counts.get(r.workload, 0) + 1
+    return (f"machine: {hw} ({info['device']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch threads)\n"
+            f"versions: python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+            f"refdecode {info['refdecode']}\n"
+            f"model: {config.model} ({info['model_class']}, {info['parameters'] / 1e6:.0f}M parameters, "
+            f"{info['dtype']}); max_new_tokens {config.max_new_tokens}; seed {config.seed}\n"
+            f"requests: " + ", ".join(f"{w} {c}" for w, c in counts.items()) + f"; methods: "
+            + ", ".join(config.all_methods))

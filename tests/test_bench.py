@@ -1,0 +1,187 @@
+"""The benchmark runner and report on a tiny random Llama: the runner end to end on synthetic requests, the oracle
+drafter being exact, request export/import, and the files the report writes. No timing assertions."""
+
+import json
+
+import pytest
+import torch
+
+import refdecode
+from refdecode.bench import cli, report, runner
+from refdecode.bench.runner import BenchConfig, OracleDrafter, PreparedRequest
+from refdecode.bench.workloads import Request
+from refdecode.drafting import ForwardCostModel
+
+
+class WordTokenizer:
+    """Just enough tokenizer: one id per word (3 + a stable hash), a chat template that joins the turns."""
+
+    def __init__(self, vocab_size=96):
+        self.vocab_size = vocab_size
+
+    def __len__(self):
+        return self.vocab_size
+
+    def encode(self, text, add_special_tokens=True):
+        ids = [3 + sum(map(ord, w)) % (self.vocab_size - 3) for w in text.split()]
+        return ([0] if add_special_tokens else []) + ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+        ids = [0]
+        for m in messages:
+            ids += [2] + self.encode(m["content"], add_special_tokens=False)
+        return {"input_ids": ids + ([2] if add_generation_prompt else [])}
+
+
+TEXT = "the quick brown fox jumps over the lazy dog while a red cat sleeps on the warm mat near the door " * 3
+
+
+def fake_loader(name, *, n, seed, tokenizer):
+    """Two synthetic requests per call: a completion with a reference, a chat with its answer in the prompt."""
+    return [
+        Request(id=f"{name}/0", workload=name, messages=None, prompt=TEXT[:60], chat=False,
+                references=(("doc", TEXT),)),
+        Request(id=f"{name}/1", workload=name, messages=[{"role": "user", "content": TEXT}], prompt=None,
+                chat=True),
+    ][:n]
+
+
+def small_config(**kw):
+    defaults = dict(workloads=("code-edit-ref",), n=2, max_new_tokens=10, cost_reps=1, cost_context=16,
+                    cost_max_width=4)
+    return BenchConfig(**{**defaults, **kw})
+
+
+def hf_greedy(model, prompt, max_new_tokens):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=1)
+    return out[0, len(prompt):].tolist()
+
+
+def test_oracle_drafter_output_equals_greedy_and_is_accepted(tiny_llama):
+    prompt = [5, 9, 11, 5, 9, 11, 20, 30, 40, 50]
+    greedy = hf_greedy(tiny_llama, prompt, 24)
+    out = refdecode.generate(tiny_llama, None, prompt, max_new_tokens=24, drafter=OracleDrafter(prompt, greedy))
+    assert out.token_ids == greedy  # with the calibrated policy, which may not draft at all on a noisy CPU
+    flat = refdecode.DraftPolicy(costs=ForwardCostModel({1: 1.0, 64: 1.0}))  # wide forwards as cheap as narrow
+    out = refdecode.generate(tiny_llama, None, prompt, max_new_tokens=24, drafter=OracleDrafter(prompt, greedy),
+                             policy=flat)
+    assert out.token_ids == greedy
+    assert out.stats.drafted_tokens > 0 and out.stats.accepted_tokens == out.stats.drafted_tokens
+
+
+def test_oracle_drafts_nothing_after_a_divergence():
+    oracle = OracleDrafter([1, 2], [3, 4, 5])
+    assert oracle.propose([1, 2, 3], 5).tokens == [4, 5]
+    assert oracle.propose([1, 2, 9], 5) is None
+    assert oracle.propose([1, 2, 3, 4, 5], 5) is None
+
+
+def test_first_mismatch_counts_length_differences():
+    assert runner.first_mismatch([1, 2, 3], [1, 2, 3]) is None
+    assert runner.first_mismatch([1, 2, 3], [1, 7, 3]) == 1
+    assert runner.first_mismatch([1, 2], [1, 2, 3]) == 2
+
+
+def test_prepare_renders_chat_and_raw_prompts_and_references():
+    tok = WordTokenizer()
+    reqs = runner.prepare_requests(["code-edit-ref"], 2, 0, tok, loader=fake_loader)
+    assert reqs[0].prompt_ids == tok.encode(TEXT[:60]) and reqs[0].references == [("doc", tok.encode(TEXT, False))]
+    assert reqs[1].prompt_ids == tok.apply_chat_template(fake_loader("x", n=2, seed=0, tokenizer=tok)[1].messages,
+                                                         add_generation_prompt=True)["input_ids"]
+    assert reqs[1].references == []
+
+
+def test_export_and_load_requests_round_trip(tmp_path):
+    tok = WordTokenizer()
+    reqs = runner.prepare_requests(["rag"], 2, 0, tok, loader=fake_loader)
+    path = tmp_path / "requests.json"
+    runner.export_requests(path, reqs, tokenizer=tok, meta={"model": "tiny", "seed": 0, "n": 2})
+    back, meta = runner.load_requests(path, tokenizer=tok)
+    assert back == reqs and meta["model"] == "tiny"
+    with pytest.raises(ValueError, match="another tokenizer"):
+        runner.load_requests(path, tokenizer=WordTokenizer(vocab_size=95))
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a refdecode requests file"):
+        runner.load_requests(tmp_path / "other.json")
+
+
+def test_config_is_validated_and_greedy_always_runs():
+    assert small_config(methods=("refdecode",)).methods == ("greedy", "refdecode")
+    assert small_config(sampling=True).all_methods[-2:] == runner.SAMPLING_METHODS
+    for bad in (dict(workloads=("nope",)), dict(methods=("beam",)), dict(n=0), dict(device="tpu")):
+        with pytest.raises(ValueError):
+            small_config(**bad)
+
+
+def test_quick_fills_the_defaults_it_was_not_given():
+    cfg = cli._config(cli.build_parser().parse_args(["--quick", "--n", "3", "--workloads", "rag,chat"]))
+    assert (cfg.n, cfg.max_new_tokens, cfg.workloads) == (3, 32, ("rag", "chat"))
+    cfg = cli._config(cli.build_parser().parse_args([]))
+    assert (cfg.n, cfg.max_new_tokens) == (cli.DEFAULTS["n"], 128)
+
+
+def test_runner_end_to_end_and_report_files(tiny_llama, tmp_path):
+    tok = WordTokenizer()
+    reqs = runner.prepare_requests(["code-edit-ref"], 2, 0, tok, loader=fake_loader)
+    lines = []
+    results = runner.run_benchmark(small_config(sampling=True), model=tiny_llama, tokenizer=tok, requests=reqs,
+                                   log=lines.append)
+    methods = list(runner.METHODS + runner.SAMPLING_METHODS)
+    # interleaved per prompt: every method on a prompt before the next prompt
+    assert [(r["request_id"], r["method"]) for r in results["records"]] == [
+        (q.id, m) for q in reqs for m in methods]
+    for r in results["records"]:
+        if r["method"] in ("pld", "refdecode", "oracle"):
+            assert r["matches_greedy"], (r["request_id"], r["method"], r["first_mismatch"])
+        assert r["new_tokens"] == len(r["token_ids"]) >= 1
+    assert results["forward_cost"]["widths"] == [1, 2, 3, 4]
+    assert results["forward_cost"]["relative"][0] == 1.0
+
+    summary = report.write_report(results, tmp_path / "out")
+    block = summary["workloads"]["code-edit-ref"]
+    assert block["n"] == 2 and set(block["methods"]) == set(methods)
+    assert {"refdecode/greedy", "refdecode/pld", "oracle/greedy", "refdecode-sample/hf-sample"} <= set(block["ratios"])
+    assert block["methods"]["refdecode"]["mismatches"] == 0
+    for name in ("results.json", "table.md", "speedup.png", "accept_lengths.png", "forward_cost.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(saved) == {"meta", "forward_cost", "requests", "records", "summary"}
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| code-edit-ref | 2 |" in table and "Sampling" in table
+
+
+def fake_record(request_id, category, method, tps, matches=True):
+    rec = {"request_id": request_id, "workload": "spec-bench", "category": category, "method": method,
+           "new_tokens": 11, "first_tokens": 1, "decode_tokens": 10, "decode_seconds": 10 / tps,
+           "prefill_seconds": 0.1, "e2e_seconds": 0.1 + 10 / tps, "tokens_per_second": tps, "steps": 5,
+           "accept_lengths": [2] * 5, "token_ids": [0] * 11}
+    if method != "greedy":
+        rec.update(matches_greedy=matches, first_mismatch=None if matches else 3)
+    return rec
+
+
+def test_spec_bench_summary_uses_the_leaderboard_layout_and_reports_mismatches():
+    records = []
+    for i, cat in enumerate(("mt_bench", "summarization", "rag")):
+        records += [fake_record(f"q{i}", cat, "greedy", 10.0), fake_record(f"q{i}", cat, "pld", 15.0),
+                    fake_record(f"q{i}", cat, "refdecode", 20.0, matches=cat != "rag"),
+                    fake_record(f"q{i}", cat, "oracle", 30.0)]
+    results = {"records": records, "meta": {"methods": list(runner.METHODS), "notes": [],
+                                            "config": {"model": "m", "max_new_tokens": 10, "seed": 0},
+                                            "machine": {"gpu": None, "cpu": "cpu", "device": "cpu",
+                                                        "torch_threads": 1, "torch": "t", "transformers": "t",
+                                                        "refdecode": "r", "dtype": "float32"}},
+               "forward_cost": {"context_tokens": 8, "widths": [1, 2], "seconds": [1.0, 1.5],
+                                "relative": [1.0, 1.5]}}
+    summary = report.summarize(results)
+    assert list(summary["spec_bench"]) == ["mt_bench", "summarization", "rag", "overall"]
+    overall = summary["spec_bench"]["overall"]
+    assert overall["ratios"]["refdecode/greedy"]["total"] == pytest.approx(2.0)
+    assert overall["oracle_fraction"] == pytest.approx(0.5)
+    assert overall["methods"]["refdecode"]["mismatched"] == [{"request_id": "q2", "first_mismatch": 3}]
+    text = report.format_report(results, summary)
+    assert "| summarization | 1 | 1.50x | 2.00x | 3.00x | 2.00 | 2.66x |" in text
+    assert "refdecode: 1/3 differ (@3)" in text  # the main table has a spec-bench row
