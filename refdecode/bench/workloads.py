@@ -28,7 +28,7 @@ from refdecode.bench import data
 
 __all__ = ["Request", "WORKLOADS", "load_workload", "count_tokens", "request_tokens", "chunk_rest"]
 
-WORKLOADS = ("code-edit", "code-edit-ref", "rag", "summarize", "chat", "control", "spec-bench")
+WORKLOADS = ("code-edit", "code-edit-ref", "rag", "rag-index", "summarize", "chat", "control", "spec-bench")
 
 CHARS_PER_TOKEN = 4          # estimate used when no tokenizer is given
 CODE_MIN_TOKENS, CODE_MAX_TOKENS = 150, 900
@@ -332,6 +332,7 @@ class Sampling:
     rng: random.Random
     tokenizer: object
     max_prompt_tokens: int
+    index: object = None  # a refdecode.corpus.CorpusIndex, for rag-index
 
     def fits(self, request: Request) -> bool:
         return request_tokens(request, self.tokenizer) <= self.max_prompt_tokens
@@ -357,6 +358,21 @@ def code_edit_ref_workload(s: Sampling) -> list[Request]:
 def rag_workload(s: Sampling) -> list[Request]:
     files = data.python_docs_files()
     return s.take(data.faq_pairs(), lambda f: build_rag(f, files, s.seed))
+
+
+def build_rag_index(faq: dict, index, k: int = 3) -> Request:
+    """Chat: the index's top-k passages for the FAQ question, then the question (retrieval-augmented for real)."""
+    passages = [p.text.strip() for p in index.retrieve(faq["question"], k=k)]
+    body = "\n\n".join(f"Passage {i}:\n{p}" for i, p in enumerate(passages, 1))
+    content = f"{body}\n\nQuestion: {faq['question']}\nAnswer using the passages."
+    return Request(id=f"rag-index/{faq['id']}", workload="rag-index", messages=[{"role": "user", "content": content}],
+                   prompt=None, chat=True)
+
+
+def rag_index_workload(s: Sampling) -> list[Request]:
+    if s.index is None:
+        raise ValueError("the rag-index workload needs a corpus index (bench --index DIR)")
+    return s.take(data.faq_pairs(), lambda f: build_rag_index(f, s.index))
 
 
 def summarize_workload(s: Sampling) -> list[Request]:
@@ -417,6 +433,7 @@ BUILDERS: dict[str, Callable[[Sampling], list[Request]]] = {
     "code-edit": code_edit_workload,
     "code-edit-ref": code_edit_ref_workload,
     "rag": rag_workload,
+    "rag-index": rag_index_workload,
     "summarize": summarize_workload,
     "chat": chat_workload,
     "control": control_workload,
@@ -425,7 +442,7 @@ BUILDERS: dict[str, Callable[[Sampling], list[Request]]] = {
 
 
 def load_workload(name: str, *, n: int, seed: int = 0, tokenizer=None,
-                  max_prompt_tokens: int = 1400) -> list[Request]:
+                  max_prompt_tokens: int = 1400, index=None) -> list[Request]:
     """n requests of workload `name` (one of WORKLOADS), the same for the same (seed, data, tokenizer).
 
     Requests whose prompt (chat template applied) exceeds max_prompt_tokens are skipped; fewer than n come back
@@ -433,6 +450,7 @@ def load_workload(name: str, *, n: int, seed: int = 0, tokenizer=None,
       code-edit      chat: old file in the prompt + "update it to NEW" (+ the diff when short); whole file out
       code-edit-ref  completion: first 15-25 lines of the new file; old file in `references` only
       rag            chat: FAQ-answer passage + 1-3 Python-docs distractor passages + FAQ question
+      rag-index      chat: the top 3 passages a corpus index (index=) retrieves for a FAQ question + the question
       summarize      chat: ACL paper cut to the budget + "Summarize this paper in an abstract."
       chat           ShareGPT: longest history ending on a user turn that fits
       control        half chit-chat dialogs (chat), half HumanEval prompts (completion), interleaved
@@ -440,5 +458,5 @@ def load_workload(name: str, *, n: int, seed: int = 0, tokenizer=None,
     """
     check_args(name, n, seed, max_prompt_tokens)
     sampling = Sampling(n=n, seed=seed, rng=random.Random(seed), tokenizer=tokenizer,
-                        max_prompt_tokens=max_prompt_tokens)
+                        max_prompt_tokens=max_prompt_tokens, index=index)
     return BUILDERS[name](sampling)

@@ -28,6 +28,9 @@ class WordTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return " ".join(f"{self.salt}w{int(i)}" for i in ids)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [self._id(m.group()) for m in _WORD.finditer(text)]
 
