@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -90,12 +91,12 @@ def bm25_ranked(passages: list[str], queries: list[str], k: int) -> list[list[in
     return ids.tolist()
 
 
-def bench_faq(tok, work: Path, quick: bool, embedder: str) -> dict:
+def bench_faq(tok, work: Path, quick: bool, embedder: str, chunk_tokens: int = 256) -> dict:
     corpus = work / "pydocs"
     pairs, texts = write_faq_corpus(corpus, quick)
     pairs = [p for p in pairs if p["file"] in texts]
     out = build_index([corpus], work / "idx-pydocs", tokenizer=tok, model_name="smollm2-135m", embedder=embedder,
-                      progress=False)
+                      chunk_tokens=chunk_tokens, progress=False)
     t0 = time.perf_counter()
     index = CorpusIndex.load(out, tokenizer=tok)
     load_s = time.perf_counter() - t0
@@ -228,16 +229,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small FAQ corpus, latency at 1M tokens only")
     parser.add_argument("--embedder", default=default_embedder(), choices=("minilm", "hashed"))
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="passage size of the FAQ retrieval index")
+    parser.add_argument("--skip-spans", action="store_true", help="only the retrieval part")
+    parser.add_argument("--keep", type=Path, help="keep the Python docs index built for the FAQ figures here "
+                        "(e.g. indexes/pydocs, for `bench --workloads rag-index --index indexes/pydocs`)")
     parser.add_argument("--out", type=Path, default=Path("results/index_bench.json"))
     args = parser.parse_args()
     tok = load_tokenizer()
     report = {"machine": "2 CPU cores", "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="bench_index_") as tmp:
         work = Path(tmp)
-        print("span lookup latency (memory-mapped span index; 2000 queries of 16-token tails):", flush=True)
-        report["spans"] = bench_spans(tok, work, args.quick)
+        if not args.skip_spans:
+            print("span lookup latency (memory-mapped span index; 2000 queries of 16-token tails):", flush=True)
+            report["spans"] = bench_spans(tok, work, args.quick)
         print("Python docs index (FAQ headings removed):", flush=True)
-        report["faq"] = faq = bench_faq(tok, work, args.quick, args.embedder)
+        report["faq"] = faq = bench_faq(tok, work, args.quick, args.embedder, args.chunk_tokens)
+        if args.keep:
+            if args.keep.exists():
+                raise SystemExit(f"{args.keep} exists; remove it first")
+            args.keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(work / "idx-pydocs"), str(args.keep))
+            print(f"kept the index at {args.keep}")
     print(f"  build: {faq['tokens']:,} tokens, span index built at {faq['span_build_tokens_per_minute'] / 1e6:.1f}M "
           f"tokens/min (tokenization included), {faq['span_bytes_per_token']:.2f} bytes/token; "
           f"{faq['passages']} passages, {faq['duplicates_removed']} near-duplicates removed; "
