@@ -277,7 +277,8 @@ def _suffix_minimum(values: list[float]) -> list[float]:
 class DraftPolicy:
     """Chooses the draft length k that maximises expected tokens per second of verification.
 
-    With per-token acceptance a (from the AcceptanceModel, by match length), a chain of k draft tokens yields
+    With per-token acceptance a (from the AcceptanceModel of the draft's source, by match length: copies from the
+    request's own text and from a corpus-wide index are right at different rates), a chain of k draft tokens yields
     E[k] = 1 + a + a^2 + ... + a^k tokens (accepted prefix plus the model's own token) for the cost of one forward of
     width k + 1. k = 0 is plain decoding. Nothing here is tuned to a workload: both curves are measured online.
     """
@@ -288,6 +289,17 @@ class DraftPolicy:
     acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
     costs: ForwardCostModel = field(default_factory=ForwardCostModel)
     _plain_steps: int = 0
+    _by_source: dict = field(default_factory=dict)  # Draft.source -> AcceptanceModel; "" and "reference" share one
+
+    def acceptance_for(self, source: str) -> AcceptanceModel:
+        """The acceptance model of drafts from `source`: `acceptance` for local references, a fresh one (same
+        prior and forgetting) for any other source, e.g. "corpus"."""
+        if source in ("", "reference"):
+            return self.acceptance
+        if source not in self._by_source:
+            a = self.acceptance
+            self._by_source[source] = AcceptanceModel(prior=a.prior, prior_weight=a.prior_weight, decay=a.decay)
+        return self._by_source[source]
 
     def __post_init__(self):
         if self.max_draft < 0:
@@ -304,7 +316,7 @@ class DraftPolicy:
         limit = min(len(draft.tokens), budget, self.max_draft)
         if limit < self.min_draft:
             return 0
-        a = min(self.acceptance.rate(draft.match_len), 0.999)
+        a = min(self.acceptance_for(draft.source).rate(draft.match_len), 0.999)
         best_k, best_rate = 0, 1.0 / self.costs.cost(1)
         expected = 1.0
         for k in range(1, limit + 1):
@@ -329,5 +341,5 @@ class DraftPolicy:
     def update(self, draft: Draft | None, drafted: int, accepted: int, width: int, seconds: float) -> None:
         self.costs.observe(width, seconds)
         if draft is not None and drafted > 0:
-            self.acceptance.update(draft.match_len, drafted, accepted)
+            self.acceptance_for(draft.source).update(draft.match_len, drafted, accepted)
 

@@ -61,3 +61,14 @@ def test_bad_configuration():
         DraftPolicy(max_draft=-1)
     with pytest.raises(ValueError):
         DraftPolicy(explore_every=0)
+
+
+def test_sources_learn_separately():
+    policy = DraftPolicy(costs=ForwardCostModel(CPU_LIKE))
+    for _ in range(20):
+        policy.update(Draft([1] * 8, match_len=3, source="corpus"), 8, 0, 9, 0.16)
+        policy.update(Draft([1] * 8, match_len=3, source="reference"), 8, 8, 9, 0.16)
+    assert policy.acceptance_for("corpus").rate(3) < 0.2
+    assert policy.acceptance_for("reference").rate(3) > 0.8
+    assert policy.choose_length(Draft(list(range(32)), match_len=3, source="corpus"), budget=100) <= 1
+    assert policy.choose_length(Draft(list(range(32)), match_len=3, source="reference"), budget=100) > 8
