@@ -10,22 +10,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def _tiny_llama(vocab_size: int = 96, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from stats_helpers import tiny_llama
 
-    torch.manual_seed(seed)  # weight init only; tests pass their own generators for sampling
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=vocab_size, seed=seed)
 
 
 def _tiny_gemma3(vocab_size: int = 96, seed: int = 0):

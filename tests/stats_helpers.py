@@ -34,12 +34,9 @@ class IdTokenizer:
         return " ".join(map(str, ids))
 
 
-def tiny_sampling_llama(*, vocab_size: int = VOCAB, seed: int = 2, logit_scale: float = 6.0):
-    """A random 2-layer Llama with no EOS (every run yields all its tokens) and lm_head scaled by `logit_scale`.
-
-    A random init gives near-uniform next-token distributions; scaling the output layer makes them peaked enough
-    that the likeliest tokens carry 0.2-0.6 of the mass (seed and scale were picked by enumerating a few).
-    """
+def tiny_llama(*, vocab_size: int, seed: int, max_positions: int = 512, eos_token_id: int | None = 1,
+               logit_scale: float = 1.0):
+    """A random 2-layer, 32-wide Llama built from a config (no weights downloaded); lm_head scaled by logit_scale."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)  # weight init only
@@ -50,17 +47,27 @@ def tiny_sampling_llama(*, vocab_size: int = VOCAB, seed: int = 2, logit_scale: 
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         bos_token_id=0,
-        eos_token_id=None,
-        pad_token_id=None,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
     )
     model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(logit_scale)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(logit_scale)
+    model.generation_config.eos_token_id = eos_token_id
+    model.generation_config.pad_token_id = eos_token_id
     return model
+
+
+def tiny_sampling_llama(*, vocab_size: int = VOCAB, seed: int = 2, logit_scale: float = 6.0):
+    """A random 2-layer Llama with no EOS (every run yields all its tokens) and lm_head scaled by `logit_scale`.
+
+    A random init gives near-uniform next-token distributions; scaling the output layer makes them peaked enough
+    that the likeliest tokens carry 0.2-0.6 of the mass (seed and scale were picked by enumerating a few).
+    """
+    return tiny_llama(vocab_size=vocab_size, seed=seed, max_positions=64, eos_token_id=None, logit_scale=logit_scale)
 
 
 @dataclass
