@@ -107,6 +107,7 @@ def verify_point_mass(
     return verify_greedy(log_probs + noise, draft, tie_margin=tie_margin)
 
 
+@torch.no_grad()
 def verify_sampling(
     probs: torch.Tensor,
     draft: Sequence[int],
