@@ -152,7 +152,7 @@ def _crop(cache, tokens_to_remove: int) -> None:
 _COST_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(device, dtype): table}
 
 
-def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), rounds: int = 3) -> dict:
+def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), rounds: int = 5) -> dict:
     """Seconds of one forward per width, timed on the live cache (each forward rolled back); cached per model.
 
     The widths are timed in interleaved rounds and the minimum kept, so a burst of load from another process while
