@@ -145,38 +145,28 @@ def _continuation(c: _Followed, max_tokens: int, live: list[int]) -> list[int]:
 
 
 def _vote(candidates: list[_Followed], max_tokens: int, live: list[int]) -> tuple[list[int], list[_Followed]]:
-    """Build a draft token by token from the candidates' continuations: take the most common next token (ties: the
-    first candidate, i.e. the most recent occurrence), drop the candidates that disagree, stop where none is left.
-    Returns the draft and the spans that agree with all of it (positioned at the draft's start)."""
+    """The voted draft of the candidates' continuations (see _vote_lists) and the spans that agree with its first
+    token, positioned at the draft's start (observe() drops those that disagree later)."""
     conts = [_continuation(c, max_tokens, live) for c in candidates]
-    alive = [i for i, cont in enumerate(conts) if cont]
-    tokens: list[int] = []
-    for step in range(max_tokens):
-        alive = [i for i in alive if step < len(conts[i])]
-        if not alive:
-            break
-        counts = Counter(conts[i][step] for i in alive)
-        top = max(counts.values())
-        token = next(conts[i][step] for i in alive if counts[conts[i][step]] == top)
-        tokens.append(token)
-        alive = [i for i in alive if conts[i][step] == token]
-    first = tokens[:1]
-    agreeing = [candidates[i] for i, cont in enumerate(conts) if cont[:1] == first]
+    tokens = _vote_lists(conts)
+    agreeing = [c for c, cont in zip(candidates, conts) if cont[:1] == tokens[:1]]
     return tokens, [_Followed(c.index, c.seq, c.pos) for c in agreeing]
 
 
 def _vote_lists(continuations: list[list[int]]) -> list[int]:
+    """Build a draft token by token: take the most common next token among the continuations still in agreement
+    (ties: the earliest continuation's, i.e. the most recent occurrence), drop those that disagree, stop where none
+    is left."""
     tokens: list[int] = []
     alive = [c for c in continuations if c]
-    step = 0
     while alive:
+        step = len(tokens)
         alive = [c for c in alive if step < len(c)]
         if not alive:
             break
-        token = Counter(c[step] for c in alive).most_common(1)[0][0]
+        token = Counter(c[step] for c in alive).most_common(1)[0][0]  # ties: first seen, i.e. earliest
         tokens.append(token)
         alive = [c for c in alive if c[step] == token]
-        step += 1
     return tokens
 
 

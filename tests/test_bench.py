@@ -8,7 +8,7 @@ import torch
 
 import refdecode
 from refdecode.bench import cli, report, runner
-from refdecode.bench.runner import BenchConfig, OracleDrafter, PreparedRequest
+from refdecode.bench.runner import BenchConfig, OracleDrafter
 from refdecode.bench.workloads import Request
 from refdecode.drafting import ForwardCostModel
 

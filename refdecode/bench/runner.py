@@ -518,5 +518,5 @@ def _describe(info: dict, config: BenchConfig, requests: Sequence[PreparedReques
             f"refdecode {info['refdecode']}\n"
             f"model: {config.model} ({info['model_class']}, {info['parameters'] / 1e6:.0f}M parameters, "
             f"{info['dtype']}); max_new_tokens {config.max_new_tokens}; seed {config.seed}\n"
-            f"requests: " + ", ".join(f"{w} {c}" for w, c in counts.items()) + f"; methods: "
+            f"requests: " + ", ".join(f"{w} {c}" for w, c in counts.items()) + "; methods: "
             + ", ".join(config.all_methods))
