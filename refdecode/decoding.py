@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 
 from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter
-from .sampling import SamplingConfig, build_processors
-from .verification import PositionNoise, Verdict, process_rows, verify_greedy, verify_point_mass, verify_sampling
+from .sampling import SamplingConfig, build_processors, process_rows
+from .verification import PositionNoise, Verdict, verify_greedy, verify_point_mass, verify_sampling
 
 __all__ = ["GenerationOutput", "GenerationStats", "calibrate_costs", "decode", "generate", "prepare_prompt"]
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["PositionNoise", "Verdict", "process_rows", "verify_greedy", "verify_point_mass", "verify_sampling"]
+__all__ = ["PositionNoise", "Verdict", "verify_greedy", "verify_point_mass", "verify_sampling"]
 
 
 @dataclass(frozen=True)
@@ -24,22 +24,6 @@ class Verdict:
 
     accepted: int
     next_token: int | None
-
-
-def process_rows(processor, context_ids: torch.Tensor, draft: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-    """Apply a transformers LogitsProcessor(List) to every verification row with the prefix that row really has.
-
-    context_ids: [T] committed tokens (prompt + output, the pending token included); logits: [k + 1, V] float32.
-    Row i sees context + draft[:i], exactly what plain decoding would have passed at that position.
-    """
-    if not processor:
-        return logits
-    draft_ids = torch.as_tensor(list(draft), dtype=context_ids.dtype, device=context_ids.device)
-    rows = [
-        processor(torch.cat([context_ids, draft_ids[:i]])[None, :], logits[i : i + 1].clone())
-        for i in range(logits.shape[0])
-    ]
-    return torch.cat(rows, dim=0)
 
 
 def verify_greedy(scores: torch.Tensor, draft: Sequence[int], *, tie_margin: float = 0.0) -> Verdict:
