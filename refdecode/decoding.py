@@ -333,9 +333,10 @@ def decode(
         logits = _forward(model, cache, [output[-1]] + tokens, device)
         scores = process_rows(processors, context, tokens, logits)
         position = len(output)  # output position of row 0: the token after the pending one
-        verdict = _verify(scores, tokens, draft, noise, position, generator, tie_margin if k > 0 else 0.0)
+        verdict, accept_probs = _verify(scores, tokens, draft, noise, position, generator,
+                                        tie_margin if k > 0 else 0.0)
         _sync(device)
-        policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0)
+        policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0, accept_probs)
         stats.steps += 1
         stats.drafted_tokens += k
         stats.draft_lengths.append(k)
@@ -378,14 +379,23 @@ def _choose(scores: torch.Tensor, noise: PositionNoise | None) -> int:
     return int(scores[0].argmax())
 
 
-def _verify(scores, tokens, draft: Draft | None, noise, position: int, generator, tie_margin: float) -> Verdict:
-    """scores: [k + 1, V] for output positions position .. position + k."""
+def _verify(scores, tokens, draft: Draft | None, noise, position: int, generator,
+            tie_margin: float) -> tuple[Verdict, list[float] | None]:
+    """scores: [k + 1, V] for output positions position .. position + k. -> (verdict, accept_probs): under
+    sampling, the probability each draft token had of being accepted given the ones before it (for the policy)."""
     if noise is None:
-        return verify_greedy(scores, tokens, tie_margin=tie_margin)
+        return verify_greedy(scores, tokens, tie_margin=tie_margin), None
+    k = len(tokens)
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=scores.device)
     if draft is not None and draft.probs is not None:  # a model drafter's distributions: min(1, p/q) rule
-        return verify_sampling(torch.softmax(scores, dim=-1), tokens, generator, draft_probs=draft.probs)
+        probs = torch.softmax(scores, dim=-1)
+        q = draft.probs[torch.arange(k), ids].clamp_min(1e-30)
+        accept_probs = (probs[torch.arange(k), ids] / q).clamp(max=1.0).tolist()
+        return verify_sampling(probs, tokens, generator, draft_probs=draft.probs), accept_probs
     log_probs = torch.log_softmax(scores, dim=-1)
-    return verify_point_mass(log_probs, tokens, noise.rows_for(position, len(tokens) + 1), tie_margin=tie_margin)
+    accept_probs = log_probs[torch.arange(k), ids].exp().tolist()
+    verdict = verify_point_mass(log_probs, tokens, noise.rows_for(position, k + 1), tie_margin=tie_margin)
+    return verdict, accept_probs
 
 
 def _commit(output: list[int], new: list[int], stopper: _StopChecker, max_new_tokens: int, streamer) -> str:

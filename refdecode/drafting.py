@@ -205,14 +205,30 @@ class AcceptanceModel:
         pooled = (sum(self.successes) + self.prior * self.prior_weight) / (sum(self.trials) + self.prior_weight)
         return max(self._bucket_rate(b, pooled) for b in range(self.bucket(match_len) + 1))
 
-    def update(self, match_len: int, drafted: int, accepted: int) -> None:
+    def update(self, match_len: int, drafted: int, accepted: int, accept_probs: Sequence[float] | None = None) -> None:
+        """Record one verified draft of `drafted` tokens of which the first `accepted` were kept.
+
+        accept_probs: under sampling, the probability with which each draft token was accepted given the ones
+        before it (p(x_i) for a copied token, known exactly from the verification forward for every position).
+        The draft then counts by its expected outcome rather than the one the noise happened to give: E[accepted]
+        = sum_i prod_{j <= i} p_j successes and E[accepted] + P(some rejection) trials. Same expectation as the
+        observed counts, much less variance (a draft with p = 0.5 everywhere teaches 0.5, not 0 or 1).
+        """
         if drafted <= 0:
             return
+        if accept_probs is not None:
+            successes, alive = 0.0, 1.0
+            for q in accept_probs[:drafted]:
+                alive *= min(1.0, max(0.0, float(q)))
+                successes += alive
+            failures = 1.0 - alive
+        else:
+            successes, failures = float(accepted), (1.0 if accepted < drafted else 0.0)
         b = self.bucket(match_len)
         self.successes = [x * self.decay for x in self.successes]
         self.trials = [x * self.decay for x in self.trials]
-        self.successes[b] += accepted
-        self.trials[b] += accepted + (1 if accepted < drafted else 0)
+        self.successes[b] += successes
+        self.trials[b] += successes + failures
 
 
 class ForwardCostModel:
@@ -329,8 +345,11 @@ class DraftPolicy:
             best_k = min(limit, max(self.min_draft, 2))
         return best_k
 
-    def update(self, draft: Draft | None, drafted: int, accepted: int, width: int, seconds: float) -> None:
+    def update(self, draft: Draft | None, drafted: int, accepted: int, width: int, seconds: float,
+               accept_probs: Sequence[float] | None = None) -> None:
+        """One verification step: its width and time, and (if it had a draft) the outcome; accept_probs as in
+        AcceptanceModel.update (sampling only)."""
         self.costs.observe(width, seconds)
         if draft is not None and drafted > 0:
-            self.acceptance_for(draft.source).update(draft.match_len, drafted, accepted)
+            self.acceptance_for(draft.source).update(draft.match_len, drafted, accepted, accept_probs)
 

@@ -26,6 +26,24 @@ def test_acceptance_learns_by_match_length_and_is_monotone():
     assert fresh.rate(12) > 0.8  # an untried bucket borrows what the request showed so far
 
 
+def test_acceptance_under_sampling_counts_the_expected_outcome():
+    # accept probabilities 0 or 1 are a greedy outcome: the same counts as the observed ones
+    a, b = AcceptanceModel(), AcceptanceModel()
+    a.update(4, drafted=3, accepted=1, accept_probs=[1.0, 0.0, 1.0])
+    b.update(4, drafted=3, accepted=1)
+    assert a.successes == b.successes and a.trials == b.trials
+    # p = 0.5 at every position: whatever the noise gave (here everything rejected), the estimate is 0.5
+    c = AcceptanceModel(prior=0.9)
+    for _ in range(30):
+        c.update(4, drafted=6, accepted=0, accept_probs=[0.5] * 6)
+    assert c.rate(4) == pytest.approx(0.5, abs=0.05)  # the prior (0.9, weight 2) still pulls a little
+    # a fully likely draft teaches full acceptance even on a draw that rejected it
+    d = AcceptanceModel(prior=0.1)
+    for _ in range(30):
+        d.update(8, drafted=4, accepted=0, accept_probs=[1.0] * 4)
+    assert d.rate(8) > 0.95
+
+
 def test_cost_curve_interpolates_and_is_non_decreasing():
     costs = ForwardCostModel({1: 1.0, 2: 3.0, 4: 1.5, 8: 2.0})  # width 2 timed during a burst of load
     assert costs.cost(2) == pytest.approx(1.5)
