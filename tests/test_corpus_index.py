@@ -203,5 +203,15 @@ def test_minilm_embedder_retrieves(tmp_path):
     (src / "a.txt").write_text("Cats are small furry pets that purr and chase mice.\n")
     (src / "b.txt").write_text("The stock market fell sharply as interest rates rose.\n")
     index = CorpusIndex.load(build(src, tmp_path / "idx", embedder="minilm"))
-    assert index.manifest["embedder"] == {"name": "minilm", "dim": 384}
+    assert index.manifest["embedder"]["name"] == "minilm" and index.manifest["embedder"]["dim"] == 384
     assert index.retrieve("which animal meows?", k=1)[0].source.endswith("a.txt")
+
+
+def test_plain_text_drops_markup_but_keeps_words():
+    from refdecode.corpus.embedding import plain_text
+    rest = ("Why is it called Python?\n------------------------\n\n.. _faq-name:\n\n"
+            "Use :func:`len` or ``x.count()``; see `PEP 8 <https://peps.python.org/pep-0008/>`_ and **this**.\n\n\n\n"
+            "Section\n=======\nA -- dash and 3 * 4.")
+    assert plain_text(rest) == ("Why is it called Python?\n\nUse len or x.count(); see PEP 8 "
+                                "<https://peps.python.org/pep-0008/> and this.\n\nSection\n\nA -- dash and 3 * 4.")
+    assert plain_text("Plain prose, untouched.") == "Plain prose, untouched."
