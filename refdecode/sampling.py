@@ -137,10 +137,12 @@ def top_p_rows(
     keep[:, :min_tokens_to_keep] = True
     cut = keep.sum(dim=-1)                                                 # [R] tokens kept
     rows = torch.arange(scores.shape[0], device=scores.device)
+    first_out = cut.clamp(max=m - 1)                                       # [R] rank of the first dropped token
+    last_in = (first_out - 1).clamp(min=0)                                 # [R] rank of the last kept token
     inside = cut < m                                                       # the first dropped token is in the top m
-    at = cut.clamp(max=m - 1)
-    safe = inside & ((above[rows, at] - top_p).abs() > margin) & ((above[rows, (at - 1).clamp(min=0)] - top_p).abs()
-                                                                  > margin) & (values[rows, at] != values[rows, at - 1])
+    clear_cut = ((above[rows, first_out] - top_p).abs() > margin) & ((above[rows, last_in] - top_p).abs() > margin)
+    no_tie = values[rows, first_out] != values[rows, last_in]
+    safe = inside & clear_cut & no_tie
     remove = torch.ones_like(scores, dtype=torch.bool).scatter(1, ids, ~keep)
     out = scores.masked_fill(remove, filter_value)
     if not bool(safe.all()):
