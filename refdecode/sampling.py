@@ -126,9 +126,6 @@ def top_p_rows(
     """
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    from transformers import TopPLogitsWarper
-
-    warper = TopPLogitsWarper(top_p, filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep)
     m = min(width, scores.shape[-1])
     values, ids = scores.topk(m, dim=-1)                                   # [R, m], descending
     probs = (values - torch.logsumexp(scores, dim=-1, keepdim=True)).exp()
@@ -146,6 +143,9 @@ def top_p_rows(
     remove = torch.ones_like(scores, dtype=torch.bool).scatter(1, ids, ~keep)
     out = scores.masked_fill(remove, filter_value)
     if not bool(safe.all()):
+        from transformers import TopPLogitsWarper
+
+        warper = TopPLogitsWarper(top_p, filter_value=filter_value, min_tokens_to_keep=min_tokens_to_keep)
         slow = (~safe).nonzero().flatten()
         out[slow] = warper(None, scores[slow])
     return out
