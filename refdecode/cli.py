@@ -37,6 +37,8 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or a local checkpoint dir")
     p.add_argument("--ref", action="append", default=[], metavar="FILE", help="a reference file (repeatable)")
     p.add_argument("--index", help="a corpus index directory built with `refdecode index build`")
+    p.add_argument("--rerank", type=int, default=0, metavar="N",
+                   help="with --index: the model reranks the embedding search's top N passages (default: 0, off)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -95,6 +97,8 @@ def _run_generate(args) -> int:
             raise CliError(f"reference file is empty: {path}")
     if args.index and not Path(args.index).is_dir():
         raise CliError(f"index directory not found: {args.index}")
+    if args.rerank < 0 or (args.rerank and not args.index):
+        raise CliError("--rerank N needs N >= 0 and an --index to rerank passages from")
     model, tokenizer = refdecode.load_model(args.model, dtype=args.dtype, device=args.device)
     store = refdecode.ReferenceStore(tokenizer)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -111,6 +115,7 @@ def _run_generate(args) -> int:
         prompt,
         store=store if len(store) else None,
         index=args.index,
+        rerank=args.rerank,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,

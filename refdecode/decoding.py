@@ -207,6 +207,7 @@ def generate(
     calibrate: bool = True,
     tie_margin: float | None = None,
     retrieve_k: int = 4,
+    rerank: int = 0,
 ) -> GenerationOutput:
     """Generate with reference drafting; the output equals plain decoding (greedy) or has its distribution.
 
@@ -215,6 +216,10 @@ def generate(
         store: ReferenceStore of documents to draft from; the prompt and the output so far are always references.
         index: a refdecode.corpus.CorpusIndex (or its path): top passages for the prompt join the references and
             its corpus-wide span index drafts where nothing local matches.
+        retrieve_k: passages retrieved from `index` for the prompt.
+        rerank: 0 keeps the embedding order; N > 0 lets this model rerank the embedding search's top N passages by
+            how likely it finds the prompt after each (corpus.rerank.LMReranker: one batched forward over N
+            passages, cheap on a GPU, seconds on a small CPU).
         temperature: 0 -> greedy; > 0 -> sampling with top_k / top_p / repetition_penalty / logits_processor and a
             torch.Generator seeded from `seed` (or pass `generator`).
         stop: stop strings; eos_token_id defaults to the model's generation config.
@@ -238,7 +243,12 @@ def generate(
             generator.seed()  # a fresh seed without touching torch's global generator
     spans = None
     if index is not None:
-        store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k)
+        reranker = None
+        if rerank:
+            from .corpus.rerank import LMReranker
+
+            reranker = LMReranker(model, tokenizer)
+        store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k, reranker, rerank)
     return decode(
         model,
         tokenizer,
@@ -425,7 +435,8 @@ def _eos_ids(model, eos_token_id) -> set[int]:
     return {int(t) for t in eos_token_id}
 
 
-def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: int):
+def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: int, reranker=None,
+                  candidates: int = 20):
     """Retrieve the index's top passages for the prompt into a copy-on-use store; return (store, span source)."""
     from .corpus import CorpusIndex
     from .store import ReferenceStore
@@ -434,6 +445,6 @@ def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: in
         index = CorpusIndex.load(index, tokenizer=tokenizer)
     merged = store.copy() if store is not None else ReferenceStore(tokenizer)
     query = tokenizer.decode(prompt_ids[-512:], skip_special_tokens=True)
-    for passage in index.retrieve(query, k=retrieve_k):
+    for passage in index.retrieve(query, k=retrieve_k, reranker=reranker, candidates=max(candidates, 1)):
         merged.add(passage.token_ids, source=f"{passage.source}#{passage.id}")
     return merged, index

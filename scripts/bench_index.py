@@ -1,6 +1,7 @@
 """Corpus index figures on this machine: build throughput, span index size and lookup latency, FAQ retrieval.
 
-    python -m scripts.bench_index [--quick] [--embedder minilm|mpnet|hashed] [--out results/index_bench.json]
+    python -m scripts.bench_index [--quick] [--embedder minilm|mpnet|hashed] [--rerank N] [--reuse INDEX]
+                                  [--out results/index_bench.json]
 
 1) Python docs (Debian python3.11-doc reST sources) with every FAQ question's own heading line removed, built
    with build_index: span-index build throughput (tokenization + chunking + span index, in tokens per minute),
@@ -58,19 +59,21 @@ def write_faq_corpus(dest: Path, quick: bool) -> tuple[list[dict], dict[str, str
     return pairs, texts
 
 
-def gold_passages(index: CorpusIndex, pairs: list[dict], texts: dict[str, str], dest: Path) -> list[set[int]]:
+def gold_passages(index: CorpusIndex, pairs: list[dict], texts: dict[str, str]) -> list[set[int]]:
     """Per question, the passages that hold >= min(200, len(answer)) characters of its answer."""
-    spans: dict[str, list[tuple[int, int, int]]] = {}         # source -> [(passage, char start, char end)]
+    root = Path(index.manifest["sources"][0])                    # the corpus folder the index was built from
+    spans: dict[str, list[tuple[int, int, int]]] = {}         # file -> [(passage, char start, char end)]
     cursor: dict[str, int] = {}
     for i in range(len(index)):
         p = index.passage(i)
-        text = texts[Path(p.source).relative_to(dest).as_posix()]
-        start = text.find(p.text, cursor.get(p.source, 0))       # passages come in document order
-        cursor[p.source] = start + len(p.text)
-        spans.setdefault(p.source, []).append((i, start, start + len(p.text)))
+        rel = Path(p.source).relative_to(root).as_posix()
+        text = texts[rel]
+        start = text.find(p.text, cursor.get(rel, 0))             # passages come in document order
+        cursor[rel] = start + len(p.text)
+        spans.setdefault(rel, []).append((i, start, start + len(p.text)))
     golds = []
     for q in pairs:
-        source = str(dest / q["file"])
+        source = q["file"]
         a = texts[q["file"]].find(q["answer"])
         b = a + len(q["answer"])
         need = min(200, len(q["answer"]))
@@ -91,24 +94,35 @@ def bm25_ranked(passages: list[str], queries: list[str], k: int) -> list[list[in
     return ids.tolist()
 
 
-def bench_faq(tok, work: Path, quick: bool, embedder: str, chunk_tokens: int = 256) -> dict:
+def bench_faq(tok, work: Path, quick: bool, embedder: str, chunk_tokens: int = 256, reuse: Path | None = None,
+              rerank: int = 0) -> dict:
     corpus = work / "pydocs"
     pairs, texts = write_faq_corpus(corpus, quick)
     pairs = [p for p in pairs if p["file"] in texts]
-    out = build_index([corpus], work / "idx-pydocs", tokenizer=tok, model_name="smollm2-135m", embedder=embedder,
-                      chunk_tokens=chunk_tokens, progress=False)
+    out = reuse or build_index([corpus], work / "idx-pydocs", tokenizer=tok, model_name="smollm2-135m",
+                               embedder=embedder, chunk_tokens=chunk_tokens, progress=False)
     t0 = time.perf_counter()
     index = CorpusIndex.load(out, tokenizer=tok)
     load_s = time.perf_counter() - t0
     m = index.manifest
     secs, counts = m["build_seconds"], m["counts"]
     span_build_s = secs["tokenize_chunk"] + secs["span_index"]
-    golds = gold_passages(index, pairs, texts, corpus)
+    golds = gold_passages(index, pairs, texts)
     questions = [p["question"] for p in pairs]
     t0 = time.perf_counter()
     ours = [[p.id for p in index.retrieve(q, k=5)] for q in questions]
     query_ms = (time.perf_counter() - t0) / len(questions) * 1e3
     bm25 = bm25_ranked([index.passage(i).text for i in range(len(index))], questions, 5)
+    reranked = {}
+    if rerank:
+        from refdecode.corpus.rerank import LMReranker
+        from refdecode.models import load_model
+        reranker = LMReranker(*load_model("smollm2-135m"))
+        t0 = time.perf_counter()
+        ranked = [[p.id for p in index.retrieve(q, k=5, reranker=reranker, candidates=rerank)] for q in questions]
+        reranked = {"rerank_candidates": rerank, "rerank_ms_per_query": (time.perf_counter() - t0) /
+                    len(questions) * 1e3, "rerank_recall@1": recall(ranked, golds, 1),
+                    "rerank_recall@5": recall(ranked, golds, 5)}
     return {
         "corpus": "python3.11-doc reST sources" + (" (faq/ + tutorial/ only, --quick)" if quick else ""),
         "tokens": counts["tokens"], "passages": counts["passages"], "duplicates_removed":
@@ -121,7 +135,7 @@ def bench_faq(tok, work: Path, quick: bool, embedder: str, chunk_tokens: int = 2
         "questions": len(pairs), "questions_with_gold": sum(bool(g) for g in golds),
         "embedder": m["embedder"]["name"], "query_ms": query_ms,
         "recall@1": recall(ours, golds, 1), "recall@5": recall(ours, golds, 5),
-        "bm25_recall@1": recall(bm25, golds, 1), "bm25_recall@5": recall(bm25, golds, 5),
+        "bm25_recall@1": recall(bm25, golds, 1), "bm25_recall@5": recall(bm25, golds, 5), **reranked,
     }
 
 
@@ -233,6 +247,10 @@ def main() -> None:
     parser.add_argument("--skip-spans", action="store_true", help="only the retrieval part")
     parser.add_argument("--keep", type=Path, help="keep the Python docs index built for the FAQ figures here "
                         "(e.g. indexes/pydocs, for `bench --workloads rag-index --index indexes/pydocs`)")
+    parser.add_argument("--reuse", type=Path, help="measure retrieval on this Python docs index (one kept with "
+                        "--keep) instead of building one; the build figures are then that index's")
+    parser.add_argument("--rerank", type=int, default=0, metavar="N",
+                        help="also measure recall with SmolLM2 reranking the embedding search's top N")
     parser.add_argument("--out", type=Path, default=Path("results/index_bench.json"))
     args = parser.parse_args()
     tok = load_tokenizer()
@@ -243,8 +261,9 @@ def main() -> None:
             print("span lookup latency (memory-mapped span index; 2000 queries of 16-token tails):", flush=True)
             report["spans"] = bench_spans(tok, work, args.quick)
         print("Python docs index (FAQ headings removed):", flush=True)
-        report["faq"] = faq = bench_faq(tok, work, args.quick, args.embedder, args.chunk_tokens)
-        if args.keep:
+        report["faq"] = faq = bench_faq(tok, work, args.quick, args.embedder, args.chunk_tokens, args.reuse,
+                                        args.rerank)
+        if args.keep and not args.reuse:
             if args.keep.exists():
                 raise SystemExit(f"{args.keep} exists; remove it first")
             args.keep.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +276,9 @@ def main() -> None:
     print(f"  FAQ retrieval ({faq['questions']} questions, {faq['embedder']}): recall@1 {faq['recall@1']:.3f} "
           f"recall@5 {faq['recall@5']:.3f}  |  BM25 recall@1 {faq['bm25_recall@1']:.3f} "
           f"recall@5 {faq['bm25_recall@5']:.3f}  ({faq['query_ms']:.1f} ms/query)")
+    if args.rerank:
+        print(f"  reranked by SmolLM2 (top {args.rerank} candidates): recall@1 {faq['rerank_recall@1']:.3f} "
+              f"recall@5 {faq['rerank_recall@5']:.3f}  ({faq['rerank_ms_per_query']:.0f} ms/query)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -22,6 +22,7 @@ def run(capsys, *argv):
         (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["generate", "--prompt", "hi", "--model", "no-such-model-xyz"], "known names: smollm2-135m"),
         (["generate", "--prompt", "hi", "--index", "/nonexistent/index"], "index directory not found"),
+        (["generate", "--prompt", "hi", "--rerank", "10"], "--rerank N needs"),
     ],
 )
 def test_errors_are_one_line_without_traceback(capsys, args, message):

@@ -79,6 +79,20 @@ def test_errors_are_one_line(capsys, src, tmp_path):
     assert_one_line_error(code, err, "no index")
 
 
+def test_search_with_rerank(capsys, src, tmp_path, monkeypatch, tiny_llama):
+    """--rerank N loads --model and reranks; without --model it is a one-line error."""
+    import refdecode.models
+
+    build(capsys, src, tmp_path / "idx")
+    code, _, err = run(capsys, "index", "search", str(tmp_path / "idx"), "olive", "--rerank", "5")
+    assert_one_line_error(code, err, "--rerank needs --model")
+    vocab = tiny_llama.config.vocab_size
+    monkeypatch.setattr(refdecode.models, "load_model", lambda name: (tiny_llama, WordTokenizer(vocab)))
+    code, out, _ = run(capsys, "index", "search", str(tmp_path / "idx"), "olive lemon", "-k", "2", "--rerank", "5",
+                       "--model", "toy")
+    assert code == 0 and out.count("passage ") == 2 and "b.rst" in out and "a.md" in out
+
+
 def test_interrupted_build_exits_130(capsys, src, tmp_path, monkeypatch):
     import refdecode.corpus.index as index_module
 

@@ -38,3 +38,5 @@ def test_generate_with_index_equals_greedy(tiny_llama, tmp_path):
     assert out.stats.accepted_tokens > 10
     by_path = refdecode.generate(tiny_llama, tokenizer, prompt, index=str(out_dir), max_new_tokens=40)
     assert by_path.token_ids == expected
+    reranked = refdecode.generate(tiny_llama, tokenizer, prompt, index=index, rerank=6, max_new_tokens=40)
+    assert reranked.token_ids == expected

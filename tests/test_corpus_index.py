@@ -65,6 +65,26 @@ def test_retrieval_finds_planted_passage(corpus, tmp_path):
     assert [p.score for p in top] == sorted((p.score for p in top), reverse=True)
 
 
+def test_retrieve_hands_the_candidates_to_a_reranker(corpus, tmp_path):
+    """The reranker sees the embedding search's top `candidates` (ids and texts, best first) and its order wins;
+    every passage keeps its embedding score."""
+    index = CorpusIndex.load(build(corpus, tmp_path / "idx"))
+    query = "quantum marmalade origami compressor"
+    dense = index.retrieve(query, k=6)
+    seen = []
+
+    class Reverse:
+        def rerank(self, q, ids, texts):
+            seen.append((q, list(ids), list(texts)))
+            return list(reversed(ids))
+    top = index.retrieve(query, k=2, reranker=Reverse(), candidates=6)
+    assert seen == [(query, [p.id for p in dense], [p.text for p in dense])]
+    assert [(p.id, p.score) for p in top] == [(p.id, p.score) for p in dense[::-1][:2]]
+    assert len(index.retrieve(query, k=3, reranker=Reverse(), candidates=1)) == 3    # never fewer than k
+    with pytest.raises(ValueError):
+        index.retrieve(query, k=2, reranker=Reverse(), candidates=0)
+
+
 def test_dedup_removes_planted_near_duplicates(tmp_path):
     rng = np.random.default_rng(1)
     src = tmp_path / "src"

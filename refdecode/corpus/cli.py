@@ -73,8 +73,17 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 def cmd_index_search(args: argparse.Namespace) -> int:
     try:
+        if args.rerank and not args.model:
+            raise ValueError("--rerank needs --model: the model that reranks the passages")
+        if args.rerank < 0:
+            raise ValueError(f"--rerank must be >= 0, got {args.rerank}")
         index = _load(args)
-        passages = index.retrieve(args.query, k=args.k)
+        reranker = None
+        if args.rerank:
+            from ..models import load_model
+            from .rerank import LMReranker
+            reranker = LMReranker(*load_model(args.model))
+        passages = index.retrieve(args.query, k=args.k, reranker=reranker, candidates=args.rerank or 1)
     except _EXPECTED as err:
         return _fail(err)
     if args.json:
@@ -115,6 +124,8 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
             p.add_argument("query", help="query text")
             p.add_argument("-k", type=int, default=4, help="passages to show (default: 4)")
             p.add_argument("--chars", type=int, default=400, help="characters of each passage to print")
+            p.add_argument("--rerank", type=int, default=0, metavar="N",
+                           help="let --model rerank the embedding search's top N passages (default: 0, off)")
         p.add_argument("--model", default=None, help="check the index was built for this model's tokenizer")
         p.add_argument("--no-checksums", action="store_true", help="check file sizes only, not SHA-256")
         p.add_argument("--json", action="store_true", help="print JSON")

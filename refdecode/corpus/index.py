@@ -248,12 +248,20 @@ class CorpusIndex:
             self._embedder = make_embedder(self.manifest["embedder"], self.path)
         return self._embedder.embed(list(queries))
 
-    def retrieve(self, query: str, k: int = 4) -> list[Passage]:
-        """The k passages nearest to `query` by embedding inner product, best first."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        scores, ids = self._faiss.search(self.embed_queries([query]), min(k, len(self)))    # (1, k)
-        return [self.passage(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+    def retrieve(self, query: str, k: int = 4, *, reranker=None, candidates: int = 20) -> list[Passage]:
+        """The k passages nearest to `query` by embedding inner product, best first.
+
+        With a `reranker` (e.g. rerank.LMReranker over the target model), the embedding search proposes
+        max(k, candidates) passages and the reranker orders them; each Passage keeps its embedding score."""
+        if k < 1 or candidates < 1:
+            raise ValueError(f"k and candidates must be >= 1, got {k} and {candidates}")
+        n = min(max(k, candidates) if reranker is not None else k, len(self))
+        scores, ids = self._faiss.search(self.embed_queries([query]), n)                   # (1, n)
+        hits = {int(i): float(s) for s, i in zip(scores[0], ids[0]) if i >= 0}          # best first
+        order = list(hits)
+        if reranker is not None:
+            order = reranker.rerank(query, order, [self.passage(i).text for i in order])
+        return [self.passage(i, hits[i]) for i in order[:k]]
 
     def span_continuations(self, context_tail: Sequence[int], max_tokens: int, *, max_candidates: int = 8,
                            min_match: int = 2) -> tuple[int, list[list[int]]]:
