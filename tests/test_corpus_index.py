@@ -214,10 +214,11 @@ def test_bad_options(corpus, tmp_path):
         build(corpus, tmp_path / "idx", embedder="bert")
 
 
-@pytest.mark.parametrize("embedder", ["minilm", "mpnet"])
+@pytest.mark.parametrize("embedder", ["minilm", "mpnet", "minilm+mpnet"])
 def test_sentence_encoder_retrieves(tmp_path, embedder):
     from refdecode.corpus.embedding import minilm_available, mpnet_available
-    if not {"minilm": minilm_available, "mpnet": mpnet_available}[embedder]():
+    available = {"minilm": minilm_available, "mpnet": mpnet_available}
+    if not all(available[name]() for name in embedder.split("+")):
         pytest.skip(f"the {embedder} package is not installed")
     src = tmp_path / "src"
     src.mkdir()
@@ -225,8 +226,53 @@ def test_sentence_encoder_retrieves(tmp_path, embedder):
     (src / "b.txt").write_text("The stock market fell sharply as interest rates rose.\n")
     index = CorpusIndex.load(build(src, tmp_path / "idx", embedder=embedder))
     assert index.manifest["embedder"]["name"] == embedder
-    assert index.manifest["embedder"]["dim"] == {"minilm": 384, "mpnet": 768}[embedder]
+    assert index.manifest["embedder"]["dim"] == {"minilm": 384, "mpnet": 768, "minilm+mpnet": 1152}[embedder]
     assert index.retrieve("which animal meows?", k=1)[0].source.endswith("a.txt")
+
+
+class _RandomUnitEmbedder:
+    """A stand-in encoder: a fixed random unit vector per text."""
+    def __init__(self, name, dim):
+        self.name, self.dim = name, dim
+
+    def config(self):
+        return {"name": self.name, "dim": self.dim}
+
+    def embed(self, texts, *, progress=None):
+        out = np.stack([np.random.default_rng(abs(hash((self.name, t))) % 2**32).normal(size=self.dim)
+                        for t in texts]).astype(np.float32)
+        if progress is not None:
+            progress.update(len(texts))
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_ensemble_inner_product_is_the_mean_cosine():
+    from refdecode.corpus.embedding import EnsembleEmbedder
+    members = [_RandomUnitEmbedder("a", 7), _RandomUnitEmbedder("b", 5)]
+    ens = EnsembleEmbedder(members)
+    texts = ["one", "two", "three", "four"]
+    v = ens.embed(texts)
+    assert v.shape == (4, 12) and ens.dim == 12 and ens.name == "a+b"
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-6)
+    mean_cos = sum(m.embed(texts) @ m.embed(texts).T for m in members) / 2
+    np.testing.assert_allclose(v @ v.T, mean_cos, rtol=1e-5, atol=1e-6)
+    assert ens.config()["members"] == [{"name": "a", "dim": 7}, {"name": "b", "dim": 5}]
+
+    class Count:
+        n = 0
+
+        def update(self, k):
+            Count.n += k
+    ens.embed(texts, progress=Count())
+    assert Count.n == len(texts) * ens.passes
+    with pytest.raises(ValueError, match="at least two"):
+        EnsembleEmbedder(members[:1])
+
+
+def test_ensemble_of_unknown_members_is_refused():
+    from refdecode.corpus.embedding import make_embedder
+    with pytest.raises(ValueError, match="sentence encoders"):
+        make_embedder({"name": "minilm+hashed"})
 
 
 def test_plain_text_drops_markup_but_keeps_words():

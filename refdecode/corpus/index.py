@@ -110,7 +110,7 @@ def build_index(sources: list[str | Path], out: Path, *, tokenizer, model_name: 
     """Build a corpus index from files/folders into `out` (atomically). Returns `out`. -> Path
 
     embedder: "minilm" (default when its package is installed), "mpnet" (better retrieval, ~7x the embedding
-    time) or "hashed"; see embedding.py.
+    time), "minilm+mpnet" (both, scores summed) or "hashed"; see embedding.py.
     """
     out = Path(out)
     embedder = embedder or default_embedder()
@@ -155,7 +155,8 @@ def build_index(sources: list[str | Path], out: Path, *, tokenizer, model_name: 
                                         doc_sources)
         # 5) passage embeddings into faiss
         emb = HashedNgramEmbedder().fit(passage_texts) if embedder == "hashed" else make_embedder({"name": embedder})
-        bar = _progress(progress, desc="embed", unit="passage", total=len(passage_texts))
+        bar = _progress(progress, desc="embed", unit="passage",
+                        total=len(passage_texts) * getattr(emb, "passes", 1))
         vectors = emb.embed(passage_texts, progress=bar)                  # (P, dim)
         bar.close()
         faiss_index = faiss.IndexFlatIP(emb.dim)

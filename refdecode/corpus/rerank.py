@@ -56,19 +56,25 @@ class LMReranker:
             raise ValueError("max_passage_tokens and batch_size must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_passage_tokens, self.batch_size = max_passage_tokens, batch_size
-        self._prefix = self._ids(_PREFIX)
-        self._suffix = self._ids(_SUFFIX)
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _context(self, passage_text: str) -> list[int]:
+        """Token ids of the prompt that precedes the query: the passage's plain text cut to max_passage_tokens
+        (at a token's start character), wrapped in the prefix and suffix, tokenized as one string."""
+        body = plain_text(passage_text)
+        enc = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) > self.max_passage_tokens:
+            body = body[:enc["offset_mapping"][self.max_passage_tokens][0]].rstrip()
+        return self._ids(_PREFIX + body + _SUFFIX)
 
     def scores(self, query: str, passage_texts: Sequence[str]) -> np.ndarray:
         """log p(query | passage) for each passage text. -> (P,) float64, higher is better."""
         query_ids = self._ids(" " + query.strip())
         if not query_ids:
             raise ValueError("the query is empty")
-        contexts = [self._prefix + self._ids(plain_text(t))[:self.max_passage_tokens] + self._suffix
-                    for t in passage_texts]
+        contexts = [self._context(t) for t in passage_texts]
         out = np.zeros(len(contexts), dtype=np.float64)
         for a in range(0, len(contexts), self.batch_size):
             out[a:a + self.batch_size] = self._score_batch(contexts[a:a + self.batch_size], query_ids)
