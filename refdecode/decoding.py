@@ -243,12 +243,14 @@ def generate(
             generator.seed()  # a fresh seed without touching torch's global generator
     spans = None
     if index is not None:
+        if rerank < 0:
+            raise ValueError(f"rerank must be >= 0 (0 = off), got {rerank}")
         reranker = None
         if rerank:
             from .corpus.rerank import LMReranker
 
             reranker = LMReranker(model, tokenizer)
-        store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k, reranker, rerank)
+        store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k, reranker, max(rerank, 1))
     return decode(
         model,
         tokenizer,
@@ -445,6 +447,6 @@ def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: in
         index = CorpusIndex.load(index, tokenizer=tokenizer)
     merged = store.copy() if store is not None else ReferenceStore(tokenizer)
     query = tokenizer.decode(prompt_ids[-512:], skip_special_tokens=True)
-    for passage in index.retrieve(query, k=retrieve_k, reranker=reranker, candidates=max(candidates, 1)):
+    for passage in index.retrieve(query, k=retrieve_k, reranker=reranker, candidates=candidates):
         merged.add(passage.token_ids, source=f"{passage.source}#{passage.id}")
     return merged, index

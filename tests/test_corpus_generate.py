@@ -1,5 +1,6 @@
 """generate(..., index=...): drafting from a corpus index keeps the output identical to plain greedy decoding."""
 
+import pytest
 import torch
 
 import refdecode
@@ -40,3 +41,5 @@ def test_generate_with_index_equals_greedy(tiny_llama, tmp_path):
     assert by_path.token_ids == expected
     reranked = refdecode.generate(tiny_llama, tokenizer, prompt, index=index, rerank=6, max_new_tokens=40)
     assert reranked.token_ids == expected
+    with pytest.raises(ValueError, match="rerank"):
+        refdecode.generate(tiny_llama, tokenizer, prompt, index=index, rerank=-1, max_new_tokens=4)
