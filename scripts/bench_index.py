@@ -1,7 +1,7 @@
 """Corpus index figures on this machine: build throughput, span index size and lookup latency, FAQ retrieval.
 
-    python -m scripts.bench_index [--quick] [--embedder minilm|mpnet|hashed] [--rerank N] [--reuse INDEX]
-                                  [--out results/index_bench.json]
+    python -m scripts.bench_index [--quick] [--embedder minilm|mpnet|minilm+mpnet|hashed] [--rerank N]
+                                  [--reuse INDEX] [--out results/index_bench.json]
 
 1) Python docs (Debian python3.11-doc reST sources) with every FAQ question's own heading line removed, built
    with build_index: span-index build throughput (tokenization + chunking + span index, in tokens per minute),
@@ -73,11 +73,10 @@ def gold_passages(index: CorpusIndex, pairs: list[dict], texts: dict[str, str]) 
         spans.setdefault(rel, []).append((i, start, start + len(p.text)))
     golds = []
     for q in pairs:
-        source = q["file"]
         a = texts[q["file"]].find(q["answer"])
         b = a + len(q["answer"])
         need = min(200, len(q["answer"]))
-        golds.append({i for i, s, e in spans.get(source, []) if min(b, e) - max(a, s) >= need})
+        golds.append({i for i, s, e in spans.get(q["file"], []) if min(b, e) - max(a, s) >= need})
     return golds
 
 

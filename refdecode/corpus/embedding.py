@@ -60,9 +60,11 @@ def plain_text(text: str) -> str:
 
 
 class Embedder:
-    """Text -> unit vectors. name and dim go into the manifest; extra files (if any) are saved with the index."""
+    """Text -> unit vectors. name and dim go into the manifest; extra files (if any) are saved with the index.
+    passes: how many times embed() reports each text to its progress bar."""
     name: str
     dim: int
+    passes: int = 1
 
     def embed(self, texts: Sequence[str], *, progress=None) -> np.ndarray:     # -> (B, dim) float32
         raise NotImplementedError
@@ -194,8 +196,6 @@ class EnsembleEmbedder(Embedder):
     """Several sentence encoders' unit vectors side by side, each scaled by 1/sqrt(n): still a unit vector, and the
     inner product of two is the mean of the members' cosines, so one faiss search ranks by summed similarity.
     The encoders err on different passages (Python FAQ recall@5: MiniLM 0.72, mpnet 0.78, both 0.79)."""
-
-    passes: int
 
     def __init__(self, members: Sequence[Embedder]):
         if len(members) < 2:

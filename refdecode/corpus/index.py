@@ -155,8 +155,7 @@ def build_index(sources: list[str | Path], out: Path, *, tokenizer, model_name: 
                                         doc_sources)
         # 5) passage embeddings into faiss
         emb = HashedNgramEmbedder().fit(passage_texts) if embedder == "hashed" else make_embedder({"name": embedder})
-        bar = _progress(progress, desc="embed", unit="passage",
-                        total=len(passage_texts) * getattr(emb, "passes", 1))
+        bar = _progress(progress, desc="embed", unit="passage", total=len(passage_texts) * emb.passes)
         vectors = emb.embed(passage_texts, progress=bar)                  # (P, dim)
         bar.close()
         faiss_index = faiss.IndexFlatIP(emb.dim)
@@ -258,11 +257,11 @@ class CorpusIndex:
             raise ValueError(f"k and candidates must be >= 1, got {k} and {candidates}")
         n = min(max(k, candidates) if reranker is not None else k, len(self))
         scores, ids = self._faiss.search(self.embed_queries([query]), n)                   # (1, n)
-        hits = {int(i): float(s) for s, i in zip(scores[0], ids[0]) if i >= 0}          # best first
-        order = list(hits)
+        found = [self.passage(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]    # best first
         if reranker is not None:
-            order = reranker.rerank(query, order, [self.passage(i).text for i in order])
-        return [self.passage(i, hits[i]) for i in order[:k]]
+            by_id = {p.id: p for p in found}
+            found = [by_id[i] for i in reranker.rerank(query, list(by_id), [p.text for p in found])]
+        return found[:k]
 
     def span_continuations(self, context_tail: Sequence[int], max_tokens: int, *, max_candidates: int = 8,
                            min_match: int = 2) -> tuple[int, list[list[int]]]:
