@@ -8,6 +8,20 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Property-based tests: a fixed, modest number of examples per property in CI (`make test`), far more in
+# `make fuzz` (HYPOTHESIS_PROFILE=fuzz). Deadlines are off: a forward on 2 shared cores varies too much to time.
+try:
+    from hypothesis import HealthCheck, settings
+
+    _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                              suppress_health_check=_SLOW_OK, print_blob=True)
+    settings.register_profile("fuzz", max_examples=1000, deadline=None, suppress_health_check=_SLOW_OK,
+                              print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test extra; the property tests import it themselves and say so
+    pass
+
 
 def _tiny_llama(vocab_size: int = 96, seed: int = 0):
     from stats_helpers import tiny_llama
