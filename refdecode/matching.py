@@ -91,6 +91,8 @@ class SuffixIndex:
         """
         if not context:
             return Match(0, ())
+        if len(self._trie) == 0:  # pyahocorasick ends the process on longest_prefix of an automaton without words
+            return Match(0, ())
         tail = [t for t in context[-self.max_ngram :] if 0 <= t <= _MAX_CODE_POINT]
         probe = _key(tail)
         length = self._trie.longest_prefix(probe)

@@ -87,3 +87,22 @@ def test_drafter_extends_a_repeating_output_past_the_context_end():
     context = [5, 1, 2, 3, 1, 2, 3, 1, 2]  # period 3: the copy overlaps its own output, as in LZ77
     draft = ReferenceDrafter(context).propose(context, 10)
     assert draft.tokens == [3, 1, 2, 3, 1, 2, 3, 1, 2, 3]
+
+
+def test_lookup_in_an_index_without_ngrams_does_not_end_the_process():
+    # Regression: pyahocorasick aborts the interpreter on longest_prefix of an automaton with no words. Run the
+    # lookups in a child process so that a regression fails this test instead of killing the test run.
+    import subprocess
+    import sys
+
+    code = (
+        "from refdecode.matching import SuffixIndex\n"
+        "for seqs in ([], [[]], [[5]], [[5], [7]]):\n"
+        "    index = SuffixIndex()\n"
+        "    for s in seqs:\n"
+        "        index.add(s)\n"
+        "    assert index.longest_suffix([5, 7]).length == 0\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
