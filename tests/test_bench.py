@@ -42,22 +42,23 @@ TEXT = "the quick brown fox jumps over the lazy dog while a red cat sleeps on th
 def fake_loader(name, *, n, seed, tokenizer):
     """Two synthetic requests per call: a completion with a reference, a chat with its answer in the prompt."""
     return [
-        Request(id=f"{name}/0", workload=name, messages=None, prompt=TEXT[:60], chat=False,
-                references=(("doc", TEXT),)),
-        Request(id=f"{name}/1", workload=name, messages=[{"role": "user", "content": TEXT}], prompt=None,
-                chat=True),
+        Request(
+            id=f"{name}/0", workload=name, messages=None, prompt=TEXT[:60], chat=False, references=(("doc", TEXT),)
+        ),
+        Request(id=f"{name}/1", workload=name, messages=[{"role": "user", "content": TEXT}], prompt=None, chat=True),
     ][:n]
 
 
 def small_config(**kw):
-    defaults = dict(workloads=("code-edit-ref",), n=2, max_new_tokens=10, cost_reps=1, cost_context=16,
-                    cost_max_width=4)
+    defaults = dict(
+        workloads=("code-edit-ref",), n=2, max_new_tokens=10, cost_reps=1, cost_context=16, cost_max_width=4
+    )
     return BenchConfig(**{**defaults, **kw})
 
 
 def hf_greedy(model, prompt, max_new_tokens):
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=1)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def test_oracle_drafter_output_equals_greedy_and_is_accepted(tiny_llama):
@@ -66,8 +67,9 @@ def test_oracle_drafter_output_equals_greedy_and_is_accepted(tiny_llama):
     out = refdecode.generate(tiny_llama, None, prompt, max_new_tokens=24, drafter=OracleDrafter(prompt, greedy))
     assert out.token_ids == greedy  # with the calibrated policy, which may not draft at all on a noisy CPU
     flat = refdecode.DraftPolicy(costs=ForwardCostModel({1: 1.0, 64: 1.0}))  # wide forwards as cheap as narrow
-    out = refdecode.generate(tiny_llama, None, prompt, max_new_tokens=24, drafter=OracleDrafter(prompt, greedy),
-                             policy=flat)
+    out = refdecode.generate(
+        tiny_llama, None, prompt, max_new_tokens=24, drafter=OracleDrafter(prompt, greedy), policy=flat
+    )
     assert out.token_ids == greedy
     assert out.stats.drafted_tokens > 0 and out.stats.accepted_tokens == out.stats.drafted_tokens
 
@@ -89,8 +91,12 @@ def test_prepare_renders_chat_and_raw_prompts_and_references():
     tok = WordTokenizer()
     reqs = runner.prepare_requests(["code-edit-ref"], 2, 0, tok, loader=fake_loader)
     assert reqs[0].prompt_ids == tok.encode(TEXT[:60]) and reqs[0].references == [("doc", tok.encode(TEXT, False))]
-    assert reqs[1].prompt_ids == tok.apply_chat_template(fake_loader("x", n=2, seed=0, tokenizer=tok)[1].messages,
-                                                         add_generation_prompt=True)["input_ids"]
+    assert (
+        reqs[1].prompt_ids
+        == tok.apply_chat_template(
+            fake_loader("x", n=2, seed=0, tokenizer=tok)[1].messages, add_generation_prompt=True
+        )["input_ids"]
+    )
     assert reqs[1].references == []
 
 
@@ -127,12 +133,12 @@ def test_runner_end_to_end_and_report_files(tiny_llama, tmp_path):
     tok = WordTokenizer()
     reqs = runner.prepare_requests(["code-edit-ref"], 2, 0, tok, loader=fake_loader)
     lines = []
-    results = runner.run_benchmark(small_config(sampling=True), model=tiny_llama, tokenizer=tok, requests=reqs,
-                                   log=lines.append)
+    results = runner.run_benchmark(
+        small_config(sampling=True), model=tiny_llama, tokenizer=tok, requests=reqs, log=lines.append
+    )
     methods = list(runner.METHODS + runner.SAMPLING_METHODS)
     # interleaved per prompt: every method on a prompt before the next prompt
-    assert [(r["request_id"], r["method"]) for r in results["records"]] == [
-        (q.id, m) for q in reqs for m in methods]
+    assert [(r["request_id"], r["method"]) for r in results["records"]] == [(q.id, m) for q in reqs for m in methods]
     for r in results["records"]:
         if r["method"] in ("pld", "refdecode", "oracle"):
             assert r["matches_greedy"], (r["request_id"], r["method"], r["first_mismatch"])
@@ -154,10 +160,22 @@ def test_runner_end_to_end_and_report_files(tiny_llama, tmp_path):
 
 
 def fake_record(request_id, category, method, tps, matches=True):
-    rec = {"request_id": request_id, "workload": "spec-bench", "category": category, "method": method,
-           "new_tokens": 11, "first_tokens": 1, "decode_tokens": 10, "decode_seconds": 10 / tps,
-           "prefill_seconds": 0.1, "e2e_seconds": 0.1 + 10 / tps, "tokens_per_second": tps, "steps": 5,
-           "accept_lengths": [2] * 5, "token_ids": [0] * 11}
+    rec = {
+        "request_id": request_id,
+        "workload": "spec-bench",
+        "category": category,
+        "method": method,
+        "new_tokens": 11,
+        "first_tokens": 1,
+        "decode_tokens": 10,
+        "decode_seconds": 10 / tps,
+        "prefill_seconds": 0.1,
+        "e2e_seconds": 0.1 + 10 / tps,
+        "tokens_per_second": tps,
+        "steps": 5,
+        "accept_lengths": [2] * 5,
+        "token_ids": [0] * 11,
+    }
     if method != "greedy":
         rec.update(matches_greedy=matches, first_mismatch=None if matches else 3)
     return rec
@@ -166,16 +184,31 @@ def fake_record(request_id, category, method, tps, matches=True):
 def test_spec_bench_summary_uses_the_leaderboard_layout_and_reports_mismatches():
     records = []
     for i, cat in enumerate(("mt_bench", "summarization", "rag")):
-        records += [fake_record(f"q{i}", cat, "greedy", 10.0), fake_record(f"q{i}", cat, "pld", 15.0),
-                    fake_record(f"q{i}", cat, "refdecode", 20.0, matches=cat != "rag"),
-                    fake_record(f"q{i}", cat, "oracle", 30.0)]
-    results = {"records": records, "meta": {"methods": list(runner.METHODS), "notes": [],
-                                            "config": {"model": "m", "max_new_tokens": 10, "seed": 0},
-                                            "machine": {"gpu": None, "cpu": "cpu", "device": "cpu",
-                                                        "torch_threads": 1, "torch": "t", "transformers": "t",
-                                                        "refdecode": "r", "dtype": "float32"}},
-               "forward_cost": {"context_tokens": 8, "widths": [1, 2], "seconds": [1.0, 1.5],
-                                "relative": [1.0, 1.5]}}
+        records += [
+            fake_record(f"q{i}", cat, "greedy", 10.0),
+            fake_record(f"q{i}", cat, "pld", 15.0),
+            fake_record(f"q{i}", cat, "refdecode", 20.0, matches=cat != "rag"),
+            fake_record(f"q{i}", cat, "oracle", 30.0),
+        ]
+    results = {
+        "records": records,
+        "meta": {
+            "methods": list(runner.METHODS),
+            "notes": [],
+            "config": {"model": "m", "max_new_tokens": 10, "seed": 0},
+            "machine": {
+                "gpu": None,
+                "cpu": "cpu",
+                "device": "cpu",
+                "torch_threads": 1,
+                "torch": "t",
+                "transformers": "t",
+                "refdecode": "r",
+                "dtype": "float32",
+            },
+        },
+        "forward_cost": {"context_tokens": 8, "widths": [1, 2], "seconds": [1.0, 1.5], "relative": [1.0, 1.5]},
+    }
     summary = report.summarize(results)
     assert list(summary["spec_bench"]) == ["mt_bench", "summarization", "rag", "overall"]
     overall = summary["spec_bench"]["overall"]

@@ -17,7 +17,7 @@ def brute_force_likelihood(model, tokenizer, query: str, text: str) -> float:
     context = tokenizer("Passage: " + plain_text(text) + "\n\nA question that this passage answers:")["input_ids"]
     q = tokenizer(" " + query)["input_ids"]
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([context + q])).logits[0].double()       # (T, V)
+        logits = model(input_ids=torch.tensor([context + q])).logits[0].double()  # (T, V)
     logp = torch.log_softmax(logits, -1)
     return float(sum(logp[len(context) - 1 + i, t] for i, t in enumerate(q)))
 
@@ -30,7 +30,7 @@ def random_text(rng, n):
 def test_scores_equal_one_passage_at_a_time(tiny_model, batch_size):
     tokenizer = WordTokenizer(vocab_size=tiny_model.config.vocab_size)
     rng = random.Random(batch_size)
-    texts = [random_text(rng, rng.randrange(3, 40)) for _ in range(7)]      # unequal lengths: padding matters
+    texts = [random_text(rng, rng.randrange(3, 40)) for _ in range(7)]  # unequal lengths: padding matters
     query = random_text(rng, 6)
     reranker = LMReranker(tiny_model, tokenizer, batch_size=batch_size)
     got = reranker.scores(query, texts)
@@ -61,7 +61,7 @@ def test_rerank_fuses_embedding_order_with_likelihood_order(tiny_llama):
     assert sorted(order) == ids
     by_model = [ids[i] for i in np.argsort(-scores, kind="stable")]
     assert order == reciprocal_rank_fusion(ids, by_model)
-    assert order.index(ids[best]) <= ids.index(ids[best])      # fusion never ranks the model's best below dense
+    assert order.index(ids[best]) <= ids.index(ids[best])  # fusion never ranks the model's best below dense
 
 
 def test_reciprocal_rank_fusion_matches_the_formula():
@@ -74,7 +74,7 @@ def test_reciprocal_rank_fusion_matches_the_formula():
         present = {i for r in rankings for i in r}
         assert sorted(fused) == sorted(present)
         values = [score[i] for i in fused]
-        assert all(a >= b - 1e-15 for a, b in zip(values, values[1:]))
+        assert all(a >= b - 1e-15 for a, b in zip(values, values[1:], strict=False))
 
 
 def test_bad_arguments_are_refused(tiny_llama):

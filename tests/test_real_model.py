@@ -15,12 +15,17 @@ def chat_ids(tokenizer, text):
 
 
 PROMPTS = [
-    ("Here is a function:\n```python\ndef area(w, h):\n    \"\"\"Area of a rectangle.\"\"\"\n    return w * h\n```\n"
-     "Rewrite it with type hints and the same docstring.", None),
+    (
+        'Here is a function:\n```python\ndef area(w, h):\n    """Area of a rectangle."""\n    return w * h\n```\n'
+        "Rewrite it with type hints and the same docstring.",
+        None,
+    ),
     ("Summarize: The Python FAQ explains that lists are mutable sequences, while tuples are immutable.", None),
-    ("Write the next lines of this README.",
-     "refdecode makes language-model generation faster by drafting tokens from reference text and verifying "
-     "them with the target model in one forward pass. Even when the prophet is wrong, the result is the same."),
+    (
+        "Write the next lines of this README.",
+        "refdecode makes language-model generation faster by drafting tokens from reference text and verifying "
+        "them with the target model in one forward pass. Even when the prophet is wrong, the result is the same.",
+    ),
 ]
 
 

@@ -12,13 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import refdecode
-from refdecode.decoding import decode
-from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel
-from refdecode.sampling import SamplingConfig, build_processors
-from refdecode.store import ReferenceStore
-from refdecode.verification import Verdict, verify_sampling
 from stats_helpers import (
     VOCAB,
     IdTokenizer,
@@ -29,6 +22,13 @@ from stats_helpers import (
     tiny_sampling_llama,
     total_variation,
 )
+
+import refdecode
+from refdecode.decoding import decode
+from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel
+from refdecode.sampling import SamplingConfig, build_processors
+from refdecode.store import ReferenceStore
+from refdecode.verification import Verdict, verify_sampling
 
 ALPHA = 1e-3  # significance of each test below: it fails a correct sampler with probability 0.001
 PROMPT = [2, 7, 4, 3, 6, 5]
@@ -377,10 +377,21 @@ def test_same_seed_same_output_different_seeds_differ(model):
     assert run(11, **dict(policy=AlwaysDraft(max_draft=8), calibrate=False)) == first
     # a generator passed in is used as is: the same seed through it gives the same output
     gen = torch.Generator().manual_seed(11)
-    assert refdecode.generate(
-        model, None, PROMPT, store=store, max_new_tokens=30, generator=gen, top_p=0.8, temperature=1.0,
-        policy=AlwaysDraft(max_draft=8), calibrate=False,
-    ).token_ids == first
+    assert (
+        refdecode.generate(
+            model,
+            None,
+            PROMPT,
+            store=store,
+            max_new_tokens=30,
+            generator=gen,
+            top_p=0.8,
+            temperature=1.0,
+            policy=AlwaysDraft(max_draft=8),
+            calibrate=False,
+        ).token_ids
+        == first
+    )
     outputs = {tuple(run(seed, policy=AlwaysDraft(max_draft=8), calibrate=False)) for seed in range(8)}
     assert len(outputs) >= 6  # 30 tokens of a far from degenerate distribution: collisions are rare
 
@@ -391,7 +402,14 @@ def test_same_seed_same_output_whatever_the_draft_lengths(model):
 
     def run(policy):
         return refdecode.generate(
-            model, None, PROMPT, store=store, max_new_tokens=30, seed=3, temperature=0.8, policy=policy,
+            model,
+            None,
+            PROMPT,
+            store=store,
+            max_new_tokens=30,
+            seed=3,
+            temperature=0.8,
+            policy=policy,
             calibrate=False,
         ).token_ids
 
@@ -445,7 +463,13 @@ def test_greedy_stays_token_for_token(model, case):
     expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20)[0, len(prompt) :].tolist()
     store = store_of(references + [prompt[-2:] + expected])
     out = refdecode.generate(
-        model, None, prompt, store=store, max_new_tokens=20, temperature=0.0, policy=AlwaysDraft(max_draft=8),
+        model,
+        None,
+        prompt,
+        store=store,
+        max_new_tokens=20,
+        temperature=0.0,
+        policy=AlwaysDraft(max_draft=8),
         calibrate=False,
     )
     assert out.token_ids == expected
@@ -459,8 +483,15 @@ def test_acceptance_statistics_add_up(model, temperature):
     store = store_of(references)
     for seed in range(5):
         out = refdecode.generate(
-            model, None, PROMPT, store=store, max_new_tokens=25, temperature=temperature, seed=seed,
-            policy=AlwaysDraft(max_draft=8), calibrate=False,
+            model,
+            None,
+            PROMPT,
+            store=store,
+            max_new_tokens=25,
+            temperature=temperature,
+            seed=seed,
+            policy=AlwaysDraft(max_draft=8),
+            calibrate=False,
         )
         s = out.stats
         assert s.new_tokens == len(out.token_ids) == 25

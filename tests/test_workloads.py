@@ -53,8 +53,11 @@ Because.
 def test_faq_sections_are_leaf_sections_with_bodies():
     sections = data.faq_sections(FAQ_REST)
     assert [h for h, _ in sections] == [
-        "Is there a debugger?", "How do you remove multiple items from a list", "Why is this?"]
-    assert sections[0][1] == "Yes.\n\nSee :mod:`pdb`."          # the next section's label is not in the body
+        "Is there a debugger?",
+        "How do you remove multiple items from a list",
+        "Why is this?",
+    ]
+    assert sections[0][1] == "Yes.\n\nSee :mod:`pdb`."  # the next section's label is not in the body
     assert sections[1][1].endswith("mylist = [x for x in mylist if keep(x)]")
     assert sections[2][1] == "Because."
 
@@ -69,17 +72,22 @@ def test_truncated_json_array_keeps_whole_records(tmp_path):
     records = [{"id": str(i), "conversations": [{"from": "human", "value": "x" * i}]} for i in range(5)]
     full = json.dumps(records, indent=2)
     assert data.decode_json_array_prefix(full) == (records, len(full))
-    cut = full[: full.index('"id": "4"') + 12]          # broken inside the last record
+    cut = full[: full.index('"id": "4"') + 12]  # broken inside the last record
     got, end = data.decode_json_array_prefix(cut)
     assert got == records[:4] and end < len(cut)
     assert data.decode_json_array_prefix("[]") == ([], 2)
 
 
 def test_sharegpt_roles_are_normalized():
-    turns = [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "make it 1 / 1"},
-             {"from": "chatgpt", "value": "ok"}]
+    turns = [
+        {"from": "gpt", "value": "hi"},
+        {"from": "human", "value": "make it 1 / 1"},
+        {"from": "chatgpt", "value": "ok"},
+    ]
     assert data.normalize_conversation(turns) == [
-        {"role": "user", "content": "make it"}, {"role": "assistant", "content": "ok"}]
+        {"role": "user", "content": "make it"},
+        {"role": "assistant", "content": "ok"},
+    ]
     assert data.normalize_conversation([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]) is None
     assert data.normalize_conversation([{"from": "system", "value": "a"}]) is None
 
@@ -88,7 +96,7 @@ def test_chunk_rest_respects_word_bounds():
     paragraphs = [" ".join(f"w{i}_{j}" for j in range(40 + 7 * (i % 5))) for i in range(30)]
     text = "\n\n".join(paragraphs)
     chunks = chunk_rest(text, min_words=150, max_words=300)
-    assert " ".join(" ".join(chunks).split()) == " ".join(text.split())     # nothing lost or reordered
+    assert " ".join(" ".join(chunks).split()) == " ".join(text.split())  # nothing lost or reordered
     assert all(len(c.split()) <= 300 for c in chunks)
     assert all(len(c.split()) >= 150 for c in chunks[:-1])
 
@@ -108,30 +116,63 @@ def fake_data(monkeypatch, tmp_path):
     def code(k):
         return "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(k))
 
-    pairs = [{"id": f"pkg-1-2/m{i}.py", "package": "pkg", "path": f"m{i}.py", "old_version": "1",
-              "new_version": "2", "old": code(20 + i), "new": code(20 + i).replace("+ 3", "- 3")} for i in range(12)]
+    pairs = [
+        {
+            "id": f"pkg-1-2/m{i}.py",
+            "package": "pkg",
+            "path": f"m{i}.py",
+            "old_version": "1",
+            "new_version": "2",
+            "old": code(20 + i),
+            "new": code(20 + i).replace("+ 3", "- 3"),
+        }
+        for i in range(12)
+    ]
     docs = tmp_path / "docs"
     (docs / "faq").mkdir(parents=True)
     (docs / "faq" / "programming.rst.txt").write_text(FAQ_REST)
     for i in range(4):
-        (docs / f"lib{i}.rst.txt").write_text("\n\n".join(" ".join(f"d{i}w{j}" for j in range(60))
-                                                           for _ in range(6)))
+        (docs / f"lib{i}.rst.txt").write_text("\n\n".join(" ".join(f"d{i}w{j}" for j in range(60)) for _ in range(6)))
     monkeypatch.setattr(data, "code_edit_pairs", lambda: pairs)
     monkeypatch.setattr(data, "python_docs_dir", lambda: docs)
-    monkeypatch.setattr(data, "aclsum_pairs", lambda: [
-        {"id": f"P{i}", "paper": "Title\n\n" + "\n\n".join("A sentence here. " * 30 for _ in range(20)),
-         "abstract": "abs"} for i in range(6)])
-    conversations = [[{"role": "user" if t % 2 == 0 else "assistant", "content": f"turn {t} " * rng.randint(1, 300)}
-                      for t in range(rng.randint(1, 8))] for _ in range(30)]
+    monkeypatch.setattr(
+        data,
+        "aclsum_pairs",
+        lambda: [
+            {
+                "id": f"P{i}",
+                "paper": "Title\n\n" + "\n\n".join("A sentence here. " * 30 for _ in range(20)),
+                "abstract": "abs",
+            }
+            for i in range(6)
+        ],
+    )
+    conversations = [
+        [
+            {"role": "user" if t % 2 == 0 else "assistant", "content": f"turn {t} " * rng.randint(1, 300)}
+            for t in range(rng.randint(1, 8))
+        ]
+        for _ in range(30)
+    ]
     monkeypatch.setattr(data, "sharegpt_conversations", lambda: conversations)
-    monkeypatch.setattr(data, "chitchat_dialogs", lambda: [[f"hi {i}", "hello", "how are you?", "fine"]
-                                                           for i in range(10)])
-    monkeypatch.setattr(data, "humaneval_problems", lambda: [
-        {"task_id": f"HumanEval/{i}", "prompt": f"def f{i}():\n    \"\"\"Doc.\"\"\"\n"} for i in range(10)])
-    monkeypatch.setattr(data, "spec_bench_questions", lambda: [
-        {"question_id": i, "category": c, "turns": [f"question {i}"]}
-        for i, c in enumerate(["writing", "coding"] * 5 + ["translation", "summarization", "qa",
-                                                          "math_reasoning", "rag"] * 4)])
+    monkeypatch.setattr(
+        data, "chitchat_dialogs", lambda: [[f"hi {i}", "hello", "how are you?", "fine"] for i in range(10)]
+    )
+    monkeypatch.setattr(
+        data,
+        "humaneval_problems",
+        lambda: [{"task_id": f"HumanEval/{i}", "prompt": f'def f{i}():\n    """Doc."""\n'} for i in range(10)],
+    )
+    monkeypatch.setattr(
+        data,
+        "spec_bench_questions",
+        lambda: [
+            {"question_id": i, "category": c, "turns": [f"question {i}"]}
+            for i, c in enumerate(
+                ["writing", "coding"] * 5 + ["translation", "summarization", "qa", "math_reasoning", "rag"] * 4
+            )
+        ],
+    )
 
 
 class FakeIndex:
@@ -158,7 +199,7 @@ def test_sampling_is_seeded_and_well_formed(fake_data, name):
 
     a = load_workload(name, n=4, seed=3)
     assert a == load_workload(name, n=4, seed=3)
-    assert load_workload(name, n=2, seed=3) == a[:2]          # a request does not depend on n
+    assert load_workload(name, n=2, seed=3) == a[:2]  # a request does not depend on n
     assert 1 <= len(a) <= 4 and len({r.id for r in a}) == len(a)
     for r in a:
         assert isinstance(r, Request) and r.workload == name
@@ -166,13 +207,13 @@ def test_sampling_is_seeded_and_well_formed(fake_data, name):
         if r.chat:
             assert r.messages[-1]["role"] == "user"
     seeds = {tuple(r.id for r in load_workload(name, n=4, seed=s)) for s in range(6)}
-    assert len(seeds) > 1                                      # the seed matters
+    assert len(seeds) > 1  # the seed matters
 
 
 def test_workload_specifics(fake_data):
     ref = load_workload("code-edit-ref", n=3, seed=0)
     for r in ref:
-        (source, old), = r.references
+        ((source, old),) = r.references
         assert old not in r.prompt and 15 <= r.prompt.count("\n") <= 25 and source.startswith("pkg-1/")
     rag = load_workload("rag", n=3, seed=0)
     assert all(r.messages[0]["content"].endswith("Answer using the passages.") for r in rag)
@@ -184,7 +225,8 @@ def test_workload_specifics(fake_data):
     assert [r.chat for r in control] == [True, False, True, False]
     spec = load_workload("spec-bench", n=12, seed=0)
     assert sorted({r.category for r in spec}) == sorted(
-        ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"])
+        ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
+    )
     assert all(sum(r.category == c for r in spec) == 2 for c in {r.category for r in spec})
 
 
@@ -227,7 +269,7 @@ def test_interrupted_fetch_leaves_no_folder(monkeypatch, tmp_path):
         (work / "all.txt").write_text("x")
     assert data.is_fetched("demo") and (tmp_path / "demo" / "all.txt").exists()
     with data.fresh_source("demo", progress=False) as dirs:
-        assert dirs is None                                   # second fetch is skipped
+        assert dirs is None  # second fetch is skipped
 
 
 # ---------------------------------------------------------------------------------------------------------------

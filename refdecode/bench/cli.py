@@ -29,48 +29,89 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     from refdecode.bench.runner import DEFAULT_WORKLOADS, METHODS
     from refdecode.bench.workloads import WORKLOADS
 
-    parser.add_argument("--workloads", nargs="+", metavar="NAME", default=list(DEFAULT_WORKLOADS),
-                        help=f"workloads to run, space or comma separated ({', '.join(WORKLOADS)}); "
-                             f"default: {' '.join(DEFAULT_WORKLOADS)}")
-    parser.add_argument("--n", type=int, default=None,
-                        help=f"prompts per workload (default {DEFAULTS['n']}, --quick {QUICK['n']}); spec-bench "
-                             "splits them over its six categories")
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        metavar="NAME",
+        default=list(DEFAULT_WORKLOADS),
+        help=f"workloads to run, space or comma separated ({', '.join(WORKLOADS)}); "
+        f"default: {' '.join(DEFAULT_WORKLOADS)}",
+    )
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help=f"prompts per workload (default {DEFAULTS['n']}, --quick {QUICK['n']}); spec-bench "
+        "splits them over its six categories",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling of the prompts, and of the sampling rows")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"default {DEFAULTS['max_new_tokens']} (--quick {QUICK['max_new_tokens']})")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"default {DEFAULTS['max_new_tokens']} (--quick {QUICK['max_new_tokens']})",
+    )
     parser.add_argument("--model", default="smollm2-135m", help="refdecode.load_model name (default smollm2-135m)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--methods", nargs="+", metavar="NAME", default=list(METHODS),
-                        help=f"methods ({', '.join(METHODS)}); greedy, the baseline, always runs")
-    parser.add_argument("--sampling", action="store_true",
-                        help="add rows at temperature 0.7, top_p 0.9: transformers sampling vs refdecode")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        default=list(METHODS),
+        help=f"methods ({', '.join(METHODS)}); greedy, the baseline, always runs",
+    )
+    parser.add_argument(
+        "--sampling",
+        action="store_true",
+        help="add rows at temperature 0.7, top_p 0.9: transformers sampling vs refdecode",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--cost-reps", type=int, default=None,
-                        help=f"repetitions per width of the forward-cost curve (default {DEFAULTS['cost_reps']})")
-    parser.add_argument("--out", default=None,
-                        help="output folder for results.json, table.md and the plots "
-                             "(default results/bench-MODEL-DEVICE-TIME)")
+    parser.add_argument(
+        "--cost-reps",
+        type=int,
+        default=None,
+        help=f"repetitions per width of the forward-cost curve (default {DEFAULTS['cost_reps']})",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder for results.json, table.md and the plots (default results/bench-MODEL-DEVICE-TIME)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a smoke run: n={QUICK['n']}, max_new_tokens={QUICK['max_new_tokens']}, "
-                             f"cost_reps={QUICK['cost_reps']} unless given")
-    parser.add_argument("--export-requests", metavar="FILE",
-                        help="write the sampled requests (token ids, references included) to FILE and exit")
-    parser.add_argument("--index", metavar="DIR",
-                        help="a corpus index (refdecode index build): the rag-index workload retrieves its prompts' "
-                             "passages from it, and refdecode drafts from it (retrieval + corpus span index)")
-    parser.add_argument("--requests", metavar="FILE",
-                        help="run the requests of an --export-requests FILE instead of sampling from the data cache")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke run: n={QUICK['n']}, max_new_tokens={QUICK['max_new_tokens']}, "
+        f"cost_reps={QUICK['cost_reps']} unless given",
+    )
+    parser.add_argument(
+        "--export-requests",
+        metavar="FILE",
+        help="write the sampled requests (token ids, references included) to FILE and exit",
+    )
+    parser.add_argument(
+        "--index",
+        metavar="DIR",
+        help="a corpus index (refdecode index build): the rag-index workload retrieves its prompts' "
+        "passages from it, and refdecode drafts from it (retrieval + corpus span index)",
+    )
+    parser.add_argument(
+        "--requests",
+        metavar="FILE",
+        help="run the requests of an --export-requests FILE instead of sampling from the data cache",
+    )
     return parser
 
 
 def add_bench_command(subparsers) -> argparse.ArgumentParser:
     """Add `bench` to a CLI's subparsers; the parsed namespace's `func(args)` runs it and returns an exit code."""
     parser = subparsers.add_parser(
-        "bench", help="benchmark refdecode against transformers greedy and prompt lookup",
+        "bench",
+        help="benchmark refdecode against transformers greedy and prompt lookup",
         description="Time transformers greedy, prompt lookup, refdecode and an oracle drafter on the same prompts "
-                    "(interleaved per prompt), check outputs are identical to greedy, and write a report.")
+        "(interleaved per prompt), check outputs are identical to greedy, and write a report.",
+    )
     add_bench_arguments(parser)
     parser.set_defaults(func=run_bench)
     return parser
@@ -115,8 +156,10 @@ def run_bench(args) -> int:
         return 2
     if args.export_requests:
         return _export(config, args.export_requests)
-    out = Path(args.out or f"results/bench-{Path(config.model).name}-{config.device.replace(':', '')}-"
-                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(
+        args.out
+        or f"results/bench-{Path(config.model).name}-{config.device.replace(':', '')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     try:
         results = runner.run_benchmark(config, log=lambda line: print(line, flush=True))
     except ValueError as err:

@@ -25,9 +25,9 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 __all__ = [
     "SOURCES",
@@ -82,13 +82,21 @@ CODE_EDIT_MAX_CHARS = 12_000
 
 MARKER = ".complete"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
-                  "bing": "assistant", "bard": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+}
 MT_BENCH_TOPICS = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # where the data lives
+
 
 def data_root() -> Path:
     """The cache root: `$REFDECODE_DATA`, default `~/.cache/refdecode/data` (not created here)."""
@@ -113,6 +121,7 @@ def require_source(name: str) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # fetching helpers
 
+
 def say(progress: bool, message: str) -> None:
     if progress:
         print(f"[refdecode.data] {message}", file=sys.stderr, flush=True)
@@ -134,8 +143,21 @@ def run_command(cmd: list[str], *, cwd: Path | None = None, progress: bool = Tru
 def pip_download(spec: str, dest: Path, *, progress: bool) -> Path:
     """Download one distribution (no dependencies) into `dest`; returns the wheel or sdist path."""
     dest.mkdir(parents=True, exist_ok=True)
-    run_command([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                 "-q", "-d", str(dest), spec], progress=progress)
+    run_command(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(dest),
+            spec,
+        ],
+        progress=progress,
+    )
     files = [p for p in dest.iterdir() if p.suffix in (".whl", ".zip") or p.name.endswith((".tar.gz", ".tgz"))]
     if len(files) != 1:
         raise RuntimeError(f"pip download {spec} left {len(files)} archives in {dest}, expected 1")
@@ -154,10 +176,11 @@ def archive_members(archive: Path, prefix: str = "") -> Iterator[tuple[str, byte
                     yield info.filename, z.read(info)
     else:
         with tarfile.open(archive) as t:
-            for info in t.getmembers():
-                name = info.name.split("/", 1)[-1]
-                if info.isfile() and prefix in name:
-                    yield name, t.extractfile(info).read()
+            for member in t.getmembers():
+                name = member.name.split("/", 1)[-1]
+                extracted = t.extractfile(member) if member.isfile() and prefix in name else None
+                if extracted is not None:
+                    yield name, extracted.read()
 
 
 def extract_member(archive: Path, suffix: str, dest: Path) -> Path:
@@ -200,6 +223,7 @@ def fresh_source(name: str, progress: bool) -> Iterator[tuple[Path, Path] | None
 
 # ---------------------------------------------------------------------------------------------------------------
 # fetchers, one per source
+
 
 def fetch_aclsum(progress: bool = True) -> Path:
     """ACLSum: 250 ACL papers (S2ORC-style full-text JSON with abstract) -> `aclsum/paper_jsons/*.json`."""
@@ -282,8 +306,9 @@ def python_files(archive: Path) -> dict[str, bytes]:
     return {name: blob for name, blob in archive_members(archive) if name.endswith(".py")}
 
 
-def pair_changed_files(package: str, old: str, new: str, old_files: dict[str, bytes],
-                       new_files: dict[str, bytes]) -> tuple[list[dict], int]:
+def pair_changed_files(
+    package: str, old: str, new: str, old_files: dict[str, bytes], new_files: dict[str, bytes]
+) -> tuple[list[dict], int]:
     """Records for .py files present in both releases whose text differs; returns (records, undecodable count)."""
     records, undecodable = [], 0
     for path in sorted(old_files.keys() & new_files.keys()):
@@ -297,8 +322,17 @@ def pair_changed_files(package: str, old: str, new: str, old_files: dict[str, by
             continue
         if old_text.splitlines() == new_text.splitlines():  # only line endings changed
             continue
-        records.append({"id": f"{package}-{old}-{new}/{path}", "package": package, "path": path,
-                        "old_version": old, "new_version": new, "old": old_text, "new": new_text})
+        records.append(
+            {
+                "id": f"{package}-{old}-{new}/{path}",
+                "package": package,
+                "path": path,
+                "old_version": old,
+                "new_version": new,
+                "old": old_text,
+                "new": new_text,
+            }
+        )
     return records, undecodable
 
 
@@ -348,6 +382,7 @@ def fetch_all(progress: bool = True, *, names: list[str] | tuple[str, ...] | Non
 # ---------------------------------------------------------------------------------------------------------------
 # reading helpers
 
+
 def read_text(path: Path) -> str:
     """The file as UTF-8 text; RuntimeError naming the file when it is not UTF-8."""
     try:
@@ -362,6 +397,7 @@ def read_json(path: Path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # readers, one per source
+
 
 def format_paper(title: str, body: list[dict]) -> str:
     """Title, then each body paragraph; a section name line starts every new section."""
@@ -453,7 +489,7 @@ def faq_sections(text: str) -> list[tuple[str, str]]:
         nxt = headings[k + 1] if k + 1 < len(headings) else None
         if level == 0 or (nxt is not None and levels[nxt[3]] > level):
             continue
-        body = trim_body(lines[body_start: nxt[0] if nxt else len(lines)])
+        body = trim_body(lines[body_start : nxt[0] if nxt else len(lines)])
         if body.strip():
             out.append((lines[title_line], body))
     return out
@@ -470,8 +506,9 @@ def faq_pairs() -> list[dict]:
     for path in sorted((root / "faq").glob("*.rst.txt")):
         rel = path.relative_to(root).as_posix()
         for k, (heading, body) in enumerate(faq_sections(read_text(path))):
-            pairs.append({"id": f"{rel}#{k}", "question": heading.strip(), "answer": body,
-                          "file": rel, "heading_line": heading})
+            pairs.append(
+                {"id": f"{rel}#{k}", "question": heading.strip(), "answer": body, "file": rel, "heading_line": heading}
+            )
     return pairs
 
 
@@ -485,7 +522,8 @@ def decode_json_array_prefix(text: str) -> tuple[list, int]:
     start = text.find("[")
     if start < 0:
         raise ValueError("not a JSON array: no '['")
-    records, i, n = [], start + 1, len(text)
+    records: list = []
+    i, n = start + 1, len(text)
     while True:
         while i < n and text[i] in " \t\r\n,":
             i += 1
@@ -507,7 +545,7 @@ PAGE_COUNTER = re.compile(r"\s?(\d+) / \1\s*$")
 def normalize_conversation(turns: list[dict]) -> list[dict] | None:
     """ShareGPT turns -> [{"role": "user"|"assistant", "content"}], or None when roles are unknown, do not
     alternate, or no user turn exists. Leading assistant turns are dropped; user turns lose the page counter."""
-    out = []
+    out: list[dict] = []
     for t in turns:
         role = SHAREGPT_ROLES.get(t.get("from", ""))
         content = t.get("value")

@@ -22,10 +22,21 @@ PUBLISHED_SPEC_BENCH = {
     "pld": {"overall": 1.66, "summarization": 2.66, "rag": 1.86, "translation": 1.06},
     "others_overall": {"REST": 1.48, "Lookahead": 1.34, "SAM-Decoding": 1.84, "Token Recycling": 2.22},
 }
-RATIOS = (("pld", "greedy"), ("refdecode", "greedy"), ("refdecode", "pld"), ("oracle", "greedy"),
-          ("refdecode-sample", "hf-sample"))
-LABELS = {"greedy": "greedy", "pld": "prompt lookup", "refdecode": "refdecode", "oracle": "oracle",
-          "hf-sample": "HF sampling", "refdecode-sample": "refdecode sampling"}
+RATIOS = (
+    ("pld", "greedy"),
+    ("refdecode", "greedy"),
+    ("refdecode", "pld"),
+    ("oracle", "greedy"),
+    ("refdecode-sample", "hf-sample"),
+)
+LABELS = {
+    "greedy": "greedy",
+    "pld": "prompt lookup",
+    "refdecode": "refdecode",
+    "oracle": "oracle",
+    "hf-sample": "HF sampling",
+    "refdecode-sample": "refdecode sampling",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,13 +84,13 @@ def summarize_method(records: list[dict]) -> dict:
 def summarize_group(records: list[dict], methods: list[str]) -> dict:
     """Per-method summaries of one group of prompts, the reported ratios, and the fraction of the oracle's gain."""
     by_method = {m: [r for r in records if r["method"] == m] for m in methods}
-    block = {"n": len({r["request_id"] for r in records}),
-             "methods": {m: summarize_method(rs) for m, rs in by_method.items() if rs}}
+    summaries = {m: summarize_method(rs) for m, rs in by_method.items() if rs}
+    block: dict = {"n": len({r["request_id"] for r in records}), "methods": summaries}
     ratios = {}
     for a, b in RATIOS:
-        if a not in block["methods"] or b not in block["methods"]:
+        if a not in summaries or b not in summaries:
             continue
-        sa, sb = block["methods"][a], block["methods"][b]
+        sa, sb = summaries[a], summaries[b]
         per_prompt = {r["request_id"]: r["tokens_per_second"] for r in by_method[b]}
         ratios[f"{a}/{b}"] = {
             "total": _ratio(sa["tokens_per_second"], sb["tokens_per_second"]),
@@ -96,12 +107,16 @@ def summarize(results: dict) -> dict:
     """Per workload, per Spec-Bench category (+ overall) when spec-bench ran, and over all prompts."""
     records, methods = results["records"], results["meta"]["methods"]
     workloads = list(dict.fromkeys(r["workload"] for r in records))
-    summary = {"workloads": {w: summarize_group([r for r in records if r["workload"] == w], methods)
-                             for w in workloads}}
+    summary = {
+        "workloads": {w: summarize_group([r for r in records if r["workload"] == w], methods) for w in workloads}
+    }
     spec = [r for r in records if r["workload"] == "spec-bench"]
     if spec:
-        cats = {c: summarize_group([r for r in spec if r["category"] == c], methods)
-                for c in SPEC_BENCH_CATEGORIES if any(r["category"] == c for r in spec)}
+        cats = {
+            c: summarize_group([r for r in spec if r["category"] == c], methods)
+            for c in SPEC_BENCH_CATEGORIES
+            if any(r["category"] == c for r in spec)
+        }
         cats["overall"] = summarize_group(spec, methods)
         summary["spec_bench"] = cats
     summary["all"] = summarize_group(records, methods)
@@ -157,9 +172,11 @@ def main_table(groups: dict[str, dict]) -> list[str]:
         acc = " / ".join(_f(m[k]["mean_accepted"], 2) if k in m else "-" for k in ("refdecode", "pld", "oracle"))
         frac = f"{b['oracle_fraction'] * 100:.0f}%" if b["oracle_fraction"] is not None else "-"
         e2e_ratio = _x(b["ratios"].get("refdecode/greedy", {}).get("e2e"))
-        lines.append(f"| {name} | {b['n']} | {_tps(b, 'greedy')} | {_tps(b, 'pld')} | {_tps(b, 'refdecode')} | "
-                     f"{_tps(b, 'oracle')} | {_pair(b, 'refdecode/greedy')} | {_pair(b, 'refdecode/pld')} | "
-                     f"{_pair(b, 'pld/greedy')} | {e2e} | {e2e_ratio} | {acc} | {frac} | {_identical(b)} |")
+        lines.append(
+            f"| {name} | {b['n']} | {_tps(b, 'greedy')} | {_tps(b, 'pld')} | {_tps(b, 'refdecode')} | "
+            f"{_tps(b, 'oracle')} | {_pair(b, 'refdecode/greedy')} | {_pair(b, 'refdecode/pld')} | "
+            f"{_pair(b, 'pld/greedy')} | {e2e} | {e2e_ratio} | {acc} | {frac} | {_identical(b)} |"
+        )
     return lines
 
 
@@ -175,25 +192,35 @@ def spec_bench_table(cats: dict[str, dict]) -> list[str]:
             continue
         b = cats[c]
         acc = _f(b["methods"]["refdecode"]["mean_accepted"], 2) if "refdecode" in b["methods"] else "-"
-        lines.append(f"| {c} | {b['n']} | {_x(b['ratios'].get('pld/greedy', {}).get('total'))} | "
-                     f"{_x(b['ratios'].get('refdecode/greedy', {}).get('total'))} | "
-                     f"{_x(b['ratios'].get('oracle/greedy', {}).get('total'))} | {acc} | "
-                     f"{_x(published.get(c))} |")
+        lines.append(
+            f"| {c} | {b['n']} | {_x(b['ratios'].get('pld/greedy', {}).get('total'))} | "
+            f"{_x(b['ratios'].get('refdecode/greedy', {}).get('total'))} | "
+            f"{_x(b['ratios'].get('oracle/greedy', {}).get('total'))} | {acc} | "
+            f"{_x(published.get(c))} |"
+        )
     others = ", ".join(f"{k} {v:.2f}x" for k, v in PUBLISHED_SPEC_BENCH["others_overall"].items())
-    lines += ["", f"Published overall speed-ups of other methods on the leaderboard: {others}. Those are 7B "
-              "models on an A100; the ratio depends on the model and the device's forward-cost curve."]
+    lines += [
+        "",
+        f"Published overall speed-ups of other methods on the leaderboard: {others}. Those are 7B "
+        "models on an A100; the ratio depends on the model and the device's forward-cost curve.",
+    ]
     return lines
 
 
 def sampling_table(groups: dict[str, dict]) -> list[str]:
-    lines = ["| workload | HF sampling tok/s | refdecode sampling tok/s | refdecode / HF (total, median) "
-             "| accepted per step |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| workload | HF sampling tok/s | refdecode sampling tok/s | refdecode / HF (total, median) "
+        "| accepted per step |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, b in groups.items():
         if "refdecode-sample" not in b["methods"]:
             continue
-        lines.append(f"| {name} | {_tps(b, 'hf-sample')} | {_tps(b, 'refdecode-sample')} | "
-                     f"{_pair(b, 'refdecode-sample/hf-sample')} | "
-                     f"{_f(b['methods']['refdecode-sample']['mean_accepted'], 2)} |")
+        lines.append(
+            f"| {name} | {_tps(b, 'hf-sample')} | {_tps(b, 'refdecode-sample')} | "
+            f"{_pair(b, 'refdecode-sample/hf-sample')} | "
+            f"{_f(b['methods']['refdecode-sample']['mean_accepted'], 2)} |"
+        )
     return lines
 
 
@@ -208,7 +235,7 @@ def format_report(results: dict, summary: dict) -> str:
         "",
         "Speed is decoding throughput (new tokens after the first / time after the first token); ratios are "
         "total tokens over total decode time, with the median of per-prompt ratios in brackets. "
-        "\"of oracle gain\" = (refdecode/greedy - 1) / (oracle/greedy - 1), the oracle drafting the true greedy "
+        '"of oracle gain" = (refdecode/greedy - 1) / (oracle/greedy - 1), the oracle drafting the true greedy '
         "continuation under the same draft policy.",
         "",
     ]
@@ -223,9 +250,12 @@ def format_report(results: dict, summary: dict) -> str:
         out += sampling_table(groups)
     cost = results["forward_cost"]
     picks = [k for k in (2, 4, 8, 16, 32, 64) if k <= len(cost["relative"])]
-    out += ["", f"Forward cost of k tokens / 1 token after {cost['context_tokens']} cached tokens: "
-            + ", ".join(f"k={k} {cost['relative'][k - 1]:.2f}" for k in picks)
-            + f" (1 token: {cost['seconds'][0] * 1000:.1f} ms)."]
+    out += [
+        "",
+        f"Forward cost of k tokens / 1 token after {cost['context_tokens']} cached tokens: "
+        + ", ".join(f"k={k} {cost['relative'][k - 1]:.2f}" for k in picks)
+        + f" (1 token: {cost['seconds'][0] * 1000:.1f} ms).",
+    ]
     for note in meta.get("notes", []):
         out.append(f"\nNote: {note}")
     return "\n".join(out) + "\n"
@@ -266,8 +296,11 @@ def plot_speedups(summary: dict, path: Path) -> None:
     groups.pop("spec-bench", None)
     for c, b in summary.get("spec_bench", {}).items():
         groups[f"spec-bench\n{c}"] = b
-    keys = [k for k in ("pld/greedy", "refdecode/greedy", "oracle/greedy", "refdecode-sample/hf-sample")
-            if any(k in b["ratios"] for b in groups.values())]
+    keys = [
+        k
+        for k in ("pld/greedy", "refdecode/greedy", "oracle/greedy", "refdecode-sample/hf-sample")
+        if any(k in b["ratios"] for b in groups.values())
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) + 2), 4))
     width = 0.8 / max(1, len(keys))
     for j, key in enumerate(keys):
@@ -279,8 +312,13 @@ def plot_speedups(summary: dict, path: Path) -> None:
     ax.set_ylabel("decoding speed-up (x)")
     ax.set_title("Decoding throughput over the baseline")
     ax.legend(fontsize=8, loc="upper left", ncol=2)
-    ax.set_ylim(0, max([1.0] + [v for b in groups.values() for v in
-                                ((b["ratios"].get(k) or {}).get("total") or 0.0 for k in keys)]) * 1.25)
+    ax.set_ylim(
+        0,
+        max(
+            [1.0] + [v for b in groups.values() for v in ((b["ratios"].get(k) or {}).get("total") or 0.0 for k in keys)]
+        )
+        * 1.25,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -296,9 +334,9 @@ def plot_accept_lengths(results: dict, path: Path) -> None:
     rows = -(-len(workloads) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
     flat = [ax for row in axes for ax in row]
-    for ax in flat[len(workloads):]:
+    for ax in flat[len(workloads) :]:
         ax.axis("off")
-    for ax, w in zip(flat, workloads):
+    for ax, w in zip(flat, workloads, strict=False):
         top = 1
         for m in methods:
             lengths = [n for r in records if r["workload"] == w and r["method"] == m for n in r["accept_lengths"]]

@@ -20,9 +20,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -130,19 +130,31 @@ def render_prompt(request, tokenizer) -> list[int]:
     return [int(t) for t in tokenizer.encode(request.prompt)]
 
 
-def prepare_requests(workloads: Sequence[str], n: int, seed: int, tokenizer, *, loader: Callable | None = None,
-                     index=None):
+def prepare_requests(
+    workloads: Sequence[str], n: int, seed: int, tokenizer, *, loader: Callable | None = None, index=None
+):
     """Sample n requests per workload (refdecode.bench.workloads.load_workload) and render them to token ids."""
     if loader is None:
-        from refdecode.bench.workloads import load_workload as loader
+        from refdecode.bench.workloads import load_workload
+
+        loader = load_workload
     prepared = []
     for name in workloads:
         extra = {"index": index} if index is not None else {}
         for request in loader(name, n=n, seed=seed, tokenizer=tokenizer, **extra):
-            refs = [(src, [int(t) for t in tokenizer.encode(text, add_special_tokens=False)])
-                    for src, text in request.references]
-            prepared.append(PreparedRequest(request.id, request.workload, render_prompt(request, tokenizer),
-                                            [(s, ids) for s, ids in refs if ids], request.category))
+            refs = [
+                (src, [int(t) for t in tokenizer.encode(text, add_special_tokens=False)])
+                for src, text in request.references
+            ]
+            prepared.append(
+                PreparedRequest(
+                    request.id,
+                    request.workload,
+                    render_prompt(request, tokenizer),
+                    [(s, ids) for s, ids in refs if ids],
+                    request.category,
+                )
+            )
     return prepared
 
 
@@ -178,9 +190,16 @@ def load_requests(path: str | Path, *, tokenizer=None) -> tuple[list[PreparedReq
         raise ValueError(f"{path} is not a refdecode requests file (format {REQUESTS_FORMAT})")
     if tokenizer is not None and payload["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"{path} was rendered with another tokenizer (model {payload['meta'].get('model')!r})")
-    requests = [PreparedRequest(r["id"], r["workload"], list(r["prompt_ids"]),
-                                [(s, list(ids)) for s, ids in r["references"]], r.get("category", ""))
-                for r in payload["requests"]]
+    requests = [
+        PreparedRequest(
+            r["id"],
+            r["workload"],
+            list(r["prompt_ids"]),
+            [(s, list(ids)) for s, ids in r["references"]],
+            r.get("category", ""),
+        )
+        for r in payload["requests"]
+    ]
     return requests, payload["meta"]
 
 
@@ -235,8 +254,15 @@ def _sync(device) -> None:
 # one generation per method -> one record
 
 
-def _record(method: str, token_ids: list[int], first_tokens: int, prefill: float, decode: float, e2e: float,
-            accept_lengths: list[int]) -> dict:
+def _record(
+    method: str,
+    token_ids: list[int],
+    first_tokens: int,
+    prefill: float,
+    decode: float,
+    e2e: float,
+    accept_lengths: list[int],
+) -> dict:
     """Plain record; tokens_per_second = tokens after the first new token(s) over the time after them."""
     after = len(token_ids) - first_tokens
     return {
@@ -293,8 +319,17 @@ def _pad_id(model):
     return eos[0] if isinstance(eos, (list, tuple)) else eos
 
 
-def run_refdecode(model, tokenizer, request: PreparedRequest, max_new_tokens: int, method: str, *,
-                  greedy_ids: list[int] | None = None, seed: int = 0, index=None) -> dict:
+def run_refdecode(
+    model,
+    tokenizer,
+    request: PreparedRequest,
+    max_new_tokens: int,
+    method: str,
+    *,
+    greedy_ids: list[int] | None = None,
+    seed: int = 0,
+    index=None,
+) -> dict:
     """refdecode.generate: with a ReferenceStore of the request's references, or the oracle drafter."""
     from refdecode import ReferenceStore, generate
 
@@ -320,24 +355,37 @@ def run_refdecode(model, tokenizer, request: PreparedRequest, max_new_tokens: in
     _sync(model.device)
     e2e = time.perf_counter() - t0
     s = out.stats
-    record = _record(method, list(out.token_ids), 1, s.prefill_seconds, s.decode_seconds, e2e,
-                     list(s.accept_lengths))
-    record.update(drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens, recomputed=s.recomputed,
-                  stop_reason=out.stop_reason)
+    record = _record(method, list(out.token_ids), 1, s.prefill_seconds, s.decode_seconds, e2e, list(s.accept_lengths))
+    record.update(
+        drafted_tokens=s.drafted_tokens,
+        accepted_tokens=s.accepted_tokens,
+        recomputed=s.recomputed,
+        stop_reason=out.stop_reason,
+    )
     return record
 
 
-def run_method(model, tokenizer, request: PreparedRequest, method: str, max_new_tokens: int, *,
-               greedy_ids: list[int] | None, seed: int, index=None) -> dict:
+def run_method(
+    model,
+    tokenizer,
+    request: PreparedRequest,
+    method: str,
+    max_new_tokens: int,
+    *,
+    greedy_ids: list[int] | None,
+    seed: int,
+    index=None,
+) -> dict:
     if method in ("greedy", "pld", "hf-sample"):
         return run_hf(model, request.prompt_ids, max_new_tokens, method, seed=seed)
-    return run_refdecode(model, tokenizer, request, max_new_tokens, method, greedy_ids=greedy_ids, seed=seed,
-                         index=index)
+    return run_refdecode(
+        model, tokenizer, request, max_new_tokens, method, greedy_ids=greedy_ids, seed=seed, index=index
+    )
 
 
 def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
     """The first position where two token lists differ (a length difference counts), else None."""
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
@@ -374,8 +422,13 @@ def forward_cost_curve(model, *, context: int = 256, max_width: int = 64, reps: 
                 samples[k].append(time.perf_counter() - t0)
             cache.crop(-k)
     seconds = [statistics.median(samples[k]) for k in widths]
-    return {"context_tokens": context, "reps": reps, "widths": widths, "seconds": seconds,
-            "relative": [s / seconds[0] for s in seconds]}
+    return {
+        "context_tokens": context,
+        "reps": reps,
+        "widths": widths,
+        "seconds": seconds,
+        "relative": [s / seconds[0] for s in seconds],
+    }
 
 
 def _cpu_name() -> str:
@@ -416,8 +469,14 @@ def machine_info(model, dtype: str) -> dict:
 # the whole run
 
 
-def run_benchmark(config: BenchConfig, *, model=None, tokenizer=None, requests: Sequence[PreparedRequest] | None = None,
-                  log: Callable[[str], None] = print) -> dict:
+def run_benchmark(
+    config: BenchConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    requests: Sequence[PreparedRequest] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run every method on every request, interleaved per prompt; returns the raw results (see report.summarize).
 
     model/tokenizer: loaded from config.model when None. requests: from config.requests_file, else sampled from the
@@ -440,8 +499,10 @@ def run_benchmark(config: BenchConfig, *, model=None, tokenizer=None, requests: 
     if requests is None:
         if config.requests_file:
             requests, meta = load_requests(config.requests_file, tokenizer=tokenizer)
-            notes.append(f"requests read from {config.requests_file} (made for {meta.get('model')}, "
-                         f"seed {meta.get('seed')}, n {meta.get('n')})")
+            notes.append(
+                f"requests read from {config.requests_file} (made for {meta.get('model')}, "
+                f"seed {meta.get('seed')}, n {meta.get('n')})"
+            )
         else:
             requests = prepare_requests(config.workloads, config.n, config.seed, tokenizer, index=index)
     requests = list(requests)
@@ -451,20 +512,27 @@ def run_benchmark(config: BenchConfig, *, model=None, tokenizer=None, requests: 
     log(_describe(info, config, requests))
 
     # 2) forward-cost curve (before any generation, on a freshly loaded model: it warms the kernels up too)
-    log(f"forward cost: k = 1..{config.cost_max_width} after {config.cost_context} tokens, median of "
-        f"{config.cost_reps}")
-    cost = forward_cost_curve(model, context=config.cost_context, max_width=config.cost_max_width,
-                              reps=config.cost_reps, seed=config.seed)
-    log("  cost(k)/cost(1): " + ", ".join(f"k={k}: {cost['relative'][k - 1]:.2f}"
-                                        for k in (1, 2, 4, 8, 16, 32, 64) if k <= len(cost["relative"])))
+    log(
+        f"forward cost: k = 1..{config.cost_max_width} after {config.cost_context} tokens, median of {config.cost_reps}"
+    )
+    cost = forward_cost_curve(
+        model, context=config.cost_context, max_width=config.cost_max_width, reps=config.cost_reps, seed=config.seed
+    )
+    log(
+        "  cost(k)/cost(1): "
+        + ", ".join(
+            f"k={k}: {cost['relative'][k - 1]:.2f}" for k in (1, 2, 4, 8, 16, 32, 64) if k <= len(cost["relative"])
+        )
+    )
 
     # 3) one untimed warm-up per method, on the first request
     methods = config.all_methods
     warm = requests[0]
     greedy_warm = None
     for method in methods:
-        rec = run_method(model, tokenizer, warm, method, config.max_new_tokens, greedy_ids=greedy_warm,
-                         seed=config.seed, index=index)
+        rec = run_method(
+            model, tokenizer, warm, method, config.max_new_tokens, greedy_ids=greedy_warm, seed=config.seed, index=index
+        )
         greedy_warm = rec["token_ids"] if method == "greedy" else greedy_warm
     log(f"warm-up done ({', '.join(methods)} on {warm.id})")
 
@@ -474,21 +542,36 @@ def run_benchmark(config: BenchConfig, *, model=None, tokenizer=None, requests: 
         greedy_ids = None
         line = []
         for method in methods:
-            rec = run_method(model, tokenizer, request, method, config.max_new_tokens, greedy_ids=greedy_ids,
-                             seed=config.seed + i, index=index)
+            rec = run_method(
+                model,
+                tokenizer,
+                request,
+                method,
+                config.max_new_tokens,
+                greedy_ids=greedy_ids,
+                seed=config.seed + i,
+                index=index,
+            )
             if method == "greedy":
                 greedy_ids = rec["token_ids"]
-            elif method in ("pld", "refdecode", "oracle"):
+            elif method in ("pld", "refdecode", "oracle") and greedy_ids is not None:
                 pos = first_mismatch(rec["token_ids"], greedy_ids)
                 rec["matches_greedy"], rec["first_mismatch"] = pos is None, pos
-            rec.update(request_id=request.id, workload=request.workload, category=request.category,
-                       prompt_tokens=len(request.prompt_ids))
+            rec.update(
+                request_id=request.id,
+                workload=request.workload,
+                category=request.category,
+                prompt_tokens=len(request.prompt_ids),
+            )
             records.append(rec)
             tps = rec["tokens_per_second"]
             flag = "" if rec.get("matches_greedy", True) else f" MISMATCH@{rec['first_mismatch']}"
             line.append(f"{method} {tps:.1f}{flag}" if tps else f"{method} -{flag}")
-        log(f"[{i + 1}/{len(requests)}] {request.id} ({len(request.prompt_ids)} prompt tokens): "
-            + ", ".join(line) + " tok/s")
+        log(
+            f"[{i + 1}/{len(requests)}] {request.id} ({len(request.prompt_ids)} prompt tokens): "
+            + ", ".join(line)
+            + " tok/s"
+        )
 
     return {
         "meta": {
@@ -496,14 +579,24 @@ def run_benchmark(config: BenchConfig, *, model=None, tokenizer=None, requests: 
             "config": asdict(config),
             "methods": list(methods),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "timing": ("decoding throughput = new tokens after the first / time after the first new token; "
-                       "transformers methods are timed with a streamer (first put = prompt, second = first new "
-                       "token), refdecode with its GenerationStats; one untimed warm-up per method"),
+            "timing": (
+                "decoding throughput = new tokens after the first / time after the first new token; "
+                "transformers methods are timed with a streamer (first put = prompt, second = first new "
+                "token), refdecode with its GenerationStats; one untimed warm-up per method"
+            ),
             "notes": notes,
         },
         "forward_cost": cost,
-        "requests": [{"id": r.id, "workload": r.workload, "category": r.category, "prompt_tokens": len(r.prompt_ids),
-                      "reference_tokens": sum(len(ids) for _, ids in r.references)} for r in requests],
+        "requests": [
+            {
+                "id": r.id,
+                "workload": r.workload,
+                "category": r.category,
+                "prompt_tokens": len(r.prompt_ids),
+                "reference_tokens": sum(len(ids) for _, ids in r.references),
+            }
+            for r in requests
+        ],
         "records": records,
     }
 
@@ -513,10 +606,11 @@ def _describe(info: dict, config: BenchConfig, requests: Sequence[PreparedReques
     counts: dict[str, int] = {}
     for r in requests:
         counts[r.workload] = counts.get(r.workload, 0) + 1
-    return (f"machine: {hw} ({info['device']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch threads)\n"
-            f"versions: python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
-            f"refdecode {info['refdecode']}\n"
-            f"model: {config.model} ({info['model_class']}, {info['parameters'] / 1e6:.0f}M parameters, "
-            f"{info['dtype']}); max_new_tokens {config.max_new_tokens}; seed {config.seed}\n"
-            f"requests: " + ", ".join(f"{w} {c}" for w, c in counts.items()) + "; methods: "
-            + ", ".join(config.all_methods))
+    return (
+        f"machine: {hw} ({info['device']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch threads)\n"
+        f"versions: python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+        f"refdecode {info['refdecode']}\n"
+        f"model: {config.model} ({info['model_class']}, {info['parameters'] / 1e6:.0f}M parameters, "
+        f"{info['dtype']}); max_new_tokens {config.max_new_tokens}; seed {config.seed}\n"
+        f"requests: " + ", ".join(f"{w} {c}" for w, c in counts.items()) + "; methods: " + ", ".join(config.all_methods)
+    )

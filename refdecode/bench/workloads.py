@@ -21,8 +21,8 @@ from __future__ import annotations
 import difflib
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from refdecode.bench import data
 
@@ -30,30 +30,32 @@ __all__ = ["Request", "WORKLOADS", "load_workload", "count_tokens", "request_tok
 
 WORKLOADS = ("code-edit", "code-edit-ref", "rag", "rag-index", "summarize", "chat", "control", "spec-bench")
 
-CHARS_PER_TOKEN = 4          # estimate used when no tokenizer is given
+CHARS_PER_TOKEN = 4  # estimate used when no tokenizer is given
 CODE_MIN_TOKENS, CODE_MAX_TOKENS = 150, 900
-MAX_DIFF_LINES = 40          # longer diffs are described, not quoted
-PREFIX_LINES = (15, 25)      # code-edit-ref: lines of the new file given as the prompt
-PASSAGE_WORDS = (150, 300)   # rag: words per passage
-DISTRACTORS = (1, 3)         # rag: distractor passages besides the one holding the answer
-CHITCHAT_MIN_TURNS = 3       # control: chit-chat dialogs shorter than this are skipped
-CHITCHAT_MAX_TURNS = 7       # control: history kept from a chit-chat dialog (ends on a user turn)
+MAX_DIFF_LINES = 40  # longer diffs are described, not quoted
+PREFIX_LINES = (15, 25)  # code-edit-ref: lines of the new file given as the prompt
+PASSAGE_WORDS = (150, 300)  # rag: words per passage
+DISTRACTORS = (1, 3)  # rag: distractor passages besides the one holding the answer
+CHITCHAT_MIN_TURNS = 3  # control: chit-chat dialogs shorter than this are skipped
+CHITCHAT_MAX_TURNS = 7  # control: history kept from a chit-chat dialog (ends on a user turn)
 
 
 @dataclass(frozen=True)
 class Request:
     """One benchmark request; exactly one of `messages` (chat=True) and `prompt` (chat=False) is set."""
+
     id: str
     workload: str
-    messages: list[dict] | None          # [{"role": "user"|"assistant", "content": str}] when chat
-    prompt: str | None                   # raw completion prompt when not chat
+    messages: list[dict] | None  # [{"role": "user"|"assistant", "content": str}] when chat
+    prompt: str | None  # raw completion prompt when not chat
     chat: bool
-    references: tuple[tuple[str, str], ...] = ()   # (source name, text): extra documents NOT in the prompt
-    category: str = ""                   # Spec-Bench category, else ""
+    references: tuple[tuple[str, str], ...] = ()  # (source name, text): extra documents NOT in the prompt
+    category: str = ""  # Spec-Bench category, else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # token counting
+
 
 def count_tokens(text: str, tokenizer=None) -> int:
     """Tokens of `text` without special tokens; an estimate (4 chars per token) when tokenizer is None."""
@@ -71,11 +73,12 @@ def render_chat(messages: Sequence[dict], tokenizer) -> str:
 
 def request_tokens(request: Request, tokenizer=None) -> int:
     """Prompt length in tokens: chat template applied for chat requests, special tokens added for raw prompts."""
-    if request.chat:
+    if request.messages is not None:
         return count_tokens(render_chat(request.messages, tokenizer), tokenizer)
+    prompt = request.prompt or ""
     if tokenizer is None:
-        return count_tokens(request.prompt)
-    return len(tokenizer(request.prompt)["input_ids"])
+        return count_tokens(prompt)
+    return len(tokenizer(prompt)["input_ids"])
 
 
 def truncate_to_tokens(text: str, max_tokens: int, tokenizer=None) -> str:
@@ -100,20 +103,26 @@ def truncate_to_tokens(text: str, max_tokens: int, tokenizer=None) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # sampling
 
+
 def request_rng(seed: int, key: str) -> random.Random:
     """A generator for one candidate's choices, independent of which other candidates were drawn."""
     return random.Random(f"{seed}:{key}")
 
 
-def sample(candidates: Sequence, n: int, rng: random.Random, build: Callable[[object], Request | None],
-           fits: Callable[[Request], bool]) -> list[Request]:
+def sample(
+    candidates: Sequence,
+    n: int,
+    rng: random.Random,
+    build: Callable[[object], Request | None],
+    fits: Callable[[Request], bool],
+) -> list[Request]:
     """Shuffle candidates with rng, build them in that order, keep the first n that build and fit.
 
     Returns fewer than n when the candidates run out.
     """
     order = list(range(len(candidates)))
     rng.shuffle(order)
-    out = []
+    out: list = []
     for i in order:
         if len(out) == n:
             break
@@ -135,10 +144,14 @@ def interleave(groups: list[list[Request]]) -> list[Request]:
 # ---------------------------------------------------------------------------------------------------------------
 # code edits
 
+
 def unified_diff(old: str, new: str, path: str) -> str:
     """The unified diff (3 lines of context) that turns `old` into `new`."""
-    return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
-                                        fromfile=f"a/{path}", tofile=f"b/{path}"))
+    return "".join(
+        difflib.unified_diff(
+            old.splitlines(keepends=True), new.splitlines(keepends=True), fromfile=f"a/{path}", tofile=f"b/{path}"
+        )
+    )
 
 
 def code_size_ok(pair: dict, tokenizer) -> bool:
@@ -159,11 +172,18 @@ def build_code_edit(pair: dict, tokenizer) -> Request | None:
     """Chat: the old file in the prompt, asking for the whole updated file."""
     if not code_size_ok(pair, tokenizer):
         return None
-    content = (f"Here is `{pair['path']}` from {pair['package']} {pair['old_version']}:\n\n"
-               f"```python\n{pair['old'].rstrip()}\n```\n\n"
-               f"{edit_instruction(pair)}Reply with the full updated file in one ```python block.")
-    return Request(id=f"code-edit/{pair['id']}", workload="code-edit",
-                   messages=[{"role": "user", "content": content}], prompt=None, chat=True)
+    content = (
+        f"Here is `{pair['path']}` from {pair['package']} {pair['old_version']}:\n\n"
+        f"```python\n{pair['old'].rstrip()}\n```\n\n"
+        f"{edit_instruction(pair)}Reply with the full updated file in one ```python block."
+    )
+    return Request(
+        id=f"code-edit/{pair['id']}",
+        workload="code-edit",
+        messages=[{"role": "user", "content": content}],
+        prompt=None,
+        chat=True,
+    )
 
 
 def build_code_edit_ref(pair: dict, tokenizer, seed: int) -> Request | None:
@@ -175,16 +195,25 @@ def build_code_edit_ref(pair: dict, tokenizer, seed: int) -> Request | None:
     if len(lines) < k + 10:  # leave something to write
         return None
     source = f"{pair['package']}-{pair['old_version']}/{pair['path']}"
-    return Request(id=f"code-edit-ref/{pair['id']}", workload="code-edit-ref", messages=None,
-                   prompt="".join(lines[:k]), chat=False, references=((source, pair["old"]),))
+    return Request(
+        id=f"code-edit-ref/{pair['id']}",
+        workload="code-edit-ref",
+        messages=None,
+        prompt="".join(lines[:k]),
+        chat=False,
+        references=((source, pair["old"]),),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # retrieval-augmented QA over the Python docs
 
+
 def split_long(paragraph: str, max_words: int) -> list[str]:
     """A paragraph over max_words split at line ends (words, for a single huge line)."""
-    pieces, cur, count = [], [], 0
+    pieces: list[str] = []
+    cur: list[str] = []
+    count = 0
     for line in paragraph.splitlines():
         words = len(line.split())
         if cur and count + words > max_words:
@@ -194,13 +223,13 @@ def split_long(paragraph: str, max_words: int) -> list[str]:
         count += words
     if cur:
         pieces.append("\n".join(cur))
-    out = []
+    out: list[str] = []
     for piece in pieces:
-        words = piece.split()
-        if len(words) <= max_words:
+        piece_words = piece.split()
+        if len(piece_words) <= max_words:
             out.append(piece)
         else:
-            out += [" ".join(words[i:i + max_words]) for i in range(0, len(words), max_words)]
+            out += [" ".join(piece_words[i : i + max_words]) for i in range(0, len(piece_words), max_words)]
     return out
 
 
@@ -213,7 +242,9 @@ def chunk_rest(text: str, min_words: int = PASSAGE_WORDS[0], max_words: int = PA
         raise ValueError(f"need 0 < min_words <= max_words, got {min_words}, {max_words}")
     paragraphs = [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
     pieces = [q for p in paragraphs for q in split_long(p, max_words)]
-    chunks, cur, count = [], [], 0
+    chunks: list[str] = []
+    cur: list[str] = []
+    count = 0
     for piece in pieces:
         words = len(piece.split())
         if cur and count + words > max_words:
@@ -234,7 +265,8 @@ def chunk_rest(text: str, min_words: int = PASSAGE_WORDS[0], max_words: int = PA
 
 def distractor_passages(rng: random.Random, files: list, exclude: str, k: int) -> list[str]:
     """k passages of at least half the minimum size, each from a random docs file other than `exclude`."""
-    out, tries = [], 0
+    out: list[str] = []
+    tries = 0
     while len(out) < k and tries < 20 * k:
         tries += 1
         path = rng.choice(files)
@@ -259,8 +291,9 @@ def build_rag(faq: dict, files: list, seed: int) -> Request | None:
     passages = [answer[0]] + distractor_passages(rng, files, faq["file"], rng.randint(*DISTRACTORS))
     body = "\n\n".join(f"Passage {i}:\n{p}" for i, p in enumerate(passages, 1))
     content = f"{body}\n\nQuestion: {faq['question']}\nAnswer using the passages."
-    return Request(id=f"rag/{faq['id']}", workload="rag", messages=[{"role": "user", "content": content}],
-                   prompt=None, chat=True)
+    return Request(
+        id=f"rag/{faq['id']}", workload="rag", messages=[{"role": "user", "content": content}], prompt=None, chat=True
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,6 +312,7 @@ def drop_dangling_heading(text: str) -> str:
 
 def build_summarize(pair: dict, tokenizer, max_prompt_tokens: int) -> Request:
     """Chat: the paper, cut to the token budget, followed by the instruction."""
+
     def message(paper: str) -> list[dict]:
         return [{"role": "user", "content": f"{paper}\n\n{SUMMARIZE_INSTRUCTION}"}]
 
@@ -287,8 +321,7 @@ def build_summarize(pair: dict, tokenizer, max_prompt_tokens: int) -> Request:
     paper = truncate_to_tokens(pair["paper"], budget, tokenizer)
     if paper != pair["paper"]:
         paper = drop_dangling_heading(paper)
-    return Request(id=f"summarize/{pair['id']}", workload="summarize", messages=message(paper), prompt=None,
-                   chat=True)
+    return Request(id=f"summarize/{pair['id']}", workload="summarize", messages=message(paper), prompt=None, chat=True)
 
 
 def longest_fitting_history(turns: list[dict], fits: Callable[[list[dict]], bool]) -> list[dict] | None:
@@ -313,6 +346,7 @@ def spec_bench_category(category: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # the entry point
 
+
 def check_args(name: str, n: int, seed: int, max_prompt_tokens: int) -> None:
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
@@ -327,6 +361,7 @@ def check_args(name: str, n: int, seed: int, max_prompt_tokens: int) -> None:
 @dataclass(frozen=True)
 class Sampling:
     """What every workload builder needs: how many, the shuffling generator, and the size budget."""
+
     n: int
     seed: int
     rng: random.Random
@@ -365,8 +400,13 @@ def build_rag_index(faq: dict, index, k: int = 3) -> Request:
     passages = [p.text.strip() for p in index.retrieve(faq["question"], k=k)]
     body = "\n\n".join(f"Passage {i}:\n{p}" for i, p in enumerate(passages, 1))
     content = f"{body}\n\nQuestion: {faq['question']}\nAnswer using the passages."
-    return Request(id=f"rag-index/{faq['id']}", workload="rag-index", messages=[{"role": "user", "content": content}],
-                   prompt=None, chat=True)
+    return Request(
+        id=f"rag-index/{faq['id']}",
+        workload="rag-index",
+        messages=[{"role": "user", "content": content}],
+        prompt=None,
+        chat=True,
+    )
 
 
 def rag_index_workload(s: Sampling) -> list[Request]:
@@ -388,6 +428,7 @@ def chat_workload(s: Sampling) -> list[Request]:
         if history is None:
             return None
         return Request(id=f"chat/sharegpt-{i}", workload="chat", messages=history, prompt=None, chat=True)
+
     return s.take(range(len(convs)), build)
 
 
@@ -404,8 +445,7 @@ def control_workload(s: Sampling) -> list[Request]:
         return Request(id=f"control/chitchat-{i}", workload="control", messages=history, prompt=None, chat=True)
 
     def build_humaneval(p: dict) -> Request:
-        return Request(id=f"control/{p['task_id']}", workload="control", messages=None, prompt=p["prompt"],
-                       chat=False)
+        return Request(id=f"control/{p['task_id']}", workload="control", messages=None, prompt=p["prompt"], chat=False)
 
     chats = s.take(range(len(dialogs)), build_chitchat, s.n - s.n // 2)
     codes = s.take(data.humaneval_problems(), build_humaneval, s.n // 2)
@@ -422,9 +462,15 @@ def spec_bench_workload(s: Sampling) -> list[Request]:
         pool = [q for q in questions if spec_bench_category(q["category"]) == category]
 
         def build(q: dict, category: str = category) -> Request:
-            return Request(id=f"spec-bench/{q['question_id']}", workload="spec-bench",
-                           messages=[{"role": "user", "content": q["turns"][0]}], prompt=None, chat=True,
-                           category=category)
+            return Request(
+                id=f"spec-bench/{q['question_id']}",
+                workload="spec-bench",
+                messages=[{"role": "user", "content": q["turns"][0]}],
+                prompt=None,
+                chat=True,
+                category=category,
+            )
+
         groups.append(s.take(pool, build, quota))
     return interleave(groups)
 
@@ -441,8 +487,9 @@ BUILDERS: dict[str, Callable[[Sampling], list[Request]]] = {
 }
 
 
-def load_workload(name: str, *, n: int, seed: int = 0, tokenizer=None,
-                  max_prompt_tokens: int = 1400, index=None) -> list[Request]:
+def load_workload(
+    name: str, *, n: int, seed: int = 0, tokenizer=None, max_prompt_tokens: int = 1400, index=None
+) -> list[Request]:
     """n requests of workload `name` (one of WORKLOADS), the same for the same (seed, data, tokenizer).
 
     Requests whose prompt (chat template applied) exceeds max_prompt_tokens are skipped; fewer than n come back
@@ -457,6 +504,7 @@ def load_workload(name: str, *, n: int, seed: int = 0, tokenizer=None,
       spec-bench     first turn of Spec-Bench questions, stratified over the six categories
     """
     check_args(name, n, seed, max_prompt_tokens)
-    sampling = Sampling(n=n, seed=seed, rng=random.Random(seed), tokenizer=tokenizer,
-                        max_prompt_tokens=max_prompt_tokens, index=index)
+    sampling = Sampling(
+        n=n, seed=seed, rng=random.Random(seed), tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens, index=index
+    )
     return BUILDERS[name](sampling)

@@ -8,18 +8,19 @@ stays vectorized.
 
 This module knows token id sequences only; it knows nothing about files, text or the other indexes.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
 __all__ = ["SHINGLE", "NUM_PERM", "minhash_signatures", "find_near_duplicates"]
 
-SHINGLE = 4         # tokens per shingle
+SHINGLE = 4  # tokens per shingle
 NUM_PERM = 128
-_BATCH = 64         # passages hashed together: (NUM_PERM, shingles) uint32 work arrays of ~8 MB, cache-sized
+_BATCH = 64  # passages hashed together: (NUM_PERM, shingles) uint32 work arrays of ~8 MB, cache-sized
 
 
 def _shingle_hashes(ids: np.ndarray) -> np.ndarray:
@@ -27,19 +28,19 @@ def _shingle_hashes(ids: np.ndarray) -> np.ndarray:
     ids = ids.astype(np.uint64)
     if ids.size < SHINGLE:
         ids = np.concatenate([ids, np.zeros(SHINGLE - ids.size, np.uint64)])
-    h = np.full(ids.size - SHINGLE + 1, 1469598103934665603, dtype=np.uint64)     # FNV-style mixing per column
+    h = np.full(ids.size - SHINGLE + 1, 1469598103934665603, dtype=np.uint64)  # FNV-style mixing per column
     for j in range(SHINGLE):
-        h = (h ^ ids[j:ids.size - SHINGLE + 1 + j]) * np.uint64(1099511628211)
+        h = (h ^ ids[j : ids.size - SHINGLE + 1 + j]) * np.uint64(1099511628211)
     return np.unique((h >> np.uint64(32)).astype(np.uint32))
 
 
 def minhash_signatures(passages: Sequence[np.ndarray], perm: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """MinHash values of each passage's shingle set under datasketch's "affine32" permutations
     h -> a*h + b mod 2^32 (uint32 arithmetic wraps). (P passages) -> (P, NUM_PERM) uint32"""
-    a, b = perm                                                                  # (NUM_PERM,) uint32 each
+    a, b = perm  # (NUM_PERM,) uint32 each
     hashes = [_shingle_hashes(np.asarray(p)) for p in passages]
     starts = np.cumsum([0] + [h.size for h in hashes[:-1]])
-    hv = np.concatenate(hashes)[None, :]                                         # (1, S)
+    hv = np.concatenate(hashes)[None, :]  # (1, S)
     return np.minimum.reduceat(a[:, None] * hv + b[:, None], starts, axis=1).T  # (P, NUM_PERM)
 
 
@@ -48,17 +49,18 @@ def find_near_duplicates(passages: Sequence[np.ndarray], *, threshold: float = 0
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"dedup threshold must be in (0, 1], got {threshold}")
     template = MinHash(num_perm=NUM_PERM, seed=seed, scheme="affine32")
-    perm = tuple(np.asarray(p, dtype=np.uint32) for p in template.permutations)
+    a, b = (np.asarray(p, dtype=np.uint32) for p in template.permutations)
     # the LSH threshold sits below the real one so that few true near-duplicates are missed by banding;
     # candidates are then confirmed with the signatures' Jaccard estimate
     lsh = MinHashLSH(threshold=min(max(threshold - 0.15, 0.05), 0.9), num_perm=NUM_PERM)
     dropped = []
     kept: dict[int, np.ndarray] = {}
     for lo in range(0, len(passages), _BATCH):
-        signatures = minhash_signatures(passages[lo:lo + _BATCH], perm)
+        signatures = minhash_signatures(passages[lo : lo + _BATCH], (a, b))
         for i, sig in enumerate(signatures, lo):
-            mh = MinHash(num_perm=NUM_PERM, seed=seed, scheme="affine32", permutations=template.permutations,
-                         hashvalues=sig)
+            mh = MinHash(
+                num_perm=NUM_PERM, seed=seed, scheme="affine32", permutations=template.permutations, hashvalues=sig
+            )
             if any(np.mean(kept[k] == sig) >= threshold for k in lsh.query(mh)):
                 dropped.append(i)
             else:

@@ -13,9 +13,10 @@ negligible on a GPU, seconds on a 2-core CPU, so it is off unless asked for.
 This module knows passages, the model's forward and its tokenizer; it knows nothing about index files, faiss or
 decoding.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ __all__ = ["LMReranker", "reciprocal_rank_fusion"]
 
 _PREFIX = "Passage: "
 _SUFFIX = "\n\nA question that this passage answers:"
-RRF_K = 60          # the constant of Cormack et al. 2009; not tuned here
+RRF_K = 60  # the constant of Cormack et al. 2009; not tuned here
 
 
 def reciprocal_rank_fusion(*rankings: Sequence[int], k: int = RRF_K) -> list[int]:
@@ -66,7 +67,7 @@ class LMReranker:
         body = plain_text(passage_text)
         enc = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
         if len(enc["input_ids"]) > self.max_passage_tokens:
-            body = body[:enc["offset_mapping"][self.max_passage_tokens][0]].rstrip()
+            body = body[: enc["offset_mapping"][self.max_passage_tokens][0]].rstrip()
         return self._ids(_PREFIX + body + _SUFFIX)
 
     def scores(self, query: str, passage_texts: Sequence[str]) -> np.ndarray:
@@ -77,7 +78,7 @@ class LMReranker:
         contexts = [self._context(t) for t in passage_texts]
         out = np.zeros(len(contexts), dtype=np.float64)
         for a in range(0, len(contexts), self.batch_size):
-            out[a:a + self.batch_size] = self._score_batch(contexts[a:a + self.batch_size], query_ids)
+            out[a : a + self.batch_size] = self._score_batch(contexts[a : a + self.batch_size], query_ids)
         return out
 
     @torch.inference_mode()
@@ -86,18 +87,26 @@ class LMReranker:
         q = len(query_ids)
         width = max(len(c) for c in contexts) + q
         device = self.model.device
-        ids = torch.zeros(len(contexts), width, dtype=torch.long)                 # (B, W)
-        mask = torch.zeros(len(contexts), width, dtype=torch.long)               # (B, W)
+        ids = torch.zeros(len(contexts), width, dtype=torch.long)  # (B, W)
+        mask = torch.zeros(len(contexts), width, dtype=torch.long)  # (B, W)
         for row, context in enumerate(contexts):
             seq = context + query_ids
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)                          # (B, W) 0.. from each row's start
-        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            position_ids=positions.to(device), use_cache=False,
-                            logits_to_keep=q + 1).logits[:, :-1].float()           # (B, q, V): predict query tokens
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W) 0.. from each row's start
+        logits = (
+            self.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=False,
+                logits_to_keep=q + 1,
+            )
+            .logits[:, :-1]
+            .float()
+        )  # (B, q, V): predict query tokens
         logp = torch.log_softmax(logits, dim=-1)
-        target = torch.tensor(query_ids, device=logp.device).expand(len(contexts), q)    # (B, q)
+        target = torch.tensor(query_ids, device=logp.device).expand(len(contexts), q)  # (B, q)
         return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1).double().cpu().numpy()
 
     def rerank(self, query: str, ids: Sequence[int], texts: Sequence[str]) -> list[int]:

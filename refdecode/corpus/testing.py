@@ -4,6 +4,7 @@ For tests and examples that must not load a real model: each whitespace-separate
 (CRC32 modulo the vocabulary size, `salt` changes the mapping and so the fingerprint). Offsets are exact, so
 chunking behaves as with a real fast tokenizer. It knows nothing else; it is not a real tokenizer.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,7 +21,7 @@ class WordTokenizer:
         self.all_special_tokens = ["<eos>"]
 
     def _id(self, word: str) -> int:
-        return zlib.crc32((self.salt + word).encode()) % (self.vocab_size - 1) + 1     # 0 is <eos>
+        return zlib.crc32((self.salt + word).encode()) % (self.vocab_size - 1) + 1  # 0 is <eos>
 
     def get_vocab(self) -> dict[str, int]:
         return {"<eos>": 0, **{f"{self.salt}w{i}": i for i in range(1, self.vocab_size)}}
@@ -38,7 +39,7 @@ class WordTokenizer:
         single = isinstance(texts, str)
         batch = [texts] if single else list(texts)
         ids = [[self._id(m.group()) for m in _WORD.finditer(t)] for t in batch]
-        out = {"input_ids": ids[0] if single else ids}
+        out: dict[str, list] = {"input_ids": ids[0] if single else ids}
         if return_offsets_mapping:
             offs = [[(m.start(), m.end()) for m in _WORD.finditer(t)] for t in batch]
             out["offset_mapping"] = offs[0] if single else offs
