@@ -1,5 +1,6 @@
 """`refdecode index build|info|search`: working commands, and one clear stderr line (no traceback) on bad input."""
 import argparse
+import json
 
 import pytest
 
@@ -71,7 +72,8 @@ def test_errors_are_one_line(capsys, src, tmp_path):
 
     code, _, err = run(capsys, "index", "info", str(tmp_path / "idx"), "--model", "other")
     assert_one_line_error(code, err, "another tokenizer")
-    faiss_file = tmp_path / "idx" / "passages.faiss"
+    gen = json.loads((tmp_path / "idx" / "manifest.json").read_text())["generation"]
+    faiss_file = tmp_path / "idx" / gen / "passages.faiss"
     faiss_file.write_bytes(faiss_file.read_bytes()[:20])
     code, _, err = run(capsys, "index", "search", str(tmp_path / "idx"), "olive")
     assert_one_line_error(code, err, "truncated")
