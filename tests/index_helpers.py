@@ -10,8 +10,7 @@ import numpy as np
 from refdecode.corpus import CorpusIndex, build_index
 from refdecode.corpus.testing import WordTokenizer
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega apple banana cherry grape lemon mango melon olive peach pear plum").split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega", "apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "olive", "peach", "pear", "plum"]
 QUERIES = ("alpha beta", "mango peach plum", "omega psi chi", "lemon")
 
 

@@ -128,7 +128,7 @@ def _cli(src: Path, out: Path) -> list[str]:
 
 @pytest.mark.fuzz
 def test_cli_build_killed_at_spread_times(tmp_path):
-    """SIGKILL a real CLI build at 8 moments (60 under `make fuzz`) from process start to after its end: each
+    """SIGKILL a real CLI build at 10 moments (60 under `make fuzz`) from process start to after its end: each
     time the index loads and answers as the old corpus or as the new one, never otherwise, never partial."""
     from refdecode.corpus import build_index
     from refdecode.models import load_tokenizer
@@ -138,39 +138,52 @@ def test_cli_build_killed_at_spread_times(tmp_path):
         pytest.skip(f"smollm2-135m tokenizer not available: {e}")
     src_a, src_b = write_corpus(tmp_path / "src_a", seed=0), write_corpus(tmp_path / "src_b", seed=1, docs=4)
     ctx = [tok.encode((src_a / "doc0.md").read_text())[5:17], tok.encode((src_b / "doc1.md").read_text())[5:17]]
-    out = tmp_path / "work" / "idx"
 
     def build_real(src, dest):
         build_index([src], dest, tokenizer=tok, model_name="smollm2-135m", embedder="hashed", chunk_tokens=64,
                     progress=False, force=True)
-    build_real(src_a, out)
-    a = answers(CorpusIndex.load(out, tokenizer=tok), ctx)
+    build_real(src_a, tmp_path / "ref_a")
+    a = answers(CorpusIndex.load(tmp_path / "ref_a", tokenizer=tok), ctx)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.perf_counter()
-    done = subprocess.run(_cli(src_b, tmp_path / "timing"), env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_cli(src_b, tmp_path / "timing"), env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     duration = time.perf_counter() - t0
     assert done.returncode == 0, done.stderr[-2000:]
     b = answers(CorpusIndex.load(tmp_path / "timing", tokenizer=tok), ctx)
     assert a != b
-    n = 60 if FUZZ else 8
+    # kill times spread from the start to past the end; two builds at a time (two outputs, one per core), each
+    # over its own copy of the old index, which is restored whenever a build got as far as the switch
+    n = 60 if FUZZ else 10
+    times = [duration * 1.1 * (i + 0.5) / n for i in range(n)]
+    outs = [tmp_path / f"work{j}" / "idx" for j in range(2)]
+    for o in outs:
+        build_real(src_a, o)
     seen = {"old": 0, "new": 0}
     killed = 0
-    for i in range(n):
-        proc = subprocess.Popen(_cli(src_b if i % 2 == 0 else src_a, out), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=duration * 1.1 * (i + 0.5) / n)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            killed += 1
-        got = answers(CorpusIndex.load(out, tokenizer=tok), ctx)
-        assert got in (a, b), i
-        seen["old" if got == a else "new"] += 1
-        _manifests_load(out.parent, [a, b], ctx)
+    for pair in range(0, n, 2):
+        t0 = time.monotonic()
+        procs = [subprocess.Popen(_cli(src_b, o), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for o in outs]
+        for proc, at in zip(procs, times[pair:pair + 2], strict=True):
+            try:
+                proc.wait(timeout=max(0.0, at - (time.monotonic() - t0)))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed += 1
+        for o in outs:
+            got = answers(CorpusIndex.load(o, tokenizer=tok), ctx)
+            assert got in (a, b), (pair, o)
+            _manifests_load(o.parent, [a, b], ctx)
+            seen["old" if got == a else "new"] += 1
+            if got == b:
+                build_real(src_a, o)                        # the next build also removes what the kill left
+                assert _clean(o)
     assert killed >= n // 2, (killed, seen)                  # most runs were cut short, or this proved little
-    build_real(src_a, out)                                  # the next build removes what the kills left
-    assert _clean(out)
+    for o in outs:
+        build_real(src_a, o)
+        assert _clean(o)
 
 
 # -- 3) readers racing a rebuilding process -----------------------------------------------------------------------
@@ -233,7 +246,7 @@ def test_readers_see_one_index_or_the_other_while_it_is_rebuilt(tmp_path):
         script = _BUILDER.format(rounds=rounds, srcs=[str(src_b), str(src_a)], out=str(out),
                                  ready=[str(tmp_path / f"ready{r}") for r in range(2)])
         builder = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                                 timeout=600)
+                                 timeout=600, check=False)
         assert builder.returncode == 0, builder.stderr[-2000:]
     finally:
         stop.write_text("stop")

@@ -49,7 +49,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
               f"{counts['span_bytes'] / max(counts['span_tokens'], 1):.1f} bytes/token, {seconds:.1f} s")
         return 0
     except KeyboardInterrupt:
-        print("refdecode index: interrupted; no index was written", file=sys.stderr)
+        print("refdecode index: interrupted; no index was written (an index already at --out is unchanged)",
+              file=sys.stderr)
         return 130
     except Exception as err:                    # noqa: BLE001 - the CLI's promise: one line, never a traceback
         return _fail(err)

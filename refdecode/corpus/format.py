@@ -31,8 +31,8 @@ import re
 import shutil
 import stat
 import uuid
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Collection, Iterator, Sequence
 
 try:
     import fcntl
@@ -42,19 +42,19 @@ except ImportError:  # pragma: no cover - not POSIX: builds are not locked again
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
-    "READABLE_VERSIONS",
     "MANIFEST_FILE",
-    "IndexFormatError",
-    "GenerationGone",
+    "READABLE_VERSIONS",
     "Generation",
-    "tokenizer_fingerprint",
-    "file_entry",
-    "read_manifest",
-    "data_dir",
-    "verify_files",
-    "check_tokenizer",
+    "GenerationGone",
+    "IndexFormatError",
     "check_target",
+    "check_tokenizer",
+    "data_dir",
+    "file_entry",
     "new_generation",
+    "read_manifest",
+    "tokenizer_fingerprint",
+    "verify_files",
 ]
 
 FORMAT_NAME = "refdecode-corpus-index"
@@ -242,12 +242,24 @@ def check_target(out: Path, *, force: bool, protect: Sequence[str | Path] = ()) 
     if not out.is_dir():
         raise IndexFormatError(f"{out} is not a folder holding a refdecode index; --force only replaces an index, "
                                f"never anything else: remove it yourself or choose another --out")
-    try:
-        read_manifest(out)
-    except IndexFormatError as e:
-        raise IndexFormatError(f"{out} does not hold a refdecode index ({e}); --force only replaces an index, "
-                               f"never anything else: remove it yourself or choose another --out") from None
+    if _own_manifest(out) is None:
+        raise IndexFormatError(f"{out} does not hold a refdecode index (no {MANIFEST_FILE} of this format); "
+                               f"--force only replaces an index, never anything else: remove it yourself or "
+                               f"choose another --out")
     return True
+
+
+def _own_manifest(folder: Path) -> dict | None:
+    """The JSON of `folder`'s manifest if it is a refdecode corpus index manifest of any version (an index of a
+    newer or older refdecode is still ours to replace), else None."""
+    path = folder / MANIFEST_FILE
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME else None
 
 
 class Generation:
@@ -329,7 +341,7 @@ def _remove_generation(folder: Path, data_files: Collection[str]) -> None:
 
 def _remove_leftovers(root: Path, manifest: dict, data_files: Collection[str], keep: str = "") -> None:
     """Remove what earlier builds of `root` left: generations the manifest does not name (only those holding
-    nothing but index files), temporary manifests, and the flat files of a replaced version 1 index."""
+    nothing but index files) and temporary manifests."""
     current = manifest.get("generation") or ""
     for entry in root.iterdir():
         if _GENERATION.fullmatch(entry.name) and entry.name not in (current, keep) and not entry.is_symlink() \
@@ -341,7 +353,8 @@ def _remove_leftovers(root: Path, manifest: dict, data_files: Collection[str], k
 
 def _remove_flat_files(root: Path, old: dict, data_files: Collection[str]) -> None:
     """After a version 1 index is replaced: its data files, the ones the code knows by name and nothing else."""
-    for name in old.get("files", {}):
+    files = old.get("files")
+    for name in files if isinstance(files, dict) else ():
         path = root / name
         if name in data_files and path.is_file() and not path.is_symlink():
             _unlink(path)
@@ -386,7 +399,7 @@ def new_generation(out: Path, *, force: bool, data_files: Collection[str],
         root.mkdir()
     try:
         with _locked(root, out):
-            old = read_manifest(root) if replacing else {}
+            old = (_own_manifest(root) or {}) if replacing else {}
             if replacing:
                 _remove_leftovers(root, old, data_files)
             gen = Generation(root)
@@ -406,7 +419,7 @@ def new_generation(out: Path, *, force: bool, data_files: Collection[str],
             if replacing:
                 # 3) the old generation goes only after the switch; readers that held it re-read the manifest
                 _remove_leftovers(root, read_manifest(root), data_files, keep=gen.name)
-                if old.get("version", FORMAT_VERSION) < 2:
+                if old.get("version") == 1:
                     _remove_flat_files(root, old, data_files)
     except BaseException:
         if not replacing:

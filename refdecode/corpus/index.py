@@ -24,22 +24,42 @@ import json
 import math
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
 
-from .chunking import Chunk, chunk_document, list_files, read_documents, tokenize_documents
+from .chunking import (
+    Chunk,
+    chunk_document,
+    list_files,
+    read_documents,
+    tokenize_documents,
+)
 from .dedup import find_near_duplicates
-from .embedding import (EMBEDDERS, HashedNgramEmbedder, MiniLMEmbedder, MPNetEmbedder, default_embedder,
-                        make_embedder)
-from .format import (GenerationGone, IndexFormatError, check_target, check_tokenizer, new_generation, read_manifest,
-                     tokenizer_fingerprint, verify_files)
+from .embedding import (
+    EMBEDDERS,
+    HashedNgramEmbedder,
+    MiniLMEmbedder,
+    MPNetEmbedder,
+    default_embedder,
+    make_embedder,
+)
+from .format import (
+    GenerationGone,
+    IndexFormatError,
+    check_target,
+    check_tokenizer,
+    new_generation,
+    read_manifest,
+    tokenizer_fingerprint,
+    verify_files,
+)
 from .spans import DEPTH, SpanIndex, sample_every
 
-__all__ = ["Passage", "CorpusIndex", "build_index"]
+__all__ = ["CorpusIndex", "Passage", "build_index"]
 
 _TOKENIZE_BATCH = 64            # documents per tokenizer call (the Rust side runs a batch in parallel)
 _LOAD_ATTEMPTS = 8              # a load that loses its generation to a concurrent rebuild re-reads the manifest
@@ -366,7 +386,7 @@ class CorpusIndex:
             raise IndexFormatError(f"index {path}: passage files disagree on the number of passages")
 
     @classmethod
-    def load(cls, path, *, tokenizer=None, checksums: bool = True) -> "CorpusIndex":
+    def load(cls, path, *, tokenizer=None, checksums: bool = True) -> CorpusIndex:
         """Open an index: manifest first (its fields, and exactly the files this code needs), every file checked
         (size, SHA-256, array headers, cross-file counts) before it is opened, then arrays memory-mapped. With
         `tokenizer`, its fingerprint must match the one the index was built with. checksums=False skips only the
@@ -387,7 +407,7 @@ class CorpusIndex:
         raise IndexFormatError(f"index {path}: rebuilt {_LOAD_ATTEMPTS} times while loading; try again")
 
     @classmethod
-    def _load_generation(cls, path: Path, manifest: dict, tokenizer, checksums: bool) -> "CorpusIndex":
+    def _load_generation(cls, path: Path, manifest: dict, tokenizer, checksums: bool) -> CorpusIndex:
         _check_fields(path, manifest)
         if tokenizer is not None:
             check_tokenizer(path, manifest, tokenizer)
