@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from index_helpers import answers, build, gen_dir, span_contexts, write_corpus
 
-from refdecode.corpus import CorpusIndex
+from refdecode.corpus import CorpusIndex, IndexFormatError
 
 FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_cli_build_killed_at_spread_times(tmp_path):
 _READER = """
 import hashlib, sys, time
 from pathlib import Path
-from refdecode.corpus import CorpusIndex
+from refdecode.corpus import CorpusIndex, IndexFormatError
 sys.path.insert(0, {tests!r})
 from index_helpers import answers
 out, ctx, stop, ready, report = Path({out!r}), {ctx!r}, Path({stop!r}), Path({ready!r}), Path({report!r})
@@ -257,3 +257,27 @@ def test_readers_see_one_index_or_the_other_while_it_is_rebuilt(tmp_path):
         assert set(counts) <= {a, b}, counts
         assert sum(counts.values()) >= 2, counts
     assert _clean(out)
+
+
+def test_a_load_that_loses_its_generation_retries_with_the_new_one(tmp_path, monkeypatch):
+    """Deterministic version of the race above: a rebuild switches the manifest and removes the old generation
+    between the reader's manifest read and its file checks; the load re-reads the manifest and returns the new
+    index whole. A load whose generation vanished without a new manifest is an error that says so."""
+    import refdecode.corpus.index as index_module
+    src_a, src_b = write_corpus(tmp_path / "src_a", seed=0), write_corpus(tmp_path / "src_b", seed=1, docs=4)
+    ctx = span_contexts(src_a, 3) + span_contexts(src_b, 3)
+    out = build(src_a, tmp_path / "idx")
+    b = answers(CorpusIndex.load(build(src_b, tmp_path / "ref_b")), ctx)
+    real, calls = index_module.verify_files, []
+
+    def rebuilt_meanwhile(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            build(src_b, out, force=True)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(index_module, "verify_files", rebuilt_meanwhile)
+    assert answers(CorpusIndex.load(out), ctx) == b and len(calls) == 2
+    monkeypatch.setattr(index_module, "verify_files", real)
+    shutil.rmtree(gen_dir(out))
+    with pytest.raises(IndexFormatError, match="is missing"):
+        CorpusIndex.load(out)
