@@ -77,8 +77,11 @@ def _build_in_child(src: Path, out: Path, kill_at: int, log: Path | None = None)
     return status
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize("existing", [True, False], ids=["replace", "fresh"])
 def test_build_killed_at_every_step(tmp_path, existing):
+    """SIGKILL at each filesystem step of a build (all of them under `make fuzz`; in CI a spread before the
+    manifest switch, the switch and its neighbours, and the removal of the old generation)."""
     src_a, src_b = write_corpus(tmp_path / "src_a", seed=0), write_corpus(tmp_path / "src_b", seed=1, docs=4)
     ctx = span_contexts(src_a, 4) + span_contexts(src_b, 4)
     work = tmp_path / "work"

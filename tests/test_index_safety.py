@@ -405,6 +405,9 @@ def _paths(node, prefix=()):
 
 @pytest.mark.fuzz
 def test_random_manifest_mutations_are_refused_or_harmless(pristine, tmp_path_factory):
+    """Up to three random edits anywhere in the manifest (set a value to random JSON, delete a key, add one), with
+    and without checksums: refused with IndexFormatError, or loaded and answering exactly as the original."""
+    pytest.importorskip("hypothesis")
     from hypothesis import given
     from hypothesis import strategies as st
 
