@@ -1,5 +1,6 @@
 """`refdecode index build|info|search`: working commands, and one clear stderr line (no traceback) on bad input."""
 import argparse
+import json
 
 import pytest
 
@@ -71,7 +72,8 @@ def test_errors_are_one_line(capsys, src, tmp_path):
 
     code, _, err = run(capsys, "index", "info", str(tmp_path / "idx"), "--model", "other")
     assert_one_line_error(code, err, "another tokenizer")
-    faiss_file = tmp_path / "idx" / "passages.faiss"
+    gen = json.loads((tmp_path / "idx" / "manifest.json").read_text())["generation"]
+    faiss_file = tmp_path / "idx" / gen / "passages.faiss"
     faiss_file.write_bytes(faiss_file.read_bytes()[:20])
     code, _, err = run(capsys, "index", "search", str(tmp_path / "idx"), "olive")
     assert_one_line_error(code, err, "truncated")
@@ -108,3 +110,73 @@ def test_commands_attach_to_a_parent_parser():
     cli.add_index_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["index", "search", "indexes/x", "a query", "-k", "2"])
     assert args.func is cli.cmd_index_search and args.k == 2 and args.query == "a query"
+
+
+def test_force_never_replaces_what_is_not_an_index(capsys, src, tmp_path):
+    """--force onto the sources, a notes folder or a file: one line, exit 1, every byte still there."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.md").write_text("keep me\n")
+    (tmp_path / "file.txt").write_text("keep me too\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out, pattern in ((src, "overlaps the source"), (src / "idx", "overlaps the source"),
+                         (notes, "does not hold a refdecode index"), (tmp_path / "file.txt", "not a folder")):
+        code, _, err = build(capsys, src, out, "--force")
+        assert_one_line_error(code, err, pattern)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "notes", "src"]
+
+
+def test_jsonl_with_a_lone_surrogate_is_one_line(capsys, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "broken \\ud800 here"}\n')
+    code, _, err = build(capsys, tmp_path / "bad.jsonl", tmp_path / "idx")
+    assert_one_line_error(code, err, "bad.jsonl:2: field 'text' holds a lone surrogate (U+D800")
+    assert not (tmp_path / "idx").exists()
+
+
+def _edit_manifest(index_dir, fn):
+    path = index_dir / "manifest.json"
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(("case", "pattern"), [
+    ("missing sha256", "'sha256' (64 hex digits)"), ("missing counts", "field 'counts' is missing"),
+    ("missing model_name", "field 'model_name' is missing"), ("missing dim", "'embedder.dim' is not an integer"),
+    ("dim 0", "'embedder.dim' is not an integer"), ("dim 1e13", "'embedder.dim' is not an integer"),
+    ("empty sources.json", "sources.json: lists no sources"), ("files {}", "lists no files")])
+def test_malformed_index_is_one_line(capsys, src, tmp_path, case, pattern):
+    """Once a KeyError, ZeroDivisionError, a 36 TiB allocation or an IndexError; now one line naming the field."""
+    from refdecode.corpus.format import file_entry
+    out = tmp_path / "idx"
+    assert build(capsys, src, out)[0] == 0
+    gen = out / json.loads((out / "manifest.json").read_text())["generation"]
+    edits = {
+        "missing sha256": lambda m: m["files"]["span_sa.npy"].pop("sha256"),
+        "missing counts": lambda m: m.pop("counts"),
+        "missing model_name": lambda m: m.pop("model_name"),
+        "missing dim": lambda m: m["embedder"].pop("dim"),
+        "dim 0": lambda m: m["embedder"].update(dim=0),
+        "dim 1e13": lambda m: m["embedder"].update(dim=1e13),
+        "files {}": lambda m: m.update(files={}),
+    }
+    if case == "empty sources.json":
+        (gen / "sources.json").write_text("[]")
+        _edit_manifest(out, lambda m: m["files"].update({"sources.json": file_entry(gen / "sources.json")}))
+    else:
+        _edit_manifest(out, edits[case])
+    for argv in (("info", str(out)), ("search", str(out), "olive"), ("search", str(out), "olive", "--no-checksums")):
+        code, out_text, err = run(capsys, "index", *argv)
+        assert_one_line_error(code, err, pattern)
+        assert out_text == ""
+
+
+def test_an_unexpected_error_is_still_one_line(capsys, src, tmp_path, monkeypatch):
+    import refdecode.corpus.index as index_module
+
+    def bug(*a, **k):
+        raise TypeError("a bug\nwith a second line")
+    monkeypatch.setattr(index_module, "build_index", bug)
+    code, _, err = build(capsys, src, tmp_path / "idx")
+    assert_one_line_error(code, err, "unexpected TypeError (please report this): a bug")

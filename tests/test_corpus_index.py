@@ -41,7 +41,7 @@ def test_round_trip(corpus, tmp_path):
     out = build(corpus, tmp_path / "idx")
     index = CorpusIndex.load(out, tokenizer=tok)
     m = index.manifest
-    assert m["version"] == 1 and m["model_name"] == "toy"
+    assert m["version"] == 2 and m["model_name"] == "toy"
     assert m["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
     assert m["counts"]["documents"] == 7 and m["counts"]["passages"] == len(index)
     assert m["build_options"]["chunk_tokens"] == 32
@@ -136,25 +136,31 @@ def built(corpus, tmp_path):
     return build(corpus, tmp_path / "idx")
 
 
+def gen_dir(index_dir):
+    """The folder of an index's data files: its current generation."""
+    return index_dir / json.loads((index_dir / "manifest.json").read_text())["generation"]
+
+
 def test_truncated_file_refused(built):
-    path = built / "passages.faiss"
+    path = gen_dir(built) / "passages.faiss"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(IndexFormatError, match="passages.faiss has .* bytes.*truncated"):
         CorpusIndex.load(built)
 
 
 def test_flipped_byte_refused(built):
-    path = built / "span_sa.npy"
+    path = gen_dir(built) / "span_sa.npy"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(IndexFormatError, match="span_sa.npy fails its checksum"):
         CorpusIndex.load(built)
-    CorpusIndex.load(built, checksums=False)                   # sizes only: the caller's explicit choice
+    with pytest.raises(IndexFormatError, match="span_sa.npy: a position lies outside the stream"):
+        CorpusIndex.load(built, checksums=False)              # no hashing, but the structure is still checked
 
 
 def test_missing_file_and_manifest_refused(built):
-    (built / "passage_text.bin").unlink()
+    (gen_dir(built) / "passage_text.bin").unlink()
     with pytest.raises(IndexFormatError, match="passage_text.bin is missing"):
         CorpusIndex.load(built)
     (built / "manifest.json").unlink()

@@ -83,6 +83,15 @@ def _read_text(path: Path, gz: bool) -> str:
         raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); convert it or leave it out") from None
 
 
+def _check_unicode(text: str, what: str) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"): a str that no tokenizer can take. Refuse it by name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+                         f"not valid Unicode text") from None
+
+
 def read_documents(files: Sequence[Path], *, field: str = "text") -> Iterator[Document]:
     """One Document per text file, one per JSONL line (its `field`); empty documents are skipped."""
     for path in files:
@@ -104,6 +113,7 @@ def read_documents(files: Sequence[Path], *, field: str = "text") -> Iterator[Do
             value = record[field]
             if not isinstance(value, str):
                 raise ValueError(f"{path}:{lineno}: field {field!r} is not a string")
+            _check_unicode(value, f"{path}:{lineno}: field {field!r}")
             if value.strip():
                 yield Document(f"{path}:{lineno}", value)
 

@@ -2,8 +2,9 @@
 
 Each command function takes the parsed arguments and returns an exit code. Expected failures (a missing source,
 an empty corpus, a non-UTF-8 file, a corrupt or truncated index, another tokenizer, an unknown format version, an
-existing output without --force) print one line to stderr and return 1; an interrupted build returns 130. None
-prints a traceback. This module knows argument parsing and printing; the work is in index.py.
+existing output without --force, an output that is not an index or overlaps a source) print one line to stderr
+and return 1; an interrupted build returns 130. None prints a traceback: an unexpected exception is reported in
+one line too, named as a bug. This module knows argument parsing and printing; the work is in index.py.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def _load_tokenizer(name: str):
 
 def _fail(err: BaseException) -> int:
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not isinstance(err, _EXPECTED):          # a bug of ours: still one line, but say so
+        message = f"unexpected {type(err).__name__} (please report this): {message}"
     print(f"refdecode index: error: {message}", file=sys.stderr)
     return 1
 
@@ -46,9 +49,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
               f"{counts['span_bytes'] / max(counts['span_tokens'], 1):.1f} bytes/token, {seconds:.1f} s")
         return 0
     except KeyboardInterrupt:
-        print("refdecode index: interrupted; no index was written", file=sys.stderr)
+        print("refdecode index: interrupted; no index was written (an index already at --out is unchanged)",
+              file=sys.stderr)
         return 130
-    except _EXPECTED as err:
+    except Exception as err:                    # noqa: BLE001 - the CLI's promise: one line, never a traceback
         return _fail(err)
 
 
@@ -61,7 +65,7 @@ def _load(args: argparse.Namespace):
 def cmd_index_info(args: argparse.Namespace) -> int:
     try:
         info = _load(args).info()
-    except _EXPECTED as err:
+    except Exception as err:                    # noqa: BLE001 - the CLI's promise: one line, never a traceback
         return _fail(err)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -84,7 +88,7 @@ def cmd_index_search(args: argparse.Namespace) -> int:
             from .rerank import LMReranker
             reranker = LMReranker(*load_model(args.model))
         passages = index.retrieve(args.query, k=args.k, reranker=reranker, candidates=args.rerank or 1)
-    except _EXPECTED as err:
+    except Exception as err:                    # noqa: BLE001 - the CLI's promise: one line, never a traceback
         return _fail(err)
     if args.json:
         print(json.dumps([{"id": p.id, "score": p.score, "source": p.source, "text": p.text} for p in passages],
@@ -112,7 +116,8 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
                        help="MinHash Jaccard above which a passage is a near-duplicate (default: 0.9)")
     build.add_argument("--embedder", choices=EMBEDDERS, default=None,
                        help="passage embedding (default: minilm if installed, else hashed)")
-    build.add_argument("--force", action="store_true", help="replace an existing index at --out")
+    build.add_argument("--force", action="store_true",
+                       help="replace an existing index at --out (only ever a refdecode index, never other files)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=cmd_index_build)
 

@@ -6,35 +6,70 @@ An index holds, for a corpus tokenized with one tokenizer:
 - a faiss inner-product index over passage embeddings, for `retrieve(query, k)`;
 - the span index over all kept passages' tokens, for `span_continuations(context_tail, ...)`.
 
-Files (all listed with size and SHA-256 in manifest.json; see format.py):
+Files (all listed with size and SHA-256 in manifest.json, inside its generation folder `gen-<id>/`; see format.py):
     span_stream.npy span_sa.npy span_samples.npy   spans.py
     passage_text.bin (UTF-8) passage_text_offsets.npy (P+1,) uint64
     passage_tokens.npy (P, 2) int64: [start, end) in span_stream     passage_source.npy (P,) int32
-    sources.json (list of source names)    passages.faiss    [embed_idf.npy for the hashed embedder]
+    sources.json (list of source names)    passages.faiss    [embed_idf.npy (dim,) float32, hashed embedder only]
+
+Loading trusts nothing it has not checked: the manifest's fields (types, ranges), the set of files (from this
+code, not from the manifest), every file's size (and SHA-256), each array's header (dtype, shape, size against the
+file) and the cross-file counts, before any array is mapped or faiss reads its file.
 
 This module ties the others together; it knows no decoding and no model beyond its tokenizer.
 """
 from __future__ import annotations
 
 import json
+import math
+import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
 
-from .chunking import Chunk, chunk_document, list_files, read_documents, tokenize_documents
+from .chunking import (
+    Chunk,
+    chunk_document,
+    list_files,
+    read_documents,
+    tokenize_documents,
+)
 from .dedup import find_near_duplicates
-from .embedding import EMBEDDERS, HashedNgramEmbedder, default_embedder, make_embedder
-from .format import (IndexFormatError, check_tokenizer, read_manifest, staging_dir, tokenizer_fingerprint,
-                     verify_files, write_manifest)
-from .spans import SpanIndex
+from .embedding import (
+    EMBEDDERS,
+    HashedNgramEmbedder,
+    MiniLMEmbedder,
+    MPNetEmbedder,
+    default_embedder,
+    make_embedder,
+)
+from .format import (
+    GenerationGone,
+    IndexFormatError,
+    check_target,
+    check_tokenizer,
+    new_generation,
+    read_manifest,
+    tokenizer_fingerprint,
+    verify_files,
+)
+from .spans import DEPTH, SpanIndex, sample_every
 
-__all__ = ["Passage", "CorpusIndex", "build_index"]
+__all__ = ["CorpusIndex", "Passage", "build_index"]
 
 _TOKENIZE_BATCH = 64            # documents per tokenizer call (the Rust side runs a batch in parallel)
+_LOAD_ATTEMPTS = 8              # a load that loses its generation to a concurrent rebuild re-reads the manifest
+_MAX_DIM = 1 << 16              # embedding dimensions above this are not an index this code writes
+_PASSAGE_FILES = ("passage_text.bin", "passage_text_offsets.npy", "passage_tokens.npy", "passage_source.npy",
+                  "sources.json", "passages.faiss")
+INDEX_FILES = (*SpanIndex.FILES, *_PASSAGE_FILES)
+ALL_FILES = (*INDEX_FILES, "embed_idf.npy")
+_COUNTS = ("files", "documents", "tokens", "passages", "duplicates_removed", "span_tokens", "span_bytes")
+_ENCODER_DIMS = {"minilm": MiniLMEmbedder.dim, "mpnet": MPNetEmbedder.dim}
 
 
 @dataclass
@@ -117,10 +152,12 @@ def build_index(sources: list[str | Path], out: Path, *, tokenizer, model_name: 
     _validate(chunk_tokens, dedup_threshold, embedder)
     if not sources:
         raise ValueError("no sources given")
+    check_target(out, force=force, protect=sources)         # before reading anything: refuse early, touch nothing
     files = list_files(sources)
     if not files:
         raise ValueError(f"no text, markdown, reST or JSONL files found in {', '.join(map(str, sources))}")
-    with staging_dir(out, force=force) as tmp:
+    with new_generation(out, force=force, data_files=ALL_FILES, protect=sources) as gen:
+        tmp = gen.dir
         t0 = time.perf_counter()
         # 1) read, tokenize, chunk
         texts, token_arrays, doc_sources, chunks = _tokenize_and_chunk(files, tokenizer, field, chunk_tokens,
@@ -163,9 +200,9 @@ def build_index(sources: list[str | Path], out: Path, *, tokenizer, model_name: 
         faiss.write_index(faiss_index, str(tmp / "passages.faiss"))
         files_written += ["passages.faiss"] + emb.save(tmp)
         t_end = time.perf_counter()
-        # 6) manifest last: a folder without one is never a usable index
+        # 6) manifest last, switched atomically: a generation without one is never a usable index
         n_tokens = int(sum(a.size for a in token_arrays))
-        write_manifest(tmp, {
+        gen.commit({
             "model_name": model_name,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "counts": {"files": len(files), "documents": len(texts), "tokens": n_tokens,
@@ -195,67 +232,247 @@ def _save_passages(folder: Path, texts: list[str], ranges: np.ndarray, docs: lis
             "sources.json"]
 
 
+# -- loading: every check before anything is mapped or parsed by a C extension ---------------------------------
+
+def _is_int(value, lo: int = 0, hi: int = 1 << 62) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _check_fields(path: Path, m: dict) -> None:
+    """The manifest fields the loader and `info` use: present, of the right type, in range."""
+    def bad(what: str) -> IndexFormatError:
+        return IndexFormatError(f"index {path}: manifest field {what}")
+
+    for key in ("model_name", "tokenizer_fingerprint"):
+        if not isinstance(m.get(key), str):
+            raise bad(f"{key!r} is missing or not a string")
+    counts = m.get("counts")
+    if not isinstance(counts, dict):
+        raise bad("'counts' is missing or not an object")
+    for key in _COUNTS:
+        if not _is_int(counts.get(key)):
+            raise bad(f"'counts.{key}' is missing or not a non-negative integer")
+    if not isinstance(m.get("build_options"), dict):
+        raise bad("'build_options' is missing or not an object")
+    emb = m.get("embedder")
+    if not isinstance(emb, dict) or emb.get("name") not in EMBEDDERS:
+        raise bad(f"'embedder' is missing or names no known embedder (one of {EMBEDDERS})")
+    if not _is_int(emb.get("dim"), 1, _MAX_DIM):
+        raise bad(f"'embedder.dim' is not an integer in [1, {_MAX_DIM}]: {emb.get('dim')!r}")
+    want = sum(_ENCODER_DIMS[n] for n in emb["name"].split("+")) if emb["name"] != "hashed" else emb["dim"]
+    if emb["dim"] != want:
+        raise bad(f"'embedder.dim' is {emb['dim']}, but the {emb['name']} embedder makes {want}-dim vectors")
+
+
+def _required_files(manifest: dict) -> tuple[str, ...]:
+    """The files this code needs for the manifest's embedder: decided here, never by the manifest's list."""
+    return ALL_FILES if manifest["embedder"]["name"] == "hashed" else INDEX_FILES
+
+
+def _open_npy(path: Path, dtypes: Sequence, ndim: int, label: str) -> np.ndarray:
+    """Map a `.npy` file after checking its header: one of `dtypes` (native order, never object), `ndim`
+    dimensions, and a data size that is exactly the rest of the file. Empty arrays are made, not mapped
+    (a zero-length map is an error). -> read-only ndarray"""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_2_0 if version == (2, 0) else \
+                np.lib.format.read_array_header_1_0
+            shape, fortran, dtype = read_header(f, max_header_size=10_000)
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise IndexFormatError(f"{label}: not a valid .npy file ({str(e).splitlines()[0][:200]})") from None
+        offset = f.tell()
+    if dtype not in [np.dtype(d) for d in dtypes] or len(shape) != ndim or fortran:
+        raise IndexFormatError(f"{label}: array of {dtype} {shape}, expected {ndim} dimension(s) of "
+                               f"{' or '.join(str(np.dtype(d)) for d in dtypes)}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offset + nbytes != size:
+        raise IndexFormatError(f"{label}: header declares {nbytes} bytes of data, the file holds {size - offset}")
+    if nbytes == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
+
+
+_FAISS_FLAT = struct.Struct("<4siqqq?iQ")       # IndexFlat header: fourcc, d, ntotal, 2 unused, trained, metric, n
+
+
+def _check_faiss_file(path: Path, dim: int, n: int, label: str) -> None:
+    """faiss reads what its header says; check the header of an `IndexFlatIP` file says exactly (dim, n) and the
+    file holds exactly that many floats before faiss opens it."""
+    with open(path, "rb") as f:
+        head = f.read(_FAISS_FLAT.size)
+    if len(head) < _FAISS_FLAT.size:
+        raise IndexFormatError(f"{label}: too short for a faiss IndexFlatIP")
+    fourcc, d, ntotal, _, _, _, metric, codes = _FAISS_FLAT.unpack(head)
+    if fourcc != b"IxFI" or metric != faiss.METRIC_INNER_PRODUCT:
+        raise IndexFormatError(f"{label}: not a faiss IndexFlatIP file")
+    if d != dim or ntotal != n or codes != n * dim or path.stat().st_size != _FAISS_FLAT.size + 4 * n * dim:
+        raise IndexFormatError(f"{label}: holds {ntotal} vectors of {d} dims ({codes} floats), the manifest "
+                               f"says {n} of {dim}")
+
+
+def _read_sources(path: Path, n_passages: int, label: str) -> list[str]:
+    try:
+        sources = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise IndexFormatError(f"{label}: not valid JSON ({e})") from None
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise IndexFormatError(f"{label}: not a list of source names")
+    if n_passages and not sources:
+        raise IndexFormatError(f"{label}: lists no sources for {n_passages} passages")
+    return sources
+
+
+def _load_spans(where: Path, counts: dict, label) -> SpanIndex:
+    stream = _open_npy(where / "span_stream.npy", (np.uint16, np.uint32), 1, label("span_stream.npy"))
+    sa = _open_npy(where / "span_sa.npy", (np.uint32, np.int64), 1, label("span_sa.npy"))
+    key = np.dtype(f"S{DEPTH * stream.dtype.itemsize}")
+    samples = _open_npy(where / "span_samples.npy", (key,), 1, label("span_samples.npy"))
+    if stream.size == 0 or sa.size != counts["span_tokens"] or sa.size >= stream.size:
+        raise IndexFormatError(f"{label('span_sa.npy')}: {sa.size} positions for a stream of {stream.size} "
+                               f"tokens (the manifest says {counts['span_tokens']})")
+    if samples.size != -(-sa.size // sample_every(stream.dtype)):
+        raise IndexFormatError(f"{label('span_samples.npy')}: {samples.size} samples do not fit {sa.size} positions")
+    if sa.size and int(sa.max()) >= stream.size:                    # a bad position would index past the stream
+        raise IndexFormatError(f"{label('span_sa.npy')}: a position lies outside the stream")
+    return SpanIndex(stream, sa, samples)
+
+
+def _load_passages(where: Path, n: int, stream_size: int, label) -> tuple:
+    """-> text (B,) uint8, offsets (P+1,) uint64, token ranges (P, 2) int64, source ids (P,) int32, sources"""
+    offsets = _open_npy(where / "passage_text_offsets.npy", (np.uint64,), 1, label("passage_text_offsets.npy"))
+    ranges = _open_npy(where / "passage_tokens.npy", (np.int64,), 2, label("passage_tokens.npy"))
+    source_ids = _open_npy(where / "passage_source.npy", (np.int32,), 1, label("passage_source.npy"))
+    text_bytes = (where / "passage_text.bin").stat().st_size
+    text = np.asarray(np.memmap(where / "passage_text.bin", dtype=np.uint8, mode="r")) if text_bytes \
+        else np.zeros(0, np.uint8)
+    sources = _read_sources(where / "sources.json", n, label("sources.json"))
+    if offsets.shape != (n + 1,) or ranges.shape != (n, 2) or source_ids.shape != (n,):
+        raise IndexFormatError(f"{label('passage_*')}: passage files disagree on the number of passages "
+                               f"(the manifest says {n})")
+    # O(passages) checks, so no lookup ever slices outside a file
+    if int(offsets[0]) != 0 or int(offsets[-1]) != text_bytes or np.any(np.diff(offsets.astype(np.int64)) < 0):
+        raise IndexFormatError(f"{label('passage_text_offsets.npy')}: offsets do not cut passage_text.bin")
+    if n and (ranges[:, 0].min() < 1 or np.any(ranges[:, 1] < ranges[:, 0]) or ranges[:, 1].max() >= stream_size):
+        raise IndexFormatError(f"{label('passage_tokens.npy')}: a token range lies outside the span stream")
+    if n and (source_ids.min() < 0 or source_ids.max() >= len(sources)):
+        raise IndexFormatError(f"{label('passage_source.npy')}: a source id has no entry in sources.json")
+    return text, offsets, ranges, source_ids, sources
+
+
+def _load_embedder(where: Path, config: dict, label):
+    """The hashed embedder with its IDF weights, read now (the generation may be gone later); a sentence encoder
+    is loaded on first use, as it needs no file of the index. -> Embedder or None"""
+    if config["name"] != "hashed":
+        return None
+    idf = _open_npy(where / "embed_idf.npy", (np.float32,), 1, label("embed_idf.npy"))
+    if idf.shape != (config["dim"],) or not np.all(np.isfinite(idf)):
+        raise IndexFormatError(f"{label('embed_idf.npy')}: not {config['dim']} finite weights")
+    return HashedNgramEmbedder(config["dim"], np.array(idf))
+
+
 class CorpusIndex:
     """A loaded corpus index: `retrieve` passages for a query, `span_continuations` for a context's tail."""
 
     def __init__(self, path: Path, manifest: dict, spans: SpanIndex, faiss_index, text: np.ndarray,
                  text_offsets: np.ndarray, token_ranges: np.ndarray, passage_source: np.ndarray,
-                 sources: list[str]):
+                 sources: list[str], embedder=None):
         self.path, self.manifest, self.spans = path, manifest, spans
         self._faiss, self._text, self._text_offsets = faiss_index, text, text_offsets
         self._token_ranges, self._passage_source, self._sources = token_ranges, passage_source, sources
-        self._embedder = None
+        self._embedder = embedder
         if faiss_index.ntotal != token_ranges.shape[0] or text_offsets.size != token_ranges.shape[0] + 1:
             raise IndexFormatError(f"index {path}: passage files disagree on the number of passages")
 
     @classmethod
-    def load(cls, path, *, tokenizer=None, checksums: bool = True) -> "CorpusIndex":
-        """Open an index: manifest first, every file checked (size and SHA-256) before it is opened, then arrays
-        memory-mapped. With `tokenizer`, its fingerprint must match the one the index was built with.
-        checksums=False checks sizes only (for very large indexes, when the files are trusted)."""
+    def load(cls, path, *, tokenizer=None, checksums: bool = True) -> CorpusIndex:
+        """Open an index: manifest first (its fields, and exactly the files this code needs), every file checked
+        (size, SHA-256, array headers, cross-file counts) before it is opened, then arrays memory-mapped. With
+        `tokenizer`, its fingerprint must match the one the index was built with. checksums=False skips only the
+        hashing (for very large indexes, when the files are trusted); every structural check still runs.
+
+        A concurrent `build --force` may switch generations while this reads; a load that finds its generation's
+        files gone re-reads the manifest and loads the new generation: it returns the old or the new index,
+        never a mix."""
         path = Path(path)
-        manifest = read_manifest(path)
+        for _ in range(_LOAD_ATTEMPTS):
+            manifest = read_manifest(path)
+            try:
+                return cls._load_generation(path, manifest, tokenizer, checksums)
+            except (GenerationGone, FileNotFoundError) as e:
+                again = read_manifest(path)
+                if again.get("generation") == manifest.get("generation"):
+                    raise IndexFormatError(f"index {path}: a file is missing ({e})") from None
+        raise IndexFormatError(f"index {path}: rebuilt {_LOAD_ATTEMPTS} times while loading; try again")
+
+    @classmethod
+    def _load_generation(cls, path: Path, manifest: dict, tokenizer, checksums: bool) -> CorpusIndex:
+        _check_fields(path, manifest)
         if tokenizer is not None:
             check_tokenizer(path, manifest, tokenizer)
-        verify_files(path, manifest, checksums=checksums)
+        where = verify_files(path, manifest, _required_files(manifest), checksums=checksums)
+
+        def label(name: str) -> str:
+            return f"index {path}: file {name}"
+        counts = manifest["counts"]
+        spans = _load_spans(where, counts, label)
+        text, offsets, ranges, source_ids, sources = _load_passages(where, counts["passages"], spans.stream.size,
+                                                                    label)
+        dim = manifest["embedder"]["dim"]
+        embedder = _load_embedder(where, manifest["embedder"], label)
+        _check_faiss_file(where / "passages.faiss", dim, counts["passages"], label("passages.faiss"))
         try:
-            spans = SpanIndex.load(path)
-            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-                      for name in ("passage_text_offsets", "passage_tokens", "passage_source")}
-            text = np.memmap(path / "passage_text.bin", dtype=np.uint8, mode="r") \
-                if (path / "passage_text.bin").stat().st_size else np.zeros(0, np.uint8)
-            sources = json.loads((path / "sources.json").read_text(encoding="utf-8"))
-            faiss_index = faiss.read_index(str(path / "passages.faiss"), faiss.IO_FLAG_READ_ONLY)
-        except (OSError, ValueError, RuntimeError) as e:       # files passed the manifest but do not parse
-            raise IndexFormatError(f"index {path}: a file does not parse ({e})") from None
-        index = cls(path, manifest, spans, faiss_index, text, arrays["passage_text_offsets"],
-                    arrays["passage_tokens"], arrays["passage_source"], sources)
-        return index
+            faiss_index = faiss.read_index(str(where / "passages.faiss"), faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as e:       # the header passed, so this is a vanished file or an I/O error
+            if not (where / "passages.faiss").exists():
+                raise GenerationGone(f"index {path}: file passages.faiss is missing") from None
+            raise IndexFormatError(f"{label('passages.faiss')}: faiss cannot read it ({e})") from None
+        return cls(path, manifest, spans, faiss_index, text, offsets, ranges, source_ids, sources, embedder)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise IndexFormatError unless `tokenizer` is the one this index was built with (same fingerprint),
+        for an index loaded without one: `generate(index=CorpusIndex.load(path))`."""
+        check_tokenizer(self.path, self.manifest, tokenizer)
 
     def __len__(self) -> int:
         return int(self._token_ranges.shape[0])
 
     def passage(self, i: int, score: float = 0.0) -> Passage:
+        if not 0 <= int(i) < len(self):
+            raise IndexError(f"passage {i} out of range: the index holds {len(self)} passages")
         a, b = int(self._text_offsets[i]), int(self._text_offsets[i + 1])
         s, e = (int(v) for v in self._token_ranges[i])
         ids = (np.asarray(self.spans.stream[s:e], dtype=np.int64) - 1).tolist()
-        return Passage(int(i), bytes(self._text[a:b]).decode("utf-8"), ids, float(score),
-                       self._sources[int(self._passage_source[i])])
+        try:
+            text = bytes(self._text[a:b]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise IndexFormatError(f"index {self.path}: passage {i}'s text is not UTF-8 (a modified file?)") from None
+        return Passage(int(i), text, ids, float(score), self._sources[int(self._passage_source[i])])
 
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
-        """(Q,) texts -> (Q, dim) with the embedder the index was built with (loaded on first use)."""
+        """(Q,) texts -> (Q, dim) float32 with the embedder the index was built with (loaded on first use).
+        Raises ValueError on a non-finite vector (faiss would rank NaN arbitrarily)."""
         if self._embedder is None:
-            self._embedder = make_embedder(self.manifest["embedder"], self.path)
-        return self._embedder.embed(list(queries))
+            self._embedder = make_embedder(self.manifest["embedder"])
+        vectors = np.ascontiguousarray(self._embedder.embed(list(queries)), dtype=np.float32)     # (Q, dim)
+        if vectors.shape != (len(queries), self._faiss.d):
+            raise ValueError(f"the embedder made vectors of shape {vectors.shape}, the index holds {self._faiss.d} dims")
+        if not np.all(np.isfinite(vectors)):
+            raise ValueError("a query embedding is not finite (NaN or inf); nothing can be ranked against it")
+        return vectors
 
     def retrieve(self, query: str, k: int = 4, *, reranker=None, candidates: int = 20) -> list[Passage]:
-        """The k passages nearest to `query` by embedding inner product, best first.
+        """The k passages nearest to `query` by embedding inner product, best first (fewer if the index holds
+        fewer; none from an empty index).
 
         With a `reranker` (e.g. rerank.LMReranker over the target model), the embedding search proposes
         max(k, candidates) passages and the reranker orders them; each Passage keeps its embedding score."""
-        if k < 1 or candidates < 1:
-            raise ValueError(f"k and candidates must be >= 1, got {k} and {candidates}")
+        if not (_is_int(k, 1) and _is_int(candidates, 1)):
+            raise ValueError(f"k and candidates must be integers >= 1, got {k!r} and {candidates!r}")
         n = min(max(k, candidates) if reranker is not None else k, len(self))
+        if n == 0:
+            return []                                   # faiss asserts on a search for 0 neighbours
         scores, ids = self._faiss.search(self.embed_queries([query]), n)                   # (1, n)
         found = [self.passage(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]    # best first
         if reranker is not None:
@@ -273,7 +490,8 @@ class CorpusIndex:
 
     def info(self) -> dict:
         m = self.manifest
-        return {"path": str(self.path), "version": m["version"], "model_name": m["model_name"],
-                "tokenizer_fingerprint": m["tokenizer_fingerprint"], **m["counts"],
+        return {"path": str(self.path), "version": m["version"], "generation": m.get("generation"),
+                "model_name": m["model_name"], "tokenizer_fingerprint": m["tokenizer_fingerprint"],
+                **{key: m["counts"][key] for key in _COUNTS},
                 "build_options": m["build_options"], "embedder": m["embedder"],
                 "bytes_on_disk": sum(f["bytes"] for f in m["files"].values())}

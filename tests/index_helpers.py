@@ -1,0 +1,63 @@
+"""Small corpora, quick index builds and an index's full set of answers, for the index safety and crash tests."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from refdecode.corpus import CorpusIndex, build_index
+from refdecode.corpus.testing import WordTokenizer
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega", "apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "olive", "peach", "pear", "plum"]
+QUERIES = ("alpha beta", "mango peach plum", "omega psi chi", "lemon")
+
+
+def write_corpus(folder: Path, seed: int, docs: int = 6, words: int = 150) -> Path:
+    """`docs` Markdown files of random words in three paragraphs each. -> folder"""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        paras = [" ".join(rng.choice(WORDS, size=words // 3)) for _ in range(3)]
+        (folder / f"doc{i}.md").write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+    return folder
+
+
+def build(src: Path, out: Path, **kw) -> Path:
+    kw.setdefault("embedder", "hashed")
+    kw.setdefault("chunk_tokens", 32)
+    return build_index([src], out, tokenizer=WordTokenizer(), model_name="toy", progress=False, **kw)
+
+
+def span_contexts(src: Path, n: int = 6) -> list[list[int]]:
+    """Token windows taken from the corpus' own text: each has a long match in an index of that corpus."""
+    tok = WordTokenizer()
+    ids = [tok.encode((src / f"doc{i}.md").read_text()) for i in range(n)]
+    return [d[10:22] for d in ids]
+
+
+def answers(index: CorpusIndex, contexts: list[list[int]]) -> tuple:
+    """Everything a reader sees: passages, search results with scores, span continuations. Equal answers =
+    the same index, as far as any caller can tell."""
+    passages = tuple((p.text, tuple(p.token_ids), p.source) for p in (index.passage(i) for i in range(len(index))))
+    search = tuple(tuple((p.id, p.score) for p in index.retrieve(q, k=3)) for q in QUERIES)
+    spans = tuple((L, tuple(map(tuple, conts))) for L, conts in
+                  (index.span_continuations(c, 4, max_candidates=8) for c in contexts))
+    return passages, search, spans
+
+
+def gen_dir(index_dir: Path) -> Path:
+    return index_dir / json.loads((index_dir / "manifest.json").read_text())["generation"]
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` (relative) with its bytes (None for folders): a snapshot to compare."""
+    out: dict[str, bytes | None] = {}
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), folder)] = None
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = None if os.path.islink(p) else Path(p).read_bytes()
+    return out
