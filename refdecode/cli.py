@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         print("refdecode: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # the last resort: a bug, but still one line rather than a traceback
-        print(f"refdecode: internal error: {type(err).__name__}: {_one_line(err)} (please report this)", file=sys.stderr)
+        print(f"refdecode: internal error: {type(err).__name__}: {_one_line(err)} (please report this)",
+              file=sys.stderr)
         return 1
 
 
