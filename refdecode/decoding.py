@@ -452,7 +452,7 @@ def decode(
     logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1:].float()
     _check_finite(logits, "the prefill (output token 0)")
     scores = process_rows(processors, context, [], logits)
-    noise = PositionNoise(generator, logits.shape[-1], device) if sampling else None
+    noise = PositionNoise(generator, logits.shape[-1], device) if sampling and generator is not None else None
     first = _choose(scores, noise)
     cache.activate_past_recording()  # sliding-window layers must keep past states to be croppable
     output: list[int] = []

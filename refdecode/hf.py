@@ -43,7 +43,7 @@ def hf_generate(
     policy: DraftPolicy | None = None,
     seed: int | None = None,
     **model_kwargs,
-) -> torch.LongTensor:
+) -> torch.Tensor:
     """Drop-in decoding method for `model.generate(custom_generate=hf_generate, ...)`.
 
     Extra generate() arguments it understands: references (texts, which need ref_tokenizer=, or token-id lists),
