@@ -405,6 +405,7 @@ def generate(
     )
 
 
+@torch.no_grad()  # also when called directly (tests, adapters): no autograd graph over the steps
 def decode(
     model,
     tokenizer,
