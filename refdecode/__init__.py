@@ -6,7 +6,7 @@
     out = refdecode.generate(model, tokenizer, prompt_ids, store=store, max_new_tokens=128)
 """
 
-from .decoding import GenerationOutput, GenerationStats, generate
+from .decoding import GenerationOutput, GenerationStats, NonFiniteLogitsError, generate
 from .drafting import Draft, Drafter, DraftPolicy, ReferenceDrafter
 from .hf import hf_generate
 from .models import KNOWN_MODELS, ModelNotFoundError, load_model, load_tokenizer
@@ -20,6 +20,7 @@ __all__ = [
     "GenerationStats",
     "KNOWN_MODELS",
     "ModelNotFoundError",
+    "NonFiniteLogitsError",
     "ReferenceDrafter",
     "ReferenceStore",
     "generate",

@@ -1,8 +1,9 @@
 """The `refdecode` command line: generate, plus the `index` and `bench` command groups.
 
 Knows: argument parsing, reading prompt/reference files, printing text, streams and JSON, and turning every
-expected failure (missing or non-UTF-8 file, empty prompt, unknown model, bad option) into one line on stderr and
-exit status 2. Does not know: how decoding works (it calls refdecode.generate).
+expected failure (missing or non-UTF-8 file, empty prompt, unknown model, bad option, unavailable device) into one
+line on stderr and exit status 2; anything unexpected is one line naming the exception type and exit status 1.
+Does not know: how decoding works (it calls refdecode.generate).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ def _read_text(path: str, what: str) -> str:
         return read_text(path, what)
     except ValueError as err:
         raise CliError(str(err)) from None
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates (PEP 383), which tokenizers reject."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CliError(f"{what} is not valid UTF-8 (an undecodable byte at character {err.start})") from None
 
 
 def _add_generate(subparsers) -> None:
@@ -91,6 +100,9 @@ def _run_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt")
     if not prompt.strip():
         raise CliError("the prompt is empty")
+    _check_utf8(prompt, "--prompt")
+    for stop in args.stop:
+        _check_utf8(stop, "--stop")
     references = [(path, _read_text(path, "reference")) for path in args.ref]
     for path, text in references:
         if not text.strip():
@@ -171,14 +183,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CliError as err:
-        print(f"refdecode: error: {err}", file=sys.stderr)
+        print(f"refdecode: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"refdecode: error: {err}", file=sys.stderr)
+        print(f"refdecode: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("refdecode: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the last resort: a bug, but still one line rather than a traceback
+        print(f"refdecode: internal error: {type(err).__name__}: {_one_line(err)} (please report this)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """The message's first line, with undecodable characters escaped, so stderr always gets exactly one line."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 if __name__ == "__main__":

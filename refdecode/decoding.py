@@ -7,6 +7,8 @@ how tokens are accepted (verification.py).
 
 from __future__ import annotations
 
+import math
+import operator
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -18,7 +20,16 @@ from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDr
 from .sampling import SamplingConfig, build_processors, process_rows
 from .verification import PositionNoise, Verdict, verify_greedy, verify_point_mass, verify_sampling
 
-__all__ = ["GenerationOutput", "GenerationStats", "calibrate_costs", "decode", "generate", "prepare_prompt"]
+__all__ = [
+    "GenerationOutput",
+    "GenerationStats",
+    "NonFiniteLogitsError",
+    "calibrate_costs",
+    "check_prompt_ids",
+    "decode",
+    "generate",
+    "prepare_prompt",
+]
 
 
 @dataclass
@@ -73,31 +84,135 @@ class GenerationOutput:
 
 
 def prepare_prompt(tokenizer, prompt, *, chat: bool = False) -> list[int]:
-    """list[int] / LongTensor (T,) or (1, T) / str (tokenized; chat=True applies the chat template) -> list[int]."""
+    """list[int] / LongTensor (T,) or (1, T) / str (tokenized; chat=True applies the chat template) -> list[int].
+
+    ValueError for anything that is not a non-empty sequence of integer token ids (floats, bools, strings of digits,
+    float or bool tensors) or a non-empty text; the ids' range is checked against the model in `check_prompt_ids`.
+    """
     if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        if chat:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            if hasattr(ids, "keys"):  # some versions return a BatchEncoding
-                ids = ids["input_ids"]
-            return [int(t) for t in ids]
-        return tokenizer.encode(prompt)
-    if isinstance(prompt, torch.Tensor):
-        if prompt.dim() == 2:
-            if prompt.shape[0] != 1:
-                raise ValueError(f"batch size {prompt.shape[0]} is not supported: pass one sequence (1, T)")
-            prompt = prompt[0]
-        if prompt.dim() != 1:
-            raise ValueError(f"prompt tensor must be (T,) or (1, T), got shape {tuple(prompt.shape)}")
-        ids = prompt.tolist()
+        return _tokenize(tokenizer, prompt, chat)
+    if isinstance(prompt, (bytes, bytearray)):
+        raise ValueError("the prompt is bytes: decode it to str, or pass token ids")
+    if hasattr(prompt, "dtype") and hasattr(prompt, "shape"):  # a torch tensor or a numpy array
+        ids = _tensor_ids(torch.as_tensor(prompt) if not isinstance(prompt, torch.Tensor) else prompt)
+    elif isinstance(prompt, (list, tuple, range)):
+        ids = [_token_id(t, i) for i, t in enumerate(prompt)]
     else:
-        ids = [int(t) for t in prompt]
+        raise TypeError(f"the prompt must be a str, a list of token ids or a LongTensor, got {type(prompt).__name__}")
     if not ids:
         raise ValueError("the prompt has no tokens")
     return ids
+
+
+def _tokenize(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if tokenizer is None:
+        raise ValueError("a text prompt needs the tokenizer (or pass token ids)")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates, e.g. from undecodable command-line bytes
+        raise ValueError(f"the prompt is not valid Unicode text (a lone surrogate at character {err.start})") from None
+    if chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if hasattr(ids, "keys"):  # some versions return a BatchEncoding
+            ids = ids["input_ids"]
+        ids = [int(t) for t in ids]
+    else:
+        ids = list(tokenizer.encode(prompt))
+    if not ids:
+        raise ValueError("the prompt has no tokens after tokenization")
+    return ids
+
+
+def _tensor_ids(prompt: torch.Tensor) -> list[int]:
+    """(T,) or (1, T) integer tensor -> list[int]; float and bool tensors are refused rather than truncated."""
+    if prompt.dtype == torch.bool or prompt.is_floating_point() or prompt.is_complex():
+        raise ValueError(f"a prompt tensor must hold integer token ids, got dtype {prompt.dtype}")
+    if prompt.dim() == 2:
+        if prompt.shape[0] != 1:
+            raise ValueError(f"batch size {prompt.shape[0]} is not supported: pass one sequence (1, T)")
+        prompt = prompt[0]
+    if prompt.dim() != 1:
+        raise ValueError(f"prompt tensor must be (T,) or (1, T), got shape {tuple(prompt.shape)}")
+    return [int(t) for t in prompt.tolist()]
+
+
+def _token_id(value, position: int) -> int:
+    """One prompt element as an int: ints (Python, numpy, 0-d integer tensors) pass; bools, floats, str do not."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"prompt token {position} is a bool ({value!r}), not a token id")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"prompt token {position} is not an integer token id: {value!r:.40}") from None
+
+
+def vocab_size(model) -> int | None:
+    """The model's vocabulary size: config.vocab_size, else the rows of its output embedding (None if neither)."""
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def check_prompt_ids(model, prompt_ids: list[int]) -> None:
+    """ValueError unless every id is in 0 .. V - 1 (V the model's vocabulary) and the prompt fits the context."""
+    if not prompt_ids:
+        raise ValueError("the prompt has no tokens")
+    vocab = vocab_size(model)
+    low, high = min(prompt_ids), max(prompt_ids)
+    if low < 0 or (vocab is not None and high >= vocab):
+        bad = low if low < 0 else high
+        where = prompt_ids.index(bad)
+        raise ValueError(f"prompt token {where} is {bad}: token ids must be in 0 .. {vocab - 1 if vocab else '?'} "
+                         f"(the model's vocabulary size, model.config.vocab_size, is {vocab})")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and limit and len(prompt_ids) >= limit:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r:.40}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return max_new_tokens
+
+
+def stop_list(stop) -> list[str]:
+    """None / a str / a sequence of str -> list[str]; ValueError for anything else (a bare int, bytes, ...)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise ValueError(f"stop must be a str or a list of str, got {stop!r:.60}")
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model returned NaN or infinite logits (typically a half-precision overflow): no token can be chosen."""
+
+
+def _check_finite(logits: torch.Tensor, where: str) -> None:
+    """Raw logits [R, V] must be finite; checked before the processors, whose warpers legitimately write -inf.
+
+    One sum is the cheap test (NaN and inf propagate through it; torch.isfinite(...).all() costs ~20x more on CPU);
+    only a non-finite sum, which huge but finite logits can also give, pays for the exact check."""
+    if math.isfinite(float(logits.sum())):
+        return
+    if not bool(torch.isfinite(logits).all()):
+        nan = int(torch.isnan(logits).sum())
+        inf = int(torch.isinf(logits).sum())
+        raise NonFiniteLogitsError(
+            f"the model returned non-finite logits at {where} ({nan} NaN, {inf} inf values): the weights or "
+            "activations overflow in this dtype; try dtype='float32' or 'bfloat16'"
+        )
 
 
 class _StopChecker:
@@ -113,6 +228,10 @@ class _StopChecker:
         if self.stop_strings and tokenizer is None:
             raise ValueError("stop strings need the tokenizer")
         self.longest = max((len(s) for s in self.stop_strings), default=0)
+        # Tokens decoded before token i: starts at one per character, doubles while the text is too short (emoji and
+        # CJK take several byte-level tokens per character) and remembers what sufficed, up to a cap.
+        self.width = self.longest + 8
+        self.max_width = 4 * (self.longest + _WINDOW_SLACK) + 8  # 4 UTF-8 bytes per character at most
 
     def first_stop(self, output: list[int], start: int) -> tuple[int, str] | None:
         """(index in output, reason) of the first stopping token among output[start:], else None."""
@@ -130,11 +249,23 @@ class _StopChecker:
         return bool(torch.as_tensor(self.criteria(ids, None)).any())
 
     def _completes_stop_string(self, output: list[int], i: int) -> bool:
-        # Decode a window of tokens ending at i; a stop string counts once its last character comes from token i.
-        window = output[max(0, i - self.longest - 8) : i + 1]
-        before = self.tokenizer.decode(window[:-1])
-        after = self.tokenizer.decode(window)
+        """A stop string counts once its last character comes from token i. The window of tokens decoded before i
+        must hold at least the longest stop string's characters (plus slack for a partial character at its start,
+        decoded as U+FFFD), however many tokens that takes; its width is found by doubling, not by decoding the
+        whole output, so a step costs O(tokens per stop string)."""
+        width = self.width
+        while True:
+            start = max(0, i - width)
+            before = self.tokenizer.decode(output[start:i])
+            if start == 0 or len(before) >= self.longest + _WINDOW_SLACK:
+                break
+            width *= 2
+        self.width = max(self.width, min(width, self.max_width))
+        after = self.tokenizer.decode(output[start : i + 1])
         return any(s in after and (s not in before or after.rfind(s) + len(s) > len(before)) for s in self.stop_strings)
+
+
+_WINDOW_SLACK = 4  # characters: up to 3 U+FFFD for a UTF-8 character cut at the window's start, 1 for a lead space
 
 
 def _forward(model, cache, token_ids: list[int], device) -> torch.Tensor:
@@ -234,7 +365,12 @@ def generate(
     config = SamplingConfig(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed
     )
+    check_max_new_tokens(max_new_tokens)
+    if isinstance(max_draft, bool) or not isinstance(max_draft, int) or max_draft < 0:
+        raise ValueError(f"max_draft must be an int >= 0 (0 = no drafting), got {max_draft!r:.40}")
+    stop_strings = stop_list(stop)
     prompt_ids = prepare_prompt(tokenizer, prompt, chat=chat)
+    check_prompt_ids(model, prompt_ids)
     if config.sampling and generator is None:
         generator = torch.Generator(device=model.device)
         if seed is not None:
@@ -260,7 +396,7 @@ def generate(
         generator=generator,
         max_new_tokens=max_new_tokens,
         eos_ids=_eos_ids(model, eos_token_id),
-        stop_strings=[stop] if isinstance(stop, str) else list(stop or []),
+        stop_strings=stop_strings,
         streamer=streamer,
         drafter=drafter or ReferenceDrafter(prompt_ids, store=store, spans=spans),
         policy=policy or DraftPolicy(max_draft=max_draft),
@@ -269,6 +405,7 @@ def generate(
     )
 
 
+@torch.no_grad()  # also when called directly (tests, adapters): no autograd graph over the steps
 def decode(
     model,
     tokenizer,
@@ -295,13 +432,10 @@ def decode(
     stopping_criteria: optional transformers StoppingCriteriaList, checked after every committed token.
     """
     t_start = time.perf_counter()
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
     if sampling and generator is None:
         raise ValueError("sampling needs a torch.Generator")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and len(prompt_ids) >= limit:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+    check_prompt_ids(model, prompt_ids)
     device = model.device
     if tie_margin is None:  # float32: well above the ~1e-5 differences between wide and narrow forwards
         tie_margin = 1e-3 if model.dtype == torch.float32 else 0.0
@@ -317,8 +451,9 @@ def decode(
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1:].float()
+    _check_finite(logits, "the prefill (output token 0)")
     scores = process_rows(processors, context, [], logits)
-    noise = PositionNoise(generator, logits.shape[-1], device) if sampling else None
+    noise = PositionNoise(generator, logits.shape[-1], device) if sampling and generator is not None else None
     first = _choose(scores, noise)
     cache.activate_past_recording()  # sliding-window layers must keep past states to be croppable
     output: list[int] = []
@@ -343,6 +478,7 @@ def decode(
         # 3) verify: one forward over the pending token and the draft, [k + 1, V] scores
         t0 = time.perf_counter()
         logits = _forward(model, cache, [output[-1]] + tokens, device)
+        _check_finite(logits, f"verification step {stats.steps + 1} (output tokens {len(output)}..{len(output) + k})")
         scores = process_rows(processors, context, tokens, logits)
         position = len(output)  # output position of row 0: the token after the pending one
         verdict, accept_probs = _verify(scores, tokens, draft, noise, position, generator,

@@ -7,8 +7,9 @@ to map that onto refdecode's decode loop. Does not know: drafting or verificatio
 transformers does not forward its own `tokenizer=` and `streamer=` arguments to a callable custom_generate, so
 this one takes `ref_tokenizer=` (to tokenize text references) and `ref_streamer=` instead; for the same reason
 transformers refuses `stop_strings=` here (it cannot find a tokenizer), so pass `stop=[...]` with `ref_tokenizer=`.
-Every stopping criterion transformers prepared (max length, EOS, custom ones) is applied after each committed token. Limits, checked with clear
-errors: batch size 1, no beam search.
+Every stopping criterion transformers prepared (max length, EOS, custom ones) is applied after each committed
+token. Limits, checked with clear errors: batch size 1, no beam search, an attention_mask that is all ones or left
+padding (stripped before decoding and kept in front of the returned ids).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .decoding import decode
+from .decoding import decode, stop_list
 from .drafting import DraftPolicy, ReferenceDrafter
 from .store import ReferenceStore
 
@@ -42,23 +43,27 @@ def hf_generate(
     policy: DraftPolicy | None = None,
     seed: int | None = None,
     **model_kwargs,
-) -> torch.LongTensor:
+) -> torch.Tensor:
     """Drop-in decoding method for `model.generate(custom_generate=hf_generate, ...)`.
 
     Extra generate() arguments it understands: references (texts, which need ref_tokenizer=, or token-id lists),
     store (a ReferenceStore), index (a corpus index or its path; needs ref_tokenizer=), max_draft or a DraftPolicy
-    (policy=), seed (sampling),
-    ref_streamer (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=). Returns the prompt followed by the new tokens, like generate(): [1, T + new].
+    (policy=), seed (sampling), ref_streamer (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=).
+    attention_mask: all ones or left padding. Returns the prompt (with its padding) followed by the new tokens, like
+    generate(): [1, T + new].
     """
-    # 1) what transformers resolved for us
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"refdecode.hf_generate decodes one sequence at a time; got batch size {input_ids.shape[0]}")
+    # 1) what transformers resolved for us (it has repeated input_ids num_beams times already: check beams first)
     if generation_config is None:
         raise ValueError("hf_generate must be called through model.generate(custom_generate=hf_generate, ...)")
-    if getattr(generation_config, "num_beams", 1) > 1:
-        raise ValueError("refdecode.hf_generate does not do beam search (num_beams > 1)")
-    prompt_ids = input_ids[0].tolist()
-    max_new_tokens = generation_config.max_length - len(prompt_ids)
+    beams = getattr(generation_config, "num_beams", 1) or 1
+    if beams > 1:
+        raise ValueError(f"refdecode.hf_generate does not do beam search (num_beams={beams}); use num_beams=1")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"refdecode.hf_generate decodes one sequence at a time; got input of shape "
+                         f"{tuple(input_ids.shape)} (batch size {input_ids.shape[0] if input_ids.dim() else 0})")
+    max_new_tokens = generation_config.max_length - input_ids.shape[1]
+    padding = _left_padding(model_kwargs.get("attention_mask"), input_ids.shape[1])
+    prompt_ids = input_ids[0, padding:].tolist()
     tokenizer = ref_tokenizer if ref_tokenizer is not None else getattr(store, "tokenizer", None)
     if tokenizer is None and (index is not None or stop or any(isinstance(r, str) for r in references or [])):
         raise ValueError("pass ref_tokenizer=tokenizer to generate() along with text references, stop or an index")
@@ -94,7 +99,7 @@ def hf_generate(
         generator=generator,
         max_new_tokens=max_new_tokens,
         eos_ids=eos_ids,
-        stop_strings=[stop] if isinstance(stop, str) else list(stop or []),
+        stop_strings=stop_list(stop),
         stopping_criteria=stopping_criteria,
         streamer=ref_streamer,
         drafter=ReferenceDrafter(prompt_ids, store=store, spans=spans),
@@ -102,8 +107,34 @@ def hf_generate(
     )
     new = torch.tensor([out.token_ids], dtype=input_ids.dtype, device=input_ids.device)
     model.refdecode_stats = out.stats  # the last call's statistics, for callers who want them
-    return torch.cat([input_ids, new], dim=1)
+    return torch.cat([input_ids, new], dim=1)  # the left padding, if any, stays in front, as transformers returns it
 
+
+def _left_padding(attention_mask, length: int) -> int:
+    """How many leading positions of the one input row `attention_mask` [1, T] masks out (0 without a mask).
+
+    For one sequence, left padding changes nothing but the positions: transformers derives position ids from the
+    mask, so decoding the unpadded tokens gives the same result. Any other mask (right padding, holes) would need
+    masked positions inside the sequence, which the decode loop does not carry: refused with a clear error.
+    """
+    if attention_mask is None:
+        return 0
+    mask = torch.as_tensor(attention_mask)
+    if tuple(mask.shape) != (1, length):
+        raise ValueError(f"attention_mask must have the input's shape (1, {length}), got {tuple(mask.shape)}")
+    row = [int(v) for v in mask[0].tolist()]
+    if any(v not in (0, 1) for v in row):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    padding = row.index(1) if 1 in row else length
+    if padding == length:
+        raise ValueError("attention_mask masks every input token: there is no prompt to continue")
+    if any(v == 0 for v in row[padding:]):
+        raise ValueError(
+            "attention_mask is not left padding (its zeros must all come before its ones): refdecode.hf_generate "
+            "decodes one unpadded sequence. Note that transformers builds a mask from pad_token_id when none is "
+            "given, so a prompt containing the pad token inside it gets such a mask: pass attention_mask explicitly"
+        )
+    return padding
 
 
 class _IdsOnly:

@@ -12,6 +12,7 @@ an interrupted conversion never leaves a half checkpoint behind.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -21,7 +22,15 @@ from typing import Callable
 
 import torch
 
-__all__ = ["KNOWN_MODELS", "ModelNotFoundError", "cache_dir", "load_model", "load_tokenizer", "resolve_dtype"]
+__all__ = [
+    "KNOWN_MODELS",
+    "ModelNotFoundError",
+    "cache_dir",
+    "load_model",
+    "load_tokenizer",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 
 class ModelNotFoundError(ValueError):
@@ -128,10 +137,40 @@ def _checkpoint_for(name: str) -> str:
     if Path(name).is_dir():
         if not (Path(name) / "config.json").exists():
             raise _unknown(name, "the directory has no config.json")
+        _check_config(name, Path(name) / "config.json")
         return name
     if Path(name).exists():
         raise _unknown(name, "a file, not a checkpoint directory")
     return name
+
+
+def _check_config(name: str, path: Path) -> None:
+    """A checkpoint's config.json must be a JSON object; transformers fails on anything else with a bare
+    AttributeError or JSONDecodeError deep inside."""
+    try:
+        config = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _unknown(name, f"its config.json is not readable JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise _unknown(name, f"its config.json holds a {type(config).__name__}, not a JSON object")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device that this torch build can use; ValueError naming the problem otherwise (an unknown name,
+    CUDA on a CPU-only build or without a GPU, an index past the GPUs present)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device '{device}': use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device '{device}' is not available: {build}; use device 'cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{device}' is not available: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device '{device}' is not available on this machine")
+    return resolved
 
 
 def load_tokenizer(name: str):
@@ -156,15 +195,18 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
     Returns:
         (model, tokenizer), the model in eval mode.
     Raises:
-        ModelNotFoundError: unknown name (the message lists the known ones).
+        ModelNotFoundError: unknown name (the message lists the known ones), or a checkpoint directory whose
+            config.json is not a JSON object.
+        ValueError: an unknown dtype, or a device this torch build or machine does not have.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
     tokenizer = load_tokenizer(name)
     checkpoint = _checkpoint_for(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise _unknown(name, f"transformers could not open it offline: {str(err).splitlines()[0]}") from None
-    return model.to(device).eval(), tokenizer
+    return model.to(target).eval(), tokenizer

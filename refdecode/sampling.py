@@ -8,6 +8,8 @@ k + 1 rows of one verification forward quickly (`process_rows`). Does not know: 
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,18 +29,37 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+        # NaN compares false with everything, so each check is written to fail for it (nan temperature would
+        # otherwise slip through as "not > 0", i.e. silently greedy).
+        if not (_real(self.temperature, "temperature") >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and not _integer(self.top_k, "top_k") >= 1:
+            raise ValueError(f"top_k must be >= 1 (None = off), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < _real(self.top_p, "top_p") <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repetition_penalty is not None and not (
+            _real(self.repetition_penalty, "repetition_penalty") > 0 and math.isfinite(self.repetition_penalty)
+        ):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= _integer(self.seed, "seed") < 2**64:
+            raise ValueError(f"seed must be in 0 .. 2**64 - 1, got {self.seed}")
 
     @property
     def sampling(self) -> bool:
         return self.temperature > 0
+
+
+def _real(value, name: str) -> float:
+    """value as a float if it is a real number (not a bool or a str); ValueError naming the option otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r:.40}")
+    return float(value)
+
+
+def _integer(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r:.40}")
+    return int(value)
 
 
 def build_processors(config: SamplingConfig, extra=None):

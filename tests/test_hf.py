@@ -109,3 +109,49 @@ def test_unsupported_settings_fail_clearly(model_with_vocab, tokenizer):
         model_with_vocab.generate(x, max_new_tokens=4, custom_generate=refdecode.hf_generate)
     with pytest.raises(ValueError, match="ref_tokenizer"):
         model_with_vocab.generate(x[:1], max_new_tokens=4, custom_generate=refdecode.hf_generate, references=["a"])
+
+
+def test_num_beams_is_reported_as_beam_search(model_with_vocab, tokenizer):
+    """transformers repeats input_ids num_beams times before calling us: this used to read as 'batch size 2'."""
+    x = torch.tensor([tokenizer.encode("Beams")])
+    with pytest.raises(ValueError, match=r"beam search \(num_beams=2\)"):
+        model_with_vocab.generate(x, max_new_tokens=4, num_beams=2, custom_generate=refdecode.hf_generate)
+
+
+def test_left_padded_input_with_its_mask_equals_transformers(model_with_vocab, tokenizer):
+    """The mask used to be ignored: the pad tokens were decoded as prompt text and the output differed."""
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    pad = 0  # <|endoftext|>: as a visible token it changes this model's continuation (checked below)
+    x = torch.tensor([[pad] * 5 + ids])
+    mask = torch.tensor([[0] * 5 + [1] * len(ids)])
+    plain = model_with_vocab.generate(x, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=pad)
+    ours = model_with_vocab.generate(x, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=pad,
+                                     custom_generate=refdecode.hf_generate, policy=flat_costs())
+    assert torch.equal(ours, plain)
+    assert ours[0, :5].tolist() == [pad] * 5  # the padding is kept in front, as transformers returns it
+    unmasked = model_with_vocab.generate(x, attention_mask=torch.ones_like(mask), max_new_tokens=24, do_sample=False,
+                                         pad_token_id=pad)
+    assert not torch.equal(unmasked, plain), "the padding must matter for this test to mean anything"
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        ([1, 1, 1, 0], "not left padding"),  # right padding
+        ([0, 1, 0, 1], "not left padding"),  # a hole
+        ([0, 0, 0, 0], "masks every input token"),
+        ([1, 2, 1, 1], "only 0 and 1"),
+    ],
+)
+def test_masks_that_are_not_left_padding_are_refused(model_with_vocab, tokenizer, mask, message):
+    x = torch.tensor([tokenizer.encode("one two three four")[:4]])
+    assert x.shape[1] == 4
+    with pytest.raises(ValueError, match=message):
+        model_with_vocab.generate(x, attention_mask=torch.tensor([mask]), max_new_tokens=4, do_sample=False,
+                                  custom_generate=refdecode.hf_generate)
+
+
+def test_out_of_vocabulary_ids_through_hf_generate(model_with_vocab, tokenizer):
+    x = torch.tensor([[5, len(tokenizer)]])
+    with pytest.raises(ValueError, match="vocabulary size"):
+        model_with_vocab.generate(x, max_new_tokens=4, do_sample=False, custom_generate=refdecode.hf_generate)
