@@ -33,8 +33,8 @@ class SamplingConfig:
         # otherwise slip through as "not > 0", i.e. silently greedy).
         if not (_real(self.temperature, "temperature") >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and not _integer(self.top_k, "top_k") >= 1:
-            raise ValueError(f"top_k must be >= 1 (None = off), got {self.top_k}")
+        if self.top_k is not None and not _integer(self.top_k, "top_k") >= 0:  # 0 = off, as in transformers
+            raise ValueError(f"top_k must be >= 0 (0 or None = off), got {self.top_k}")
         if self.top_p is not None and not 0.0 < _real(self.top_p, "top_p") <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty is not None and not (

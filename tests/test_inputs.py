@@ -88,7 +88,7 @@ def test_text_prompt_with_lone_surrogates_is_a_value_error(model):
         (dict(temperature=0.7, top_p=0.0), "top_p"),
         (dict(temperature=0.7, top_p=1.5), "top_p"),
         (dict(temperature=0.7, top_p=math.nan), "top_p"),
-        (dict(temperature=0.7, top_k=0), "top_k must be >= 1"),
+        (dict(temperature=0.7, top_k=-1), "top_k must be >= 0"),
         (dict(temperature=0.7, top_k=-3), "top_k"),
         (dict(temperature=0.7, top_k=2.5), "top_k must be an int"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
@@ -228,3 +228,10 @@ def test_sampling_warpers_minus_inf_is_not_mistaken_for_overflow(model):
     """top-k writes -inf into the scores on purpose: only the raw logits are checked."""
     out = refdecode.generate(model, None, [5, 6, 7], max_new_tokens=6, temperature=0.8, top_k=3, seed=1)
     assert len(out.token_ids) == 6
+
+
+def test_top_k_zero_means_off_as_in_transformers(model):
+    """top_k=0 disables the top-k warper (transformers' convention): the same output as top_k=None."""
+    off = refdecode.generate(model, None, [5, 6, 7], max_new_tokens=6, temperature=0.8, top_k=None, seed=3)
+    zero = refdecode.generate(model, None, [5, 6, 7], max_new_tokens=6, temperature=0.8, top_k=0, seed=3)
+    assert zero.token_ids == off.token_ids
