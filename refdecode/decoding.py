@@ -336,7 +336,7 @@ def decode(
     while not stop_reason:
         # 2) draft: propose, then keep the length that pays at this acceptance and forward cost
         budget = max_new_tokens - len(output) - 1
-        draft = None if force_plain else drafter.propose(context.tolist(), budget)
+        draft = None if force_plain else drafter.propose(context.tolist(), min(budget, policy.max_draft))
         k = 0 if draft is None else policy.choose_length(draft, budget)
         draft = draft.truncated(k) if draft is not None and k > 0 else None
         tokens = draft.tokens if draft is not None else []

@@ -65,6 +65,9 @@ class SpanSource(Protocol):
     ) -> tuple[int, list[list[int]]]: ...
 
 
+MAX_DRAFT_TOKENS = 256  # propose() drafts at most this many tokens whatever it is asked: the work stays bounded
+
+
 @dataclass
 class _Followed:
     """A copied span being followed: the next token expected is the one at `pos` of sequence `seq` of `source`
@@ -108,6 +111,8 @@ class ReferenceDrafter:
         return f.source.continuation((f.seq, f.pos - 1), 1) == [token]
 
     def propose(self, context: Sequence[int], max_tokens: int) -> Draft | None:
+        """A draft of 1 .. min(max_tokens, MAX_DRAFT_TOKENS) tokens, or None; never more work than that bound."""
+        max_tokens = min(max_tokens, MAX_DRAFT_TOKENS)
         if max_tokens <= 0:
             return None
         # 1) the freshest evidence: the longest context suffix in the output/prompt and in the stores
