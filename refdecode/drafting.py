@@ -94,6 +94,8 @@ class ReferenceDrafter:
         self.session = SuffixIndex(max_ngram=max_ngram)
         self.session.add(list(context))
         self.sources: list[SuffixSource] = [self.session, *_as_sources(store)]
+        # the longest match any source can report (a source that does not say: no bound)
+        self._longest_possible = max(getattr(s, "max_ngram", None) or float("inf") for s in self.sources)
         self.spans = spans
         self.followed: list[_Followed] = []
         self.run = 0  # tokens in a row that the followed spans predicted
@@ -115,9 +117,10 @@ class ReferenceDrafter:
         max_tokens = min(max_tokens, MAX_DRAFT_TOKENS)
         if max_tokens <= 0:
             return None
-        # 1) the freshest evidence: the longest context suffix in the output/prompt and in the stores
+        # 1) the freshest evidence: the longest context suffix in the output/prompt and in the stores (skipped
+        #    while the followed spans' run is at least every source's longest possible match: they would win in 2)
         best_len, candidates = 0, []
-        for source in self.sources:
+        for source in self.sources if not (self.followed and self.run >= self._longest_possible) else ():
             match = source.longest_suffix(context)
             if match.length > best_len:
                 best_len, candidates = match.length, []

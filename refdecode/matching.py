@@ -95,6 +95,8 @@ def _valid_tail(context: Sequence[int], n: int, limit: int) -> list[int]:
     """The last <= n tokens of `context` after its last id that cannot occur in an index (not an int, < 0 or >=
     limit): a suffix match never spans such an id. Never raises (a model may emit ids beyond the tokenizer's)."""
     tail = list(context[-n:]) if n > 0 else []
+    if all(type(t) is int for t in tail) and (not tail or (min(tail) >= 0 and max(tail) < limit)):
+        return tail  # the usual case, checked fast: the decode loop passes plain ints
     for i in range(len(tail) - 1, -1, -1):
         t = tail[i]
         if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral) or not 0 <= t < limit:

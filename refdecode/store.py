@@ -110,6 +110,11 @@ class ReferenceStore:
         return self.index.tokens(doc_id)
 
     # -- what the drafter asks (matching.SuffixSource) ------------------------------------------------------------
+    @property
+    def max_ngram(self) -> int:
+        """The longest context suffix a lookup matches, in tokens."""
+        return self.index.max_ngram
+
     def longest_suffix(self, context: Sequence[int]) -> Match:
         """Longest suffix (<= max_ngram tokens) of `context` occurring in a document with a following token;
         positions (document id, end offset), the most recent first."""

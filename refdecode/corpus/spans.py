@@ -236,7 +236,7 @@ class SpanIndex:
         B = self._gap(int(pos[m + n_hit - 1])) if n_hit else range(0)
         block = self._block_keys(np.array([*G, *A, *B], dtype=np.int64))
         if len(G):
-            found = np.searchsorted(block[:len(G)], keys[np.r_[n_hit:m, m + n_hit:2 * m]])
+            found = np.searchsorted(block[:len(G)], np.concatenate((keys[n_hit:m], keys[m + n_hit:])))
             k = m - n_hit
             extra = int(np.count_nonzero(found[k:] > found[:k]))
             if extra:
