@@ -33,7 +33,7 @@ def hf_generate(
     synced_gpus: bool = False,
     streamer=None,
     references: Sequence[str | Sequence[int]] | None = None,
-    store: ReferenceStore | None = None,
+    store: ReferenceStore | Sequence[ReferenceStore] | None = None,
     index=None,
     ref_tokenizer=None,
     ref_streamer=None,
@@ -69,7 +69,7 @@ def hf_generate(
         extra = ReferenceStore(tokenizer if tokenizer is not None else _IdsOnly(model.config.vocab_size))
         for i, text in enumerate(references):
             extra.add(text, source=f"reference-{i}")
-        store = [extra] if store is None else [extra, store]
+        store = [extra, *([] if store is None else [store] if isinstance(store, ReferenceStore) else store)]
     spans = None
     if index is not None:
         from .decoding import _attach_index

@@ -20,9 +20,10 @@ token appends one key, so the index grows incrementally with the generated text.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import ahocorasick
 import numpy as np
@@ -238,7 +239,7 @@ class DocumentIndex:
         self._spans = None
         return len(self._lengths) - 1
 
-    def copy(self) -> "DocumentIndex":
+    def copy(self) -> DocumentIndex:
         """An index with the same documents that can grow on its own (the arrays are shared until then)."""
         twin = DocumentIndex(self.vocab_size, max_ngram=self.max_ngram, max_positions=self.max_positions)
         twin._stream, twin._starts, twin._lengths = self._stream, list(self._starts), list(self._lengths)
@@ -262,7 +263,7 @@ class DocumentIndex:
             if self._pending:
                 stream = np.zeros(self._size, dtype=self._dtype)
                 stream[: self._stream.size] = self._stream
-                for start, doc in zip(self._starts[-len(self._pending) :], self._pending):
+                for start, doc in zip(self._starts[-len(self._pending) :], self._pending, strict=True):
                     stream[start : start + doc.size] = doc
                 self._stream, self._pending = stream, []
             self._spans = SpanIndex.from_stream(self._stream, followed_only=True)
@@ -283,7 +284,7 @@ class DocumentIndex:
         latest = np.sort(np.partition(ends, ends.size - k)[ends.size - k :])[::-1]  # (k,) the k largest, descending
         docs = np.searchsorted(np.asarray(self._starts, dtype=np.int64), latest, side="right") - 1
         starts = np.asarray(self._starts, dtype=np.int64)[docs]
-        return Match(length, tuple(zip(docs.tolist(), (latest - starts).tolist())))
+        return Match(length, tuple(zip(docs.tolist(), (latest - starts).tolist(), strict=True)))
 
     def continuation(self, position: tuple[int, int], max_tokens: int) -> list[int]:
         """The <= max_tokens ids that follow the end offset `position` = (document id, end) in that document."""

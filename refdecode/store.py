@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import codecs
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class ReferenceStore:
             raise ValueError(f"reference '{name}' is empty")
         return self._add_ids(token_ids, name)
 
-    def copy(self) -> "ReferenceStore":
+    def copy(self) -> ReferenceStore:
         """A new store with the same documents (arrays are shared; adding to the copy leaves this one alone).
         Not needed to add per-call references: the drafter takes several stores."""
         twin = ReferenceStore(self.tokenizer, max_ngram=self.index.max_ngram, max_tokens=self.max_tokens)

@@ -8,12 +8,12 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need the test extra: pip install -e '.[test]'")
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from stats_helpers import IdTokenizer, tiny_llama  # noqa: E402
 
 import refdecode  # noqa: E402
 from refdecode.corpus.spans import MAX_CONTINUATION, SpanIndex  # noqa: E402
 from refdecode.drafting import MAX_DRAFT_TOKENS, DraftPolicy, ForwardCostModel, ReferenceDrafter  # noqa: E402
 from refdecode.store import ReferenceStore  # noqa: E402
-from stats_helpers import IdTokenizer, tiny_llama  # noqa: E402
 
 VOCAB = 6  # few tokens: long repeats, many equal matches that vote
 

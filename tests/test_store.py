@@ -8,12 +8,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from stats_helpers import IdTokenizer, tiny_llama
 
 import refdecode
 import refdecode.store as store_module
 from refdecode.drafting import ReferenceDrafter
 from refdecode.store import ReferenceStore
-from stats_helpers import IdTokenizer, tiny_llama
 
 
 class CharTokenizer:

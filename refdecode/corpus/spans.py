@@ -28,7 +28,7 @@ import numpy as np
 __all__ = ["DEPTH", "SpanIndex", "encode_stream", "build_suffix_order", "build_samples"]
 
 DEPTH = 16                      # the longest context suffix a lookup matches, in tokens
-MAX_CONTINUATION = 256          # continuations are cut here whatever max_tokens a caller asks (a draft never needs more)
+MAX_CONTINUATION = 256          # continuations are cut here whatever max_tokens a caller asks (drafts need less)
 _SAMPLE_BYTES_PER_TOKEN = 2     # sample spacing S is chosen so the samples cost this many bytes per corpus token
 _BACK = np.arange(DEPTH)        # offsets of a reversed window
 
@@ -155,11 +155,11 @@ class SpanIndex:
             raise ValueError("span index arrays disagree: samples do not match the suffix order")
 
     @classmethod
-    def build(cls, docs: Sequence[Sequence[int]], vocab_size: int, *, followed_only: bool = False) -> "SpanIndex":
+    def build(cls, docs: Sequence[Sequence[int]], vocab_size: int, *, followed_only: bool = False) -> SpanIndex:
         return cls.from_stream(encode_stream(docs, vocab_size), followed_only=followed_only)
 
     @classmethod
-    def from_stream(cls, stream: np.ndarray, *, followed_only: bool = False) -> "SpanIndex":
+    def from_stream(cls, stream: np.ndarray, *, followed_only: bool = False) -> SpanIndex:
         """Index a stream laid out as encode_stream's (ids + 1, 0 around every document); see build_suffix_order."""
         sa = build_suffix_order(stream, followed_only=followed_only)
         return cls(stream, sa, build_samples(stream, sa))
