@@ -11,9 +11,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from refdecode.matching import DocumentIndex, SuffixIndex, as_token_ids, brute_force_longest_suffix  # noqa: E402
 
-# Vocabulary sizes: tiny alphabets make long repeats; 49152 is SmolLM2's (a uint16 stream); 70000 needs uint32 and
+# Vocabulary sizes: tiny alphabets make long repeats; 49152 is SmolLM2's (a uint16 stream); 65534 and 65535 are the
+# largest uint16 and the smallest uint32 stream of a DocumentIndex; 70000 needs uint32 and
 # crosses the surrogate code points; 0x110000 is every code point the trie can key.
-VOCABS = [2, 3, 49152, 70000, 0x110000]
+VOCABS = [2, 3, 49152, 65534, 65535, 70000, 0x110000]
 
 
 def token_lists(vocab: int, max_size: int = 40):

@@ -12,7 +12,7 @@ from stats_helpers import IdTokenizer, tiny_llama
 
 import refdecode
 import refdecode.store as store_module
-from refdecode.drafting import ReferenceDrafter
+from refdecode.drafting import DraftPolicy, ForwardCostModel, ReferenceDrafter
 from refdecode.store import ReferenceStore
 
 
@@ -155,6 +155,12 @@ def test_attach_index_keeps_the_callers_store(monkeypatch):
     assert stores[0].tokens(0) == [5, 6, 7] and stores[0].source_of(0) == "src#7"
 
 
+def _flat_policy():
+    """Wide forwards priced as free: no timing calibration (seconds on a shared CPU) and drafting that does not
+    depend on this machine."""
+    return DraftPolicy(costs=ForwardCostModel({1: 1.0, 64: 1.0}))
+
+
 def test_hf_generate_takes_a_plain_string_as_one_reference(monkeypatch):
     seen = {}
     real = refdecode.hf.ReferenceDrafter
@@ -163,7 +169,7 @@ def test_hf_generate_takes_a_plain_string_as_one_reference(monkeypatch):
     model = tiny_llama(vocab_size=50, seed=0)
     x = torch.tensor([[3, 4, 5]])
     model.generate(x, max_new_tokens=3, do_sample=False, custom_generate=refdecode.hf_generate,
-                   references="5 6 7 8", ref_tokenizer=IdTokenizer(50))
+                   references="5 6 7 8", ref_tokenizer=IdTokenizer(50), policy=_flat_policy())
     (extra,) = seen["d"].sources[1:]
     assert len(extra) == 1 and extra.tokens(0) == [5, 6, 7, 8]
 
@@ -174,13 +180,15 @@ def test_one_character_references_do_not_end_the_process():
     code = (
         "import sys, torch, refdecode\n"
         "sys.path.insert(0, 'tests')\n"
+        "from refdecode.drafting import DraftPolicy, ForwardCostModel\n"
         "from stats_helpers import IdTokenizer, tiny_llama\n"
         "model = tiny_llama(vocab_size=50, seed=0)\n"
         "for refs in ('7', ['7', '8'], [[7], [8]]):\n"
         "    model.generate(torch.tensor([[3, 7]]), max_new_tokens=4, do_sample=False,\n"
-        "                   custom_generate=refdecode.hf_generate, references=refs, ref_tokenizer=IdTokenizer(50))\n"
+        "                   custom_generate=refdecode.hf_generate, references=refs, ref_tokenizer=IdTokenizer(50),\n"
+        "                   policy=DraftPolicy(costs=ForwardCostModel({1: 1.0, 64: 1.0})))\n"
         "store = refdecode.ReferenceStore(IdTokenizer(50))\n"
-        "refdecode.generate(model, IdTokenizer(50), [3, 7], store=store, max_new_tokens=4)\n"
+        "refdecode.generate(model, IdTokenizer(50), [3, 7], store=store, max_new_tokens=4, calibrate=False)\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
