@@ -471,7 +471,7 @@ def decode(
     while not stop_reason:
         # 2) draft: propose, then keep the length that pays at this acceptance and forward cost
         budget = max_new_tokens - len(output) - 1
-        draft = None if force_plain else drafter.propose(context.tolist(), budget)
+        draft = None if force_plain else drafter.propose(context.tolist(), min(budget, policy.max_draft))
         k = 0 if draft is None else policy.choose_length(draft, budget)
         draft = draft.truncated(k) if draft is not None and k > 0 else None
         tokens = draft.tokens if draft is not None else []
@@ -575,14 +575,18 @@ def _eos_ids(model, eos_token_id) -> set[int]:
 
 def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: int, reranker=None,
                   candidates: int = 20):
-    """Retrieve the index's top passages for the prompt into a copy-on-use store; return (store, span source)."""
+    """Retrieve the index's top passages for the prompt into a small store of their own; return (stores, span
+    source): the passages' store, then the caller's `store` (a store, a sequence of them, or None) untouched; the
+    drafter takes several stores, so nothing is copied per call. The passages come first, as in the merged store
+    this replaces, where they were the most recent documents."""
     from .corpus import CorpusIndex
     from .store import ReferenceStore
 
     if not isinstance(index, CorpusIndex):
         index = CorpusIndex.load(index, tokenizer=tokenizer)
-    merged = store.copy() if store is not None else ReferenceStore(tokenizer)
+    retrieved = ReferenceStore(tokenizer)
     query = tokenizer.decode(prompt_ids[-512:], skip_special_tokens=True)
     for passage in index.retrieve(query, k=retrieve_k, reranker=reranker, candidates=candidates):
-        merged.add(passage.token_ids, source=f"{passage.source}#{passage.id}")
-    return merged, index
+        retrieved.add(passage.token_ids, source=f"{passage.source}#{passage.id}")
+    given = [] if store is None else [store] if hasattr(store, "longest_suffix") else list(store)
+    return [retrieved, *given], index

@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .matching import SuffixIndex
+from .matching import SuffixIndex, SuffixSource
 
 __all__ = [
     "Draft",
@@ -65,28 +65,37 @@ class SpanSource(Protocol):
     ) -> tuple[int, list[list[int]]]: ...
 
 
+MAX_DRAFT_TOKENS = 256  # propose() drafts at most this many tokens whatever it is asked: the work stays bounded
+
+
 @dataclass
 class _Followed:
-    """A copied span being followed: the next token expected is index.sequences[seq][pos]."""
+    """A copied span being followed: the next token expected is the one at `pos` of sequence `seq` of `source`
+    (the first token of source.continuation((seq, pos - 1), ...))."""
 
-    index: SuffixIndex
+    source: SuffixSource
     seq: int
     pos: int
 
 
 class ReferenceDrafter:
     """Drafts by copying what followed the longest matching context suffix in the prompt, the output so far, the
-    store's documents and (optionally) a corpus span index.
+    stores' documents and (optionally) a corpus span index.
 
     Spans are *followed*: once a span's tokens are accepted, the next draft continues from where it left off, with
     evidence (`match_len`) that grows with every token it predicted right. Several equally good spans vote token
     by token, so a draft stops where the references disagree.
+
+    store: a ReferenceStore, or several (a sequence), e.g. the caller's store and a small one of the call's own
+    references; none is copied or changed. Earlier stores win ties in the vote, after the prompt and output.
     """
 
     def __init__(self, context: Sequence[int], *, store=None, spans: SpanSource | None = None, max_ngram: int = 12):
         self.session = SuffixIndex(max_ngram=max_ngram)
         self.session.add(list(context))
-        self.store_index = store.index if store is not None else None
+        self.sources: list[SuffixSource] = [self.session, *_as_sources(store)]
+        # the longest match any source can report (a source that does not say: no bound)
+        self._longest_possible = max(getattr(s, "max_ngram", None) or float("inf") for s in self.sources)
         self.spans = spans
         self.followed: list[_Followed] = []
         self.run = 0  # tokens in a row that the followed spans predicted
@@ -101,27 +110,27 @@ class ReferenceDrafter:
 
     @staticmethod
     def _expects(f: _Followed, token: int) -> bool:
-        seq = f.index.sequences[f.seq]
-        return f.pos < len(seq) and seq[f.pos] == token
+        return f.source.continuation((f.seq, f.pos - 1), 1) == [token]
 
     def propose(self, context: Sequence[int], max_tokens: int) -> Draft | None:
+        """A draft of 1 .. min(max_tokens, MAX_DRAFT_TOKENS) tokens, or None; never more work than that bound."""
+        max_tokens = min(max_tokens, MAX_DRAFT_TOKENS)
         if max_tokens <= 0:
             return None
-        # 1) the freshest evidence: the longest context suffix in the output/prompt and in the store
-        best_len, candidates = 0, []
-        for index in (self.session, self.store_index):
-            if index is None:
-                continue
-            match = index.longest_suffix(context)
+        # 1) the freshest evidence: the longest context suffix in the output/prompt and in the stores (skipped
+        #    while the followed spans' run is at least every source's longest possible match: they would win in 2)
+        best_len, candidates = 0, list[_Followed]()
+        for source in self.sources if not (self.followed and self.run >= self._longest_possible) else ():
+            match = source.longest_suffix(context)
             if match.length > best_len:
                 best_len, candidates = match.length, []
             if match.length == best_len and match.length > 0:
-                candidates += [_Followed(index, s, end + 1) for s, end in match.positions]
+                candidates += [_Followed(source, s, end + 1) for s, end in match.positions]
         # 2) spans already being followed win while their run is at least as long as the fresh match
         if self.followed and self.run >= best_len:
             best_len, candidates = self.run, self.followed
         if candidates:
-            tokens, agreeing = _vote(candidates, max_tokens, live=self.session.sequences[0])
+            tokens, agreeing = _vote(candidates, max_tokens, live=self.session)
             if tokens:
                 self.followed, self.run = agreeing, best_len
                 return Draft(tokens, best_len, "reference")
@@ -133,24 +142,37 @@ class ReferenceDrafter:
         return None
 
 
-def _continuation(c: _Followed, max_tokens: int, live: list[int]) -> list[int]:
-    """The tokens that follow a candidate. In the live context (prompt + output) a copy may overlap its own
-    output, as in LZ77: a span that repeats with period p keeps being drafted past the context's end."""
-    seq = c.index.sequences[c.seq]
-    cont = seq[c.pos : c.pos + max_tokens]
-    if seq is live and c.pos < len(seq):
-        while len(cont) < max_tokens:
-            cont.append(cont[len(cont) - (len(seq) - c.pos)])
+def _as_sources(store) -> list[SuffixSource]:
+    """None, one store, or a sequence of stores (None entries skipped) -> the stores, in order."""
+    if store is None:
+        return []
+    stores = [store] if hasattr(store, "longest_suffix") else list(store)
+    for s in stores:
+        if s is not None and not (hasattr(s, "longest_suffix") and hasattr(s, "continuation")):
+            raise ValueError(f"store must be a ReferenceStore or a sequence of them, got {type(s).__name__}")
+    return [s for s in stores if s is not None]
+
+
+def _continuation(c: _Followed, max_tokens: int, live: SuffixIndex) -> list[int]:
+    """The tokens that follow a candidate. In the live context (prompt + output: sequence 0 of `live`) a copy may
+    overlap its own output, as in LZ77: a span that repeats with period p keeps being drafted past the context's
+    end."""
+    cont = c.source.continuation((c.seq, c.pos - 1), max_tokens)
+    if c.source is live and c.seq == 0:
+        period = live.length(0) - c.pos
+        if period > 0:
+            while len(cont) < max_tokens:
+                cont.append(cont[len(cont) - period])
     return cont
 
 
-def _vote(candidates: list[_Followed], max_tokens: int, live: list[int]) -> tuple[list[int], list[_Followed]]:
+def _vote(candidates: list[_Followed], max_tokens: int, live: SuffixIndex) -> tuple[list[int], list[_Followed]]:
     """The voted draft of the candidates' continuations (see _vote_lists) and the spans that agree with its first
     token, positioned at the draft's start (observe() drops those that disagree later)."""
     conts = [_continuation(c, max_tokens, live) for c in candidates]
     tokens = _vote_lists(conts)
     agreeing = [c for c, cont in zip(candidates, conts) if cont[:1] == tokens[:1]]
-    return tokens, [_Followed(c.index, c.seq, c.pos) for c in agreeing]
+    return tokens, [_Followed(c.source, c.seq, c.pos) for c in agreeing]
 
 
 def _vote_lists(continuations: list[list[int]]) -> list[int]:

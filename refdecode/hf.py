@@ -34,7 +34,7 @@ def hf_generate(
     synced_gpus: bool = False,
     streamer=None,
     references: Sequence[str | Sequence[int]] | None = None,
-    store: ReferenceStore | None = None,
+    store: ReferenceStore | Sequence[ReferenceStore] | None = None,
     index=None,
     ref_tokenizer=None,
     ref_streamer=None,
@@ -67,15 +67,14 @@ def hf_generate(
     tokenizer = ref_tokenizer if ref_tokenizer is not None else getattr(store, "tokenizer", None)
     if tokenizer is None and (index is not None or stop or any(isinstance(r, str) for r in references or [])):
         raise ValueError("pass ref_tokenizer=tokenizer to generate() along with text references, stop or an index")
-    # 2) references: the caller's store plus the given texts
+    # 2) references: a small store of the given texts, drafted from along with the caller's store (never copied)
+    if isinstance(references, str):  # one text, not a sequence of one-character references
+        references = [references]
     if references:
-        if store is not None:
-            merged = store.copy()
-        else:
-            merged = ReferenceStore(tokenizer if tokenizer is not None else _IdsOnly(model.config.vocab_size))
+        extra = ReferenceStore(tokenizer if tokenizer is not None else _IdsOnly(model.config.vocab_size))
         for i, text in enumerate(references):
-            merged.add(text, source=f"reference-{i}")
-        store = merged
+            extra.add(text, source=f"reference-{i}")
+        store = [extra, *([] if store is None else [store] if isinstance(store, ReferenceStore) else store)]
     spans = None
     if index is not None:
         from .decoding import _attach_index

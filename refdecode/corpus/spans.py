@@ -28,6 +28,7 @@ import numpy as np
 __all__ = ["DEPTH", "SpanIndex", "encode_stream", "build_suffix_order", "build_samples"]
 
 DEPTH = 16                      # the longest context suffix a lookup matches, in tokens
+MAX_CONTINUATION = 256          # continuations are cut here whatever max_tokens a caller asks (drafts need less)
 _SAMPLE_BYTES_PER_TOKEN = 2     # sample spacing S is chosen so the samples cost this many bytes per corpus token
 _BACK = np.arange(DEPTH)        # offsets of a reversed window
 
@@ -65,8 +66,12 @@ def _dense_rank(keys: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def build_suffix_order(stream: np.ndarray, depth: int = DEPTH) -> np.ndarray:
+def build_suffix_order(stream: np.ndarray, depth: int = DEPTH, *, followed_only: bool = False) -> np.ndarray:
     """Non-separator positions of `stream` sorted by their reversed window of `depth` tokens. -> (M,) uint32/int64
+
+    followed_only: keep only positions followed by another token of their document, so that a lookup finds the
+    longest suffix that has a continuation (what a drafter wants) rather than one that occurs only at a document's
+    end. `stream` must end with the separator 0 (encode_stream's does).
 
     Prefix doubling: pack as many tokens as fit in 64 bits, rank them densely, then combine pairs of ranks
     (rank[e], rank[e-h]) until the window covers `depth` tokens; each round is one numpy sort.
@@ -86,6 +91,8 @@ def build_suffix_order(stream: np.ndarray, depth: int = DEPTH) -> np.ndarray:
         key = (rank << np.uint64(32)) | _shift(rank, width)   # ranks < 2**32 for N < 4G tokens
         width *= 2
     positions = np.flatnonzero(stream)
+    if followed_only:
+        positions = positions[stream[positions + 1] != 0]
     order = np.argsort(key[positions])
     index_dtype = np.uint32 if stream.size < 2 ** 32 else np.int64
     return positions[order].astype(index_dtype)
@@ -137,13 +144,24 @@ class SpanIndex:
         # lower-triangular mask: row i keeps the first i+1 tokens of a reversed query
         self._tri = (np.arange(DEPTH)[None, :] < np.arange(1, DEPTH + 1)[:, None]).astype(np.int64)  # (D, D)
         self._eye = np.eye(DEPTH, dtype=np.int64)                                                   # (D, D)
+        for name, arr in (("stream", stream), ("suffix order", sa), ("samples", samples)):
+            if arr.ndim != 1:
+                raise ValueError(f"span index {name} must be 1-D, got shape {arr.shape}")
+        if stream.dtype not in (np.uint16, np.uint32) or stream.size == 0:
+            raise ValueError(f"span index stream must be non-empty uint16 or uint32, got {stream.dtype}")
+        if sa.dtype.kind not in "iu" or samples.dtype != self._key_dtype:
+            raise ValueError(f"span index arrays have unexpected types: {sa.dtype}, {samples.dtype}")
         if samples.size != -(-sa.size // self.step):
             raise ValueError("span index arrays disagree: samples do not match the suffix order")
 
     @classmethod
-    def build(cls, docs: Sequence[Sequence[int]], vocab_size: int) -> "SpanIndex":
-        stream = encode_stream(docs, vocab_size)
-        sa = build_suffix_order(stream)
+    def build(cls, docs: Sequence[Sequence[int]], vocab_size: int, *, followed_only: bool = False) -> SpanIndex:
+        return cls.from_stream(encode_stream(docs, vocab_size), followed_only=followed_only)
+
+    @classmethod
+    def from_stream(cls, stream: np.ndarray, *, followed_only: bool = False) -> SpanIndex:
+        """Index a stream laid out as encode_stream's (ids + 1, 0 around every document); see build_suffix_order."""
+        sa = build_suffix_order(stream, followed_only=followed_only)
         return cls(stream, sa, build_samples(stream, sa))
 
     @property
@@ -159,8 +177,7 @@ class SpanIndex:
     def load(cls, folder: Path) -> "SpanIndex":
         """Memory-map the arrays: nothing is read until a lookup touches it. The memmaps are viewed as plain
         ndarrays (same mapped buffer) because np.memmap's Python-level wrapping costs microseconds per call."""
-        arrays = [np.load(Path(folder) / name, mmap_mode="r", allow_pickle=False) for name in cls.FILES]
-        return cls(*(np.asarray(a) for a in arrays))
+        return cls(*(_load_array(Path(folder) / name) for name in cls.FILES))
 
     def nbytes(self) -> int:
         return int(self.stream.nbytes + self.sa.nbytes + self.samples.nbytes)
@@ -187,6 +204,14 @@ class SpanIndex:
         both = np.concatenate((lo, lo + self._eye[:m]))                   # (2m, DEPTH)
         return both.astype(self._be).view(self._key_dtype).ravel()
 
+    def _usable_tail(self, context_tail: Sequence[int]) -> list[int]:
+        """The last <= DEPTH ids of the context after its last id that _query_keys would refuse."""
+        tail = [int(t) for t in list(context_tail[-DEPTH:])]
+        for i in range(len(tail) - 1, -1, -1):
+            if not 0 <= tail[i] < self._max - 1:
+                return tail[i + 1:]
+        return tail
+
     def _gap(self, g: int) -> range:
         """Suffix-order entries strictly between sample g-1 and sample g."""
         return range(max((g - 1) * self.step + 1, 0), min(g * self.step, self.sa.size))
@@ -211,7 +236,7 @@ class SpanIndex:
         B = self._gap(int(pos[m + n_hit - 1])) if n_hit else range(0)
         block = self._block_keys(np.array([*G, *A, *B], dtype=np.int64))
         if len(G):
-            found = np.searchsorted(block[:len(G)], keys[np.r_[n_hit:m, m + n_hit:2 * m]])
+            found = np.searchsorted(block[:len(G)], np.concatenate((keys[n_hit:m], keys[m + n_hit:])))
             k = m - n_hit
             extra = int(np.count_nonzero(found[k:] > found[:k]))
             if extra:
@@ -227,14 +252,17 @@ class SpanIndex:
                       min_match: int = 2, pool: int | None = None) -> tuple[int, list[list[int]]]:
         """Longest suffix match and up to `max_candidates` distinct continuations, most frequent first.
 
-        A continuation is the <= `max_tokens` ids that follow an occurrence, cut at the document's end. Up to
-        `pool` (default 2 * max_candidates) occurrences, evenly spread over the range, are read to rank them.
+        A continuation is the <= `max_tokens` ids that follow an occurrence (at most MAX_CONTINUATION: the work is
+        bounded whatever a caller asks), cut at the document's end. Up to `pool` (default 2 * max_candidates)
+        occurrences, evenly spread over the range, are read to rank them. Context ids the index cannot hold
+        (negative, too large) end the usable tail: a context never makes this raise.
         (0, []) if the match is shorter than `min_match` or no occurrence has a continuation.
         """
         if max_tokens < 1 or max_candidates < 1 or min_match < 1:
             raise ValueError("max_tokens, max_candidates and min_match must be >= 1")
-        pool = pool or 2 * max_candidates
-        L, a, b = self.longest_match(context_tail)
+        max_tokens = min(int(max_tokens), MAX_CONTINUATION)
+        pool = min(pool or 2 * max_candidates, 1 << 12)
+        L, a, b = self.longest_match(self._usable_tail(context_tail))
         if L < min_match:
             return 0, []
         if b - a <= pool:
@@ -255,3 +283,12 @@ class SpanIndex:
             return 0, []
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:max_candidates]    # stable: first seen wins ties
         return L, [[t - 1 for t in key] for key, _ in ranked]
+
+
+def _load_array(path: Path) -> np.ndarray:
+    """Memory-map a saved array, viewed as a plain ndarray (see SpanIndex.load). An array without elements is read
+    instead: there is nothing to map, and a zero-length mapping is an error on some platforms and numpy versions."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.size == 0:
+        return np.load(path, allow_pickle=False)
+    return np.asarray(arr)
