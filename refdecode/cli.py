@@ -92,6 +92,23 @@ class _PrintStreamer:
         self.stream.flush()
 
 
+def _check_reference_sizes(paths: list[str]) -> None:
+    """Refuse reference files that a ReferenceStore cannot hold before reading any of them (a 1 GB file would be
+    read whole first): their sizes come from the file system."""
+    from .store import MAX_STORE_BYTES
+
+    total = 0
+    for path in paths:
+        try:
+            total += os.stat(path).st_size
+        except OSError:
+            continue  # missing or unreadable: _read_text names the problem
+        if total > MAX_STORE_BYTES:
+            raise CliError(f"the reference files are too large for drafting in memory ({total:,} bytes up to {path}; "
+                           f"at most {MAX_STORE_BYTES:,}): index a corpus with `refdecode index build SRC --out DIR` "
+                           "and pass --index DIR")
+
+
 def _run_generate(args) -> int:
     import refdecode
 
@@ -103,6 +120,7 @@ def _run_generate(args) -> int:
     _check_utf8(prompt, "--prompt")
     for stop in args.stop:
         _check_utf8(stop, "--stop")
+    _check_reference_sizes(args.ref)
     references = [(path, _read_text(path, "reference")) for path in args.ref]
     for path, text in references:
         if not text.strip():

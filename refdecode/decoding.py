@@ -344,7 +344,8 @@ def generate(
 
     Args:
         prompt: list[int], LongTensor (T,) or (1, T), or str (tokenized; chat=True applies the chat template).
-        store: ReferenceStore of documents to draft from; the prompt and the output so far are always references.
+        store: ReferenceStore of documents to draft from, or a list of stores (none is copied or changed); the prompt
+            and the output so far are always references.
         index: a refdecode.corpus.CorpusIndex (or its path): top passages for the prompt join the references and
             its corpus-wide span index drafts where nothing local matches.
         retrieve_k: passages retrieved from `index` for the prompt.
@@ -582,7 +583,11 @@ def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: in
     from .corpus import CorpusIndex
     from .store import ReferenceStore
 
-    if not isinstance(index, CorpusIndex):
+    if tokenizer is None:
+        raise ValueError("drafting from a corpus index needs the tokenizer the index was built with")
+    if isinstance(index, CorpusIndex):
+        index.check_tokenizer(tokenizer)  # a loaded index is checked like a path: its ids must be this tokenizer's
+    else:
         index = CorpusIndex.load(index, tokenizer=tokenizer)
     retrieved = ReferenceStore(tokenizer)
     query = tokenizer.decode(prompt_ids[-512:], skip_special_tokens=True)

@@ -46,8 +46,8 @@ def hf_generate(
 ) -> torch.Tensor:
     """Drop-in decoding method for `model.generate(custom_generate=hf_generate, ...)`.
 
-    Extra generate() arguments it understands: references (texts, which need ref_tokenizer=, or token-id lists),
-    store (a ReferenceStore), index (a corpus index or its path; needs ref_tokenizer=), max_draft or a DraftPolicy
+    Extra generate() arguments it understands: references (texts, which need ref_tokenizer=, or token-id lists; a
+    single string is one reference), store (a ReferenceStore or a list of them, never copied), index (a corpus index or its path; needs ref_tokenizer=), max_draft or a DraftPolicy
     (policy=), seed (sampling), ref_streamer (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=).
     attention_mask: all ones or left padding. Returns the prompt (with its padding) followed by the new tokens, like
     generate(): [1, T + new].

@@ -18,10 +18,11 @@ import numpy as np
 
 from .matching import DocumentIndex, Match, as_token_ids
 
-__all__ = ["ReferenceStore", "Document", "MAX_STORE_TOKENS"]
+__all__ = ["ReferenceStore", "Document", "MAX_STORE_TOKENS", "MAX_STORE_BYTES"]
 
 MAX_STORE_TOKENS = 16_000_000  # default limit: ~150 MB held (9 B/token), ~1.1 GB while the suffix array is built
 _BYTES_PER_TOKEN_BOUND = 4  # a reference file larger than 4 bytes per allowed token is refused before reading it
+MAX_STORE_BYTES = MAX_STORE_TOKENS * _BYTES_PER_TOKEN_BOUND  # what a default store takes in files, all together
 _BLOCK_CHARS = 1 << 20  # text is tokenized in blocks of about this many characters
 _READ_BYTES = 1 << 20  # files are read in blocks of this many bytes
 

@@ -105,3 +105,16 @@ def test_non_finite_logits_are_one_line(capsys, monkeypatch):
     monkeypatch.setattr(refdecode, "generate", overflow)
     code, _, err = run(capsys, "generate", "--prompt", "hi")
     assert_one_line(code, err, "non-finite logits")
+
+
+def test_huge_reference_file_is_refused_before_it_is_read(capsys, tmp_path, monkeypatch):
+    """A reference too large for the store is refused from its size alone (a sparse file: nothing is read)."""
+    from refdecode import cli
+
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB, sparse
+    monkeypatch.setattr(cli, "_read_text", lambda *a: pytest.fail("the file was read"))
+    code, _, err = run(capsys, "generate", "--prompt", "hi", "--ref", str(huge))
+    assert_one_line(code, err, "too large")
+    assert "refdecode index build" in err

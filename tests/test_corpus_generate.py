@@ -43,3 +43,22 @@ def test_generate_with_index_equals_greedy(tiny_llama, tmp_path):
     assert reranked.token_ids == expected
     with pytest.raises(ValueError, match="rerank"):
         refdecode.generate(tiny_llama, tokenizer, prompt, index=index, rerank=-1, max_new_tokens=4)
+
+
+def test_a_loaded_index_of_another_tokenizer_is_refused(tiny_llama, tmp_path):
+    """generate(index=CorpusIndex) checks the tokenizer fingerprint exactly as generate(index=path) does."""
+    from refdecode.corpus.format import IndexFormatError
+
+    tokenizer = WordTokenizer(vocab_size=tiny_llama.config.vocab_size)
+    other = WordTokenizer(vocab_size=tiny_llama.config.vocab_size, salt="other-")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(words_for(tokenizer, list(range(3, 60))))
+    out_dir = build_index([corpus], tmp_path / "index", tokenizer=tokenizer, model_name="tiny", embedder="hashed",
+                          progress=False)
+    index = CorpusIndex.load(out_dir)  # loaded without a tokenizer: nothing checked yet
+    prompt = other.encode(words_for(other, [5, 9, 33]))
+    with pytest.raises(IndexFormatError, match="another tokenizer"):
+        refdecode.generate(tiny_llama, other, prompt, index=index, max_new_tokens=4)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        refdecode.generate(tiny_llama, None, [5, 9, 33], index=index, max_new_tokens=4)
