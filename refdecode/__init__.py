@@ -1,9 +1,9 @@
 """refdecode: lossless speculative decoding that drafts tokens by copying from reference text.
 
-    model, tokenizer = refdecode.load_model("smollm2-135m")
-    store = refdecode.ReferenceStore(tokenizer)
-    store.add("reference text", source="doc-1")
-    out = refdecode.generate(model, tokenizer, prompt_ids, store=store, max_new_tokens=128)
+model, tokenizer = refdecode.load_model("smollm2-135m")
+store = refdecode.ReferenceStore(tokenizer)
+store.add("reference text", source="doc-1")
+out = refdecode.generate(model, tokenizer, prompt_ids, store=store, max_new_tokens=128)
 """
 
 from .decoding import GenerationOutput, GenerationStats, NonFiniteLogitsError, generate

@@ -46,8 +46,13 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or a local checkpoint dir")
     p.add_argument("--ref", action="append", default=[], metavar="FILE", help="a reference file (repeatable)")
     p.add_argument("--index", help="a corpus index directory built with `refdecode index build`")
-    p.add_argument("--rerank", type=int, default=0, metavar="N",
-                   help="with --index: the model reranks the embedding search's top N passages (default: 0, off)")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --index: the model reranks the embedding search's top N passages (default: 0, off)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -104,9 +109,11 @@ def _check_reference_sizes(paths: list[str]) -> None:
         except OSError:
             continue  # missing or unreadable: _read_text names the problem
         if total > MAX_STORE_BYTES:
-            raise CliError(f"the reference files are too large for drafting in memory ({total:,} bytes up to {path}; "
-                           f"at most {MAX_STORE_BYTES:,}): index a corpus with `refdecode index build SRC --out DIR` "
-                           "and pass --index DIR")
+            raise CliError(
+                f"the reference files are too large for drafting in memory ({total:,} bytes up to {path}; "
+                f"at most {MAX_STORE_BYTES:,}): index a corpus with `refdecode index build SRC --out DIR` "
+                "and pass --index DIR"
+            )
 
 
 def _run_generate(args) -> int:
@@ -136,8 +143,11 @@ def _run_generate(args) -> int:
         doc = store.add(text, source=path)
         n = store.documents[doc].num_tokens
         if context and n > context:
-            print(f"refdecode: note: {path} has {n} tokens, more than the model's context ({context}); "
-                  "it is only copied from, never fed to the model", file=sys.stderr)
+            print(
+                f"refdecode: note: {path} has {n} tokens, more than the model's context ({context}); "
+                "it is only copied from, never fed to the model",
+                file=sys.stderr,
+            )
     streamer = _PrintStreamer(tokenizer, sys.stderr if args.json else sys.stdout) if args.stream else None
     out = refdecode.generate(
         model,
@@ -210,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         print("refdecode: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # the last resort: a bug, but still one line rather than a traceback
-        print(f"refdecode: internal error: {type(err).__name__}: {_one_line(err)} (please report this)",
-              file=sys.stderr)
+        print(
+            f"refdecode: internal error: {type(err).__name__}: {_one_line(err)} (please report this)", file=sys.stderr
+        )
         return 1
 
 

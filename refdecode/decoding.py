@@ -11,8 +11,8 @@ import math
 import operator
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -169,8 +169,10 @@ def check_prompt_ids(model, prompt_ids: list[int]) -> None:
     if low < 0 or (vocab is not None and high >= vocab):
         bad = low if low < 0 else high
         where = prompt_ids.index(bad)
-        raise ValueError(f"prompt token {where} is {bad}: token ids must be in 0 .. {vocab - 1 if vocab else '?'} "
-                         f"(the model's vocabulary size, model.config.vocab_size, is {vocab})")
+        raise ValueError(
+            f"prompt token {where} is {bad}: token ids must be in 0 .. {vocab - 1 if vocab else '?'} "
+            f"(the model's vocabulary size, model.config.vocab_size, is {vocab})"
+        )
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and limit and len(prompt_ids) >= limit:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
@@ -280,7 +282,7 @@ def _crop(cache, tokens_to_remove: int) -> None:
         cache.crop(-tokens_to_remove)
 
 
-_COST_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(device, dtype): table}
+_COST_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): table}
 
 
 def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), rounds: int = 5) -> dict:
@@ -482,8 +484,7 @@ def decode(
         _check_finite(logits, f"verification step {stats.steps + 1} (output tokens {len(output)}..{len(output) + k})")
         scores = process_rows(processors, context, tokens, logits)
         position = len(output)  # output position of row 0: the token after the pending one
-        verdict, accept_probs = _verify(scores, tokens, draft, noise, position, generator,
-                                        tie_margin if k > 0 else 0.0)
+        verdict, accept_probs = _verify(scores, tokens, draft, noise, position, generator, tie_margin if k > 0 else 0.0)
         _sync(device)
         policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0, accept_probs)
         stats.steps += 1
@@ -528,8 +529,9 @@ def _choose(scores: torch.Tensor, noise: PositionNoise | None) -> int:
     return int(scores[0].argmax())
 
 
-def _verify(scores, tokens, draft: Draft | None, noise, position: int, generator,
-            tie_margin: float) -> tuple[Verdict, list[float] | None]:
+def _verify(
+    scores, tokens, draft: Draft | None, noise, position: int, generator, tie_margin: float
+) -> tuple[Verdict, list[float] | None]:
     """scores: [k + 1, V] for output positions position .. position + k. -> (verdict, accept_probs): under
     sampling, the probability each draft token had of being accepted given the ones before it (for the policy)."""
     if noise is None:
@@ -574,8 +576,7 @@ def _eos_ids(model, eos_token_id) -> set[int]:
     return {int(t) for t in eos_token_id}
 
 
-def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: int, reranker=None,
-                  candidates: int = 20):
+def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: int, reranker=None, candidates: int = 20):
     """Retrieve the index's top passages for the prompt into a small store of their own; return (stores, span
     source): the passages' store, then the caller's `store` (a store, a sequence of them, or None) untouched; the
     drafter takes several stores, so nothing is copied per call. The passages come first, as in the merged store

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -40,9 +41,9 @@ class Draft:
     tokens: list[int]
     match_len: int = 0
     source: str = ""
-    probs: "torch.Tensor | None" = None
+    probs: torch.Tensor | None = None
 
-    def truncated(self, length: int) -> "Draft":
+    def truncated(self, length: int) -> Draft:
         probs = None if self.probs is None else self.probs[:length]
         return Draft(self.tokens[:length], self.match_len, self.source, probs)
 
@@ -171,7 +172,7 @@ def _vote(candidates: list[_Followed], max_tokens: int, live: SuffixIndex) -> tu
     token, positioned at the draft's start (observe() drops those that disagree later)."""
     conts = [_continuation(c, max_tokens, live) for c in candidates]
     tokens = _vote_lists(conts)
-    agreeing = [c for c, cont in zip(candidates, conts) if cont[:1] == tokens[:1]]
+    agreeing = [c for c, cont in zip(candidates, conts, strict=True) if cont[:1] == tokens[:1]]
     return tokens, [_Followed(c.source, c.seq, c.pos) for c in agreeing]
 
 
@@ -277,7 +278,7 @@ class ForwardCostModel:
         widths = sorted(self.table)
         # A wider forward never costs less than a narrower one: a width measured slower than some wider width was
         # timed during a burst of load, and the wider width's time is the better estimate for it.
-        table = dict(zip(widths, _suffix_minimum([self.table[w] for w in widths])))
+        table = dict(zip(widths, _suffix_minimum([self.table[w] for w in widths]), strict=True))
         if width in table:
             return table[width]
         i = bisect.bisect_left(widths, width)
@@ -367,11 +368,17 @@ class DraftPolicy:
             best_k = min(limit, max(self.min_draft, 2))
         return best_k
 
-    def update(self, draft: Draft | None, drafted: int, accepted: int, width: int, seconds: float,
-               accept_probs: Sequence[float] | None = None) -> None:
+    def update(
+        self,
+        draft: Draft | None,
+        drafted: int,
+        accepted: int,
+        width: int,
+        seconds: float,
+        accept_probs: Sequence[float] | None = None,
+    ) -> None:
         """One verification step: its width and time, and (if it had a draft) the outcome; accept_probs as in
         AcceptanceModel.update (sampling only)."""
         self.costs.observe(width, seconds)
         if draft is not None and drafted > 0:
             self.acceptance_for(draft.source).update(draft.match_len, drafted, accepted, accept_probs)
-

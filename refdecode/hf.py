@@ -14,7 +14,7 @@ padding (stripped before decoding and kept in front of the returned ids).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -47,8 +47,9 @@ def hf_generate(
     """Drop-in decoding method for `model.generate(custom_generate=hf_generate, ...)`.
 
     Extra generate() arguments it understands: references (texts, which need ref_tokenizer=, or token-id lists; a
-    single string is one reference), store (a ReferenceStore or a list of them, never copied), index (a corpus index or its path; needs ref_tokenizer=), max_draft or a DraftPolicy
-    (policy=), seed (sampling), ref_streamer (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=).
+    single string is one reference), store (a ReferenceStore or a list of them, never copied), index (a corpus
+    index or its path; needs ref_tokenizer=), max_draft or a DraftPolicy (policy=), seed (sampling), ref_streamer
+    (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=).
     attention_mask: all ones or left padding. Returns the prompt (with its padding) followed by the new tokens, like
     generate(): [1, T + new].
     """
@@ -59,8 +60,10 @@ def hf_generate(
     if beams > 1:
         raise ValueError(f"refdecode.hf_generate does not do beam search (num_beams={beams}); use num_beams=1")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"refdecode.hf_generate decodes one sequence at a time; got input of shape "
-                         f"{tuple(input_ids.shape)} (batch size {input_ids.shape[0] if input_ids.dim() else 0})")
+        raise ValueError(
+            f"refdecode.hf_generate decodes one sequence at a time; got input of shape "
+            f"{tuple(input_ids.shape)} (batch size {input_ids.shape[0] if input_ids.dim() else 0})"
+        )
     max_new_tokens = generation_config.max_length - input_ids.shape[1]
     padding = _left_padding(model_kwargs.get("attention_mask"), input_ids.shape[1])
     prompt_ids = input_ids[0, padding:].tolist()

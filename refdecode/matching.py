@@ -86,8 +86,11 @@ def as_token_ids(tokens, vocab_size: int | None = None, *, what: str = "token id
         limit = _MAX_CODE_POINT + 1 if vocab_size is None else vocab_size
         if low < 0 or high >= limit:
             bad = low if low < 0 else high
-            where = (f"this vocabulary (size {vocab_size})" if vocab_size is not None
-                     else f"the supported range 0..{_MAX_CODE_POINT}")
+            where = (
+                f"this vocabulary (size {vocab_size})"
+                if vocab_size is not None
+                else f"the supported range 0..{_MAX_CODE_POINT}"
+            )
             raise ValueError(f"token id {bad} is outside {where}")
     return arr
 

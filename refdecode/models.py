@@ -16,9 +16,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -209,4 +209,5 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise _unknown(name, f"transformers could not open it offline: {str(err).splitlines()[0]}") from None
-    return model.to(target).eval(), tokenizer
+    # transformers types PreTrainedModel.to through a decorator that mypy cannot see through (its `_Wrapped`)
+    return model.to(target).eval(), tokenizer  # type: ignore[arg-type]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -133,8 +133,13 @@ def process_rows(processor, context_ids: torch.Tensor, draft: Sequence[int], log
 
 
 def top_p_rows(
-    scores: torch.Tensor, top_p: float, *, min_tokens_to_keep: int = 1, filter_value: float = -float("inf"),
-    width: int = 256, margin: float = 1e-4,
+    scores: torch.Tensor,
+    top_p: float,
+    *,
+    min_tokens_to_keep: int = 1,
+    filter_value: float = -float("inf"),
+    width: int = 256,
+    margin: float = 1e-4,
 ) -> torch.Tensor:
     """transformers' TopPLogitsWarper on [R, V] scores, reading only each row's `width` best scores.
 
@@ -148,16 +153,16 @@ def top_p_rows(
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
     m = min(width, scores.shape[-1])
-    values, ids = scores.topk(m, dim=-1)                                   # [R, m], descending
+    values, ids = scores.topk(m, dim=-1)  # [R, m], descending
     probs = (values - torch.logsumexp(scores, dim=-1, keepdim=True)).exp()
-    above = probs.cumsum(dim=-1) - probs                                   # mass ranked strictly above each token
+    above = probs.cumsum(dim=-1) - probs  # mass ranked strictly above each token
     keep = above < top_p
     keep[:, :min_tokens_to_keep] = True
-    cut = keep.sum(dim=-1)                                                 # [R] tokens kept
+    cut = keep.sum(dim=-1)  # [R] tokens kept
     rows = torch.arange(scores.shape[0], device=scores.device)
-    first_out = cut.clamp(max=m - 1)                                       # [R] rank of the first dropped token
-    last_in = (first_out - 1).clamp(min=0)                                 # [R] rank of the last kept token
-    inside = cut < m                                                       # the first dropped token is in the top m
+    first_out = cut.clamp(max=m - 1)  # [R] rank of the first dropped token
+    last_in = (first_out - 1).clamp(min=0)  # [R] rank of the last kept token
+    inside = cut < m  # the first dropped token is in the top m
     clear_cut = ((above[rows, first_out] - top_p).abs() > margin) & ((above[rows, last_in] - top_p).abs() > margin)
     no_tie = values[rows, first_out] != values[rows, last_in]
     safe = inside & clear_cut & no_tie

@@ -131,20 +131,25 @@ class ReferenceStore:
         return doc_id
 
     def _limit_hint(self) -> str:
-        return (f"a ReferenceStore holds at most {self.max_tokens:,} tokens (references live in memory); index a "
-                f"larger corpus with `refdecode index build SRC --out DIR` and generate with index=DIR")
+        return (
+            f"a ReferenceStore holds at most {self.max_tokens:,} tokens (references live in memory); index a "
+            f"larger corpus with `refdecode index build SRC --out DIR` and generate with index=DIR"
+        )
 
     def _check_size(self, name: str, size: int, unit: str) -> None:
         """Refuse a text or file before tokenizing it if it cannot fit (more than 4 bytes per allowed token)."""
         limit = (self.max_tokens - self.num_tokens) * _BYTES_PER_TOKEN_BOUND
         if size > limit:
-            raise ValueError(f"reference '{name}' is too large ({size:,} {unit}; at most {limit:,} fit): "
-                             + self._limit_hint())
+            raise ValueError(
+                f"reference '{name}' is too large ({size:,} {unit}; at most {limit:,} fit): " + self._limit_hint()
+            )
 
     def _check_room(self, name: str, num_tokens: int) -> None:
         if self.num_tokens + num_tokens > self.max_tokens:
-            raise ValueError(f"reference '{name}' does not fit ({self.num_tokens + num_tokens:,} tokens in all): "
-                             + self._limit_hint())
+            raise ValueError(
+                f"reference '{name}' does not fit ({self.num_tokens + num_tokens:,} tokens in all): "
+                + self._limit_hint()
+            )
 
     def _encode_blocks(self, name: str, blocks: Iterator[str]) -> np.ndarray:
         """Tokenize text blocks one at a time into one id array, refusing as soon as the store's limit is passed.
@@ -186,8 +191,9 @@ def _file_blocks(path: str | Path) -> Iterator[str]:
                     text = carry + decoder.decode(raw, final=not raw)
                 except UnicodeDecodeError as err:
                     bad = offset - len(decoder.getstate()[0]) + err.start
-                    raise ValueError(f"reference file is not UTF-8 text: {path} (invalid byte at offset {bad})") \
-                        from None
+                    raise ValueError(
+                        f"reference file is not UTF-8 text: {path} (invalid byte at offset {bad})"
+                    ) from None
                 offset += len(raw)
                 if not raw:
                     if text:

@@ -9,8 +9,8 @@ first i draft tokens, so row k scores the token after a fully accepted draft.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -14,10 +14,10 @@ try:
     from hypothesis import HealthCheck, settings
 
     _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
-                              suppress_health_check=_SLOW_OK, print_blob=True)
-    settings.register_profile("fuzz", max_examples=1000, deadline=None, suppress_health_check=_SLOW_OK,
-                              print_blob=True)
+    settings.register_profile(
+        "ci", max_examples=40, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK, print_blob=True
+    )
+    settings.register_profile("fuzz", max_examples=1000, deadline=None, suppress_health_check=_SLOW_OK, print_blob=True)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is a test extra; the property tests import it themselves and say so
     pass

@@ -1,4 +1,5 @@
 """Small corpora, quick index builds and an index's full set of answers, for the index safety and crash tests."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,43 @@ import numpy as np
 from refdecode.corpus import CorpusIndex, build_index
 from refdecode.corpus.testing import WordTokenizer
 
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega", "apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "olive", "peach", "pear", "plum"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "chi",
+    "psi",
+    "omega",
+    "apple",
+    "banana",
+    "cherry",
+    "grape",
+    "lemon",
+    "mango",
+    "melon",
+    "olive",
+    "peach",
+    "pear",
+    "plum",
+]
 QUERIES = ("alpha beta", "mango peach plum", "omega psi chi", "lemon")
 
 
@@ -42,8 +79,10 @@ def answers(index: CorpusIndex, contexts: list[list[int]]) -> tuple:
     the same index, as far as any caller can tell."""
     passages = tuple((p.text, tuple(p.token_ids), p.source) for p in (index.passage(i) for i in range(len(index))))
     search = tuple(tuple((p.id, p.score) for p in index.retrieve(q, k=3)) for q in QUERIES)
-    spans = tuple((L, tuple(map(tuple, conts))) for L, conts in
-                  (index.span_continuations(c, 4, max_candidates=8) for c in contexts))
+    spans = tuple(
+        (L, tuple(map(tuple, conts)))
+        for L, conts in (index.span_continuations(c, 4, max_candidates=8) for c in contexts)
+    )
     return passages, search, spans
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from scipy import stats as scipy_stats
@@ -34,8 +34,9 @@ class IdTokenizer:
         return " ".join(map(str, ids))
 
 
-def tiny_llama(*, vocab_size: int, seed: int, max_positions: int = 512, eos_token_id: int | None = 1,
-               logit_scale: float = 1.0):
+def tiny_llama(
+    *, vocab_size: int, seed: int, max_positions: int = 512, eos_token_id: int | None = 1, logit_scale: float = 1.0
+):
     """A random 2-layer, 32-wide Llama built from a config (no weights downloaded); lm_head scaled by logit_scale."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -142,7 +143,7 @@ def chi_square_gof(samples: Iterable[tuple], probability: dict, *, min_expected:
     elif kept:  # too small to stand alone: merge into the smallest kept cell
         obs[0] += rest_obs
         exp[0] += rest_exp
-    statistic = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    statistic = sum((o - e) ** 2 / e for o, e in zip(obs, exp, strict=True))
     dof = len(obs) - 1
     return ChiSquare(statistic, dof, float(scipy_stats.chi2.sf(statistic, dof)), len(obs))
 
@@ -151,9 +152,7 @@ def joint_probabilities(tables: ExactTables) -> dict[tuple[int, int, int], float
     """{(t1, t2, t3): probability} over all outcomes the processors allow (probability > 0)."""
     joint = tables.joint
     vocab = joint.shape[0]
-    return {
-        o: float(joint[o]) for o in itertools.product(range(vocab), repeat=3) if float(joint[o]) > 0.0
-    }
+    return {o: float(joint[o]) for o in itertools.product(range(vocab), repeat=3) if float(joint[o]) > 0.0}
 
 
 def chi_square_two_sample(a: Iterable[tuple], b: Iterable[tuple], *, min_expected: float = 5.0) -> ChiSquare:

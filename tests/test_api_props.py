@@ -28,10 +28,10 @@ import torch
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is a test extra: pip install -e '.[test]'")
 from hypothesis import assume, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from stats_helpers import IdTokenizer, tiny_llama  # noqa: E402
 
 import refdecode  # noqa: E402
 from refdecode.store import ReferenceStore  # noqa: E402
-from stats_helpers import IdTokenizer, tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.fuzz
 
@@ -95,8 +95,13 @@ def fraction(divisor: int, least: int = 2) -> settings:
 
 
 @fraction(4)
-@given(prompt=prompts(), data=st.data(), kind=st.sampled_from(["none", "empty", "one-token", "thousands", "oracle"]),
-       max_draft=MAX_DRAFTS, route=st.sampled_from(["generate", "hf_generate"]))
+@given(
+    prompt=prompts(),
+    data=st.data(),
+    kind=st.sampled_from(["none", "empty", "one-token", "thousands", "oracle"]),
+    max_draft=MAX_DRAFTS,
+    route=st.sampled_from(["generate", "hf_generate"]),
+)
 def test_greedy_equals_transformers(model, stores, prompt, data, kind, max_draft, route):
     max_new = data.draw(st.integers(1, min(MAX_NEW, CONTEXT - len(prompt))), label="max_new_tokens")
     expected = hf_greedy(model, prompt, max_new)
@@ -106,13 +111,20 @@ def test_greedy_equals_transformers(model, stores, prompt, data, kind, max_draft
     else:
         store = stores[kind]
     if route == "generate":
-        out = refdecode.generate(model, IdTokenizer(VOCAB), prompt, store=store, max_new_tokens=max_new,
-                                 max_draft=max_draft)
+        out = refdecode.generate(
+            model, IdTokenizer(VOCAB), prompt, store=store, max_new_tokens=max_new, max_draft=max_draft
+        )
         assert out.token_ids == expected
         assert out.stop_reason in ("eos", "max_new_tokens")
     else:
-        through_hf = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
-                                    custom_generate=refdecode.hf_generate, store=store, max_draft=max_draft)
+        through_hf = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new,
+            do_sample=False,
+            custom_generate=refdecode.hf_generate,
+            store=store,
+            max_draft=max_draft,
+        )
         assert through_hf[0, len(prompt) :].tolist() == expected
 
 
@@ -130,8 +142,7 @@ def test_stop_strings_from_the_prompt(model, prompt, data, max_draft):
     expected = first_stop_oracle(tok, hf_greedy(model, prompt, max_new), [stop])
     store = ReferenceStore(tok)
     store.add(prompt)
-    out = refdecode.generate(model, tok, prompt, store=store, max_new_tokens=max_new, stop=[stop],
-                             max_draft=max_draft)
+    out = refdecode.generate(model, tok, prompt, store=store, max_new_tokens=max_new, stop=[stop], max_draft=max_draft)
     assert out.token_ids == expected
     assert (out.stop_reason == "stop_string") == (stop in tok.decode(out.token_ids))
 
@@ -155,8 +166,9 @@ def vocab_model(tokenizer):
     return m
 
 
-TEXT = st.text(alphabet=st.sampled_from(list("abcde fgh.,\n") + ["😀", "🎉", "漢", "字", "é", "ß", "。"]),
-               min_size=1, max_size=60).filter(lambda s: s.strip())
+TEXT = st.text(
+    alphabet=st.sampled_from(list("abcde fgh.,\n") + ["😀", "🎉", "漢", "字", "é", "ß", "。"]), min_size=1, max_size=60
+).filter(lambda s: s.strip())
 
 
 @fraction(4)
@@ -177,8 +189,16 @@ def test_text_prompts_with_the_real_tokenizer(vocab_model, tokenizer, text, data
     expected = first_stop_oracle(tokenizer, full, stops)
     store = refdecode.ReferenceStore(tokenizer)
     store.add(text + out_text)
-    out = refdecode.generate(vocab_model, tokenizer, text, store=store, max_new_tokens=max_new, stop=stops,
-                             max_draft=max_draft, calibrate=False)  # timing plays no part in the output
+    out = refdecode.generate(
+        vocab_model,
+        tokenizer,
+        text,
+        store=store,
+        max_new_tokens=max_new,
+        stop=stops,
+        max_draft=max_draft,
+        calibrate=False,
+    )  # timing plays no part in the output
     assert out.token_ids == expected
 
 
@@ -198,17 +218,31 @@ def model_dir(tmp_path_factory, vocab_model, tokenizer):
 
 @fraction(20)  # each example starts a Python process: ~5-10 s of imports on a small machine
 @given(text=TEXT, max_new=st.integers(1, 12), max_draft=MAX_DRAFTS, with_ref=st.booleans())
-def test_cli_equals_transformers(vocab_model, tokenizer, model_dir, tmp_path_factory, text, max_new, max_draft,
-                                 with_ref):
+def test_cli_equals_transformers(
+    vocab_model, tokenizer, model_dir, tmp_path_factory, text, max_new, max_draft, with_ref
+):
     expected = hf_greedy(vocab_model, tokenizer.encode(text), max_new)
-    argv = [sys.executable, "-m", "refdecode.cli", "generate", "--model", str(model_dir), f"--prompt={text}",
-            "--max-new-tokens", str(max_new), "--max-draft", str(max_draft), "--json"]
+    argv = [
+        sys.executable,
+        "-m",
+        "refdecode.cli",
+        "generate",
+        "--model",
+        str(model_dir),
+        f"--prompt={text}",
+        "--max-new-tokens",
+        str(max_new),
+        "--max-draft",
+        str(max_draft),
+        "--json",
+    ]
     if with_ref:
         ref = tmp_path_factory.mktemp("ref") / "ref.txt"
         ref.write_text(text + tokenizer.decode(expected), encoding="utf-8")
         argv += ["--ref", str(ref)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1"
+    )
     result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["token_ids"] == expected
@@ -219,8 +253,12 @@ def test_cli_equals_transformers(vocab_model, tokenizer, model_dir, tmp_path_fac
 # ---------------------------------------------------------------------------------------------------------------
 
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=6), st.binary(max_size=4),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.binary(max_size=4),
 )
 JUNK = st.one_of(
     SCALARS,
@@ -249,16 +287,30 @@ def mostly(draw, valid, junk, junk_share: float = 0.1):
 VALID_PROMPTS = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8)
 
 
-@given(prompt=mostly(VALID_PROMPTS, JUNK, 0.5), max_new_tokens=mostly(st.integers(1, 4), BUDGETS, 0.3),
-       temperature=mostly(st.floats(0, 2), SCALARS), top_k=mostly(st.integers(1, 200), SCALARS),
-       top_p=mostly(st.floats(0.01, 1), SCALARS), repetition_penalty=mostly(st.floats(0.5, 2), SCALARS),
-       seed=mostly(st.integers(0, 2**64 - 1), SCALARS),
-       stop=mostly(st.one_of(st.text(max_size=4), st.lists(st.text(max_size=4), max_size=3)), SCALARS),
-       max_draft=mostly(st.integers(0, 70), st.one_of(st.integers(-3, -1), SCALARS)))
-def test_junk_works_or_raises_value_or_type_error(model, prompt, max_new_tokens, temperature, top_k, top_p,
-                                                  repetition_penalty, seed, stop, max_draft):
-    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  repetition_penalty=repetition_penalty, seed=seed, stop=stop, max_draft=max_draft)
+@given(
+    prompt=mostly(VALID_PROMPTS, JUNK, 0.5),
+    max_new_tokens=mostly(st.integers(1, 4), BUDGETS, 0.3),
+    temperature=mostly(st.floats(0, 2), SCALARS),
+    top_k=mostly(st.integers(1, 200), SCALARS),
+    top_p=mostly(st.floats(0.01, 1), SCALARS),
+    repetition_penalty=mostly(st.floats(0.5, 2), SCALARS),
+    seed=mostly(st.integers(0, 2**64 - 1), SCALARS),
+    stop=mostly(st.one_of(st.text(max_size=4), st.lists(st.text(max_size=4), max_size=3)), SCALARS),
+    max_draft=mostly(st.integers(0, 70), st.one_of(st.integers(-3, -1), SCALARS)),
+)
+def test_junk_works_or_raises_value_or_type_error(
+    model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, max_draft
+):
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        max_draft=max_draft,
+    )
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("max_new_tokens", "temperature")}
     if kwargs.get("temperature") is None:
         kwargs.pop("temperature")

@@ -52,8 +52,16 @@ def test_generate_json_with_reference_longer_than_context(capsys, tmp_path, smol
     ref = tmp_path / "long.txt"
     ref.write_text("The quick brown fox jumps over the lazy dog. " * 900)  # ~10k tokens > 8192 context
     code, out, err = run(
-        capsys, "generate", "--prompt", "Repeat: The quick brown fox", "--chat", "--ref", str(ref),
-        "--max-new-tokens", "12", "--json",
+        capsys,
+        "generate",
+        "--prompt",
+        "Repeat: The quick brown fox",
+        "--chat",
+        "--ref",
+        str(ref),
+        "--max-new-tokens",
+        "12",
+        "--json",
     )
     assert code == 0, err
     assert "only copied from" in err

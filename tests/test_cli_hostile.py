@@ -47,7 +47,9 @@ def test_undecodable_argv_bytes_in_a_real_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", LC_ALL="C.UTF-8")
     result = subprocess.run(
         [sys.executable, "-m", "refdecode.cli", "generate", "--prompt", b"caf\xe9 \xff"],
-        capture_output=True, env=env, timeout=300,
+        capture_output=True,
+        env=env,
+        timeout=300,
     )
     err = result.stderr.decode("utf-8", "replace")
     assert result.returncode == 2, err
@@ -78,8 +80,11 @@ def test_unknown_model_and_bad_reference_files(capsys, tmp_path):
     missing, empty, latin1 = tmp_path / "missing.txt", tmp_path / "empty.txt", tmp_path / "latin1.txt"
     empty.write_text("  \n")
     latin1.write_bytes("caf\xe9".encode("latin-1"))
-    for path, message in ((missing, "reference file not found"), (empty, "reference file is empty"),
-                          (latin1, "not UTF-8")):
+    for path, message in (
+        (missing, "reference file not found"),
+        (empty, "reference file is empty"),
+        (latin1, "not UTF-8"),
+    ):
         code, _, err = run(capsys, "generate", "--prompt", "hi", "--ref", str(path))
         assert_one_line(code, err, message)
 

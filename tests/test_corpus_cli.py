@@ -1,4 +1,5 @@
 """`refdecode index build|info|search`: working commands, and one clear stderr line (no traceback) on bad input."""
+
 import argparse
 import json
 
@@ -14,6 +15,7 @@ def toy_tokenizer(monkeypatch):
         if name == "missing-model":
             raise ValueError(f"unknown model {name!r}")
         return WordTokenizer(salt="" if name == "toy" else name)
+
     monkeypatch.setattr(cli, "_load_tokenizer", load)
 
 
@@ -33,8 +35,20 @@ def run(capsys, *argv):
 
 
 def build(capsys, src, out, *extra):
-    return run(capsys, "index", "build", str(src), "--out", str(out), "--model", "toy", "--embedder", "hashed",
-               "--quiet", *extra)
+    return run(
+        capsys,
+        "index",
+        "build",
+        str(src),
+        "--out",
+        str(out),
+        "--model",
+        "toy",
+        "--embedder",
+        "hashed",
+        "--quiet",
+        *extra,
+    )
 
 
 def assert_one_line_error(code, err, pattern):
@@ -60,8 +74,9 @@ def test_errors_are_one_line(capsys, src, tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     code, _, err = build(capsys, tmp_path / "empty.txt", tmp_path / "idx")
     assert_one_line_error(code, err, "empty")
-    code, _, err = run(capsys, "index", "build", str(src), "--out", str(tmp_path / "idx"), "--model",
-                       "missing-model", "--quiet")
+    code, _, err = run(
+        capsys, "index", "build", str(src), "--out", str(tmp_path / "idx"), "--model", "missing-model", "--quiet"
+    )
     assert_one_line_error(code, err, "unknown model")
     assert not (tmp_path / "idx").exists()
 
@@ -90,8 +105,9 @@ def test_search_with_rerank(capsys, src, tmp_path, monkeypatch, tiny_llama):
     assert_one_line_error(code, err, "--rerank needs --model")
     vocab = tiny_llama.config.vocab_size
     monkeypatch.setattr(refdecode.models, "load_model", lambda name: (tiny_llama, WordTokenizer(vocab)))
-    code, out, _ = run(capsys, "index", "search", str(tmp_path / "idx"), "olive lemon", "-k", "2", "--rerank", "5",
-                       "--model", "toy")
+    code, out, _ = run(
+        capsys, "index", "search", str(tmp_path / "idx"), "olive lemon", "-k", "2", "--rerank", "5", "--model", "toy"
+    )
     assert code == 0 and out.count("passage ") == 2 and "b.rst" in out and "a.md" in out
 
 
@@ -100,6 +116,7 @@ def test_interrupted_build_exits_130(capsys, src, tmp_path, monkeypatch):
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(index_module, "find_near_duplicates", interrupt)
     code, _, err = build(capsys, src, tmp_path / "idx")
     assert code == 130 and "no index was written" in err and not (tmp_path / "idx").exists()
@@ -119,8 +136,12 @@ def test_force_never_replaces_what_is_not_an_index(capsys, src, tmp_path):
     (notes / "todo.md").write_text("keep me\n")
     (tmp_path / "file.txt").write_text("keep me too\n")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    for out, pattern in ((src, "overlaps the source"), (src / "idx", "overlaps the source"),
-                         (notes, "does not hold a refdecode index"), (tmp_path / "file.txt", "not a folder")):
+    for out, pattern in (
+        (src, "overlaps the source"),
+        (src / "idx", "overlaps the source"),
+        (notes, "does not hold a refdecode index"),
+        (tmp_path / "file.txt", "not a folder"),
+    ):
         code, _, err = build(capsys, src, out, "--force")
         assert_one_line_error(code, err, pattern)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -141,14 +162,23 @@ def _edit_manifest(index_dir, fn):
     path.write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize(("case", "pattern"), [
-    ("missing sha256", "'sha256' (64 hex digits)"), ("missing counts", "field 'counts' is missing"),
-    ("missing model_name", "field 'model_name' is missing"), ("missing dim", "'embedder.dim' is not an integer"),
-    ("dim 0", "'embedder.dim' is not an integer"), ("dim 1e13", "'embedder.dim' is not an integer"),
-    ("empty sources.json", "sources.json: lists no sources"), ("files {}", "lists no files")])
+@pytest.mark.parametrize(
+    ("case", "pattern"),
+    [
+        ("missing sha256", "'sha256' (64 hex digits)"),
+        ("missing counts", "field 'counts' is missing"),
+        ("missing model_name", "field 'model_name' is missing"),
+        ("missing dim", "'embedder.dim' is not an integer"),
+        ("dim 0", "'embedder.dim' is not an integer"),
+        ("dim 1e13", "'embedder.dim' is not an integer"),
+        ("empty sources.json", "sources.json: lists no sources"),
+        ("files {}", "lists no files"),
+    ],
+)
 def test_malformed_index_is_one_line(capsys, src, tmp_path, case, pattern):
     """Once a KeyError, ZeroDivisionError, a 36 TiB allocation or an IndexError; now one line naming the field."""
     from refdecode.corpus.format import file_entry
+
     out = tmp_path / "idx"
     assert build(capsys, src, out)[0] == 0
     gen = out / json.loads((out / "manifest.json").read_text())["generation"]
@@ -177,6 +207,7 @@ def test_an_unexpected_error_is_still_one_line(capsys, src, tmp_path, monkeypatc
 
     def bug(*a, **k):
         raise TypeError("a bug\nwith a second line")
+
     monkeypatch.setattr(index_module, "build_index", bug)
     code, _, err = build(capsys, src, tmp_path / "idx")
     assert_one_line_error(code, err, "unexpected TypeError (please report this): a bug")

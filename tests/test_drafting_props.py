@@ -47,8 +47,15 @@ def test_the_loop_asks_for_at_most_max_draft_tokens():
     spy = SpyDrafter([2, 3, 4, 2, 3, 4, 2, 3])
     policy = DraftPolicy(max_draft=5, costs=ForwardCostModel({1: 1.0, 64: 1.0}))
     with pytest.raises(_Enough):
-        refdecode.generate(model, IdTokenizer(VOCAB + 2), [2, 3, 4, 2, 3, 4, 2, 3], max_new_tokens=10**7,
-                           drafter=spy, policy=policy, calibrate=False)
+        refdecode.generate(
+            model,
+            IdTokenizer(VOCAB + 2),
+            [2, 3, 4, 2, 3, 4, 2, 3],
+            max_new_tokens=10**7,
+            drafter=spy,
+            policy=policy,
+            calibrate=False,
+        )
     assert spy.asked and max(spy.asked) <= 5
 
 
@@ -94,21 +101,24 @@ def _is_copy(draft, match_len, context, references) -> bool:
     for seq in references:
         for p in range(1, len(seq) - k + 1):
             m = min(match_len, p, len(context))
-            if seq[p:p + k] == draft and seq[p - m:p] == context[len(context) - m:]:
+            if seq[p : p + k] == draft and seq[p - m : p] == context[len(context) - m :]:
                 return True
     for p in range(1, len(context)):
         period = len(context) - p
         copied = [context[p + i % period] for i in range(k)]
         m = min(match_len, p)
-        if copied == draft and context[p - m:p] == context[len(context) - m:]:
+        if copied == draft and context[p - m : p] == context[len(context) - m :]:
             return True
     return False
 
 
 @pytest.mark.fuzz
-@given(prompt=_sequences().filter(bool), docs=st.lists(st.lists(_sequences(), max_size=4), min_size=2, max_size=2),
-       steps=st.lists(st.tuples(st.integers(-2, 40), st.integers(0, 8), st.integers(0, VOCAB + 1)), max_size=12),
-       max_ngram=st.sampled_from([1, 3, 12]))
+@given(
+    prompt=_sequences().filter(bool),
+    docs=st.lists(st.lists(_sequences(), max_size=4), min_size=2, max_size=2),
+    steps=st.lists(st.tuples(st.integers(-2, 40), st.integers(0, 8), st.integers(0, VOCAB + 1)), max_size=12),
+    max_ngram=st.sampled_from([1, 3, 12]),
+)
 def test_drafts_are_real_copies_within_budget(prompt, docs, steps, max_ngram):
     stores = []
     for group in docs:
@@ -132,8 +142,10 @@ def test_drafts_are_real_copies_within_budget(prompt, docs, steps, max_ngram):
 
 
 @pytest.mark.fuzz
-@given(context=st.lists(st.one_of(st.integers(-5, VOCAB + 5), st.sampled_from([2**40, -(2**40)])), max_size=20),
-       budget=st.sampled_from([0, 1, 7, 10**9]))
+@given(
+    context=st.lists(st.one_of(st.integers(-5, VOCAB + 5), st.sampled_from([2**40, -(2**40)])), max_size=20),
+    budget=st.sampled_from([0, 1, 7, 10**9]),
+)
 def test_propose_never_raises_on_odd_contexts(context, budget):
     store = ReferenceStore(IdTokenizer(VOCAB))
     store.add([1, 2, 3, 4, 1, 2, 5])

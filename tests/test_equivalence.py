@@ -4,12 +4,12 @@ import random
 
 import pytest
 import torch
+from stats_helpers import IdTokenizer
 
 import refdecode
 from refdecode.decoding import _eos_ids, decode
 from refdecode.drafting import DraftPolicy, ReferenceDrafter
 from refdecode.store import ReferenceStore
-from stats_helpers import IdTokenizer
 
 
 def hf_greedy(model, prompt, max_new_tokens, eos=None):

@@ -23,9 +23,16 @@ def model_with_vocab(tokenizer):
     """A tiny random Llama over SmolLM2's real vocabulary, so text-level features (stop strings) are testable."""
     torch.manual_seed(1)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -38,8 +45,13 @@ def test_custom_generate_equals_plain_generate(model_with_vocab, tokenizer):
     plain = model_with_vocab.generate(x, max_new_tokens=40, do_sample=False)
     continuation = tokenizer.decode(plain[0, x.shape[1] :])
     ours = model_with_vocab.generate(
-        x, max_new_tokens=40, do_sample=False, custom_generate=refdecode.hf_generate,
-        references=["unrelated text " + continuation], ref_tokenizer=tokenizer, policy=flat_costs(),
+        x,
+        max_new_tokens=40,
+        do_sample=False,
+        custom_generate=refdecode.hf_generate,
+        references=["unrelated text " + continuation],
+        ref_tokenizer=tokenizer,
+        policy=flat_costs(),
     )
     assert torch.equal(ours, plain)
     assert model_with_vocab.refdecode_stats.accepted_tokens > 0
@@ -53,8 +65,13 @@ def test_stop_strings_match_transformers(model_with_vocab, tokenizer):
     assert stop.strip()
     plain = model_with_vocab.generate(x, max_new_tokens=30, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
     ours = model_with_vocab.generate(  # transformers drops tokenizer= for callables: stop= + ref_tokenizer= instead
-        x, max_new_tokens=30, do_sample=False, stop=[stop],
-        custom_generate=refdecode.hf_generate, references=[text], ref_tokenizer=tokenizer,
+        x,
+        max_new_tokens=30,
+        do_sample=False,
+        stop=[stop],
+        custom_generate=refdecode.hf_generate,
+        references=[text],
+        ref_tokenizer=tokenizer,
     )
     assert torch.equal(ours, plain)
     direct = refdecode.generate(model_with_vocab, tokenizer, x[0], max_new_tokens=30, stop=stop)
@@ -76,7 +93,10 @@ def test_text_streamer_receives_exactly_the_output(model_with_vocab, tokenizer):
     x = torch.tensor([tokenizer.encode("Streaming test")])
     streamer = Collect()
     ours = model_with_vocab.generate(
-        x, max_new_tokens=12, do_sample=False, custom_generate=refdecode.hf_generate,
+        x,
+        max_new_tokens=12,
+        do_sample=False,
+        custom_generate=refdecode.hf_generate,
         ref_streamer=streamer,
     )
     assert streamer.ended
@@ -97,8 +117,12 @@ def test_custom_stopping_criteria_and_token_references(model_with_vocab, tokeniz
     stop_token = int(full[0, x.shape[1] + 7])
     plain = model_with_vocab.generate(x, max_new_tokens=20, do_sample=False, stopping_criteria=[AtToken(stop_token)])
     ours = model_with_vocab.generate(
-        x, max_new_tokens=20, do_sample=False, stopping_criteria=[AtToken(stop_token)],
-        custom_generate=refdecode.hf_generate, references=[full[0].tolist()],  # token ids need no tokenizer
+        x,
+        max_new_tokens=20,
+        do_sample=False,
+        stopping_criteria=[AtToken(stop_token)],
+        custom_generate=refdecode.hf_generate,
+        references=[full[0].tolist()],  # token ids need no tokenizer
     )
     assert torch.equal(ours, plain)
 
@@ -125,12 +149,20 @@ def test_left_padded_input_with_its_mask_equals_transformers(model_with_vocab, t
     x = torch.tensor([[pad] * 5 + ids])
     mask = torch.tensor([[0] * 5 + [1] * len(ids)])
     plain = model_with_vocab.generate(x, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=pad)
-    ours = model_with_vocab.generate(x, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=pad,
-                                     custom_generate=refdecode.hf_generate, policy=flat_costs())
+    ours = model_with_vocab.generate(
+        x,
+        attention_mask=mask,
+        max_new_tokens=24,
+        do_sample=False,
+        pad_token_id=pad,
+        custom_generate=refdecode.hf_generate,
+        policy=flat_costs(),
+    )
     assert torch.equal(ours, plain)
     assert ours[0, :5].tolist() == [pad] * 5  # the padding is kept in front, as transformers returns it
-    unmasked = model_with_vocab.generate(x, attention_mask=torch.ones_like(mask), max_new_tokens=24, do_sample=False,
-                                         pad_token_id=pad)
+    unmasked = model_with_vocab.generate(
+        x, attention_mask=torch.ones_like(mask), max_new_tokens=24, do_sample=False, pad_token_id=pad
+    )
     assert not torch.equal(unmasked, plain), "the padding must matter for this test to mean anything"
 
 
@@ -147,8 +179,13 @@ def test_masks_that_are_not_left_padding_are_refused(model_with_vocab, tokenizer
     x = torch.tensor([tokenizer.encode("one two three four")[:4]])
     assert x.shape[1] == 4
     with pytest.raises(ValueError, match=message):
-        model_with_vocab.generate(x, attention_mask=torch.tensor([mask]), max_new_tokens=4, do_sample=False,
-                                  custom_generate=refdecode.hf_generate)
+        model_with_vocab.generate(
+            x,
+            attention_mask=torch.tensor([mask]),
+            max_new_tokens=4,
+            do_sample=False,
+            custom_generate=refdecode.hf_generate,
+        )
 
 
 def test_out_of_vocabulary_ids_through_hf_generate(model_with_vocab, tokenizer):

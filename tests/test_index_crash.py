@@ -7,6 +7,7 @@ Three ways in: every filesystem step of a build (forked child that SIGKILLs itse
 cheap), a real `python -m refdecode.cli index build` killed at times spread over its run, and two reader processes
 racing a rebuilding one.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,8 +40,9 @@ def _manifests_load(root: Path, allowed: list, ctx: list) -> None:
 
 def _clean(out: Path) -> bool:
     """Only the manifest and its one generation in `out`, and no hidden build folder beside it."""
-    return sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", gen_dir(out).name]) and \
-        not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    return sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", gen_dir(out).name]) and not [
+        p for p in out.parent.iterdir() if p.name.startswith(".")
+    ]
 
 
 # -- 1) every filesystem step of a build, killed ------------------------------------------------------------------
@@ -52,8 +54,9 @@ def _build_in_child(src: Path, out: Path, kill_at: int, log: Path | None = None)
     """Fork; the child builds `src` into `out` (force) and SIGKILLs itself at its `kill_at`-th filesystem step
     (0: never), writing the step names to `log`. -> the child's wait status"""
     import faiss
+
     pid = os.fork()
-    if pid == 0:                                            # pragma: no cover - runs in the child
+    if pid == 0:  # pragma: no cover - runs in the child
         try:
             steps: list[str] = []
 
@@ -65,7 +68,9 @@ def _build_in_child(src: Path, out: Path, kill_at: int, log: Path | None = None)
                     if len(steps) == kill_at:
                         os.kill(os.getpid(), signal.SIGKILL)
                     return real(*args, **kwargs)
+
                 setattr(module, name, step)
+
             for module, name in [*_STEPS, (np, "save"), (faiss, "write_index")]:
                 wrap(module, name)
             build(src, out, force=True)
@@ -96,13 +101,17 @@ def test_build_killed_at_every_step(tmp_path, existing):
     log = tmp_path / "steps.txt"
     assert _build_in_child(src_b, out, 0, log) == 0
     steps = log.read_text().splitlines()
-    switch = next(i for i, s in enumerate(steps, 1)                 # replacing: the manifest; fresh: the folder
-                  if ((s.startswith("replace") and s.endswith("manifest.json")) if existing else s.startswith("rename")))
+    switch = next(
+        i
+        for i, s in enumerate(steps, 1)  # replacing: the manifest; fresh: the folder
+        if ((s.startswith("replace") and s.endswith("manifest.json")) if existing else s.startswith("rename"))
+    )
     points = range(1, len(steps) + 1)
-    if not FUZZ:                                            # CI: the steps around the switch, and a spread before
-        after = (switch + 1, switch + 2, (switch + len(steps)) // 2, len(steps))      # removing the old generation
-        points = sorted({*range(1, switch - 1, max(1, switch // 6)), switch - 1, switch,
-                         *(k for k in after if k <= len(steps))})
+    if not FUZZ:  # CI: the steps around the switch, and a spread before
+        after = (switch + 1, switch + 2, (switch + len(steps)) // 2, len(steps))  # removing the old generation
+        points = sorted(
+            {*range(1, switch - 1, max(1, switch // 6)), switch - 1, switch, *(k for k in after if k <= len(steps))}
+        )
     for k in points:
         shutil.rmtree(work)
         work.mkdir()
@@ -124,9 +133,26 @@ def test_build_killed_at_every_step(tmp_path, existing):
 
 # -- 2) a real `python -m refdecode.cli index build --force`, killed at times spread over its run ---------------
 
+
 def _cli(src: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "refdecode.cli", "index", "build", str(src), "--out", str(out), "--model",
-            "smollm2-135m", "--embedder", "hashed", "--chunk-tokens", "64", "--quiet", "--force"]
+    return [
+        sys.executable,
+        "-m",
+        "refdecode.cli",
+        "index",
+        "build",
+        str(src),
+        "--out",
+        str(out),
+        "--model",
+        "smollm2-135m",
+        "--embedder",
+        "hashed",
+        "--chunk-tokens",
+        "64",
+        "--quiet",
+        "--force",
+    ]
 
 
 @pytest.mark.fuzz
@@ -136,16 +162,26 @@ def test_cli_build_killed_at_spread_times(tmp_path):
     one, never otherwise, nothing partial is loadable, and the next build cleans up."""
     from refdecode.corpus import build_index
     from refdecode.models import load_tokenizer
+
     try:
         tok = load_tokenizer("smollm2-135m")
-    except Exception as e:                                 # noqa: BLE001 - no cached tokenizer: nothing to kill
+    except Exception as e:  # noqa: BLE001 - no cached tokenizer: nothing to kill
         pytest.skip(f"smollm2-135m tokenizer not available: {e}")
     src_a, src_b = write_corpus(tmp_path / "src_a", seed=0), write_corpus(tmp_path / "src_b", seed=1, docs=4)
     ctx = [tok.encode((src_a / "doc0.md").read_text())[5:17], tok.encode((src_b / "doc1.md").read_text())[5:17]]
 
     def build_real(src, dest):
-        build_index([src], dest, tokenizer=tok, model_name="smollm2-135m", embedder="hashed", chunk_tokens=64,
-                    progress=False, force=True)
+        build_index(
+            [src],
+            dest,
+            tokenizer=tok,
+            model_name="smollm2-135m",
+            embedder="hashed",
+            chunk_tokens=64,
+            progress=False,
+            force=True,
+        )
+
     build_real(src_a, tmp_path / "ref_a")
     a = answers(CorpusIndex.load(tmp_path / "ref_a", tokenizer=tok), ctx)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -161,8 +197,9 @@ def test_cli_build_killed_at_spread_times(tmp_path):
     def run_pair(kill_at: list[float | None]) -> float:
         nonlocal killed
         t0 = time.monotonic()
-        procs = [subprocess.Popen(_cli(src_b, o), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for o in outs]
+        procs = [
+            subprocess.Popen(_cli(src_b, o), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for o in outs
+        ]
         for proc, at in zip(procs, kill_at, strict=True):
             try:
                 proc.wait(timeout=None if at is None else max(0.0, at - (time.monotonic() - t0)))
@@ -183,17 +220,17 @@ def test_cli_build_killed_at_spread_times(tmp_path):
     times = [duration * (i + 0.5) / n for i in range(n)]
     for pair in [None, *range(0, n, 2)]:
         if pair is not None:
-            run_pair(times[pair:pair + 2])
+            run_pair(times[pair : pair + 2])
         for o in outs:
             got = answers(CorpusIndex.load(o, tokenizer=tok), ctx)
             assert got in (a, b), (pair, o)
             _manifests_load(o.parent, [a, b], ctx)
             seen["old" if got == a else "new"] += 1
             if got == b:
-                build_real(src_a, o)                        # the next build also removes what the kill left
+                build_real(src_a, o)  # the next build also removes what the kill left
                 assert _clean(o)
-    assert killed >= n // 2, (killed, seen)                  # most runs were cut short, or this proved little
-    assert seen["new"] >= 2                                  # and the runs that ended switched to the new index
+    assert killed >= n // 2, (killed, seen)  # most runs were cut short, or this proved little
+    assert seen["new"] >= 2  # and the runs that ended switched to the new index
 
 
 # -- 3) readers racing a rebuilding process -----------------------------------------------------------------------
@@ -243,20 +280,32 @@ def test_readers_see_one_index_or_the_other_while_it_is_rebuilt(tmp_path):
 
     def digest(index_dir):
         return hashlib.sha256(repr(answers(CorpusIndex.load(index_dir), ctx)).encode()).hexdigest()
+
     a, b = digest(out), digest(tmp_path / "ref_b")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     stop = tmp_path / "stop"
     readers = []
     for r in range(2):
-        script = _READER.format(tests=str(REPO / "tests"), out=str(out), ctx=ctx, stop=str(stop),
-                                ready=str(tmp_path / f"ready{r}"), report=str(tmp_path / f"report{r}"))
+        script = _READER.format(
+            tests=str(REPO / "tests"),
+            out=str(out),
+            ctx=ctx,
+            stop=str(stop),
+            ready=str(tmp_path / f"ready{r}"),
+            report=str(tmp_path / f"report{r}"),
+        )
         readers.append(subprocess.Popen([sys.executable, "-c", script], env=env))
     try:
         rounds = 40 if FUZZ else 6
-        script = _BUILDER.format(rounds=rounds, srcs=[str(src_b), str(src_a)], out=str(out),
-                                 ready=[str(tmp_path / f"ready{r}") for r in range(2)])
-        builder = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                                 timeout=600, check=False)
+        script = _BUILDER.format(
+            rounds=rounds,
+            srcs=[str(src_b), str(src_a)],
+            out=str(out),
+            ready=[str(tmp_path / f"ready{r}") for r in range(2)],
+        )
+        builder = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, check=False
+        )
         assert builder.returncode == 0, builder.stderr[-2000:]
     finally:
         stop.write_text("stop")
@@ -274,6 +323,7 @@ def test_a_load_that_loses_its_generation_retries_with_the_new_one(tmp_path, mon
     between the reader's manifest read and its file checks; the load re-reads the manifest and returns the new
     index whole. A load whose generation vanished without a new manifest is an error that says so."""
     import refdecode.corpus.index as index_module
+
     src_a, src_b = write_corpus(tmp_path / "src_a", seed=0), write_corpus(tmp_path / "src_b", seed=1, docs=4)
     ctx = span_contexts(src_a, 3) + span_contexts(src_b, 3)
     out = build(src_a, tmp_path / "idx")
@@ -285,6 +335,7 @@ def test_a_load_that_loses_its_generation_retries_with_the_new_one(tmp_path, mon
         if len(calls) == 1:
             build(src_b, out, force=True)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(index_module, "verify_files", rebuilt_meanwhile)
     assert answers(CorpusIndex.load(out), ctx) == b and len(calls) == 2
     monkeypatch.setattr(index_module, "verify_files", real)

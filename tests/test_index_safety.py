@@ -1,5 +1,6 @@
 """Corpus index safety: --force never destroys what is not an index, nothing is left behind, hostile index folders
 are refused (never executed), and the C extensions (faiss, numpy maps) never see input that crashes them."""
+
 from __future__ import annotations
 
 import json
@@ -34,18 +35,19 @@ def pristine(tmp_path_factory):
 def idx(pristine, tmp_path):
     root, _, _ = pristine
     shutil.copytree(root / "idx", tmp_path / "idx")
-    (tmp_path / "idx_b").symlink_to(root / "idx_b")          # only read: the source of swapped files
+    (tmp_path / "idx_b").symlink_to(root / "idx_b")  # only read: the source of swapped files
     return tmp_path / "idx"
 
 
 # -- 1) --force replaces an index and nothing else; nothing of a build stays behind ------------------------------
+
 
 def test_force_refuses_a_folder_that_is_not_an_index(tmp_path):
     src = write_corpus(tmp_path / "src", seed=0)
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("buy milk\n")
-    (notes / "manifest.json").write_text('{"format": "something-else"}')       # a manifest, but not ours
+    (notes / "manifest.json").write_text('{"format": "something-else"}')  # a manifest, but not ours
     before = tree(notes)
     with pytest.raises(IndexFormatError, match="does not hold a refdecode index.*--force only replaces an index"):
         build(src, notes, force=True)
@@ -59,7 +61,7 @@ def test_force_refuses_a_file(tmp_path):
     with pytest.raises(IndexFormatError, match="not a folder holding a refdecode index"):
         build(src, tmp_path / "out", force=True)
     assert (tmp_path / "out").read_text() == "precious"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]          # no .out.old-XXXX
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no .out.old-XXXX
 
 
 @pytest.mark.parametrize("where", ["the source", "inside the source", "around the source"])
@@ -85,11 +87,13 @@ def test_rebuilds_leave_one_generation_and_nothing_else(idx):
 
 def test_failed_rebuild_leaves_the_old_index_and_nothing_else(idx, pristine, monkeypatch):
     import refdecode.corpus.index as index_module
+
     _, expected, ctx = pristine
     before = tree(idx)
 
     def explode(*a, **k):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(index_module.faiss, "write_index", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         build(write_corpus(idx.parent / "new", seed=5), idx, force=True)
@@ -141,6 +145,7 @@ def test_force_replaces_an_index_of_another_version(idx):
 
 # -- 3) hostile index folders: refused with IndexFormatError, nothing executed -----------------------------------
 
+
 def _manifest(idx: Path) -> dict:
     return json.loads((idx / "manifest.json").read_text())
 
@@ -151,10 +156,12 @@ def _write_manifest(idx: Path, m: dict) -> None:
 
 def _edit(fn):
     """A mutation of the manifest's JSON object."""
+
     def mutate(idx: Path) -> None:
         m = _manifest(idx)
         fn(m)
         _write_manifest(idx, m)
+
     return mutate
 
 
@@ -177,6 +184,7 @@ def _replace_file(name: str, content):
         else:
             path.write_bytes(data)
         _rehash(idx, name)
+
     return mutate
 
 
@@ -188,6 +196,7 @@ def _flip(name: str, rehash: bool = False):
         path.write_bytes(bytes(data))
         if rehash:
             _rehash(idx, name)
+
     return mutate
 
 
@@ -195,6 +204,7 @@ def _truncate(name: str):
     def mutate(idx: Path) -> None:
         path = gen_dir(idx) / name
         path.write_bytes(path.read_bytes()[:-1])
+
     return mutate
 
 
@@ -218,11 +228,13 @@ def _swap_from_other(name: str, rehash: bool):
         shutil.copy(gen_dir(idx.parent / "idx_b") / name, gen_dir(idx) / name)
         if rehash:
             _rehash(idx, name)
+
     return mutate
 
 
 class _Payload:
     """Unpickling this touches a marker file: proof that a load executed something."""
+
     def __reduce__(self):
         return (Path.touch, (Path(os.environ["REFDECODE_TEST_MARKER"]),))
 
@@ -245,17 +257,30 @@ def _offsets_past_text(path: Path) -> np.ndarray:
 
 def _faiss_header(field: int, value: int):
     """Patch one field of the faiss header: 1 = d (int32 at 4), 2 = ntotal (int64 at 8)."""
+
     def content(path: Path) -> bytes:
         data = bytearray(path.read_bytes())
         at, width = {1: (4, 4), 2: (8, 8)}[field]
-        data[at:at + width] = value.to_bytes(width, "little", signed=True)
+        data[at : at + width] = value.to_bytes(width, "little", signed=True)
         return bytes(data)
+
     return content
 
 
-_FIELD_DELETIONS = [("files", "span_sa.npy", "sha256"), ("counts",), ("model_name",), ("tokenizer_fingerprint",),
-                    ("embedder", "dim"), ("embedder",), ("build_options",), ("generation",), ("version",),
-                    ("format",), ("counts", "passages"), ("embedder", "name")]
+_FIELD_DELETIONS = [
+    ("files", "span_sa.npy", "sha256"),
+    ("counts",),
+    ("model_name",),
+    ("tokenizer_fingerprint",),
+    ("embedder", "dim"),
+    ("embedder",),
+    ("build_options",),
+    ("generation",),
+    ("version",),
+    ("format",),
+    ("counts", "passages"),
+    ("embedder", "name"),
+]
 
 
 def _delete(path):
@@ -263,6 +288,7 @@ def _delete(path):
         for key in path[:-1]:
             m = m[key]
         del m[path[-1]]
+
     return fn
 
 
@@ -308,8 +334,9 @@ HOSTILE = {
     "bytes negative": _edit(lambda m: m["files"]["span_sa.npy"].update(bytes=-5)),
     "bytes 1e13": _edit(lambda m: m["files"]["span_sa.npy"].update(bytes=1e13)),
     "huge declared size": _edit(lambda m: m["files"]["passages.faiss"].update(bytes=2**60)),
-    "declared size off by one": _edit(lambda m: m["files"]["passages.faiss"].update(
-        bytes=m["files"]["passages.faiss"]["bytes"] + 1)),
+    "declared size off by one": _edit(
+        lambda m: m["files"]["passages.faiss"].update(bytes=m["files"]["passages.faiss"]["bytes"] + 1)
+    ),
     "manifest a list": lambda idx: (idx / "manifest.json").write_text("[]"),
     "manifest not JSON": lambda idx: (idx / "manifest.json").write_text("{"),
     "manifest not UTF-8": lambda idx: (idx / "manifest.json").write_bytes(b'{"format": "\xff"}'),
@@ -360,7 +387,7 @@ def test_hostile_index_folder_is_refused(idx, pristine, case, checksums, tmp_pat
     ctx = pristine[2]
     HOSTILE[case](idx)
     if not checksums and case.startswith(("bit flip", "swapped")):
-        try:                                    # may load: the caller chose to trust bytes; never a crash
+        try:  # may load: the caller chose to trust bytes; never a crash
             index = CorpusIndex.load(idx, checksums=False)
         except IndexFormatError:
             pass
@@ -383,14 +410,23 @@ def test_hostile_case_count():
 
 # -- 3b) random manifest mutations: refused, or loads and answers exactly as the original -----------------------
 
+
 def _json_values():
     from hypothesis import strategies as st
-    leaves = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64), st.floats(allow_nan=True),
-                       st.text(max_size=20), st.sampled_from(["gen-0123456789abcdef", "../x", "/", "hashed",
-                                                              "minilm", "span_sa.npy", "0" * 64]))
-    return st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                        max_leaves=6)
+
+    leaves = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**64), 2**64),
+        st.floats(allow_nan=True),
+        st.text(max_size=20),
+        st.sampled_from(["gen-0123456789abcdef", "../x", "/", "hashed", "minilm", "span_sa.npy", "0" * 64]),
+    )
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+        max_leaves=6,
+    )
 
 
 def _paths(node, prefix=()):
@@ -418,9 +454,14 @@ def test_random_manifest_mutations_are_refused_or_harmless(pristine, tmp_path_fa
     original = (idx / "manifest.json").read_text()
     paths = list(_paths(json.loads(original)))
 
-    @given(st.lists(st.tuples(st.sampled_from(paths), st.sampled_from(["set", "delete", "add"]), _json_values()),
-                    min_size=1, max_size=3),
-           st.booleans())
+    @given(
+        st.lists(
+            st.tuples(st.sampled_from(paths), st.sampled_from(["set", "delete", "add"]), _json_values()),
+            min_size=1,
+            max_size=3,
+        ),
+        st.booleans(),
+    )
     def check(mutations, checksums):
         m = json.loads(original)
         for path, op, value in mutations:
@@ -429,7 +470,7 @@ def test_random_manifest_mutations_are_refused_or_harmless(pristine, tmp_path_fa
                 for key in path:
                     parent, node = node, node[key]
             except (KeyError, IndexError, TypeError):
-                continue                                    # an earlier mutation removed this path
+                continue  # an earlier mutation removed this path
             if op == "set" and parent is not None:
                 parent[path[-1]] = value
             elif op == "delete" and parent is not None:
@@ -454,12 +495,14 @@ def test_random_manifest_mutations_are_refused_or_harmless(pristine, tmp_path_fa
 
 # -- 4) C-extension guards ---------------------------------------------------------------------------------------
 
+
 def _empty_index(out: Path) -> Path:
     """A well-formed index of zero passages (no build makes one: an empty corpus is refused; a writer might)."""
     import faiss
 
     from refdecode.corpus.embedding import HashedNgramEmbedder
     from refdecode.corpus.spans import SpanIndex
+
     with new_generation(out, force=False, data_files=ALL_FILES) as gen:
         spans = SpanIndex.build([], 5000)
         files = spans.save(gen.dir)
@@ -469,13 +512,37 @@ def _empty_index(out: Path) -> Path:
         np.save(gen.dir / "passage_source.npy", np.zeros(0, np.int32))
         (gen.dir / "sources.json").write_text("[]")
         faiss.write_index(faiss.IndexFlatIP(64), str(gen.dir / "passages.faiss"))
-        files += ["passage_text.bin", "passage_text_offsets.npy", "passage_tokens.npy", "passage_source.npy",
-                  "sources.json", "passages.faiss"] + HashedNgramEmbedder(64).save(gen.dir)
+        files += [
+            "passage_text.bin",
+            "passage_text_offsets.npy",
+            "passage_tokens.npy",
+            "passage_source.npy",
+            "sources.json",
+            "passages.faiss",
+        ] + HashedNgramEmbedder(64).save(gen.dir)
         from refdecode.corpus.format import tokenizer_fingerprint
-        gen.commit({"model_name": "toy", "tokenizer_fingerprint": tokenizer_fingerprint(WordTokenizer()),
-                    "counts": {k: 0 for k in ("files", "documents", "tokens", "passages", "duplicates_removed",
-                                              "span_tokens", "span_bytes")},
-                    "build_options": {}, "embedder": {"name": "hashed", "dim": 64}}, files)
+
+        gen.commit(
+            {
+                "model_name": "toy",
+                "tokenizer_fingerprint": tokenizer_fingerprint(WordTokenizer()),
+                "counts": {
+                    k: 0
+                    for k in (
+                        "files",
+                        "documents",
+                        "tokens",
+                        "passages",
+                        "duplicates_removed",
+                        "span_tokens",
+                        "span_bytes",
+                    )
+                },
+                "build_options": {},
+                "embedder": {"name": "hashed", "dim": 64},
+            },
+            files,
+        )
     return out
 
 
@@ -510,15 +577,24 @@ def test_non_finite_query_vector_is_refused(idx, bad):
             v = np.zeros((len(texts), index._faiss.d), np.float32)
             v[:, 0] = bad
             return v
+
     index._embedder = Broken()
     with pytest.raises(ValueError, match="not finite"):
         index.retrieve("alpha")
 
 
-_C_EXTENSION_CASES = ("faiss header: huge ntotal", "faiss header: dim 0", "faiss file: garbage",
-                      "faiss file: another index type", "faiss file truncated and rehashed",
-                      "npy header larger than the file", "empty npy file", "pickled object array",
-                      "suffix array past the stream", "token range past the stream")
+_C_EXTENSION_CASES = (
+    "faiss header: huge ntotal",
+    "faiss header: dim 0",
+    "faiss file: garbage",
+    "faiss file: another index type",
+    "faiss file truncated and rehashed",
+    "npy header larger than the file",
+    "empty npy file",
+    "pickled object array",
+    "suffix array past the stream",
+    "token range past the stream",
+)
 
 
 def test_hostile_files_never_reach_faiss_or_numpy_in_a_child(pristine, tmp_path):
@@ -526,6 +602,7 @@ def test_hostile_files_never_reach_faiss_or_numpy_in_a_child(pristine, tmp_path)
     each (checksums off, the weakest setting) and gets IndexFormatError; an empty index answers nothing. The
     child's exit status proves the interpreter survived; the marker file proves nothing was executed."""
     import subprocess
+
     root, _, _ = pristine
     marker = tmp_path / "executed"
     os.environ["REFDECODE_TEST_MARKER"] = str(marker)
@@ -539,20 +616,29 @@ def test_hostile_files_never_reach_faiss_or_numpy_in_a_child(pristine, tmp_path)
     finally:
         del os.environ["REFDECODE_TEST_MARKER"]
     empty = _empty_index(tmp_path / "empty")
-    code = (f"from refdecode.corpus import CorpusIndex, IndexFormatError\n"
-            f"for folder in {folders!r}:\n"
-            f"    try:\n        CorpusIndex.load(folder, checksums=False)\n"
-            f"    except IndexFormatError:\n        continue\n"
-            f"    raise SystemExit('loaded: ' + folder)\n"
-            f"index = CorpusIndex.load({str(empty)!r}, checksums=False)\n"
-            f"assert index.retrieve('x', k=3) == [] and index.span_continuations([1, 2], 3) == (0, [])\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
-                            env={**os.environ, "REFDECODE_TEST_MARKER": str(marker)})
+    code = (
+        f"from refdecode.corpus import CorpusIndex, IndexFormatError\n"
+        f"for folder in {folders!r}:\n"
+        f"    try:\n        CorpusIndex.load(folder, checksums=False)\n"
+        f"    except IndexFormatError:\n        continue\n"
+        f"    raise SystemExit('loaded: ' + folder)\n"
+        f"index = CorpusIndex.load({str(empty)!r}, checksums=False)\n"
+        f"assert index.retrieve('x', k=3) == [] and index.span_continuations([1, 2], 3) == (0, [])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "REFDECODE_TEST_MARKER": str(marker)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert not marker.exists()
 
 
 # -- 5) check_tokenizer on a loaded index ------------------------------------------------------------------------
+
 
 def test_check_tokenizer_on_a_loaded_index(idx):
     index = CorpusIndex.load(idx)

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from stats_helpers import IdTokenizer, tiny_llama
 
 import refdecode
 from refdecode.decoding import _StopChecker
-from stats_helpers import IdTokenizer, tiny_llama
 
 VOCAB = 96
 
@@ -54,8 +54,11 @@ def test_prompt_that_is_not_a_sequence_is_a_type_error(model):
 
 def test_numpy_and_tensor_ids_of_any_integer_type_work(model):
     expected = refdecode.generate(model, None, [5, 6, 7], max_new_tokens=3, calibrate=False).token_ids
-    for prompt in (np.array([5, 6, 7], dtype=np.int32), torch.tensor([5, 6, 7], dtype=torch.int16),
-                   [np.int64(5), 6, torch.tensor(7)]):
+    for prompt in (
+        np.array([5, 6, 7], dtype=np.int32),
+        torch.tensor([5, 6, 7], dtype=torch.int16),
+        [np.int64(5), 6, torch.tensor(7)],
+    ):
         assert refdecode.generate(model, None, prompt, max_new_tokens=3, calibrate=False).token_ids == expected
 
 
@@ -157,8 +160,15 @@ def test_stop_string_spanning_many_tokens_is_found(vocab_model, tokenizer, text,
     prompt = tokenizer.encode("Say it:")
     script = tokenizer.encode(text)
     assert len(tokenizer.encode(stop)) > len(stop) + 9  # beyond the old fixed window of len(stop) + 9 tokens
-    out = refdecode.generate(vocab_model, tokenizer, prompt, max_new_tokens=len(script) + 5, stop=[stop],
-                             logits_processor=[Script(len(prompt), script)], calibrate=False)
+    out = refdecode.generate(
+        vocab_model,
+        tokenizer,
+        prompt,
+        max_new_tokens=len(script) + 5,
+        stop=[stop],
+        logits_processor=[Script(len(prompt), script)],
+        calibrate=False,
+    )
     assert out.stop_reason == "stop_string"
     assert out.text.endswith(stop) and out.text.count(stop) == 1
     assert stop not in tokenizer.decode(out.token_ids[:-1])  # stopped at the token that completes it
@@ -211,8 +221,9 @@ def test_non_finite_logits_through_hf_generate(model):
     handle = poison_after(model, 0, math.nan)
     try:
         with pytest.raises(refdecode.NonFiniteLogitsError, match="the prefill"):
-            model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False,
-                           custom_generate=refdecode.hf_generate)
+            model.generate(
+                torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, custom_generate=refdecode.hf_generate
+            )
     finally:
         handle.remove()
 

@@ -22,7 +22,8 @@ def token_lists(vocab: int, max_size: int = 40):
     one = st.one_of(st.sampled_from([0, vocab - 1]), st.integers(0, vocab - 1))
     run = st.builds(lambda t, n: [t] * n, one, st.integers(1, 30))
     return st.lists(st.one_of(one.map(lambda t: [t]), run), max_size=max_size // 4).map(
-        lambda parts: [t for p in parts for t in p][:max_size])
+        lambda parts: [t for p in parts for t in p][:max_size]
+    )
 
 
 class _OracleMachine(RuleBasedStateMachine):
@@ -31,8 +32,11 @@ class _OracleMachine(RuleBasedStateMachine):
     def make_index(self, vocab: int, max_ngram: int, max_positions: int):
         raise NotImplementedError
 
-    @initialize(vocab=st.sampled_from(VOCABS), max_ngram=st.sampled_from([1, 2, 5, 12]),
-                max_positions=st.sampled_from([1, 4, 10_000]))
+    @initialize(
+        vocab=st.sampled_from(VOCABS),
+        max_ngram=st.sampled_from([1, 2, 5, 12]),
+        max_positions=st.sampled_from([1, 4, 10_000]),
+    )
     def setup(self, vocab, max_ngram, max_positions):
         self.vocab, self.max_ngram, self.max_positions = vocab, max_ngram, max_positions
         self.index = self.make_index(vocab, max_ngram, max_positions)
@@ -67,10 +71,15 @@ class _OracleMachine(RuleBasedStateMachine):
             return noise
         piece = st.sampled_from(pieces).flatmap(
             lambda s: st.tuples(st.integers(0, len(s) - 1), st.integers(1, 14)).map(
-                lambda ab: s[max(0, ab[0] - ab[1] + 1) : ab[0] + 1]))
+                lambda ab: s[max(0, ab[0] - ab[1] + 1) : ab[0] + 1]
+            )
+        )
         foreign = st.sampled_from([-1, self.vocab, 2**40])
-        return st.one_of(noise, st.builds(lambda a, b: a + b, noise, piece),
-                         st.builds(lambda a, f, b: a + [f] + b, noise, foreign, piece))
+        return st.one_of(
+            noise,
+            st.builds(lambda a, b: a + b, noise, piece),
+            st.builds(lambda a, f, b: a + [f] + b, noise, foreign, piece),
+        )
 
 
 class SuffixIndexMachine(_OracleMachine):
@@ -123,9 +132,22 @@ def test_an_id_no_index_holds_ends_the_match():
         assert index.longest_suffix([5, "x", 7]).length == 1
 
 
-@pytest.mark.parametrize("bad", [[1, 2.5], [1.0, 2.0], [True, 2], ["1", "2"], "12", [[1, 2]],
-                                 np.array([1.5]), np.array([True]), torch.tensor([1.0, 2.0]), torch.tensor([True]),
-                                 np.zeros((1, 3), dtype=np.int64)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [1, 2.5],
+        [1.0, 2.0],
+        [True, 2],
+        ["1", "2"],
+        "12",
+        [[1, 2]],
+        np.array([1.5]),
+        np.array([True]),
+        torch.tensor([1.0, 2.0]),
+        torch.tensor([True]),
+        np.zeros((1, 3), dtype=np.int64),
+    ],
+)
 def test_non_integer_ids_are_refused(bad):
     for index in (SuffixIndex(), DocumentIndex(100)):
         with pytest.raises(ValueError, match="integers|1-D|sequence"):
@@ -146,8 +168,14 @@ def test_out_of_range_ids_are_reported_against_the_vocabulary():
 
 
 def test_integer_arrays_and_tensors_are_accepted():
-    for ids in ([1, 2, 3], (1, 2, 3), np.array([1, 2, 3], dtype=np.int32), np.array([1, 2, 3], dtype=np.uint16),
-                torch.tensor([1, 2, 3]), [np.int64(1), np.uint8(2), 3]):
+    for ids in (
+        [1, 2, 3],
+        (1, 2, 3),
+        np.array([1, 2, 3], dtype=np.int32),
+        np.array([1, 2, 3], dtype=np.uint16),
+        torch.tensor([1, 2, 3]),
+        [np.int64(1), np.uint8(2), 3],
+    ):
         assert as_token_ids(ids, 100).tolist() == [1, 2, 3]
         index = DocumentIndex(100)
         index.add(ids)

@@ -18,8 +18,12 @@ def occurrences(docs, tail, followed_only):
     for L in range(1, min(DEPTH, len(tail)) + 1):
         pat = list(tail[-L:])
         stop = 1 if followed_only else 0
-        hits = [(d, i + L - 1) for d, doc in enumerate(docs) for i in range(len(doc) - L + 1 - stop)
-                if doc[i:i + L] == pat]
+        hits = [
+            (d, i + L - 1)
+            for d, doc in enumerate(docs)
+            for i in range(len(doc) - L + 1 - stop)
+            if doc[i : i + L] == pat
+        ]
         if not hits:
             break
         found[L] = hits
@@ -41,7 +45,7 @@ def corpus_and_tails(draw):
         if nonempty and draw(st.booleans()):
             doc = draw(st.sampled_from(nonempty))
             end = draw(st.integers(0, len(doc) - 1))
-            tail += doc[max(0, end - draw(st.integers(0, 20))):end + 1]
+            tail += doc[max(0, end - draw(st.integers(0, 20))) : end + 1]
         tails.append(tail)
     return vocab, docs, tails
 
@@ -55,9 +59,9 @@ def test_longest_match_equals_brute_force(case, followed_only):
         L, a, b = index.longest_match(tail)
         found = occurrences(docs, tail, followed_only)
         assert L == max(found, default=0)
-        assert b - a == len(found.get(L, []))                        # the exact range: every occurrence once
+        assert b - a == len(found.get(L, []))  # the exact range: every occurrence once
         for e in np.asarray(index.sa[a:b]).tolist():
-            assert (np.asarray(index.stream[e - L + 1:e + 1], dtype=np.int64) - 1).tolist() == tail[-L:]
+            assert (np.asarray(index.stream[e - L + 1 : e + 1], dtype=np.int64) - 1).tolist() == tail[-L:]
 
 
 @pytest.mark.fuzz
@@ -70,7 +74,7 @@ def test_continuations_are_real_and_complete(case, max_tokens):
         L, conts = index.continuations(tail, max_tokens, max_candidates=10_000, min_match=1, pool=10_000)
         found = occurrences(docs, tail, followed_only=False)
         longest = max(found, default=0)
-        expect = {tuple(docs[d][e + 1:e + 1 + n]) for d, e in found.get(longest, [])} - {()}
+        expect = {tuple(docs[d][e + 1 : e + 1 + n]) for d, e in found.get(longest, [])} - {()}
         assert L == (longest if expect else 0)
         assert set(map(tuple, conts)) == expect
 

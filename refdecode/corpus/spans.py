@@ -18,32 +18,33 @@ Build: prefix doubling with numpy sorts; ~0.4 s per 1M tokens, ~2 min for 100M o
 
 This module knows token ids only: no text, no tokenizer, no passages.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 __all__ = ["DEPTH", "SpanIndex", "encode_stream", "build_suffix_order", "build_samples"]
 
-DEPTH = 16                      # the longest context suffix a lookup matches, in tokens
-MAX_CONTINUATION = 256          # continuations are cut here whatever max_tokens a caller asks (drafts need less)
-_SAMPLE_BYTES_PER_TOKEN = 2     # sample spacing S is chosen so the samples cost this many bytes per corpus token
-_BACK = np.arange(DEPTH)        # offsets of a reversed window
+DEPTH = 16  # the longest context suffix a lookup matches, in tokens
+MAX_CONTINUATION = 256  # continuations are cut here whatever max_tokens a caller asks (drafts need less)
+_SAMPLE_BYTES_PER_TOKEN = 2  # sample spacing S is chosen so the samples cost this many bytes per corpus token
+_BACK = np.arange(DEPTH)  # offsets of a reversed window
 
 
-def encode_stream(docs: Sequence[Sequence[int]], vocab_size: int) -> np.ndarray:
+def encode_stream(docs: Sequence[Sequence[int] | np.ndarray], vocab_size: int) -> np.ndarray:
     """Concatenate documents as ids+1 with 0 separators around each: (N,) uint16 if ids fit, else uint32."""
     dtype = np.uint16 if vocab_size < np.iinfo(np.uint16).max else np.uint32
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     stream = np.zeros(int(lengths.sum()) + len(docs) + 1, dtype=dtype)
     starts = np.concatenate([[1], 1 + np.cumsum(lengths + 1)[:-1]]) if len(docs) else np.zeros(0, np.int64)
-    for start, doc in zip(starts.tolist(), docs):
+    for start, doc in zip(starts.tolist(), docs, strict=True):
         arr = np.asarray(doc, dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
             raise ValueError(f"token id out of range [0, {vocab_size})")
-        stream[start:start + arr.size] = arr + 1
+        stream[start : start + arr.size] = arr + 1
     return stream
 
 
@@ -83,18 +84,18 @@ def build_suffix_order(stream: np.ndarray, depth: int = DEPTH, *, followed_only:
     x = stream.astype(np.uint64)
     key = np.zeros(stream.size, dtype=np.uint64)
     width = min(per_word, depth)
-    for j in range(width):          # key[e] = v[e] v[e-1] ... v[e-width+1], most significant first
+    for j in range(width):  # key[e] = v[e] v[e-1] ... v[e-width+1], most significant first
         key |= _shift(x, j) << np.uint64(bits * (width - 1 - j))
     del x
     while width < depth:
         rank = _dense_rank(key)
-        key = (rank << np.uint64(32)) | _shift(rank, width)   # ranks < 2**32 for N < 4G tokens
+        key = (rank << np.uint64(32)) | _shift(rank, width)  # ranks < 2**32 for N < 4G tokens
         width *= 2
     positions = np.flatnonzero(stream)
     if followed_only:
         positions = positions[stream[positions + 1] != 0]
     order = np.argsort(key[positions])
-    index_dtype = np.uint32 if stream.size < 2 ** 32 else np.int64
+    index_dtype = np.uint32 if stream.size < 2**32 else np.int64
     return positions[order].astype(index_dtype)
 
 
@@ -107,7 +108,7 @@ def _key_dtypes(stream_dtype) -> tuple[np.dtype, np.dtype, int]:
 def _reversed_windows(stream: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """stream[e], stream[e-1], ..., stream[e-DEPTH+1] (0 before the start) for each e. (B,) -> (B, DEPTH)"""
     idx = ends.astype(np.int64)[:, None] - _BACK[None, :]
-    return np.take(stream, idx, mode="clip")        # clip: index < 0 reads stream[0], the leading separator 0
+    return np.take(stream, idx, mode="clip")  # clip: index < 0 reads stream[0], the leading separator 0
 
 
 def _as_keys(windows: np.ndarray, stream_dtype) -> np.ndarray:
@@ -125,8 +126,8 @@ def build_samples(stream: np.ndarray, sa: np.ndarray) -> np.ndarray:
     """Keys of every S-th suffix-order entry. -> (ceil(M/S),) byte strings"""
     step = sample_every(stream.dtype)
     out = []
-    for lo in range(0, sa.size, step * (1 << 20)):      # bounded memory: 1M samples at a time
-        ends = np.asarray(sa[lo:lo + step * (1 << 20):step])
+    for lo in range(0, sa.size, step * (1 << 20)):  # bounded memory: 1M samples at a time
+        ends = np.asarray(sa[lo : lo + step * (1 << 20) : step])
         out.append(_as_keys(_reversed_windows(stream, ends), stream.dtype))
     _, key_dtype, _ = _key_dtypes(stream.dtype)
     return np.concatenate(out) if out else np.zeros(0, dtype=key_dtype)
@@ -143,7 +144,7 @@ class SpanIndex:
         self._be, self._key_dtype, self._max = _key_dtypes(stream.dtype)
         # lower-triangular mask: row i keeps the first i+1 tokens of a reversed query
         self._tri = (np.arange(DEPTH)[None, :] < np.arange(1, DEPTH + 1)[:, None]).astype(np.int64)  # (D, D)
-        self._eye = np.eye(DEPTH, dtype=np.int64)                                                   # (D, D)
+        self._eye = np.eye(DEPTH, dtype=np.int64)  # (D, D)
         for name, arr in (("stream", stream), ("suffix order", sa), ("samples", samples)):
             if arr.ndim != 1:
                 raise ValueError(f"span index {name} must be 1-D, got shape {arr.shape}")
@@ -155,7 +156,9 @@ class SpanIndex:
             raise ValueError("span index arrays disagree: samples do not match the suffix order")
 
     @classmethod
-    def build(cls, docs: Sequence[Sequence[int]], vocab_size: int, *, followed_only: bool = False) -> SpanIndex:
+    def build(
+        cls, docs: Sequence[Sequence[int] | np.ndarray], vocab_size: int, *, followed_only: bool = False
+    ) -> SpanIndex:
         return cls.from_stream(encode_stream(docs, vocab_size), followed_only=followed_only)
 
     @classmethod
@@ -169,12 +172,12 @@ class SpanIndex:
         return int(self.sa.size)
 
     def save(self, folder: Path) -> list[str]:
-        for name, arr in zip(self.FILES, (self.stream, self.sa, self.samples)):
+        for name, arr in zip(self.FILES, (self.stream, self.sa, self.samples), strict=True):
             np.save(Path(folder) / name, arr, allow_pickle=False)
         return list(self.FILES)
 
     @classmethod
-    def load(cls, folder: Path) -> "SpanIndex":
+    def load(cls, folder: Path) -> SpanIndex:
         """Memory-map the arrays: nothing is read until a lookup touches it. The memmaps are viewed as plain
         ndarrays (same mapped buffer) because np.memmap's Python-level wrapping costs microseconds per call."""
         return cls(*(_load_array(Path(folder) / name) for name in cls.FILES))
@@ -194,14 +197,14 @@ class SpanIndex:
         its successor, the same with its last token + 1 (larger than every key with that prefix), so one
         left-side searchsorted gives both ends of every range.
         """
-        rev = np.asarray(tail[-DEPTH:], dtype=np.int64)[::-1] + 1       # (m,) most recent token first
+        rev = np.asarray(tail[-DEPTH:], dtype=np.int64)[::-1] + 1  # (m,) most recent token first
         m = rev.size
-        if (rev - 1).view(np.uint64).max() >= self._max - 1:        # one check for both < 0 and too large
+        if (rev - 1).view(np.uint64).max() >= self._max - 1:  # one check for both < 0 and too large
             raise ValueError("context token id out of the index's vocabulary range")
         pad = np.zeros(DEPTH, dtype=np.int64)
         pad[:m] = rev
-        lo = self._tri[:m] * pad                                          # (m, DEPTH)
-        both = np.concatenate((lo, lo + self._eye[:m]))                   # (2m, DEPTH)
+        lo = self._tri[:m] * pad  # (m, DEPTH)
+        both = np.concatenate((lo, lo + self._eye[:m]))  # (2m, DEPTH)
         return both.astype(self._be).view(self._key_dtype).ravel()
 
     def _usable_tail(self, context_tail: Sequence[int]) -> list[int]:
@@ -209,7 +212,7 @@ class SpanIndex:
         tail = [int(t) for t in list(context_tail[-DEPTH:])]
         for i in range(len(tail) - 1, -1, -1):
             if not 0 <= tail[i] < self._max - 1:
-                return tail[i + 1:]
+                return tail[i + 1 :]
         return tail
 
     def _gap(self, g: int) -> range:
@@ -227,7 +230,7 @@ class SpanIndex:
         keys = self._query_keys(context_tail)
         m = keys.size // 2
         # 1) all match lengths at once against the samples; ranges are nested, so hits are a prefix 1..n_hit
-        pos = np.searchsorted(self.samples, keys)                         # (2m,)
+        pos = np.searchsorted(self.samples, keys)  # (2m,)
         n_hit = int(np.count_nonzero(pos[m:] > pos[:m]))
         # 2) one gather of the gaps that matter: G, where any longer match must lie (between two samples, as
         #    ranges are nested); A and B, before the first and after the last sample of the n_hit range
@@ -236,7 +239,7 @@ class SpanIndex:
         B = self._gap(int(pos[m + n_hit - 1])) if n_hit else range(0)
         block = self._block_keys(np.array([*G, *A, *B], dtype=np.int64))
         if len(G):
-            found = np.searchsorted(block[:len(G)], np.concatenate((keys[n_hit:m], keys[m + n_hit:])))
+            found = np.searchsorted(block[: len(G)], np.concatenate((keys[n_hit:m], keys[m + n_hit :])))
             k = m - n_hit
             extra = int(np.count_nonzero(found[k:] > found[:k]))
             if extra:
@@ -244,12 +247,19 @@ class SpanIndex:
         if n_hit == 0:
             return 0, 0, 0
         # 3) exact ends of the n_hit range from A and B
-        a = A.start + int(np.searchsorted(block[len(G):len(G) + len(A)], keys[n_hit - 1]))
-        b = B.start + int(np.searchsorted(block[len(G) + len(A):], keys[m + n_hit - 1]))
+        a = A.start + int(np.searchsorted(block[len(G) : len(G) + len(A)], keys[n_hit - 1]))
+        b = B.start + int(np.searchsorted(block[len(G) + len(A) :], keys[m + n_hit - 1]))
         return n_hit, a, b
 
-    def continuations(self, context_tail: Sequence[int], max_tokens: int, *, max_candidates: int = 8,
-                      min_match: int = 2, pool: int | None = None) -> tuple[int, list[list[int]]]:
+    def continuations(
+        self,
+        context_tail: Sequence[int],
+        max_tokens: int,
+        *,
+        max_candidates: int = 8,
+        min_match: int = 2,
+        pool: int | None = None,
+    ) -> tuple[int, list[list[int]]]:
         """Longest suffix match and up to `max_candidates` distinct continuations, most frequent first.
 
         A continuation is the <= `max_tokens` ids that follow an occurrence (at most MAX_CONTINUATION: the work is
@@ -267,21 +277,21 @@ class SpanIndex:
             return 0, []
         if b - a <= pool:
             ends = self.sa[a:b]
-        else:                                                          # evenly spread (np.linspace is slow)
+        else:  # evenly spread (np.linspace is slow)
             ends = np.take(self.sa, a + np.arange(pool) * (b - 1 - a) // max(pool - 1, 1))
-        idx = ends.astype(np.int64)[:, None] + np.arange(1, max_tokens + 1)          # (P, max_tokens)
-        rows = np.take(self.stream, idx, mode="clip").tolist()       # clip: past the end reads the final 0
+        idx = ends.astype(np.int64)[:, None] + np.arange(1, max_tokens + 1)  # (P, max_tokens)
+        rows = np.take(self.stream, idx, mode="clip").tolist()  # clip: past the end reads the final 0
         # few rows: plain Python counting beats numpy's per-call overhead here
         counts: dict[tuple, int] = {}
         for row in rows:
-            if 0 in row:                                              # 0 = separator: the document ends there
-                row = row[:row.index(0)]
+            if 0 in row:  # 0 = separator: the document ends there
+                row = row[: row.index(0)]
             if row:
                 key = tuple(row)
                 counts[key] = counts.get(key, 0) + 1
         if not counts:
             return 0, []
-        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:max_candidates]    # stable: first seen wins ties
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:max_candidates]  # stable: first seen wins ties
         return L, [[t - 1 for t in key] for key, _ in ranked]
 
 
