@@ -153,6 +153,7 @@ def test_attach_index_keeps_the_callers_store(monkeypatch):
     monkeypatch.setattr(ReferenceStore, "copy", lambda self: pytest.fail("a store was copied"))
     index = object.__new__(CorpusIndex)  # retrieval only: two fixed passages
     index.retrieve = lambda query, k, reranker, candidates: [Passage(7, "", [5, 6, 7], 1.0, "src")]
+    index.check_tokenizer = lambda tokenizer: None  # a stand-in index has no manifest to check against
     store = ReferenceStore(IdTokenizer(50))
     store.add([1, 2, 3])
     stores, spans = _attach_index(index, IdTokenizer(50), [1, 2], store, retrieve_k=1)
