@@ -120,7 +120,8 @@ class ReferenceDrafter:
             return None
         # 1) the freshest evidence: the longest context suffix in the output/prompt and in the stores (skipped
         #    while the followed spans' run is at least every source's longest possible match: they would win in 2)
-        best_len, candidates = 0, list[_Followed]()
+        best_len = 0
+        candidates: list[_Followed] = []
         for source in self.sources if not (self.followed and self.run >= self._longest_possible) else ():
             match = source.longest_suffix(context)
             if match.length > best_len:
