@@ -335,3 +335,30 @@ def test_drafts_only_ever_hold_tokens_of_their_own_request(data, k, num_requests
             assert 1 <= len(draft) <= k
             assert set(draft) <= set(alphabet[req_id]) | {0}, (req_id, draft)
         assert set(engine.drafter.sessions) <= {r for r in engine.req_ids if r is not None}
+
+
+class FakeSpans:
+    """A corpus span index over one text that repeats 70 71 ... 75: continues the context's last token in it."""
+
+    CYCLE = [70, 71, 72, 73, 74, 75]
+
+    def __init__(self):
+        self.calls = 0
+
+    def span_continuations(self, context_tail, max_tokens, *, max_candidates=8, min_match=2):
+        self.calls += 1
+        if context_tail[-1] not in self.CYCLE:
+            return 0, []
+        start = self.CYCLE.index(context_tail[-1]) + 1
+        return 1, [(self.CYCLE * 3)[start : start + max_tokens]]
+
+
+def test_the_engine_corpus_index_drafts_for_every_request():
+    spans = FakeSpans()
+    engine = Engine(BatchDrafter(config(k=4), tokenizer=IdTokenizer(VOCAB), spans=spans))
+    engine.add("a", [1, 2, 3], [70, 71, 72, 73, 74, 75] * 3)
+    engine.add("b", [4, 5, 6], [70, 71, 72, 73, 74, 75] * 3, references=[text([900, 901])])
+    engine.run(3)
+    assert spans.calls > 0
+    assert engine.accepted["a"] > 0 and engine.accepted["b"] > 0
+    assert engine.drafter.sessions["a"].drafter.spans is spans is engine.drafter.sessions["b"].drafter.spans
