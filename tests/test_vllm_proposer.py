@@ -368,3 +368,61 @@ def test_the_engine_corpus_index_drafts_for_every_request():
     assert spans.calls > 0
     assert engine.accepted["a"] > 0 and engine.accepted["b"] > 0
     assert engine.drafter.sessions["a"].drafter.spans is spans is engine.drafter.sessions["b"].drafter.spans
+
+
+def fake_vllm(monkeypatch, version="0.32.0"):
+    """Just enough of vLLM's modules for the plugin: a version and a model runner that calls its drafter."""
+    import sys
+    import types
+
+    class GPUModelRunner:
+        def __init__(self, drafter, req_ids, requests):
+            self.drafter, self.requests = drafter, requests
+            self.input_batch = SimpleNamespace(req_ids=req_ids)
+
+        def propose_draft_token_ids(self, sampled, num_tokens, token_ids):
+            return self.drafter.propose(sampled, num_tokens, token_ids)
+
+    modules = {"vllm": types.ModuleType("vllm")}
+    for name in ("vllm.v1", "vllm.v1.worker", "vllm.v1.worker.gpu_model_runner"):
+        modules[name] = types.ModuleType(name)
+    modules["vllm"].__version__ = version
+    modules["vllm.v1.worker.gpu_model_runner"].GPUModelRunner = GPUModelRunner
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(plugin, "_registered", False)
+    return GPUModelRunner
+
+
+def test_the_plugin_binds_rows_to_requests_before_the_proposer_runs(monkeypatch):
+    runner_class = fake_vllm(monkeypatch)
+    plugin.register()
+    proposer = Proposer(config(), tokenizer=IdTokenizer(VOCAB))
+    plugin.attach(Proposer)  # a second engine in the same process: hooked once
+    ref = list(range(100, 120))
+    requests = {
+        "a": SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"references": [text(ref)]})),
+        "b": SimpleNamespace(sampling_params=None),  # a pooling request has no sampling parameters
+    }
+    runner = runner_class(proposer, ["b", "a"], requests)
+    tokens = np.array([ref[:4], ref[:4]], dtype=np.int32)
+    drafts = runner.propose_draft_token_ids([[ref[3]], [ref[3]]], np.array([4, 4]), tokens)
+    assert drafts[0] == [] and drafts[1] and set(drafts[1]) <= set(ref[4:])
+    assert proposer.sessions["a"].has_references and not proposer.sessions["b"].has_references
+    del requests["a"]
+    runner.input_batch.req_ids = ["b", None]
+    runner.propose_draft_token_ids([[ref[3]], []], np.array([4, 0]), tokens)
+    assert set(proposer.sessions) == {"b"}
+
+
+def test_the_proposer_refuses_an_untested_vllm(monkeypatch):
+    fake_vllm(monkeypatch, version="0.33.0")
+    plugin.register()  # logs, never raises: engines without refdecode's proposer keep working
+    with pytest.raises(ValueError, match="not 0.33.0"):
+        Proposer(config(), tokenizer=IdTokenizer(VOCAB))
+
+
+def test_the_proposer_says_when_the_plugin_was_not_loaded(monkeypatch):
+    fake_vllm(monkeypatch)
+    with pytest.raises(RuntimeError, match="plugin was not loaded"):
+        Proposer(config(), tokenizer=IdTokenizer(VOCAB))
