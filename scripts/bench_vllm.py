@@ -1,6 +1,6 @@
 """refdecode's vLLM proposer against vLLM without speculation and vLLM's `ngram`, on SmolLM2 (issue 13's table).
 
-    python -m scripts.bench_vllm [--n 4] [--k 8] [--max-tokens 192] [--batch 16] [--out results/vllm]
+    python -m scripts.bench_vllm [--n 4] [--k 8] [--max-tokens 128] [--batch 16] [--out results/vllm]
     (`make vllm-bench` runs it in the vLLM venv)
 
 One engine per method (none, ngram, refdecode; the same K for both speculative ones) lives in a worker process of
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 METHODS = ("none", "ngram", "refdecode")
+IDLE_SECONDS = 1.2  # vLLM's worker spins for 1 s after its last step (shm_broadcast busy_loop_s), on a shared core
 WORKLOADS = ("code-edit", "code-edit-ref", "rag", "chat")
 
 
@@ -113,6 +114,7 @@ class Engine:
 
     def generate(self, prompts: list[str], references: list, max_tokens: int) -> dict:
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        time.sleep(IDLE_SECONDS)  # the engine that ran last busy-waits this long before it sleeps
         job = {"prompts": prompts, "references": references, "max_tokens": max_tokens}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
@@ -243,7 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=4, help="requests per workload (default 4)")
     parser.add_argument("--k", type=int, default=8, help="num_speculative_tokens for ngram and refdecode")
-    parser.add_argument("--max-tokens", type=int, default=192, help="tokens generated per request")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
     parser.add_argument("--batch", type=int, default=16, help="requests in the mixed batch (0: skip that table)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--seed", type=int, default=0, help="workload sampling seed")
