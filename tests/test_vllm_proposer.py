@@ -170,7 +170,7 @@ def test_a_request_id_reused_with_other_tokens_starts_afresh():
     engine.add("r", [7, 8, 9, 10], PERIOD * 3)  # same id, no references, other tokens (e.g. preempted + reset)
     engine.run(2)
     assert engine.drafter.sessions["r"] is not old
-    assert not engine.drafter.sessions["r"].has_references
+    assert engine.drafter.sessions["r"].store is None
 
 
 def test_rows_that_sampled_nothing_get_no_draft():
@@ -204,7 +204,15 @@ def test_bad_references_are_skipped_without_stopping_the_engine(bad):
     engine = Engine(drafter())
     engine.add("a", PERIOD * 2, PERIOD * 3, references=bad)
     engine.run(3)
-    assert not engine.drafter.sessions["a"].has_references
+    assert engine.drafter.sessions["a"].store is None
+
+
+def test_references_beyond_the_engines_limit_are_skipped():
+    engine = Engine(drafter(additional={"refdecode": {"max_reference_tokens": 10}}))
+    engine.add("a", [1, 2, 3], PERIOD, references=[text(range(100, 120)), text(range(200, 205))])
+    engine.run(2)
+    store = engine.drafter.sessions["a"].store
+    assert store is not None and len(store) == 1 and store.num_tokens == 5
 
 
 def test_a_single_text_is_one_reference_not_one_per_character():
@@ -212,8 +220,8 @@ def test_a_single_text_is_one_reference_not_one_per_character():
     ref = list(range(400, 420))
     engine.add("a", ref[:3], ref[3:], references=text(ref))
     engine.run(2)
-    store = engine.drafter.sessions["a"].drafter.store_index
-    assert store is not None and len(store.sequences) == 1
+    store = engine.drafter.sessions["a"].store
+    assert store is not None and len(store) == 1 and store.num_tokens == len(ref)
 
 
 def test_propose_needs_the_batch_bound():
@@ -228,6 +236,7 @@ def test_propose_needs_the_batch_bound():
         (config(additional={"refdecode": {"nope": 1}}), "unknown"),
         (config(additional={"refdecode": {"max_ngram": 0}}), "max_ngram"),
         (config(additional={"refdecode": {"index": 3}}), "index"),
+        (config(additional={"refdecode": {"max_reference_tokens": 0}}), "max_reference_tokens"),
         (config(additional={"refdecode": [1]}), "mapping"),
     ],
 )
@@ -239,6 +248,7 @@ def test_bad_configuration_is_a_value_error(cfg, match):
 def test_options_are_read_from_additional_config():
     options = ProposerOptions.from_additional_config({"refdecode": {"max_ngram": 6, "explore_every": 4}})
     assert options == ProposerOptions(index=None, max_ngram=6, explore_every=4)
+    assert options.max_reference_tokens == 1_000_000
     assert ProposerOptions.from_additional_config(None) == ProposerOptions()
 
 
@@ -408,7 +418,7 @@ def test_the_plugin_binds_rows_to_requests_before_the_proposer_runs(monkeypatch)
     tokens = np.array([ref[:4], ref[:4]], dtype=np.int32)
     drafts = runner.propose_draft_token_ids([[ref[3]], [ref[3]]], np.array([4, 4]), tokens)
     assert drafts[0] == [] and drafts[1] and set(drafts[1]) <= set(ref[4:])
-    assert proposer.sessions["a"].has_references and not proposer.sessions["b"].has_references
+    assert proposer.sessions["a"].store is not None and proposer.sessions["b"].store is None
     del requests["a"]
     runner.input_batch.req_ids = ["b", None]
     runner.propose_draft_token_ids([[ref[3]], []], np.array([4, 0]), tokens)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -35,24 +35,28 @@ class ProposerOptions:
     index: a corpus index folder (refdecode index build), drafted from for every request.
     max_ngram: longest context suffix matched.
     explore_every: as DraftPolicy.explore_every (plain steps in a row before a short draft is tried anyway).
+    max_reference_tokens: the most tokens of references one request may bring (ReferenceStore's max_tokens; 1M
+        tokens is ~10 MB held per request, and they are tokenized inside an engine step); references beyond it are
+        logged and ignored. Larger corpora belong in the engine's index.
     """
 
     index: str | None = None
     max_ngram: int = 12
     explore_every: int = 16
+    max_reference_tokens: int = 1_000_000
 
     @classmethod
     def from_additional_config(cls, additional: Mapping | None) -> ProposerOptions:
         raw = (additional or {}).get("refdecode", {}) or {}
         if not isinstance(raw, Mapping):
             raise ValueError(f'additional_config["refdecode"] must be a mapping, got {type(raw).__name__}')
-        unknown = set(raw) - {"index", "max_ngram", "explore_every"}
+        unknown = set(raw) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f'unknown additional_config["refdecode"] keys: {", ".join(sorted(unknown))}')
         options = cls(**raw)
         if options.index is not None and not isinstance(options.index, str):
             raise ValueError(f"refdecode index must be a folder path, got {options.index!r}")
-        for name in ("max_ngram", "explore_every"):
+        for name in ("max_ngram", "explore_every", "max_reference_tokens"):
             value = getattr(options, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"refdecode {name} must be an int >= 1, got {value!r}")
@@ -120,7 +124,7 @@ class _Session:
     seen: int  # tokens of the request's context the drafter has observed
     tail: list[int]  # the last _CHECK_TAIL of them
     draft: Draft | None = None  # what was returned last step (already cut to the chosen length)
-    has_references: bool = False
+    store: ReferenceStore | None = None  # the request's own references
     stats: dict = field(default_factory=lambda: {"drafted": 0, "accepted": 0, "steps": 0})
 
 
@@ -275,7 +279,7 @@ class BatchDrafter:
         store = self._reference_store(req_id, extra_args)
         drafter = ReferenceDrafter(tokens, store=store, spans=self.spans, max_ngram=self.options.max_ngram)
         policy = DraftPolicy(max_draft=self.k, explore_every=self.options.explore_every)
-        return _Session(drafter, policy, len(tokens), tokens[-_CHECK_TAIL:], has_references=store is not None)
+        return _Session(drafter, policy, len(tokens), tokens[-_CHECK_TAIL:], store=store)
 
     def _reference_store(self, req_id: str, extra_args: Mapping | None) -> ReferenceStore | None:
         """The request's own references (extra_args["references"]: a text or a list of texts); None without any.
@@ -292,12 +296,17 @@ class BatchDrafter:
                 type(texts).__name__,
             )
             return None
-        store = ReferenceStore(self.tokenizer, max_ngram=self.options.max_ngram)
+        store = ReferenceStore(
+            self.tokenizer, max_ngram=self.options.max_ngram, max_tokens=self.options.max_reference_tokens
+        )
         for j, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                logger.warning("request %s: reference %d is not a non-empty text; ignored", req_id, j)
+            if not isinstance(text, str):
+                logger.warning("request %s: reference %d is not a text; ignored", req_id, j)
                 continue
-            store.add(text, source=f"{req_id}/ref-{j}")
+            try:
+                store.add(text, source=f"{req_id}/ref-{j}")
+            except ValueError as err:  # empty, or more than a store takes
+                logger.warning("request %s: reference %d ignored: %s", req_id, j, err)
         return store if len(store) else None
 
     def _draft_row(self, session: _Session, context: np.ndarray) -> list[int]:
