@@ -436,3 +436,9 @@ def test_the_proposer_says_when_the_plugin_was_not_loaded(monkeypatch):
     fake_vllm(monkeypatch)
     with pytest.raises(RuntimeError, match="plugin was not loaded"):
         Proposer(config(), tokenizer=IdTokenizer(VOCAB))
+
+
+def test_the_vllm_shell_loads_the_tokenizer_with_the_engine(monkeypatch):
+    monkeypatch.setattr(plugin, "attach", lambda cls: None)
+    with pytest.raises(ValueError, match="names no tokenizer"):  # at start-up, not in the first request's step
+        Proposer(config())

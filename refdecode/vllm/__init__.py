@@ -42,6 +42,9 @@ class Proposer(BatchDrafter):
             )
         plugin.attach(Proposer)
         super().__init__(vllm_config, **kwargs)
+        # Loaded now, with the engine, rather than inside the step of the first request that brings references
+        # (~0.5 s that every request of that step would wait for).
+        self.tokenizer  # noqa: B018
 
     def propose(
         self, sampled_token_ids, num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray, slot_mappings=None
