@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from stats_helpers import IdTokenizer
 
+from refdecode.drafting import AcceptanceModel
 from refdecode.vllm import BatchDrafter, Proposer, plugin
 from refdecode.vllm.proposer import BatchCosts, ProposerOptions
 
@@ -442,3 +443,16 @@ def test_the_vllm_shell_loads_the_tokenizer_with_the_engine(monkeypatch):
     monkeypatch.setattr(plugin, "attach", lambda cls: None)
     with pytest.raises(ValueError, match="names no tokenizer"):  # at start-up, not in the first request's step
         Proposer(config())
+
+
+def test_a_new_request_starts_from_what_earlier_requests_taught():
+    engine = Engine(drafter(k=4))
+    truth = [t for i in range(60) for t in (11, 600 + i)]  # every draft rejected at once (see above)
+    engine.add("a", truth[:6], truth[6:])
+    engine.run(60)
+    engine.finish("a")
+    engine.add("b", [5, 6, 7], PERIOD)
+    engine.run(1)
+    learned = engine.drafter.sessions["b"].policy.acceptance
+    assert learned.rate(1) < 0.2 < AcceptanceModel().rate(1)
+    assert learned is not engine.drafter.acceptance

@@ -11,6 +11,7 @@ acceptance rules (vLLM verifies the drafts and keeps the longest accepted prefix
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ..drafting import Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
+from ..drafting import AcceptanceModel, Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
 from ..store import ReferenceStore
 
 __all__ = ["BatchDrafter", "ProposerOptions", "BatchCosts"]
@@ -158,6 +159,9 @@ class BatchDrafter:
         self.spans = spans if spans is not None else self._load_index()
         self.sessions: dict[str, _Session] = {}
         self.costs = BatchCosts()
+        # Acceptance over all requests' verified drafts: a new request's policy starts from a copy of it rather than
+        # from the flat prior, since a request is often over before its own few drafts outweigh the prior.
+        self.acceptance = AcceptanceModel()
         self.clock = clock
         self._batch: tuple[Sequence[str | None], Callable[[str], Mapping | None], Container[str]] | None = None
         self._last_step: tuple[float, int, tuple] | None = None  # (start time, width proposed, row ids)
@@ -265,6 +269,8 @@ class BatchDrafter:
             drafted = len(session.draft.tokens)
             accepted = _common_prefix(session.draft.tokens, new)
             session.policy.acceptance_for(session.draft.source).update(session.draft.match_len, drafted, accepted)
+            if session.draft.source in ("", "reference"):
+                self.acceptance.update(session.draft.match_len, drafted, accepted)
             session.stats["drafted"] += drafted
             session.stats["accepted"] += accepted
             session.draft = None
@@ -278,7 +284,9 @@ class BatchDrafter:
         tokens = context.tolist()
         store = self._reference_store(req_id, extra_args)
         drafter = ReferenceDrafter(tokens, store=store, spans=self.spans, max_ngram=self.options.max_ngram)
-        policy = DraftPolicy(max_draft=self.k, explore_every=self.options.explore_every)
+        policy = DraftPolicy(
+            max_draft=self.k, explore_every=self.options.explore_every, acceptance=copy.deepcopy(self.acceptance)
+        )
         return _Session(drafter, policy, len(tokens), tokens[-_CHECK_TAIL:], store=store)
 
     def _reference_store(self, req_id: str, extra_args: Mapping | None) -> ReferenceStore | None:
