@@ -1,6 +1,6 @@
 """refdecode's vLLM proposer against vLLM without speculation and vLLM's `ngram`, on SmolLM2 (issue 13's table).
 
-    python -m scripts.bench_vllm [--n 4] [--k 8] [--max-tokens 128] [--batch 16] [--out results/vllm]
+    python -m scripts.bench_vllm [--n 4] [--single-n N] [--k 8] [--max-tokens 128] [--batch 16] [--out results/vllm]
     (`make vllm-bench` runs it in the vLLM venv)
 
 One engine per method (none, ngram, refdecode; the same K for both speculative ones) lives in a worker process of
@@ -200,10 +200,10 @@ class Tally:
         return row["tokens"] / row["seconds"] if row and row["seconds"] > 0 else 0.0
 
 
-def run_single(engines: dict, prompts: dict, tally: Tally, max_tokens: int) -> None:
+def run_single(engines: dict, prompts: dict, tally: Tally, max_tokens: int, per_workload: int) -> None:
     turn = 0
     for workload, items in prompts.items():
-        for i, (prompt, refs) in enumerate(items):
+        for i, (prompt, refs) in enumerate(items[:per_workload]):
             order = METHODS if turn % 2 == 0 else METHODS[::-1]
             turn += 1
             for method in order:
@@ -259,6 +259,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=4, help="requests per workload (default 4)")
     parser.add_argument("--k", type=int, default=8, help="num_speculative_tokens for ngram and refdecode")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
+    parser.add_argument("--single-n", type=int, help="requests per workload run one at a time (default: --n)")
     parser.add_argument("--batch", type=int, default=16, help="requests in the mixed batch (0: skip that table)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--seed", type=int, default=0, help="workload sampling seed")
@@ -273,6 +274,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.batch < 0:
         parser.error("--batch must be >= 0")
+    if args.single_n is None:
+        args.single_n = args.n
+    elif not 0 <= args.single_n <= args.n:
+        parser.error("--single-n must be between 0 and --n")
     return args
 
 
@@ -289,18 +294,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for engine in engines.values():
             engine.wait_ready()
-        run_single(engines, prompts, tally, args.max_tokens)
+        if args.single_n:
+            run_single(engines, prompts, tally, args.max_tokens, args.single_n)
+            save(tally, args, out)  # a table per phase: a run cut short still leaves what it measured
         if args.batch:
             run_batch(engines, prompts, tally, args.max_tokens, args.batch)
+            save(tally, args, out)
     finally:
         for engine in engines.values():
             engine.close()
-    text = table(tally, args.k)
-    print(text)
-    (out / "table.md").write_text(text + "\n")
+    print(table(tally, args.k))
+    return 0
+
+
+def save(tally: Tally, args: argparse.Namespace, out: Path) -> None:
+    (out / "table.md").write_text(table(tally, args.k) + "\n")
     rows = [{"table": t, "workload": w, "method": m, **v} for (t, w, m), v in tally.rows.items()]
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

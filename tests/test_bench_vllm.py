@@ -20,7 +20,15 @@ def test_the_table_gives_speeds_ratios_acceptance_and_differing_outputs():
     assert "outputs differing from no speculation: ngram 0, refdecode 1" in text
 
 
-@pytest.mark.parametrize("argv", [["--n", "0"], ["--k", "0"], ["--batch", "-1"], ["--workloads", "summarize"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--n", "0"], ["--k", "0"], ["--batch", "-1"], ["--workloads", "summarize"], ["--n", "2", "--single-n", "3"]],
+)
 def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
         parse_args(argv)
+
+
+def test_single_n_defaults_to_n():
+    assert parse_args(["--n", "3"]).single_n == 3
+    assert parse_args(["--n", "4", "--single-n", "2"]).single_n == 2
