@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter
+from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter, _as_sources
 from .sampling import SamplingConfig, build_processors, process_rows
 from .verification import PositionNoise, Verdict, verify_greedy, verify_point_mass, verify_sampling
 
@@ -594,5 +594,4 @@ def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: in
     query = tokenizer.decode(prompt_ids[-512:], skip_special_tokens=True)
     for passage in index.retrieve(query, k=retrieve_k, reranker=reranker, candidates=candidates):
         retrieved.add(passage.token_ids, source=f"{passage.source}#{passage.id}")
-    given = [] if store is None else [store] if hasattr(store, "longest_suffix") else list(store)
-    return [retrieved, *given], index
+    return [retrieved, *_as_sources(store)], index
