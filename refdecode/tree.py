@@ -1,0 +1,127 @@
+"""Token trees: many candidate continuations merged into one trie, verified in one forward.
+
+Knows: the tree's shape (tokens with parent indices, in topological order), each node's evidence (source, match
+length, how many candidate continuations agree) and its predicted acceptance. Does not know: models, caches or
+acceptance rules (verification.py walks a tree; tree_attention.py turns one into a forward).
+
+Layout: node i has token `tokens[i]` and parent `parents[i]`; -1 is the root, i.e. the pending token (the last
+committed token, fed first in the forward). Parents come before their children (`parents[i] < i`), so the flat
+order is a valid feed order, and siblings never share a token. A chain is the tree with `parents[i] == i - 1`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["DraftTree", "ROOT"]
+
+ROOT = -1  # parent index of the root's children: the pending token
+
+
+@dataclass
+class DraftTree:
+    """A token trie to follow the context (after the pending token).
+
+    tokens, parents: the nodes (see the module docstring).
+    sources: per node, where its token came from ("context", "store", "corpus", "memory", a drafter's name, ...).
+    match_lens: per node, the evidence behind it (context tokens matched at the source; grows along followed spans).
+    counts: per node, how many candidate continuations pass through it (REST / SuffixDecoding count weights).
+    probs: per node, the predicted probability that the target accepts it given that its parent was accepted;
+        filled by the tree policy (or by an outside drafter that knows better), None until then.
+    q: optional [n, V] distributions the nodes' tokens were drawn from (a model drafter); None = point masses
+        (copied text). Row i belongs to node i.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    match_lens: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    probs: list[float] | None = None
+    q: torch.Tensor | None = None
+
+    def __post_init__(self):
+        n = len(self.tokens)
+        if len(self.parents) != n:
+            raise ValueError(f"a tree needs one parent per token: {n} tokens, {len(self.parents)} parents")
+        if not self.sources:
+            self.sources = [""] * n
+        if not self.match_lens:
+            self.match_lens = [0] * n
+        if not self.counts:
+            self.counts = [1] * n
+        for name in ("sources", "match_lens", "counts"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} nodes")
+        if self.probs is not None and len(self.probs) != n:
+            raise ValueError(f"probs has {len(self.probs)} entries for {n} nodes")
+        if self.q is not None and (self.q.dim() != 2 or self.q.shape[0] != n):
+            raise ValueError(f"q must be [{n}, V], got {tuple(self.q.shape)}")
+        seen: set[tuple[int, int]] = set()
+        for i, (token, parent) in enumerate(zip(self.tokens, self.parents, strict=True)):
+            if not ROOT <= parent < i:
+                raise ValueError(f"node {i} has parent {parent}: parents must come first (-1 = the root)")
+            if (parent, token) in seen:
+                raise ValueError(f"node {i} repeats token {token} under parent {parent}: siblings must differ")
+            seen.add((parent, token))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int], *, source: str = "", match_len: int = 0, q=None) -> DraftTree:
+        """The tree of one chain of draft tokens."""
+        n = len(tokens)
+        return cls(list(tokens), list(range(-1, n - 1)), [source] * n, [match_len] * n, [1] * n, None, q)
+
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def depths(self) -> list[int]:
+        """Depth of each node: 1 for the root's children (the output position after the pending token's)."""
+        depth: list[int] = []
+        for p in self.parents:
+            depth.append(1 if p == ROOT else depth[p] + 1)
+        return depth
+
+    def children(self, node: int = ROOT) -> list[int]:
+        """The children of `node` (ROOT for the root), in flat order."""
+        return [i for i, p in enumerate(self.parents) if p == node]
+
+    def child_map(self) -> dict[int, dict[int, int]]:
+        """{parent: {token: child}} for every parent with children (ROOT included)."""
+        out: dict[int, dict[int, int]] = {}
+        for i, (token, parent) in enumerate(zip(self.tokens, self.parents, strict=True)):
+            out.setdefault(parent, {})[token] = i
+        return out
+
+    def path(self, node: int) -> list[int]:
+        """The nodes from the root's child down to `node` (inclusive)."""
+        out = []
+        while node != ROOT:
+            out.append(node)
+            node = self.parents[node]
+        return out[::-1]
+
+    def subtree(self, keep: Sequence[int]) -> DraftTree:
+        """The tree of the nodes in `keep` (every kept node's parent must be kept too), renumbered in flat order."""
+        kept = sorted(set(keep))
+        new_index = {old: new for new, old in enumerate(kept)}
+        parents = []
+        for old in kept:
+            p = self.parents[old]
+            if p != ROOT and p not in new_index:
+                raise ValueError(f"node {old} is kept without its parent {p}")
+            parents.append(ROOT if p == ROOT else new_index[p])
+        return DraftTree(
+            [self.tokens[i] for i in kept],
+            parents,
+            [self.sources[i] for i in kept],
+            [self.match_lens[i] for i in kept],
+            [self.counts[i] for i in kept],
+            None if self.probs is None else [self.probs[i] for i in kept],
+            None if self.q is None else self.q[kept],
+        )
