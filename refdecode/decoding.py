@@ -18,6 +18,7 @@ import torch
 
 from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter, _as_sources
 from .sampling import SamplingConfig, build_processors, process_rows
+from .tree import DraftTree
 from .verification import PositionNoise, Verdict, verify_greedy, verify_point_mass, verify_sampling
 
 __all__ = [
@@ -48,6 +49,18 @@ class GenerationStats:
     calibration_seconds: float = 0.0  # the one-time forward-cost calibration (first call per model), inside seconds
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step
     draft_lengths: list[int] = field(default_factory=list)  # draft tokens verified per step
+    tree_sizes: list[int] = field(default_factory=list)  # draft nodes verified per step (a chain of k: k)
+    tree_steps: int = 0  # steps that verified a tree with branches (the others verified a chain)
+    accepted_sources: dict[str, int] = field(default_factory=dict)  # accepted draft tokens per source
+
+    @property
+    def mean_tree_size(self) -> float:
+        return sum(self.tree_sizes) / len(self.tree_sizes) if self.tree_sizes else 0.0
+
+    @property
+    def mean_accepted_depth(self) -> float:
+        """Mean draft tokens accepted per step (the depth reached in the tree)."""
+        return self.accepted_tokens / self.steps if self.steps else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -72,6 +85,11 @@ class GenerationStats:
             "mean_accepted": self.mean_accepted,
             "recomputed": self.recomputed,
             "calibration_seconds": self.calibration_seconds,
+            "mean_tree_size": self.mean_tree_size,
+            "max_tree_size": max(self.tree_sizes, default=0),
+            "tree_steps": self.tree_steps,
+            "mean_accepted_depth": self.mean_accepted_depth,
+            "accepted_sources": dict(self.accepted_sources),
         }
 
 
@@ -341,6 +359,8 @@ def generate(
     tie_margin: float | None = None,
     retrieve_k: int = 4,
     rerank: int = 0,
+    tree: bool = True,
+    memory=None,
 ) -> GenerationOutput:
     """Generate with reference drafting; the output equals plain decoding (greedy) or has its distribution.
 
@@ -362,6 +382,9 @@ def generate(
         policy: a DraftPolicy (default: adaptive, calibrated on this model); max_draft caps the draft length.
         tie_margin: greedy only; top-2 score gap below which a wide forward's argmax is recomputed one token wide
             (default: 1e-3 for float32 models, 0 for half precision, where wide and narrow forwards differ anyway).
+        tree: True (default): each step merges the candidates of every source into a token tree and verifies the
+            part that pays in one forward; False: one voted chain per step, as before.
+        memory: a refdecode.OutputMemory: past outputs draft for this request, and this output is recorded in it.
     Returns:
         GenerationOutput(token_ids, text, stats, stop_reason).
     """
@@ -374,6 +397,10 @@ def generate(
     stop_strings = stop_list(stop)
     prompt_ids = prepare_prompt(tokenizer, prompt, chat=chat)
     check_prompt_ids(model, prompt_ids)
+    if not isinstance(tree, bool):
+        raise ValueError(f"tree must be True or False, got {tree!r:.40}")
+    if memory is not None:
+        memory.bind(tokenizer)
     if config.sampling and generator is None:
         generator = torch.Generator(device=model.device)
         if seed is not None:
@@ -401,10 +428,11 @@ def generate(
         eos_ids=_eos_ids(model, eos_token_id),
         stop_strings=stop_strings,
         streamer=streamer,
-        drafter=drafter or ReferenceDrafter(prompt_ids, store=store, spans=spans),
+        drafter=drafter or ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree),
         policy=policy or DraftPolicy(max_draft=max_draft),
         calibrate=calibrate,
         tie_margin=tie_margin,
+        memory=memory,
     )
 
 
@@ -426,6 +454,7 @@ def decode(
     calibrate: bool = True,
     tie_margin: float | None = None,
     stopping_criteria=None,
+    memory=None,
 ) -> GenerationOutput:
     """The loop behind `generate` and `hf_generate`, with everything already resolved.
 
@@ -433,6 +462,9 @@ def decode(
     temperature / top-k / top-p warpers); sampling: sample from softmax(scores), each output position with its own
     Gumbel noise drawn from `generator` (so the output depends on the seed only, not on draft lengths), else argmax.
     stopping_criteria: optional transformers StoppingCriteriaList, checked after every committed token.
+    memory: an OutputMemory that records the output when decoding ends.
+    The drafter may propose a chain (Draft) or a token tree (DraftTree); a model whose attention cannot take a
+    tree mask (see tree_attention.supports_tree) gets the tree's favourite chain.
     """
     t_start = time.perf_counter()
     check_max_new_tokens(max_new_tokens)
@@ -470,40 +502,36 @@ def decode(
     t_decode = time.perf_counter()
     stats.calibration_seconds = t_decode - t_start - stats.prefill_seconds
 
+    from . import tree_attention  # TEMPORARY while the tree modules land (issue 11)
+
+    trees_ok = tree_attention.supports_tree(model)
     force_plain = False
     while not stop_reason:
-        # 2) draft: propose, then keep the length that pays at this acceptance and forward cost
+        # 2) draft: propose (a chain or a tree), then keep what pays at this acceptance and forward cost
         budget = max_new_tokens - len(output) - 1
-        draft = None if force_plain else drafter.propose(context.tolist(), min(budget, policy.max_draft))
-        k = 0 if draft is None else policy.choose_length(draft, budget)
-        draft = draft.truncated(k) if draft is not None and k > 0 else None
-        tokens = draft.tokens if draft is not None else []
-        # 3) verify: one forward over the pending token and the draft, [k + 1, V] scores
-        t0 = time.perf_counter()
-        logits = _forward(model, cache, [output[-1]] + tokens, device)
-        _check_finite(logits, f"verification step {stats.steps + 1} (output tokens {len(output)}..{len(output) + k})")
-        scores = process_rows(processors, context, tokens, logits)
+        proposal = None if force_plain else drafter.propose(context.tolist(), min(budget, policy.max_draft))
+        # 3) verify in one forward; the cache is rolled back to the pending token and the accepted tokens
         position = len(output)  # output position of row 0: the token after the pending one
-        verdict, accept_probs = _verify(scores, tokens, draft, noise, position, generator, tie_margin if k > 0 else 0.0)
-        _sync(device)
-        policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0, accept_probs)
-        stats.steps += 1
-        stats.drafted_tokens += k
-        stats.draft_lengths.append(k)
-        stats.accepted_tokens += verdict.accepted
-        # 4) commit, and roll the cache back to the tokens that stay (the newest token is fed next step)
-        new = tokens[: verdict.accepted]
-        if verdict.next_token is None:  # too close to call at this width: recompute one token wide
+        step = dict(model=model, cache=cache, pending=output[-1], context=context, processors=processors)
+        step.update(noise=noise, position=position, generator=generator, policy=policy, tie_margin=tie_margin)
+        if isinstance(proposal, DraftTree):
+            tree = policy.choose_tree(proposal if trees_ok else _favourite_chain(proposal), budget)
+            result = _tree_step(tree, **step)
+        else:
+            k = 0 if proposal is None else policy.choose_length(proposal, budget)
+            result = _chain_step(proposal.truncated(k) if proposal is not None and k > 0 else None, **step)
+        _count_step(stats, result)
+        # 4) commit: the accepted tokens and the model's own token (which is fed first next step)
+        new, next_token = result.accepted, result.next_token
+        if next_token is None:  # too close to call at this width: recompute one token wide
             stats.recomputed += 1
-            _crop(cache, k + 1 - verdict.accepted)
             force_plain = True
             if not new:
                 stats.accept_lengths.append(0)
                 continue
-            # the last accepted token becomes the pending one: its cache entry is dropped and re-fed next step
+            # the last accepted token becomes the pending one: its cache entry was dropped and is re-fed next step
         else:
-            _crop(cache, k - verdict.accepted)
-            new = new + [verdict.next_token]
+            new = new + [next_token]
             force_plain = False
         before = len(output)
         stop_reason = _commit(output, new, stopper, max_new_tokens, streamer)
@@ -518,8 +546,137 @@ def decode(
     stats.decode_seconds = t_end - t_decode
     stats.seconds = t_end - t_start
     stats.new_tokens = len(output)
+    if memory is not None:
+        memory.record(output)
     text = tokenizer.decode(output, skip_special_tokens=True) if tokenizer is not None else ""
     return GenerationOutput(output, text, stats, stop_reason)
+
+
+@dataclass
+class _Step:
+    """One verification step's outcome: the accepted draft tokens, the model's own token after them (None: too
+    close to call, recompute one wide), and for the statistics the nodes verified and the accepted ones' sources."""
+
+    accepted: list[int]
+    next_token: int | None
+    verified: int
+    accepted_sources: list[str]
+    branched: bool = False
+
+
+def _count_step(stats: GenerationStats, step: _Step) -> None:
+    stats.steps += 1
+    stats.drafted_tokens += step.verified
+    stats.draft_lengths.append(step.verified)
+    stats.tree_sizes.append(step.verified)
+    stats.tree_steps += int(step.branched)
+    stats.accepted_tokens += len(step.accepted)
+    for name in step.accepted_sources:
+        stats.accepted_sources[name] = stats.accepted_sources.get(name, 0) + 1
+
+
+def _chain_step(
+    draft: Draft | None, *, model, cache, pending, context, processors, noise, position, generator, policy, tie_margin
+) -> _Step:
+    """Verify a chain of k draft tokens (or none) in one forward of k + 1 tokens; crop the rejected ones."""
+    tokens = draft.tokens if draft is not None else []
+    k = len(tokens)
+    t0 = time.perf_counter()
+    logits = _forward(model, cache, [pending] + tokens, model.device)  # [k + 1, V]
+    _check_finite(logits, f"verification at output tokens {position}..{position + k}")
+    scores = process_rows(processors, context, tokens, logits)
+    verdict, accept_probs = _verify(scores, tokens, draft, noise, position, generator, tie_margin if k > 0 else 0.0)
+    _sync(model.device)
+    policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0, accept_probs)
+    # keep the pending token and the accepted ones; on a too-close call the last accepted one is re-fed next step
+    _crop(cache, k - verdict.accepted + (1 if verdict.next_token is None else 0))
+    source = (draft.source or "reference") if draft is not None else ""
+    return _Step(tokens[: verdict.accepted], verdict.next_token, k, [source] * verdict.accepted)
+
+
+def _tree_step(
+    tree: DraftTree | None,
+    *,  # the same keywords as _chain_step
+    model,
+    cache,
+    pending,
+    context,
+    processors,
+    noise,
+    position,
+    generator,
+    policy,
+    tie_margin,
+) -> _Step:
+    """Verify a token tree in one forward (a chain takes the plain forward); keep the accepted path's cache rows."""
+    tree = tree if tree is not None else DraftTree()
+    n = len(tree)
+    past = cache.get_seq_length()
+    t0 = time.perf_counter()
+    if tree.is_chain():  # the fast path: no mask to build, the cache is cropped
+        logits = _forward(model, cache, [pending] + tree.tokens, model.device)
+    else:
+        from .tree_attention import tree_forward
+
+        logits = tree_forward(model, cache, pending, tree)  # [n + 1, V]: row i + 1 scores after node i
+    _check_finite(logits, f"verification at output token {position} ({n} draft nodes)")
+    tie_margin = tie_margin if n > 0 else 0.0
+    if tree.is_chain():
+        scores = process_rows(processors, context, tree.tokens, logits)
+        draft = Draft(tree.tokens, 0, "", tree.q) if n else None
+        chain, accept_probs = _verify(scores, tree.tokens, draft, noise, position, generator, tie_margin)
+        path, next_token = list(range(chain.accepted)), chain.next_token
+    else:
+        paths = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(n)]
+        scores = process_rows(processors, context, tree.tokens, logits, row_prefixes=paths)
+        verdict, accept_probs = _verify_tree(scores, tree, noise, position, generator, tie_margin)
+        path, next_token = verdict.path, verdict.next_token
+    _sync(model.device)
+    if n:
+        policy.update_tree(tree, path, n + 1, time.perf_counter() - t0, accept_probs)
+    else:
+        policy.update(None, 0, 0, 1, time.perf_counter() - t0)
+    # keep the pending token and the accepted path; on a too-close call the last accepted one is re-fed next step
+    kept = path if next_token is not None else path[:-1]
+    rows = [0] + [i + 1 for i in kept] if (path or next_token is not None) else []
+    if tree.is_chain():
+        _crop(cache, n + 1 - len(rows))
+    else:
+        from .tree_attention import keep_rows
+
+        keep_rows(cache, past, rows)
+    return _Step(
+        [tree.tokens[i] for i in path],
+        next_token,
+        n,
+        [tree.sources[i] or "reference" for i in path],
+        branched=not tree.is_chain(),
+    )
+
+
+def _favourite_chain(tree: DraftTree) -> DraftTree:
+    """The path of first children from the root (build_tree's flat order puts it first): what a model that cannot
+    verify trees verifies instead."""
+    n = 0
+    while n < len(tree) and tree.parents[n] == n - 1:
+        n += 1
+    return tree.subtree(range(n))
+
+
+def _verify_tree(scores, tree: DraftTree, noise, position: int, generator, tie_margin: float):
+    """scores [n + 1, V] -> (TreeVerdict, accept_probs): under sampling, each node's probability of acceptance
+    given its parent was reached (for the policy)."""
+    from .verification import tree_accept_probs, verify_tree_greedy, verify_tree_point_mass, verify_tree_sampling
+
+    if noise is None:
+        return verify_tree_greedy(scores, tree, tie_margin=tie_margin), None
+    probs = torch.softmax(scores, dim=-1)
+    if tree.q is not None:  # a model drafter's distributions: SpecInfer's multi-step rule
+        return verify_tree_sampling(probs, tree, generator), None
+    depth = max(tree.depths(), default=0)
+    log_probs = torch.log_softmax(scores, dim=-1)
+    verdict = verify_tree_point_mass(log_probs, tree, noise.rows_for(position, depth + 1), tie_margin=tie_margin)
+    return verdict, tree_accept_probs(probs, tree)
 
 
 def _choose(scores: torch.Tensor, noise: PositionNoise | None) -> int:

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from .matching import SuffixIndex, SuffixSource
+from .tree import Candidate, DraftTree, build_tree, sibling_ranks
 
 __all__ = [
     "Draft",
@@ -77,6 +78,8 @@ class _Followed:
     source: SuffixSource
     seq: int
     pos: int
+    name: str = ""  # the source's kind for the tree policy: "context", "store", "memory"
+    length: int = 0  # evidence: context tokens matched when found, plus the tokens it predicted right since
 
 
 class ReferenceDrafter:
@@ -91,13 +94,25 @@ class ReferenceDrafter:
     references; none is copied or changed. Earlier stores win ties in the vote, after the prompt and output.
     """
 
-    def __init__(self, context: Sequence[int], *, store=None, spans: SpanSource | None = None, max_ngram: int = 12):
+    def __init__(
+        self,
+        context: Sequence[int],
+        *,
+        store=None,
+        spans: SpanSource | None = None,
+        memory: SuffixSource | None = None,
+        max_ngram: int = 12,
+        tree: bool = False,
+    ):
         self.session = SuffixIndex(max_ngram=max_ngram)
         self.session.add(list(context))
-        self.sources: list[SuffixSource] = [self.session, *_as_sources(store)]
+        stores = _as_sources(store)
+        self.sources: list[SuffixSource] = [self.session, *stores, *([memory] if memory is not None else [])]
+        self.names = ["context"] + ["store"] * len(stores) + (["memory"] if memory is not None else [])
         # the longest match any source can report (a source that does not say: no bound)
         self._longest_possible = max(getattr(s, "max_ngram", None) or float("inf") for s in self.sources)
         self.spans = spans
+        self.tree = tree
         self.followed: list[_Followed] = []
         self.run = 0  # tokens in a row that the followed spans predicted
 
@@ -107,17 +122,21 @@ class ReferenceDrafter:
             self.followed = [f for f in self.followed if self._expects(f, token)]
             for f in self.followed:
                 f.pos += 1
+                f.length += 1
             self.run = self.run + 1 if self.followed else 0
 
     @staticmethod
     def _expects(f: _Followed, token: int) -> bool:
         return f.source.continuation((f.seq, f.pos - 1), 1) == [token]
 
-    def propose(self, context: Sequence[int], max_tokens: int) -> Draft | None:
-        """A draft of 1 .. min(max_tokens, MAX_DRAFT_TOKENS) tokens, or None; never more work than that bound."""
+    def propose(self, context: Sequence[int], max_tokens: int) -> Draft | DraftTree | None:
+        """A draft of 1 .. min(max_tokens, MAX_DRAFT_TOKENS) tokens (tree mode: a DraftTree at most that deep), or
+        None; never more work than that bound."""
         max_tokens = min(max_tokens, MAX_DRAFT_TOKENS)
         if max_tokens <= 0:
             return None
+        if self.tree:
+            return self._propose_tree(context, max_tokens)
         # 1) the freshest evidence: the longest context suffix in the output/prompt and in the stores (skipped
         #    while the followed spans' run is at least every source's longest possible match: they would win in 2)
         best_len = 0
@@ -142,6 +161,32 @@ class ReferenceDrafter:
             if continuations:
                 return Draft(_vote_lists(continuations), length, "corpus")
         return None
+
+    def _propose_tree(self, context: Sequence[int], max_tokens: int) -> DraftTree | None:
+        """Every candidate at once, merged into one trie: the longest context suffix in each source (the live
+        context with LZ77 overlap, each store, the output memory), the spans followed since earlier steps, and the
+        corpus span index's continuations. Each keeps its source and match length as evidence; the policy decides
+        which nodes are worth verifying."""
+        found: dict[tuple[int, int, int], _Followed] = {}
+        for f in self.followed:  # still predicting right: evidence = matched + predicted since
+            found[(id(f.source), f.seq, f.pos)] = f
+        for source, name in zip(self.sources, self.names, strict=True):
+            match = source.longest_suffix(context)
+            for seq, end in match.positions if match.length > 0 else ():
+                key = (id(source), seq, end + 1)
+                if key not in found or found[key].length < match.length:
+                    found[key] = _Followed(source, seq, end + 1, name, match.length)
+        ranked = sorted(found.values(), key=lambda f: -f.length)  # stable: fresher positions first within a length
+        candidates = [Candidate(_continuation(f, max_tokens, self.session), f.name, f.length) for f in ranked]
+        if self.spans is not None:
+            length, continuations = self.spans.span_continuations(context[-32:], max_tokens)
+            candidates += [Candidate(list(c), "corpus", length) for c in continuations]
+        self.followed = ranked  # observe() keeps those the committed tokens agree with
+        tree = build_tree([c for c in candidates if c.tokens], max_depth=max_tokens, max_nodes=_MAX_TREE_NODES)
+        return tree if len(tree) else None
+
+
+_MAX_TREE_NODES = 1024  # a trie of all candidates is built before the policy picks from it: bound that work
 
 
 def _as_sources(store) -> list[SuffixSource]:
@@ -248,11 +293,16 @@ class AcceptanceModel:
             failures = 1.0 - alive
         else:
             successes, failures = float(accepted), (1.0 if accepted < drafted else 0.0)
-        b = self.bucket(match_len)
+        self.update_trials([(match_len, successes, successes + failures)])
+
+    def update_trials(self, trials: Sequence[tuple[int, float, float]]) -> None:
+        """Record one step's trials at once, (match_len, successes, trials) each; evidence fades once per step."""
         self.successes = [x * self.decay for x in self.successes]
         self.trials = [x * self.decay for x in self.trials]
-        self.successes[b] += successes
-        self.trials[b] += successes + failures
+        for match_len, successes, count in trials:
+            b = self.bucket(match_len)
+            self.successes[b] += successes
+            self.trials[b] += count
 
 
 class ForwardCostModel:
@@ -368,6 +418,95 @@ class DraftPolicy:
             self._plain_steps = 0
             best_k = min(limit, max(self.min_draft, 2))
         return best_k
+
+    def node_model(self, source: str, rank: int) -> AcceptanceModel:
+        """The acceptance model of tree nodes of one kind: by source, and whether the node is its parent's first
+        child (the candidates' favourite) or an alternative. First children share the chain models (a chain is a
+        tree of first children); alternatives learn their own rate, starting from a lower prior (a sibling of the
+        favourite is right only where the favourite is wrong)."""
+        if rank == 0:
+            return self.acceptance_for(source)
+        key = f"{source or 'reference'}/alternative"
+        if key not in self._by_source:
+            a = self.acceptance
+            self._by_source[key] = AcceptanceModel(prior=a.prior / 2, prior_weight=a.prior_weight, decay=a.decay)
+        return self._by_source[key]
+
+    def choose_tree(self, tree: DraftTree, budget: int) -> DraftTree | None:
+        """The subtree worth verifying, with `probs` filled (predicted acceptance of each node given its parent),
+        or None for plain decoding.
+
+        Each node's path probability P (product of its ancestors' probabilities and its own) is the expected
+        number of times it is committed, so a subtree S yields 1 + sum_S P tokens for one forward of width
+        |S| + 1. The best subtree of each size takes the nodes of highest P (a child never beats its parent, so
+        that set is a subtree); the size that maximises (1 + sum P) / cost(|S| + 1) wins, 0 meaning plain decoding.
+        A chain is the special case where every node has one child.
+        """
+        if not len(tree):
+            return None
+        probs = tree.probs if tree.probs is not None else self._node_probs(tree)
+        depths = tree.depths()
+        path_prob: list[float] = []
+        for i, p in enumerate(tree.parents):
+            q = min(max(probs[i], 0.0), 0.999)
+            path_prob.append(q if p == -1 else path_prob[p] * q)
+        order = sorted((i for i in range(len(tree)) if depths[i] <= budget), key=lambda i: (-path_prob[i], i))
+        order = order[: max(0, self.max_draft)]
+        best_n, best_rate = 0, 1.0 / self.costs.cost(1)
+        expected = 1.0
+        for n, i in enumerate(order, start=1):
+            expected += path_prob[i]
+            rate = expected / self.costs.cost(n + 1)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+            if path_prob[i] < 1e-3:
+                break
+        if best_n < self.min_draft:
+            best_n = 0
+        self._plain_steps = self._plain_steps + 1 if best_n == 0 else 0
+        if self._plain_steps >= self.explore_every and order:  # as in choose_length: keep learning
+            self._plain_steps = 0
+            best_n = min(len(order), max(self.min_draft, 2))
+        if best_n == 0:
+            return None
+        chosen = tree.subtree(order[:best_n])
+        kept = sorted(order[:best_n])
+        chosen.probs = [probs[i] for i in kept]
+        return chosen
+
+    def _node_probs(self, tree: DraftTree) -> list[float]:
+        ranks = sibling_ranks(tree)
+        return [
+            self.node_model(source, rank).rate(match_len)
+            for source, rank, match_len in zip(tree.sources, ranks, tree.match_lens, strict=True)
+        ]
+
+    def update_tree(
+        self,
+        tree: DraftTree,
+        path: Sequence[int],
+        width: int,
+        seconds: float,
+        accept_probs: Sequence[float] | None = None,
+    ) -> None:
+        """One verified tree: its width and time, and one trial per node whose parent was reached (the root or an
+        accepted node): a success if it was accepted. accept_probs (sampling): per node, its probability of being
+        accepted given its parent was reached; the trial then counts by that expectation (less variance)."""
+        self.costs.observe(width, seconds)
+        reached = {-1, *path}
+        accepted = set(path)
+        ranks = sibling_ranks(tree)
+        trials: dict[int, list[tuple[int, float, float]]] = {}
+        models: dict[int, AcceptanceModel] = {}
+        for i, parent in enumerate(tree.parents):
+            if parent not in reached:
+                continue
+            success = float(accept_probs[i]) if accept_probs is not None else float(i in accepted)
+            model = self.node_model(tree.sources[i], ranks[i])
+            models[id(model)] = model
+            trials.setdefault(id(model), []).append((tree.match_lens[i], min(1.0, max(0.0, success)), 1.0))
+        for key, model_trials in trials.items():
+            models[key].update_trials(model_trials)
 
     def update(
         self,

@@ -94,11 +94,19 @@ def _row_independent(processor) -> bool:
     return type(processor) in (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 
-def process_rows(processor, context_ids: torch.Tensor, draft: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+def process_rows(
+    processor,
+    context_ids: torch.Tensor,
+    draft: Sequence[int],
+    logits: torch.Tensor,
+    *,
+    row_prefixes: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
     """Apply a transformers LogitsProcessor(List) to every verification row with the prefix that row really has.
 
     context_ids: [T] committed tokens (prompt + output, the pending token included); logits: [k + 1, V] float32.
-    Row i sees context + draft[:i], exactly what plain decoding would have passed at that position.
+    Row i sees context + draft[:i], exactly what plain decoding would have passed at that position; for a tree,
+    row_prefixes[i] gives row i's draft tokens instead (its path from the root).
 
     Processors that read input_ids (penalties, the caller's) run row by row. The trailing warpers (temperature,
     top-k, top-p) read nothing but their row, so they run on all rows at once, and top-p without sorting the
@@ -117,7 +125,8 @@ def process_rows(processor, context_ids: torch.Tensor, draft: Sequence[int], log
         draft_ids = torch.as_tensor(list(draft), dtype=context_ids.dtype, device=context_ids.device)
         rows = []
         for i in range(logits.shape[0]):
-            ids, row = torch.cat([context_ids, draft_ids[:i]])[None, :], logits[i : i + 1].clone()
+            extra = draft_ids[:i] if row_prefixes is None else draft_ids.new_tensor(list(row_prefixes[i]))
+            ids, row = torch.cat([context_ids, extra])[None, :], logits[i : i + 1].clone()
             for p in head:
                 row = p(ids, row)
             rows.append(row)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DraftTree", "ROOT"]
+__all__ = ["Candidate", "DraftTree", "ROOT", "build_tree", "sibling_ranks"]
 
 ROOT = -1  # parent index of the root's children: the pending token
 
@@ -125,3 +125,82 @@ class DraftTree:
             None if self.probs is None else [self.probs[i] for i in kept],
             None if self.q is None else self.q[kept],
         )
+
+
+@dataclass
+class Candidate:
+    """One candidate continuation and its evidence: `tokens` copied from `source` after a context match of
+    `match_len` tokens. Candidates are merged into a DraftTree by `build_tree`."""
+
+    tokens: list[int]
+    source: str
+    match_len: int
+
+
+def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: int = 4096) -> DraftTree:
+    """Merge candidate continuations into one trie (at most max_depth deep, max_nodes nodes).
+
+    Each node counts the candidates through it; its source and match length are those of the strongest candidate
+    through it (the longest match; ties: the earlier candidate, so callers list fresher evidence first). Siblings
+    are ordered by count (most agreed first), then by first appearance, which is the order the policy ranks them.
+    """
+    child: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    tokens: list[int] = []
+    parents: list[int] = []
+    sources: list[str] = []
+    match_lens: list[int] = []
+    counts: list[int] = []
+    for cand in candidates:
+        parent = ROOT
+        for token in cand.tokens[:max_depth]:
+            node = child.get((parent, token))
+            if node is None:
+                if len(tokens) >= max_nodes:
+                    break
+                node = len(tokens)
+                child[(parent, token)] = node
+                tokens.append(token)
+                parents.append(parent)
+                sources.append(cand.source)
+                match_lens.append(cand.match_len)
+                counts.append(0)
+            elif cand.match_len > match_lens[node]:
+                sources[node], match_lens[node] = cand.source, cand.match_len
+            counts[node] += 1
+            parent = node
+    tree = DraftTree(tokens, parents, sources, match_lens, counts)
+    return _sorted_siblings(tree)
+
+
+def _sorted_siblings(tree: DraftTree) -> DraftTree:
+    """The same tree renumbered depth-first with each node's children by count (desc), then first appearance, so
+    the flat order lists the most agreed-on path first and a child's rank is its place among its siblings."""
+    kids: dict[int, list[int]] = {}
+    for i, p in enumerate(tree.parents):
+        kids.setdefault(p, []).append(i)
+    order: list[int] = []
+    stack = [ROOT]
+    while stack:
+        node = stack.pop()
+        if node != ROOT:
+            order.append(node)
+        ranked = sorted(kids.get(node, ()), key=lambda c: (-tree.counts[c], c))
+        stack.extend(reversed(ranked))
+    new_index = {old: new for new, old in enumerate(order)}
+    return DraftTree(
+        [tree.tokens[i] for i in order],
+        [ROOT if tree.parents[i] == ROOT else new_index[tree.parents[i]] for i in order],
+        [tree.sources[i] for i in order],
+        [tree.match_lens[i] for i in order],
+        [tree.counts[i] for i in order],
+    )
+
+
+def sibling_ranks(tree: DraftTree) -> list[int]:
+    """Per node, its place among its siblings in flat order (0 = the first child of its parent)."""
+    seen: dict[int, int] = {}
+    ranks = []
+    for p in tree.parents:
+        ranks.append(seen.get(p, 0))
+        seen[p] = ranks[-1] + 1
+    return ranks
