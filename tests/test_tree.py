@@ -1,0 +1,236 @@
+"""Token trees: the DraftTree shape, merging candidates into a trie, the tree policy, and tree-mode drafting."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
+from refdecode.tree import ROOT, Candidate, DraftTree, build_tree, sibling_ranks
+
+CPU_LIKE = {1: 0.090, 2: 0.095, 4: 0.110, 8: 0.160, 16: 0.200, 32: 0.260, 64: 0.420}
+GPU_LIKE = {1: 0.010, 2: 0.010, 4: 0.010, 8: 0.0101, 16: 0.0102, 32: 0.0104, 64: 0.0108}
+
+
+# -- the shape ---------------------------------------------------------------------------------------------------
+
+
+def test_tree_shape_is_checked():
+    with pytest.raises(ValueError, match="parent"):
+        DraftTree([1, 2], [ROOT])
+    with pytest.raises(ValueError, match="parents must come first"):
+        DraftTree([1, 2], [1, ROOT])
+    with pytest.raises(ValueError, match="siblings must differ"):
+        DraftTree([1, 1], [ROOT, ROOT])
+    with pytest.raises(ValueError, match="q must be"):
+        DraftTree([1], [ROOT], q=torch.zeros(2, 5))
+    tree = DraftTree([5, 6, 7, 8], [ROOT, 0, 0, ROOT])
+    assert tree.depths() == [1, 2, 2, 1]
+    assert tree.children() == [0, 3] and tree.children(0) == [1, 2]
+    assert tree.path(2) == [0, 2]
+    assert tree.child_map() == {ROOT: {5: 0, 8: 3}, 0: {6: 1, 7: 2}}
+    assert not tree.is_chain() and DraftTree.chain([1, 2, 3]).is_chain()
+    sub = tree.subtree([0, 2])
+    assert sub.tokens == [5, 7] and sub.parents == [ROOT, 0]
+    with pytest.raises(ValueError, match="without its parent"):
+        tree.subtree([2])
+
+
+def test_build_tree_merges_counts_and_ranks_siblings():
+    cands = [
+        Candidate([1, 2, 3], "context", 2),
+        Candidate([1, 2, 4], "store", 5),
+        Candidate([9], "store", 1),
+        Candidate([1, 7], "corpus", 3),
+        Candidate([9, 8], "memory", 1),
+        Candidate([9, 8, 5], "memory", 1),
+    ]
+    tree = build_tree(cands, max_depth=8)
+    # first child of the root: 1 (3 candidates) before 9 (3 candidates, seen later)
+    paths = {tuple(tree.tokens[j] for j in tree.path(i)): i for i in range(len(tree))}
+    assert tree.counts[paths[(1,)]] == 3 and tree.counts[paths[(1, 2)]] == 2 and tree.counts[paths[(9, 8)]] == 2
+    assert paths[(1,)] == 0  # the most agreed path comes first in flat order
+    # the strongest evidence through a node wins its source and match length
+    assert tree.sources[paths[(1, 2)]] == "store" and tree.match_lens[paths[(1, 2)]] == 5
+    assert tree.sources[paths[(1, 2, 3)]] == "context"
+    ranks = sibling_ranks(tree)
+    assert ranks[paths[(1,)]] == 0 and ranks[paths[(9,)]] == 1
+    assert ranks[paths[(1, 2)]] == 0 and ranks[paths[(1, 7)]] == 1  # count 2 before count 1
+    # every candidate is a root-to-node path
+    for c in cands:
+        assert tuple(c.tokens) in paths
+    assert len(build_tree(cands, max_depth=1)) == 2  # only the first tokens
+    assert len(build_tree(cands, max_depth=8, max_nodes=3)) == 3
+
+
+@settings(deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), max_size=6), max_size=12), st.integers(1, 6))
+@pytest.mark.fuzz
+def test_build_tree_is_the_trie_of_its_candidates(conts, depth):
+    tree = build_tree([Candidate(c, "x", 1) for c in conts], max_depth=depth)
+    paths = [tuple(tree.tokens[j] for j in tree.path(i)) for i in range(len(tree))]
+    expected = {tuple(c[:d]) for c in conts for d in range(1, min(len(c), depth) + 1)}
+    assert set(paths) == expected and len(paths) == len(expected)
+    for i, path in enumerate(paths):  # a node's count: the candidates through it
+        assert tree.counts[i] == sum(1 for c in conts if tuple(c[: len(path)]) == path)
+    ranks = sibling_ranks(tree)
+    for i, p in enumerate(tree.parents):  # siblings by count, most first
+        for j in range(i):
+            if tree.parents[j] == p and ranks[j] < ranks[i]:
+                assert tree.counts[j] >= tree.counts[i]
+
+
+# -- the policy --------------------------------------------------------------------------------------------------
+
+
+def test_a_chain_tree_gets_the_chain_policys_length():
+    for table in (CPU_LIKE, GPU_LIKE):
+        for match_len, accepted in ((30, 16), (3, 5), (1, 0)):
+            a = DraftPolicy(costs=ForwardCostModel(table), explore_every=10**6)
+            b = DraftPolicy(costs=ForwardCostModel(table), explore_every=10**6)
+            for policy in (a, b):
+                for _ in range(10):
+                    policy.acceptance.update(match_len, drafted=16, accepted=accepted)
+            k = a.choose_length(Draft(list(range(40)), match_len=match_len), budget=100)
+            chosen = b.choose_tree(DraftTree.chain(list(range(40)), match_len=match_len), budget=100)
+            assert (0 if chosen is None else len(chosen)) == k
+            assert chosen is None or chosen.is_chain()
+
+
+def wide_tree():
+    """Four alternatives for the first token, each with a 6-token continuation."""
+    cands = [Candidate([10 + b] + [20 + b] * 6, "context", 2) for b in range(4)]
+    return build_tree(cands, max_depth=16)
+
+
+def test_a_tree_branches_where_width_is_cheap_and_stays_narrow_where_it_is_not():
+    def chosen(table):
+        policy = DraftPolicy(costs=ForwardCostModel(table), explore_every=10**6)
+        for _ in range(10):  # favourites right 60% of the time, alternatives 30%
+            policy.node_model("context", 0).update_trials([(2, 0.6, 1.0)])
+            policy.node_model("context", 1).update_trials([(2, 0.3, 1.0)])
+        tree = policy.choose_tree(wide_tree(), budget=100)
+        return tree
+
+    gpu = chosen(GPU_LIKE)
+    cpu = chosen(CPU_LIKE)
+    assert gpu is not None and len(gpu.children()) == 4 and len(gpu) >= 16  # nearly free width: all of it
+    assert cpu is not None and len(cpu) < len(gpu)
+    assert cpu.probs is not None and len(cpu.probs) == len(cpu)
+
+
+def test_the_tree_respects_budget_and_max_draft():
+    policy = DraftPolicy(costs=ForwardCostModel(GPU_LIKE), max_draft=5, explore_every=10**6)
+    for _ in range(10):
+        policy.node_model("context", 0).update_trials([(2, 0.9, 1.0)])
+        policy.node_model("context", 1).update_trials([(2, 0.9, 1.0)])
+    tree = policy.choose_tree(wide_tree(), budget=2)
+    assert tree is not None and len(tree) <= 5 and max(tree.depths()) <= 2
+
+
+def test_update_tree_counts_one_trial_per_reached_node():
+    policy = DraftPolicy()
+    tree = wide_tree()  # root children 0 (favourite) and three alternatives
+    first = tree.children()
+    path = [first[1]] + tree.children(first[1])[:1]  # an alternative and its child were accepted
+    policy.update_tree(tree, path, len(tree) + 1, 0.1)
+    fav, alt = policy.node_model("context", 0), policy.node_model("context", 1)
+    # favourite tier: the root's favourite (failed), the accepted alternative's child (succeeded) and its child
+    # (reached, not accepted)
+    assert sum(fav.trials) == pytest.approx(3.0) and sum(fav.successes) == pytest.approx(1.0)
+    # alternatives: three reached at the root, one accepted
+    assert sum(alt.trials) == pytest.approx(3.0) and sum(alt.successes) == pytest.approx(1.0)
+    # a learned low rate for alternatives keeps them out of a CPU-priced tree
+    for _ in range(20):
+        policy.update_tree(tree, [first[0]], len(tree) + 1, 0.1)
+    assert policy.node_model("context", 1).rate(2) < 0.1
+
+
+# -- tree-mode drafting ------------------------------------------------------------------------------------------
+
+
+class _Spans:
+    def __init__(self, conts):
+        self.conts, self.calls = conts, 0
+
+    def span_continuations(self, tail, max_tokens, *, max_candidates=8, min_match=2):
+        self.calls += 1
+        return 2, [c[:max_tokens] for c in self.conts]
+
+
+def test_tree_mode_takes_every_source_at_once():
+    from stats_helpers import IdTokenizer
+
+    from refdecode.store import ReferenceStore
+
+    store = ReferenceStore(IdTokenizer(100))
+    store.add([1, 2, 3, 40, 41, 42], source="doc")
+    context = [7, 1, 2, 3, 30, 31, 8, 1, 2, 3]
+    spans = _Spans([[50, 51]])
+    drafter = ReferenceDrafter(context, store=store, spans=spans, tree=True)
+    tree = drafter.propose(context, 8)
+    assert isinstance(tree, DraftTree)
+    first = {tree.tokens[i]: tree.sources[i] for i in tree.children()}
+    assert first == {30: "context", 40: "store", 50: "corpus"}  # the corpus is asked even though local text matched
+    assert spans.calls == 1
+    assert max(tree.match_lens) == 3
+    chain = ReferenceDrafter(context, store=store, spans=spans, tree=False).propose(context, 8)
+    assert isinstance(chain, Draft) and spans.calls == 1  # the chain asks the corpus only when nothing matched
+
+
+def test_followed_spans_keep_their_growing_evidence():
+    context = [5, 6, 7, 8, 9, 10, 11, 12, 1, 5, 6]
+    drafter = ReferenceDrafter(context, tree=True)
+    tree = drafter.propose(context, 4)
+    assert tree.tokens[:3] == [7, 8, 9] and tree.match_lens[0] == 2
+    drafter.observe([7, 8])
+    tree = drafter.propose(context + [7, 8], 4)
+    assert tree.tokens[0] == 9 and tree.match_lens[0] >= 4  # matched 2, then predicted 2 right
+
+
+@settings(deadline=None)
+@given(
+    st.lists(st.integers(0, 6), min_size=1, max_size=40),
+    st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=20), max_size=4),
+    st.integers(1, 12),
+)
+@pytest.mark.fuzz
+def test_tree_nodes_are_real_continuations(context, docs, budget):
+    from stats_helpers import IdTokenizer
+
+    from refdecode.store import ReferenceStore
+
+    store = ReferenceStore(IdTokenizer(7))
+    for d in docs:
+        store.add(d)
+    drafter = ReferenceDrafter(context, store=store, tree=True)
+    rng = random.Random(len(context))
+    for _ in range(3):
+        tree = drafter.propose(context, budget)
+        if tree is not None:
+            assert max(tree.depths()) <= budget
+            texts = [context] + [d for d in docs]
+            for i in range(len(tree)):  # every path occurs after some suffix of the context, or overlaps it
+                path = [tree.tokens[j] for j in tree.path(i)]
+                assert any(_occurs_after_match(t, context, path) for t in texts) or _lz77(context, path)
+        new = [rng.randrange(7)]
+        drafter.observe(new)
+        context = context + new
+
+
+def _occurs_after_match(text, context, path):
+    for end in range(len(text)):
+        if text[end] == context[-1] and text[end + 1 : end + 1 + len(path)] == path:
+            return True
+    return False
+
+
+def _lz77(context, path):
+    """The path copies the context from a period p back, overlapping its own tokens."""
+    full = context + path
+    return any(
+        all(full[len(context) + i] == full[len(context) + i - p] for i in range(len(path)))
+        for p in range(1, len(context) + 1)
+    )
