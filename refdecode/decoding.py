@@ -748,6 +748,7 @@ def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: in
     else:
         index = CorpusIndex.load(index, tokenizer=tokenizer)
     retrieved = ReferenceStore(tokenizer)
+    retrieved.kind = "retrieved"  # the policy learns how often retrieved passages are copied, apart from stores
     query = tokenizer.decode(prompt_ids[-512:], skip_special_tokens=True)
     for passage in index.retrieve(query, k=retrieve_k, reranker=reranker, candidates=candidates):
         retrieved.add(passage.token_ids, source=f"{passage.source}#{passage.id}")

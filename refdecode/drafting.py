@@ -108,7 +108,9 @@ class ReferenceDrafter:
         self.session.add(list(context))
         stores = _as_sources(store)
         self.sources: list[SuffixSource] = [self.session, *stores, *([memory] if memory is not None else [])]
-        self.names = ["context"] + ["store"] * len(stores) + (["memory"] if memory is not None else [])
+        # a source's kind names its nodes for the tree policy (a store may say, e.g. "retrieved" passages)
+        kinds = [getattr(s, "kind", "store") for s in stores]
+        self.names = ["context", *kinds, *(["memory"] if memory is not None else [])]
         # the longest match any source can report (a source that does not say: no bound)
         self._longest_possible = max(getattr(s, "max_ngram", None) or float("inf") for s in self.sources)
         self.spans = spans

@@ -53,6 +53,7 @@ class ReferenceStore:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
+        self.kind = "store"  # how drafts from it are named for the tree policy (retrieved passages: "retrieved")
         self.index = DocumentIndex(len(tokenizer), max_ngram=max_ngram)
         self.documents: list[Document] = []
 
@@ -101,6 +102,7 @@ class ReferenceStore:
         twin = ReferenceStore(self.tokenizer, max_ngram=self.index.max_ngram, max_tokens=self.max_tokens)
         twin.index = self.index.copy()
         twin.documents = list(self.documents)
+        twin.kind = self.kind
         return twin
 
     def source_of(self, doc_id: int) -> str:
