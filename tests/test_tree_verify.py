@@ -346,6 +346,12 @@ def test_point_mass_is_plain_sampling_with_the_same_noise():
     ours = noise_samples(target, tree, noise, lambda g: verify_tree_point_mass(log_probs, tree, g[: depth + 1]))
     assert ours == plain
     assert_fits(ours, target, "verify_tree_point_mass")
+    # any other tree over the same noise emits the same tokens: a chain, the root's children alone, no draft
+    for keep in ([0, 3, 10], [0, 1, 2], []):
+        sub = tree.subtree(keep)
+        sub_log_probs, sub_depth = target.tree_rows(sub).float().log(), max(sub.depths(), default=0)
+        verify = lambda g: verify_tree_point_mass(sub_log_probs, sub, g[: sub_depth + 1])  # noqa: E731, B023
+        assert noise_samples(target, sub, noise[:500], verify) == plain[:500]
     per_node = noise_samples(target, tree, noise, lambda g: verify_tree_greedy(log_probs + g, tree))
     differ = sum(a != b for a, b in zip(per_node, plain, strict=True))
     assert differ > RUNS_NOISE // 20, differ
@@ -537,8 +543,8 @@ def test_q_acceptance_probabilities_match_the_rule():
     )
 
 
-def test_every_outcome_is_possible_and_nothing_impossible_is_drawn():
-    """With p rows that are zero on some tokens (a top-k cut), no rule ever emits a zero-probability token."""
+def test_a_top_k_cut_is_never_crossed():
+    """Target rows that are zero on some tokens (a top-k cut) while q is not: no zero-probability token is emitted."""
     target, draft_model = q_target()
     for table in (target.p1, target.p2, target.p3):
         table[table < 0.04] = 0.0  # drop the two smallest masses
