@@ -251,25 +251,22 @@ def verify_tree_sampling(probs: torch.Tensor, tree: DraftTree, generator: torch.
     node = ROOT
     while True:
         p = probs[_row(node)]  # [V], normalised
-        descended = False
         for child in children.get(node, {}).values():  # dicts keep insertion order: flat order
             x = tree.tokens[child]
             q = None if tree.q is None else tree.q[child]  # [V] or None (a point mass on x)
             q_x = 1.0 if q is None else float(q[x])
             u = float(torch.rand((), generator=generator, device=p.device))
             if q_x > 0 and u < min(1.0, float(p[x]) / q_x):
-                descended = True
-            else:
-                residual = _residual(p, x, q)
-                total = float(residual.sum())
-                descended = total <= 0.0  # p equals q up to rounding: nothing to correct, the child stands
-                p = residual / total if not descended else p
-            if descended:
-                path.append(child)
-                node = child
                 break
-        if not descended:
+            residual = _residual(p, x, q)
+            total = float(residual.sum())
+            if total <= 0.0:  # p equals q up to rounding: nothing to correct, the child stands
+                break
+            p = residual / total
+        else:  # every child rejected, or none: the model's own token from what is left
             return TreeVerdict(path, int(torch.multinomial(p, 1, generator=generator)))
+        path.append(child)
+        node = child
 
 
 def _residual(p: torch.Tensor, x: int, q: torch.Tensor | None) -> torch.Tensor:
