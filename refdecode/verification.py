@@ -1,10 +1,12 @@
 """Verification: which draft tokens the target model keeps, and which token it adds after them.
 
 Knows: the greedy rule (longest prefix equal to the argmax) and the lossless sampling rule for drafts with or
-without a draft distribution. Does not know: models, caches, drafters or where the scores came from.
+without a draft distribution, for one chain and for a token tree (walked root to leaf, one child per level).
+Does not know: models, caches, drafters or where the scores came from.
 
-Shapes: `scores` and `probs` are [k + 1, V]: row i is the target's next-token scores after the context plus the
-first i draft tokens, so row k scores the token after a fully accepted draft.
+Shapes: for a chain, `scores` and `probs` are [k + 1, V]: row i is the target's next-token scores after the context
+plus the first i draft tokens, so row k scores the token after a fully accepted draft. For a tree of n nodes they are
+[n + 1, V]: row 0 after the pending token (the root), row i + 1 after node i (the context plus the path to node i).
 """
 
 from __future__ import annotations
@@ -14,7 +16,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PositionNoise", "Verdict", "verify_greedy", "verify_point_mass", "verify_sampling"]
+from .tree import ROOT, DraftTree
+
+__all__ = [
+    "PositionNoise",
+    "TreeVerdict",
+    "Verdict",
+    "tree_accept_probs",
+    "verify_greedy",
+    "verify_point_mass",
+    "verify_sampling",
+    "verify_tree_greedy",
+    "verify_tree_point_mass",
+    "verify_tree_sampling",
+]
 
 
 @dataclass(frozen=True)
@@ -132,3 +147,166 @@ def verify_sampling(
         return Verdict(i, int(token))
     token = torch.multinomial(probs[k], 1, generator=generator)
     return Verdict(k, int(token))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token trees: the same rules, walked from the root down one child per level
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeVerdict:
+    """path: the accepted nodes, the root's child first (node indices of the tree; each is the parent of the next).
+    next_token: the model's own token after the path, or None when too close to call (as in Verdict)."""
+
+    path: list[int]
+    next_token: int | None
+
+
+def _check_rows(rows: torch.Tensor, tree: DraftTree, name: str) -> None:
+    if rows.dim() != 2 or rows.shape[0] != len(tree) + 1:
+        raise ValueError(
+            f"{name} must be [n + 1, V] = [{len(tree) + 1}, V] for a tree of {len(tree)} nodes, got {tuple(rows.shape)}"
+        )
+
+
+def _row(node: int) -> int:
+    """The score row after `node`: 0 after the root (the pending token), node + 1 after a node."""
+    return 0 if node == ROOT else node + 1
+
+
+def verify_tree_greedy(scores: torch.Tensor, tree: DraftTree, *, tie_margin: float = 0.0) -> TreeVerdict:
+    """Follow the argmax down the tree: at the current row take the argmax; if a child of the current node has that
+    token, accept it and continue from its row, else the argmax is the next token.
+
+    scores: [n + 1, V]. Siblings never share a token, so at most one child matches and the walk is the greedy
+    decoding itself restricted to the tree. The tie guard of verify_greedy applies to every row the walk relies on
+    (the rows of the accepted nodes' parents and the last row): a row whose top two scores are closer than tie_margin
+    stops the walk there with next_token=None, unless the tree is empty (a one-token forward needs no guard).
+    """
+    _check_rows(scores, tree, "scores")
+    top = scores.topk(2, dim=-1)  # values, indices: [n + 1, 2]
+    best = top.indices[:, 0].tolist()
+    margin = (top.values[:, 0] - top.values[:, 1]).tolist()
+    guard = len(tree) > 0
+    children = tree.child_map()
+    path: list[int] = []
+    node = ROOT
+    while True:
+        row = _row(node)
+        if guard and margin[row] < tie_margin:
+            return TreeVerdict(path, None)
+        child = children.get(node, {}).get(best[row])
+        if child is None:
+            return TreeVerdict(path, best[row])
+        path.append(child)
+        node = child
+
+
+def verify_tree_point_mass(
+    log_probs: torch.Tensor, tree: DraftTree, noise: torch.Tensor, *, tie_margin: float = 0.0
+) -> TreeVerdict:
+    """Sampling verification of a tree of copied tokens, coupled through per-position Gumbel noise.
+
+    log_probs: [n + 1, V] target log-probabilities; noise: [D + 1, V] the Gumbel rows of the output positions by
+    depth, from PositionNoise.rows_for(position, D + 1) with D = the tree's depth: row d is used at every node of
+    depth d (the position its children would fill is d + 1), row 0 at the root. The token of a position is
+    y = argmax(log p_row + g_depth), one draw per position whatever the tree; the walk descends into the child equal
+    to y, else y is the next token. Hence:
+        - the output is a function of the seed alone (the same tokens as plain Gumbel sampling with those rows);
+        - a copied child x is accepted with probability p(x), and a node is left downwards with probability the sum
+          of its children's p (siblings differ, so these events are disjoint);
+        - after the walk stops, y is distributed as p with the children's tokens removed and renormalised, i.e.
+          every emitted token is exactly distributed as plain sampling given the same prefix.
+    tie_margin as in verify_tree_greedy, on the perturbed scores.
+    """
+    _check_rows(log_probs, tree, "log_probs")
+    depth_of_row = [0] + tree.depths()  # [n + 1]: the depth of the node whose row it is
+    need = max(depth_of_row) + 1
+    if noise.dim() != 2 or noise.shape[0] < need or noise.shape[1] != log_probs.shape[1]:
+        raise ValueError(f"noise must be [D + 1, V] = [{need}, {log_probs.shape[1]}], got {tuple(noise.shape)}")
+    rows = torch.as_tensor(depth_of_row, dtype=torch.long, device=noise.device)
+    return verify_tree_greedy(log_probs + noise[rows], tree, tie_margin=tie_margin)
+
+
+@torch.no_grad()
+def verify_tree_sampling(probs: torch.Tensor, tree: DraftTree, generator: torch.Generator) -> TreeVerdict:
+    """SpecInfer's multi-step speculative sampling (2305.09781) down a tree whose children may carry a distribution.
+
+    probs: [n + 1, V] target distributions; tree.q: [n, V], row i the distribution node i's token was drawn from,
+    given its parent and its earlier siblings (a drafter that samples siblings without replacement passes q with the
+    earlier siblings removed and renormalised), or None for copied tokens (point masses q_x = one_hot(x)).
+
+    At the current node with target row p, try the children in flat order: accept child x with probability
+    min(1, p(x) / q_x(x)); on rejection replace p by norm(max(0, p - q_x)) and try the next child; when all are
+    rejected (or there are none) the next token is sampled from the final p. Each try is the chain rule of
+    verify_sampling applied to the current residual, which emits a token distributed as that residual; by induction
+    over the children the emitted token is distributed as the node's target row. With point masses the rule reads
+    "accept x with probability p(x) / (mass left), else remove x". A chain gives the same draws, in the same order,
+    as verify_sampling.
+    """
+    _check_rows(probs, tree, "probs")
+    children = tree.child_map()
+    path: list[int] = []
+    node = ROOT
+    while True:
+        p = probs[_row(node)]  # [V], normalised
+        for child in children.get(node, {}).values():  # dicts keep insertion order: flat order
+            x = tree.tokens[child]
+            q = None if tree.q is None else tree.q[child]  # [V] or None (a point mass on x)
+            q_x = 1.0 if q is None else float(q[x])
+            u = float(torch.rand((), generator=generator, device=p.device))
+            if q_x > 0 and u < min(1.0, float(p[x]) / q_x):
+                break
+            residual = _residual(p, x, q)
+            total = float(residual.sum())
+            if total <= 0.0:  # p equals q up to rounding: nothing to correct, the child stands
+                break
+            p = residual / total
+        else:  # every child rejected, or none: the model's own token from what is left
+            return TreeVerdict(path, int(torch.multinomial(p, 1, generator=generator)))
+        path.append(child)
+        node = child
+
+
+def _residual(p: torch.Tensor, x: int, q: torch.Tensor | None) -> torch.Tensor:
+    """max(0, p - q) unnormalised: [V]; for a point mass on x, p with x removed."""
+    if q is None:
+        residual = p.clone()
+        residual[x] = 0.0
+        return residual
+    return (p - q).clamp_min(0.0)
+
+
+@torch.no_grad()
+def tree_accept_probs(probs: torch.Tensor, tree: DraftTree) -> list[float]:
+    """Per node, the probability that the target accepts it given that its parent was reached: [n] floats.
+
+    probs: [n + 1, V] target distributions. Copied children (tree.q None): p_parent_row(token), exact under both
+    verify_tree_point_mass and verify_tree_sampling (siblings' acceptances are disjoint events summing to the
+    node's chance of being left downwards). Children with q: the chance under verify_tree_sampling, given the
+    realised sibling tokens: P(every earlier sibling rejected) * min(1, residual(x) / q_x(x)), the residual being
+    the one that rule has left when it reaches the child. For the policy's low-variance learning under sampling.
+    """
+    _check_rows(probs, tree, "probs")
+    if tree.q is None:
+        rows = torch.as_tensor([_row(p) for p in tree.parents], dtype=torch.long, device=probs.device)
+        tokens = torch.as_tensor(tree.tokens, dtype=torch.long, device=probs.device)
+        return probs[rows, tokens].tolist()
+    out = [0.0] * len(tree)
+    for node, kids in tree.child_map().items():
+        p = probs[_row(node)]  # [V]
+        reach = 1.0  # P(every earlier sibling was rejected)
+        for child in kids.values():
+            x, q = tree.tokens[child], tree.q[child]
+            q_x = float(q[x])
+            accept = min(1.0, float(p[x]) / q_x) if q_x > 0 else 0.0
+            residual = _residual(p, x, q)
+            total = float(residual.sum())
+            if total <= 0.0:  # verify_tree_sampling keeps the child whatever u was
+                out[child], reach = reach, 0.0
+                break
+            out[child] = reach * accept
+            reach *= 1.0 - accept
+            p = residual / total
+    return out
