@@ -19,7 +19,17 @@ import torch
 from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter, _as_sources
 from .sampling import SamplingConfig, build_processors, process_rows
 from .tree import DraftTree
-from .verification import PositionNoise, Verdict, verify_greedy, verify_point_mass, verify_sampling
+from .verification import (
+    PositionNoise,
+    Verdict,
+    tree_accept_probs,
+    verify_greedy,
+    verify_point_mass,
+    verify_sampling,
+    verify_tree_greedy,
+    verify_tree_point_mass,
+    verify_tree_sampling,
+)
 
 __all__ = [
     "GenerationOutput",
@@ -666,8 +676,6 @@ def _favourite_chain(tree: DraftTree) -> DraftTree:
 def _verify_tree(scores, tree: DraftTree, noise, position: int, generator, tie_margin: float):
     """scores [n + 1, V] -> (TreeVerdict, accept_probs): under sampling, each node's probability of acceptance
     given its parent was reached (for the policy)."""
-    from .verification import tree_accept_probs, verify_tree_greedy, verify_tree_point_mass, verify_tree_sampling
-
     if noise is None:
         return verify_tree_greedy(scores, tree, tie_margin=tie_margin), None
     probs = torch.softmax(scores, dim=-1)
