@@ -298,9 +298,14 @@ class AcceptanceModel:
         self.update_trials([(match_len, successes, successes + failures)])
 
     def update_trials(self, trials: Sequence[tuple[int, float, float]]) -> None:
-        """Record one step's trials at once, (match_len, successes, trials) each; evidence fades once per step."""
-        self.successes = [x * self.decay for x in self.successes]
-        self.trials = [x * self.decay for x in self.trials]
+        """Record one step's trials at once, (match_len, successes, trials) each. Evidence fades once per step in
+        the buckets this step brings new evidence to: what a bucket knows is replaced by newer evidence of the same
+        kind, not by time spent on other kinds (a request's long copies are rare, but what they taught still holds
+        after many steps of short matches)."""
+        touched = {self.bucket(match_len) for match_len, _, _ in trials}
+        for b in touched:
+            self.successes[b] *= self.decay
+            self.trials[b] *= self.decay
         for match_len, successes, count in trials:
             b = self.bucket(match_len)
             self.successes[b] += successes

@@ -141,7 +141,9 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
     """Merge candidate continuations into one trie (at most max_depth deep, max_nodes nodes).
 
     Each node counts the candidates through it; its source and match length are those of the strongest candidate
-    through it (the longest match; ties: the earlier candidate, so callers list fresher evidence first). Siblings
+    through it (the longest match; ties: the earlier candidate, so callers list fresher evidence first). A node at
+    depth d of a candidate matched over m tokens has evidence m + d - 1: once its parent is accepted, the context
+    ends with m + d - 1 tokens of that copy (a followed span's evidence grows the same way across steps). Siblings
     are ordered by count (most agreed first), then by first appearance, which is the order the policy ranks them.
     """
     child: dict[tuple[int, int], int] = {}  # (parent, token) -> node
@@ -152,7 +154,9 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
     counts: list[int] = []
     for cand in candidates:
         parent = ROOT
-        for token in cand.tokens[:max_depth]:
+        for depth, token in enumerate(cand.tokens[:max_depth]):
+            # given its parent was accepted, a node's copy has matched the context for `depth` more tokens
+            evidence = cand.match_len + depth
             node = child.get((parent, token))
             if node is None:
                 if len(tokens) >= max_nodes:
@@ -162,10 +166,10 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
                 tokens.append(token)
                 parents.append(parent)
                 sources.append(cand.source)
-                match_lens.append(cand.match_len)
+                match_lens.append(evidence)
                 counts.append(0)
-            elif cand.match_len > match_lens[node]:
-                sources[node], match_lens[node] = cand.source, cand.match_len
+            elif evidence > match_lens[node]:
+                sources[node], match_lens[node] = cand.source, evidence
             counts[node] += 1
             parent = node
     tree = DraftTree(tokens, parents, sources, match_lens, counts)
