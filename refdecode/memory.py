@@ -303,7 +303,8 @@ class OutputMemory:
         for attempt in range(3):
             manifest = _read_manifest(path)
             try:
-                where = verify_files(path, manifest, _FILES)
+                # the corpus index layout of its version 2 (data files in the generation folder), which is ours
+                where = verify_files(path, {**manifest, "version": 2}, _FILES)
                 lengths = _load_array(path, where / "lengths.npy", np.int64)
                 tokens = _load_array(path, where / "tokens.npy", np.int32)
                 break
