@@ -350,7 +350,7 @@ def _read_manifest(folder: Path) -> dict:
         raise IndexFormatError(f"no output memory at {folder}: not a folder")
     manifest_path = folder / MANIFEST_FILE
     if manifest_path.is_symlink() or not manifest_path.is_file():
-        raise IndexFormatError(f"no output memory at {folder}: {MANIFEST_FILE} is missing")
+        raise IndexFormatError(f"{folder} is not a refdecode output memory: {MANIFEST_FILE} is missing")
     try:
         with open(manifest_path, "rb") as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
