@@ -11,6 +11,9 @@
    "Can you explain that again: <question>". Each paraphrase is asked with the memory and without it, in the order
    A B / B A alternating per request, greedy, same max_new_tokens; the two outputs must be identical. The memory
    keeps recording in this pass too, as it would serving requests.
+`--scale`: instead, the memory's own costs at 100k and 1M tokens held (synthetic outputs of 400 random ids):
+record() plus the first lookup after it (mean, p99, max), a lookup alone, save and load.
+
 Printed: tokens/s (new tokens after the first, over the decode time after the prefill, summed over requests),
 tokens per verification step, and the ratios with/without; `--out` also writes them and the per-request rows.
 """
@@ -139,6 +142,47 @@ def run(model, tokenizer, questions: list[str], *, max_new_tokens: int = 128, pr
     }
 
 
+def measure_scale(held: int, *, output_len: int = 400, vocab: int = 2000, seed: int = 0) -> dict:
+    """Record 1.5x `held` tokens of random outputs into a memory bounded at `held` (eviction included), timing each
+    record() with the first lookup after it; then lookups alone, save and load."""
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from refdecode.memory import OutputMemory
+
+    rng = np.random.default_rng(seed)
+    memory = OutputMemory(max_tokens=held)
+    times = []
+    outputs = [rng.integers(0, vocab, size=output_len).tolist() for _ in range(int(1.5 * held) // output_len)]
+    for out in outputs:
+        t0 = time.perf_counter()
+        memory.record(out)
+        memory.longest_suffix(out[:20])
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i in range(200):
+        memory.longest_suffix(outputs[-3][i : i + 12])
+    lookup = (time.perf_counter() - t0) / 200
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        memory.save(Path(tmp) / "memory")
+        saved = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        OutputMemory.load(Path(tmp) / "memory")
+        loaded = time.perf_counter() - t0
+    ms = np.asarray(times) * 1e3
+    return {
+        "held_tokens": memory.num_tokens,
+        "record_and_first_lookup_ms": {"mean": ms.mean(), "p99": np.percentile(ms, 99), "max": ms.max()},
+        "lookup_ms": lookup * 1e3,
+        "save_s": saved,
+        "load_s": loaded,
+        "segments": len(memory._segments),
+    }
+
+
 def report(result: dict) -> str:
     w, wo = result["with_memory"], result["without_memory"]
     return "\n".join(
@@ -160,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", help="write the figures and per-request rows as JSON here")
+    parser.add_argument("--scale", action="store_true", help="measure the memory's own costs at 100k and 1M tokens")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
@@ -169,6 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.scale:
+        for held in (100_000, 1_000_000):
+            r = measure_scale(held)
+            t = r["record_and_first_lookup_ms"]
+            print(
+                f"{r['held_tokens']:>9,} tokens held: record + first lookup {t['mean']:.2f} ms mean, {t['p99']:.1f} "
+                f"p99, {t['max']:.1f} max; lookup {r['lookup_ms']:.2f} ms ({r['segments']} segments); save "
+                f"{r['save_s']:.2f} s, load {r['load_s']:.2f} s"
+            )
+        return 0
     import refdecode
 
     questions = pick_questions(args.n)
