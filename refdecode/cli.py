@@ -177,8 +177,6 @@ def _run_generate(args) -> int:
         tree=not args.no_tree,
         memory=memory,
     )
-    if memory is not None:
-        memory.save(args.memory)
     if args.json:
         record = {"text": out.text, "token_ids": out.token_ids, **out.stats.as_dict(), "stop_reason": out.stop_reason}
         print(json.dumps(record))
@@ -193,6 +191,11 @@ def _run_generate(args) -> int:
             file=sys.stderr,
         )
         print(_tree_line(s), file=sys.stderr)
+    if memory is not None:  # after the output is printed: a failed save does not lose it
+        try:
+            memory.save(args.memory)
+        except OSError as err:
+            raise CliError(f"could not save the output memory to {args.memory}: {err.strerror or err}") from None
     return 0
 
 

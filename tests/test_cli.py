@@ -163,3 +163,17 @@ def test_memory_refuses_a_corrupt_memory(capsys, tmp_path, tiny_model_dir, flat_
     code, _, err = _generate_with_memory(capsys, tiny_model_dir, tmp_path / "memory")
     assert code == 2 and "truncated" in err and "Traceback" not in err and err.count("\n") == 1
     assert tokens.read_bytes() == before
+
+
+def test_memory_save_failure_is_one_line_after_the_output(capsys, tmp_path, tiny_model_dir, flat_costs, monkeypatch):
+    from refdecode.memory import OutputMemory
+
+    def refuse(self, path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(OutputMemory, "save", refuse)
+    code, out, err = _generate_with_memory(capsys, tiny_model_dir, tmp_path / "memory")
+    assert code == 2 and json.loads(out)["token_ids"]
+    ours = [line for line in err.splitlines() if line.startswith("refdecode:")]  # not transformers' progress bars
+    assert len(ours) == 1 and "could not save the output memory" in ours[0] and "Permission denied" in ours[0]
+    assert "Traceback" not in err
