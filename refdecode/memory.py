@@ -46,6 +46,7 @@ from .corpus.format import (  # shared with corpus indexes
     tokenizer_fingerprint,
     verify_files,
 )
+from .corpus.spans import DEPTH
 from .matching import DocumentIndex, Match, as_token_ids
 
 __all__ = ["OutputMemory", "MEMORY_FORMAT", "MEMORY_VERSION"]
@@ -375,7 +376,7 @@ def _read_manifest(folder: Path) -> dict:
     for key in ("max_tokens", "max_ngram", "num_outputs", "num_tokens"):
         if not _is_count(manifest.get(key)):
             raise IndexFormatError(f"output memory {folder}: {key} must be a non-negative integer")
-    if manifest["max_tokens"] < 1 or not 1 <= manifest["max_ngram"] <= 64:
+    if manifest["max_tokens"] < 1 or not 1 <= manifest["max_ngram"] <= DEPTH:
         raise IndexFormatError(f"output memory {folder}: max_tokens or max_ngram out of range")
     _check_file_entries(folder, manifest.get("files"))
     return manifest
