@@ -9,6 +9,7 @@ out = refdecode.generate(model, tokenizer, prompt_ids, store=store, max_new_toke
 from .decoding import GenerationOutput, GenerationStats, NonFiniteLogitsError, generate
 from .drafting import Draft, Drafter, DraftPolicy, ReferenceDrafter
 from .hf import hf_generate
+from .memory import OutputMemory
 from .models import KNOWN_MODELS, ModelNotFoundError, load_model, load_tokenizer
 from .store import ReferenceStore
 
@@ -21,6 +22,7 @@ __all__ = [
     "KNOWN_MODELS",
     "ModelNotFoundError",
     "NonFiniteLogitsError",
+    "OutputMemory",
     "ReferenceDrafter",
     "ReferenceStore",
     "generate",

@@ -53,6 +53,13 @@ def _add_generate(subparsers) -> None:
         metavar="N",
         help="with --index: the model reranks the embedding search's top N passages (default: 0, off)",
     )
+    p.add_argument(
+        "--memory",
+        metavar="DIR",
+        help="an output memory folder: past outputs draft for this one, which is added and saved back (created if "
+        "missing; a folder that is not an output memory is refused, never overwritten)",
+    )
+    p.add_argument("--no-tree", action="store_true", help="verify one draft chain per step instead of a token tree")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -136,6 +143,7 @@ def _run_generate(args) -> int:
         raise CliError(f"index directory not found: {args.index}")
     if args.rerank < 0 or (args.rerank and not args.index):
         raise CliError("--rerank N needs N >= 0 and an --index to rerank passages from")
+    memory = _open_memory(args.memory) if args.memory else None  # checked before the model loads
     model, tokenizer = refdecode.load_model(args.model, dtype=args.dtype, device=args.device)
     store = refdecode.ReferenceStore(tokenizer)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -166,6 +174,8 @@ def _run_generate(args) -> int:
         chat=args.chat,
         streamer=streamer,
         max_draft=args.max_draft,
+        tree=not args.no_tree,
+        memory=memory,
     )
     if args.json:
         record = {"text": out.text, "token_ids": out.token_ids, **out.stats.as_dict(), "stop_reason": out.stop_reason}
@@ -180,7 +190,35 @@ def _run_generate(args) -> int:
             f"accepted); {s.tokens_per_second:.1f} tokens/s after the prefill, {s.seconds:.1f} s in all",
             file=sys.stderr,
         )
+        print(_tree_line(s), file=sys.stderr)
+    if memory is not None:  # after the output is printed: a failed save does not lose it
+        try:
+            memory.save(args.memory)
+        except OSError as err:
+            raise CliError(f"could not save the output memory to {args.memory}: {err.strerror or err}") from None
     return 0
+
+
+def _open_memory(path: str):
+    """The output memory saved at `path` (checked: a folder that is not one is refused), or a new empty one."""
+    from .memory import OutputMemory
+
+    if not os.path.lexists(path):
+        return OutputMemory()
+    if not Path(path).is_dir() or Path(path).is_symlink():
+        raise CliError(f"--memory {path} is not a folder holding an output memory; it is left as it is")
+    return OutputMemory.load(path)  # a corrupt or foreign folder: IndexFormatError, one line
+
+
+def _tree_line(s) -> str:
+    """The token tree statistics: nodes verified per step, accepted depth, accepted draft tokens per source."""
+    sizes = s.tree_sizes or [0]
+    by_source = ", ".join(f"{name} {n}" for name, n in sorted(s.accepted_sources.items(), key=lambda kv: -kv[1]))
+    return (
+        f"refdecode: tree: {sum(sizes) / len(sizes):.1f} nodes per step on average, {max(sizes)} at most; "
+        f"accepted depth {s.accepted_tokens / s.steps if s.steps else 0.0:.2f} on average; accepted draft tokens "
+        f"by source: {by_source or 'none'}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,7 @@ def hf_generate(
     max_draft: int = 64,
     policy: DraftPolicy | None = None,
     seed: int | None = None,
+    memory=None,
     **model_kwargs,
 ) -> torch.Tensor:
     """Drop-in decoding method for `model.generate(custom_generate=hf_generate, ...)`.
@@ -49,7 +50,8 @@ def hf_generate(
     Extra generate() arguments it understands: references (texts, which need ref_tokenizer=, or token-id lists; a
     single string is one reference), store (a ReferenceStore or a list of them, never copied), index (a corpus
     index or its path; needs ref_tokenizer=), max_draft or a DraftPolicy (policy=), seed (sampling), ref_streamer
-    (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=).
+    (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=), memory (a refdecode.OutputMemory: past
+    outputs draft for this call and its output is recorded; bound to ref_tokenizer= when given).
     attention_mask: all ones or left padding. Returns the prompt (with its padding) followed by the new tokens, like
     generate(): [1, T + new].
     """
@@ -83,6 +85,8 @@ def hf_generate(
         from .decoding import _attach_index
 
         store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k=4)
+    if memory is not None:
+        memory.bind(ref_tokenizer)  # None (token ids only): nothing to check
     sampling = bool(generation_config.do_sample)
     generator = None
     if sampling:
@@ -104,8 +108,9 @@ def hf_generate(
         stop_strings=stop_list(stop),
         stopping_criteria=stopping_criteria,
         streamer=ref_streamer,
-        drafter=ReferenceDrafter(prompt_ids, store=store, spans=spans),
+        drafter=ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory),
         policy=policy or DraftPolicy(max_draft=max_draft),
+        memory=memory,
     )
     new = torch.tensor([out.token_ids], dtype=input_ids.dtype, device=input_ids.device)
     model.refdecode_stats = out.stats  # the last call's statistics, for callers who want them

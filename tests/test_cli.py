@@ -76,3 +76,104 @@ def test_stream_prints_the_text(capsys, smollm2):
     code, out, err = run(capsys, "generate", "--prompt", "Say hello.", "--chat", "--max-new-tokens", "8", "--stream")
     assert code == 0, err
     assert out.strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --memory DIR, --no-tree and the tree line of --stats, on a tiny saved model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama over SmolLM2's vocabulary, saved with its tokenizer, so the CLI loads it by path."""
+    import torch
+    from stats_helpers import tiny_llama
+
+    import refdecode
+
+    tokenizer = refdecode.load_tokenizer("smollm2-135m")
+    model = tiny_llama(vocab_size=len(tokenizer), seed=3, max_positions=256, eos_token_id=None)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # words rather than ties
+    folder = tmp_path_factory.mktemp("tiny-cli-model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def flat_costs(monkeypatch):
+    """Wide forwards cost as much as narrow ones: no calibration forwards per run, drafting independent of timing."""
+    import refdecode.decoding
+
+    monkeypatch.setattr(refdecode.decoding, "calibrate_costs", lambda *args, **kwargs: {1: 1.0, 64: 1.0})
+
+
+def _generate_with_memory(capsys, model_dir, memory_dir, *extra):
+    prompt = "The old lighthouse keeper wrote in his log every night that"
+    return run(
+        capsys, "generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "24", "--json",
+        "--memory", str(memory_dir), *extra,
+    )  # fmt: skip
+
+
+def test_memory_round_trip(capsys, tmp_path, tiny_model_dir, flat_costs):
+    from refdecode.memory import OutputMemory
+
+    memory_dir = tmp_path / "memory"
+    code, out, err = _generate_with_memory(capsys, tiny_model_dir, memory_dir)
+    assert code == 0, err
+    first = json.loads(out)
+    assert OutputMemory.load(memory_dir).outputs() == [first["token_ids"]]
+    code, out, err = _generate_with_memory(capsys, tiny_model_dir, memory_dir, "--stats")
+    assert code == 0, err
+    second = json.loads(out)
+    assert second["token_ids"] == first["token_ids"]  # the same greedy output, drafted from the first one
+    assert second["accepted_tokens"] > first["accepted_tokens"]
+    assert "refdecode: tree:" in err and "nodes per step" in err and "by source" in err
+    assert len(OutputMemory.load(memory_dir)) == 2
+    code, out, err = _generate_with_memory(capsys, tiny_model_dir, memory_dir, "--no-tree")
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == first["token_ids"]
+
+
+def test_memory_refuses_a_folder_that_is_not_one(capsys, tmp_path, tiny_model_dir, flat_costs):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    code, _, err = _generate_with_memory(capsys, tiny_model_dir, mine)
+    assert code == 2 and "not a refdecode output memory" in err and err.count("\n") == 1
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    code, _, err = _generate_with_memory(capsys, tiny_model_dir, file)
+    assert code == 2 and "not a folder" in err and file.read_text() == "x"
+
+
+def test_memory_refuses_a_corrupt_memory(capsys, tmp_path, tiny_model_dir, flat_costs):
+    from refdecode.memory import OutputMemory
+
+    memory = OutputMemory()
+    memory.record([1, 2, 3, 4])
+    memory.save(tmp_path / "memory")
+    manifest = json.loads((tmp_path / "memory" / "manifest.json").read_text())
+    tokens = tmp_path / "memory" / manifest["generation"] / "tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[:-4])
+    before = tokens.read_bytes()
+    code, _, err = _generate_with_memory(capsys, tiny_model_dir, tmp_path / "memory")
+    assert code == 2 and "truncated" in err and "Traceback" not in err and err.count("\n") == 1
+    assert tokens.read_bytes() == before
+
+
+def test_memory_save_failure_is_one_line_after_the_output(capsys, tmp_path, tiny_model_dir, flat_costs, monkeypatch):
+    from refdecode.memory import OutputMemory
+
+    def refuse(self, path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(OutputMemory, "save", refuse)
+    code, out, err = _generate_with_memory(capsys, tiny_model_dir, tmp_path / "memory")
+    assert code == 2 and json.loads(out)["token_ids"]
+    ours = [line for line in err.splitlines() if line.startswith("refdecode:")]  # not transformers' progress bars
+    assert len(ours) == 1 and "could not save the output memory" in ours[0] and "Permission denied" in ours[0]
+    assert "Traceback" not in err

@@ -192,3 +192,30 @@ def test_out_of_vocabulary_ids_through_hf_generate(model_with_vocab, tokenizer):
     x = torch.tensor([[5, len(tokenizer)]])
     with pytest.raises(ValueError, match="vocabulary size"):
         model_with_vocab.generate(x, max_new_tokens=4, do_sample=False, custom_generate=refdecode.hf_generate)
+
+
+def test_memory_records_and_drafts_a_repeated_call(model_with_vocab, tokenizer):
+    from refdecode.corpus.testing import WordTokenizer
+
+    x = torch.tensor([tokenizer.encode("Once upon a time, in a small village by the sea,")])
+    plain = model_with_vocab.generate(x, max_new_tokens=30, do_sample=False)
+    memory = refdecode.OutputMemory()
+    runs = []
+    for _ in range(2):
+        ours = model_with_vocab.generate(
+            x,
+            max_new_tokens=30,
+            do_sample=False,
+            custom_generate=refdecode.hf_generate,
+            ref_tokenizer=tokenizer,
+            memory=memory,
+            policy=flat_costs(),
+        )
+        assert torch.equal(ours, plain)
+        runs.append(model_with_vocab.refdecode_stats)
+    assert len(memory) == 2 and memory.outputs()[0] == plain[0, x.shape[1] :].tolist()
+    assert runs[1].accepted_tokens > runs[0].accepted_tokens and runs[1].steps < runs[0].steps
+    with pytest.raises(ValueError, match="another tokenizer"):  # bound to ref_tokenizer: ids of another refused
+        model_with_vocab.generate(
+            x, max_new_tokens=3, custom_generate=refdecode.hf_generate, ref_tokenizer=WordTokenizer(), memory=memory
+        )

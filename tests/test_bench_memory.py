@@ -1,0 +1,48 @@
+"""scripts/bench_memory.py: deterministic paraphrases, and the whole benchmark runs on a tiny model (2 requests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scripts import bench_memory
+
+QUESTIONS = ["How do I delete a file?", "Why does Python use indentation for grouping of statements?"]
+
+
+def test_paraphrases_are_deterministic_rewordings():
+    seen = set()
+    for k, q in enumerate(QUESTIONS * 3):
+        p = bench_memory.paraphrase(q, k)
+        assert p == bench_memory.paraphrase(q, k) and p != q
+        seen.add(p)
+    assert "What is the way to delete a file?" in bench_memory.paraphrase(QUESTIONS[0], 0)
+    assert "What is the reason Python use" in bench_memory.paraphrase(QUESTIONS[1], 1)
+    assert bench_memory.paraphrase(QUESTIONS[0], 2).startswith("Can you explain that again: what is the way")
+    assert len(seen) >= 5  # prefixes and next turns vary with k
+
+
+def test_runs_on_a_tiny_model(monkeypatch, tmp_path, capsys):
+    from stats_helpers import tiny_llama
+
+    import refdecode
+    import refdecode.decoding
+
+    tokenizer = refdecode.load_tokenizer("smollm2-135m")
+    model = tiny_llama(vocab_size=len(tokenizer), seed=3, max_positions=512, eos_token_id=None)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    monkeypatch.setattr(refdecode.decoding, "calibrate_costs", lambda *args, **kwargs: {1: 1.0, 64: 1.0})
+    monkeypatch.setattr(refdecode, "load_model", lambda name: (model, tokenizer))
+    monkeypatch.setattr(bench_memory, "pick_questions", lambda n: QUESTIONS[:n])
+    out = tmp_path / "results" / "memory.json"
+    code = bench_memory.main(["--n", "2", "--max-new-tokens", "12", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["identical"] and result["requests"] == 2 and result["memory_outputs"] == 4
+    assert len(result["pass2"]) == 2 and result["with_memory"]["tokens_per_step"] > 0
+    assert "tokens/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_memory.main(["--max-new-tokens", "0"])
