@@ -52,8 +52,9 @@ class Draft:
 class Drafter(Protocol):
     """Extension point: anything that proposes draft tokens (like transformers' CandidateGenerator)."""
 
-    def propose(self, context: Sequence[int], max_tokens: int) -> Draft | None:
-        """Draft up to max_tokens tokens to follow `context` (the prompt and all committed tokens)."""
+    def propose(self, context: Sequence[int], max_tokens: int) -> Draft | DraftTree | None:
+        """Draft up to max_tokens tokens to follow `context` (the prompt and all committed tokens): a chain (Draft),
+        or a token tree (DraftTree, at most max_tokens deep) whose nodes the policy picks from."""
 
     def observe(self, new_tokens: Sequence[int]) -> None:
         """Tokens just committed to the context (accepted draft tokens and the model's own token)."""

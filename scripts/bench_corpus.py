@@ -74,7 +74,9 @@ def summarize(records: list[dict]) -> dict:
     base = by["plain"]
     for m in METHODS:
         by[m]["steps_ratio"] = by[m]["tokens_per_step"] / base["tokens_per_step"] if base["tokens_per_step"] else 0
-        by[m]["speed_ratio"] = by[m]["tokens_per_second"] / base["tokens_per_second"] if base["tokens_per_second"] else 0
+        by[m]["speed_ratio"] = (
+            by[m]["tokens_per_second"] / base["tokens_per_second"] if base["tokens_per_second"] else 0
+        )
     return by
 
 

@@ -19,7 +19,7 @@ import json
 from collections import defaultdict
 
 from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
-from refdecode.tree import DraftTree, sibling_ranks
+from refdecode.tree import DraftTree
 
 # cost(width) / cost(1): SmolLM2 on a 2-core CPU (scripts.fixed_cost_drafts) and on an H200 (nearly flat)
 COSTS = {
@@ -131,8 +131,11 @@ def main() -> None:
             if req.id in oracle:
                 totals[(w, "oracle")]["steps"] += oracle[req.id]["steps"]
                 totals[(w, "oracle")]["decoded"] += oracle[req.id]["decode_tokens"]
-    print(f"{'workload':<14} {'chain t/step':>12} {'tree t/step':>12} {'x':>6} {'chain t/cost':>12} {'tree t/cost':>12} "
-          f"{'x':>6} {'tree width':>10} {'oracle t/step':>13}")
+    print(
+        f"{'workload':<14} {'chain t/step':>12} {'tree t/step':>12} {'x':>6} {'chain t/cost':>12} "
+        f"{'tree t/cost':>12} "
+        f"{'x':>6} {'tree width':>10} {'oracle t/step':>13}"
+    )
     for w in workloads:
         c, t, o = totals.get((w, "chain")), totals.get((w, "tree")), totals.get((w, "oracle"))
         if not c:
@@ -140,8 +143,10 @@ def main() -> None:
         cs, ts = c["decoded"] / c["steps"], t["decoded"] / t["steps"]
         cr, tr = c["decoded"] / c["seconds"], t["decoded"] / t["seconds"]
         os_ = o["decoded"] / o["steps"] if o and o["steps"] else float("nan")
-        print(f"{w:<14} {cs:12.2f} {ts:12.2f} {ts / cs:6.2f} {cr:12.3f} {tr:12.3f} {tr / cr:6.2f} "
-              f"{t['width'] / t['n']:10.1f} {os_:13.2f}")
+        print(
+            f"{w:<14} {cs:12.2f} {ts:12.2f} {ts / cs:6.2f} {cr:12.3f} {tr:12.3f} {tr / cr:6.2f} "
+            f"{t['width'] / t['n']:10.1f} {os_:13.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -323,8 +323,10 @@ class BatchDrafter:
         if budget <= 0:
             return []
         draft = session.drafter.propose(context.tolist(), budget)
+        if not isinstance(draft, Draft):  # vLLM verifies chains: the drafter runs in chain mode
+            return []
         k = session.policy.choose_length(draft, budget)
-        if draft is None or k <= 0:
+        if k <= 0:
             return []
         session.draft = draft.truncated(k)
         session.stats["steps"] += 1
