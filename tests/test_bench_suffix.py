@@ -141,10 +141,16 @@ def hf_greedy(model, prompt, max_new_tokens):
 @needs_arctic
 @pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
 def test_generate_with_the_suffix_drafter_equals_greedy(tiny_llama, tree):
+    from refdecode.tree_attention import supports_tree
+
     prompt = [5, 9, 11, 5, 9, 11, 20, 30, 40, 50, 5, 9, 11, 20, 30]
     greedy = hf_greedy(tiny_llama, prompt, 24)
+    # two references that agree on the first greedy tokens and then part: a branch in tree mode
+    references = [prompt[-4:] + greedy[:12], prompt[-4:] + greedy[:3] + [7, 7, 8, 8, 9]]
     flat = DraftPolicy(costs=ForwardCostModel({1: 1.0, 64: 1.0}))  # wide forwards as cheap as narrow: always draft
-    with SuffixDrafter(prompt, references=[greedy[:12]], tree=tree) as drafter:
+    with SuffixDrafter(prompt, references=references, tree=tree) as drafter:
         out = refdecode.generate(tiny_llama, None, prompt, max_new_tokens=24, drafter=drafter, policy=flat)
     assert out.token_ids == greedy
     assert out.stats.drafted_tokens > 0 and out.stats.accepted_sources.get("suffix", 0) > 0
+    if tree and supports_tree(tiny_llama):  # else the loop verifies the tree's favourite chain
+        assert out.stats.tree_steps > 0
