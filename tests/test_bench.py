@@ -9,6 +9,7 @@ import torch
 import refdecode
 from refdecode.bench import cli, report, runner
 from refdecode.bench.runner import BenchConfig, OracleDrafter
+from refdecode.bench.suffix import suffix_available
 from refdecode.bench.workloads import Request
 from refdecode.drafting import ForwardCostModel
 
@@ -116,7 +117,10 @@ def test_export_and_load_requests_round_trip(tmp_path):
 
 def test_config_is_validated_and_greedy_always_runs():
     assert small_config(methods=("refdecode",)).methods == ("greedy", "refdecode")
-    assert small_config(sampling=True).all_methods[-2:] == runner.SAMPLING_METHODS
+    assert small_config(methods=("refdecode-chain", "refdecode")).methods == ("greedy", "refdecode", "refdecode-chain")
+    assert small_config(sampling=True).all_methods[-3:] == runner.SAMPLING_METHODS
+    assert small_config().methods == runner.DEFAULT_METHODS  # the suffix methods are opt-in: an optional extra
+    assert not set(runner.SUFFIX_METHODS) & set(cli._config(cli.build_parser().parse_args([])).methods)
     for bad in (dict(workloads=("nope",)), dict(methods=("beam",)), dict(n=0), dict(device="tpu")):
         with pytest.raises(ValueError):
             small_config(**bad)
@@ -136,13 +140,15 @@ def test_runner_end_to_end_and_report_files(tiny_llama, tmp_path):
     results = runner.run_benchmark(
         small_config(sampling=True), model=tiny_llama, tokenizer=tok, requests=reqs, log=lines.append
     )
-    methods = list(runner.METHODS + runner.SAMPLING_METHODS)
+    methods = list(runner.DEFAULT_METHODS + runner.SAMPLING_METHODS)
     # interleaved per prompt: every method on a prompt before the next prompt
     assert [(r["request_id"], r["method"]) for r in results["records"]] == [(q.id, m) for q in reqs for m in methods]
     for r in results["records"]:
-        if r["method"] in ("pld", "refdecode", "oracle"):
+        if r["method"] in ("pld", "refdecode", "refdecode-chain", "oracle"):
             assert r["matches_greedy"], (r["request_id"], r["method"], r["first_mismatch"])
         assert r["new_tokens"] == len(r["token_ids"]) >= 1
+        if r["method"] in runner.REFDECODE_METHODS:  # the tree statistics of GenerationStats
+            assert len(r["tree_sizes"]) == r["steps"] and isinstance(r["accepted_sources"], dict)
     assert results["forward_cost"]["widths"] == [1, 2, 3, 4]
     assert results["forward_cost"]["relative"][0] == 1.0
 
@@ -150,16 +156,40 @@ def test_runner_end_to_end_and_report_files(tiny_llama, tmp_path):
     block = summary["workloads"]["code-edit-ref"]
     assert block["n"] == 2 and set(block["methods"]) == set(methods)
     assert {"refdecode/greedy", "refdecode/pld", "oracle/greedy", "refdecode-sample/hf-sample"} <= set(block["ratios"])
-    assert block["methods"]["refdecode"]["mismatches"] == 0
+    assert {"refdecode/refdecode-chain", "refdecode-chain/greedy", "refdecode-sample/refdecode-chain-sample"} <= set(
+        block["ratios"]
+    )
+    assert block["methods"]["refdecode"]["mismatches"] == block["methods"]["refdecode-chain"]["mismatches"] == 0
+    for m in ("refdecode", "refdecode-chain"):
+        assert block["methods"][m]["mean_tree_size"] is not None and "oracle_step_fraction" in block["methods"][m]
     for name in ("results.json", "table.md", "speedup.png", "accept_lengths.png", "forward_cost.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(saved) == {"meta", "forward_cost", "requests", "records", "summary"}
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| code-edit-ref | 2 |" in table and "Sampling" in table
+    assert "| code-edit-ref | refdecode chain |" in table and "| code-edit-ref | refdecode chain sampling |" in table
+    assert "refdecode / refdecode chain: tok/s, per step" in table  # the head-to-head table
 
 
-def fake_record(request_id, category, method, tps, matches=True):
+@pytest.mark.skipif(not suffix_available(), reason="arctic-inference is not installed (`make suffix-setup`)")
+def test_suffix_methods_run_in_the_benchmark_and_the_report(tiny_llama, tmp_path):
+    tok = WordTokenizer()
+    reqs = runner.prepare_requests(["code-edit-ref"], 1, 0, tok, loader=fake_loader)
+    config = small_config(n=1, methods=("refdecode", "suffix", "suffix-tree"))
+    results = runner.run_benchmark(config, model=tiny_llama, tokenizer=tok, requests=reqs, log=lambda line: None)
+    assert [r["method"] for r in results["records"]] == ["greedy", "refdecode", "suffix", "suffix-tree"]
+    for r in results["records"][1:]:
+        assert r["matches_greedy"], (r["method"], r["first_mismatch"])
+        assert len(r["tree_sizes"]) == r["steps"]
+    summary = report.write_report(results, tmp_path / "out", plots=False)
+    block = summary["workloads"]["code-edit-ref"]
+    assert {"suffix/greedy", "suffix-tree/greedy", "refdecode/suffix-tree", "refdecode/suffix"} <= set(block["ratios"])
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| code-edit-ref | SuffixDecoding tree |" in table and "refdecode / SuffixDecoding tree" in table
+
+
+def fake_record(request_id, category, method, tps, matches=True, steps=5):
     rec = {
         "request_id": request_id,
         "workload": "spec-bench",
@@ -172,8 +202,8 @@ def fake_record(request_id, category, method, tps, matches=True):
         "prefill_seconds": 0.1,
         "e2e_seconds": 0.1 + 10 / tps,
         "tokens_per_second": tps,
-        "steps": 5,
-        "accept_lengths": [2] * 5,
+        "steps": steps,
+        "accept_lengths": [10 // steps] * steps,
         "token_ids": [0] * 11,
     }
     if method != "greedy":
@@ -218,3 +248,33 @@ def test_spec_bench_summary_uses_the_leaderboard_layout_and_reports_mismatches()
     text = report.format_report(results, summary)
     assert "| summarization | 1 | 1.50x | 2.00x | 3.00x | 2.00 | 2.66x |" in text
     assert "refdecode: 1/3 differ (@3)" in text  # the main table has a spec-bench row
+
+
+def test_tokens_per_step_tree_sizes_and_the_oracles_gain_per_method():
+    records = []
+    for i in range(2):
+        records += [
+            fake_record(f"q{i}", "", "greedy", 10.0, steps=10),
+            fake_record(f"q{i}", "", "refdecode", 20.0, steps=4),  # 2.5 tokens per step
+            fake_record(f"q{i}", "", "refdecode-chain", 15.0, steps=5),  # 2
+            fake_record(f"q{i}", "", "oracle", 40.0, steps=2),  # 5
+        ]
+    for r in records:
+        r["workload"] = "rag"
+        if r["method"] == "refdecode":
+            r.update(drafted_tokens=12, tree_sizes=[3] * 4, accepted_sources={"context": 4, "doc": 2})
+        elif r["method"] == "refdecode-chain":
+            r.update(drafted_tokens=10)  # no tree_sizes: drafted tokens per step
+    results = {"records": records, "meta": {"methods": ["greedy", "refdecode", "refdecode-chain", "oracle"]}}
+    block = report.summarize(results)["workloads"]["rag"]
+    tree, chain = block["methods"]["refdecode"], block["methods"]["refdecode-chain"]
+    assert (tree["mean_accepted"], chain["mean_accepted"]) == (2.5, 2.0)
+    assert (tree["mean_tree_size"], chain["mean_tree_size"]) == (3.0, 2.0)
+    assert tree["accepted_sources"] == {"context": 8, "doc": 4}
+    assert tree["oracle_step_fraction"] == pytest.approx(1.5 / 4) and chain["oracle_step_fraction"] == 0.25
+    assert block["ratios"]["refdecode/refdecode-chain"]["total"] == pytest.approx(20 / 15)
+    assert block["ratios"]["refdecode/refdecode-chain"]["per_step"] == pytest.approx(1.25)
+    rows = report.methods_table({"rag": block})
+    assert "| rag | refdecode | 20.0 | 2.00x (med 2.00x) | 2.50 | 3.0 | 38% | context 67%, doc 33% |" in rows
+    assert "| rag | refdecode chain | 15.0 | 1.50x (med 1.50x) | 2.00 | 2.0 | 25% | - |" in rows
+    assert report.comparisons_table({"rag": block})[2] == "| rag | 1.33x, 1.25x |"

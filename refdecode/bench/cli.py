@@ -26,7 +26,7 @@ def _names(value: str) -> list[str]:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from refdecode.bench.runner import DEFAULT_WORKLOADS, METHODS
+    from refdecode.bench.runner import DEFAULT_METHODS, DEFAULT_WORKLOADS, METHODS, SUFFIX_METHODS
     from refdecode.bench.workloads import WORKLOADS
 
     parser.add_argument(
@@ -58,13 +58,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--methods",
         nargs="+",
         metavar="NAME",
-        default=list(METHODS),
-        help=f"methods ({', '.join(METHODS)}); greedy, the baseline, always runs",
+        default=list(DEFAULT_METHODS),
+        help=f"methods ({', '.join(METHODS)}); greedy, the baseline, always runs; default: "
+        f"{' '.join(DEFAULT_METHODS)}. {' and '.join(SUFFIX_METHODS)} (SuffixDecoding's drafter in refdecode's loop, "
+        "chain and tree mode) need arctic-inference: `make suffix-setup`",
     )
     parser.add_argument(
         "--sampling",
         action="store_true",
-        help="add rows at temperature 0.7, top_p 0.9: transformers sampling vs refdecode",
+        help="add rows at temperature 0.7, top_p 0.9: transformers sampling vs refdecode (tree and chain)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
@@ -109,8 +111,9 @@ def add_bench_command(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "bench",
         help="benchmark refdecode against transformers greedy and prompt lookup",
-        description="Time transformers greedy, prompt lookup, refdecode and an oracle drafter on the same prompts "
-        "(interleaved per prompt), check outputs are identical to greedy, and write a report.",
+        description="Time transformers greedy, prompt lookup, refdecode (token tree and single chain), optionally "
+        "SuffixDecoding's drafter in refdecode's loop, and an oracle drafter on the same prompts (interleaved per "
+        "prompt), check outputs are identical to greedy, and write a report.",
     )
     add_bench_arguments(parser)
     parser.set_defaults(func=run_bench)

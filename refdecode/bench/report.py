@@ -28,15 +28,33 @@ RATIOS = (
     ("refdecode", "pld"),
     ("oracle", "greedy"),
     ("refdecode-sample", "hf-sample"),
+    ("refdecode-chain", "greedy"),
+    ("suffix", "greedy"),
+    ("suffix-tree", "greedy"),
+    ("refdecode-chain-sample", "hf-sample"),
+)
+# head to head, in one run: refdecode's tree vs its chain, and vs SuffixDecoding's drafter in the same loop
+COMPARISONS = (
+    ("refdecode", "refdecode-chain"),
+    ("refdecode", "suffix-tree"),
+    ("refdecode", "suffix"),
+    ("refdecode-chain", "suffix"),
+    ("refdecode-sample", "refdecode-chain-sample"),
 )
 LABELS = {
     "greedy": "greedy",
     "pld": "prompt lookup",
     "refdecode": "refdecode",
+    "refdecode-chain": "refdecode chain",
+    "suffix": "SuffixDecoding",
+    "suffix-tree": "SuffixDecoding tree",
     "oracle": "oracle",
     "hf-sample": "HF sampling",
     "refdecode-sample": "refdecode sampling",
+    "refdecode-chain-sample": "refdecode chain sampling",
 }
+# greedy methods whose tokens per step are set against the oracle's (same loop, same policy)
+STEP_FRACTION_METHODS = ("refdecode", "refdecode-chain", "suffix", "suffix-tree")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,6 +91,8 @@ def summarize_method(records: list[dict]) -> dict:
         "steps": steps,
         "mean_accepted": tokens / steps if steps else None,
         "accept_length_counts": {str(k): lengths.count(k) for k in sorted(set(lengths))},
+        "mean_tree_size": _mean_tree_size(records),
+        "accepted_sources": _accepted_sources(records),
     }
     if any("matches_greedy" in r for r in records):
         bad = [r for r in records if not r.get("matches_greedy", True)]
@@ -81,13 +101,40 @@ def summarize_method(records: list[dict]) -> dict:
     return out
 
 
+def _mean_tree_size(records: list[dict]) -> float | None:
+    """Draft nodes verified per step: the records' tree_sizes, else drafted tokens / steps (a chain of k is a tree of
+    k nodes); None for methods that do not say (transformers)."""
+    sizes = [n for r in records for n in r.get("tree_sizes", ())]
+    if sizes:
+        return sum(sizes) / len(sizes)
+    steps = sum(r["steps"] for r in records if "drafted_tokens" in r)
+    return sum(r["drafted_tokens"] for r in records if "drafted_tokens" in r) / steps if steps else None
+
+
+def _accepted_sources(records: list[dict]) -> dict[str, int]:
+    """Accepted draft tokens per source, summed over the records that say."""
+    total: dict[str, int] = {}
+    for r in records:
+        for source, n in r.get("accepted_sources", {}).items():
+            total[source] = total.get(source, 0) + n
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def _step_fraction(per_step: float | None, oracle_per_step: float | None) -> float | None:
+    """(tokens per step - 1) / (the oracle's tokens per step - 1): how much of a perfect drafter's gain per forward
+    a method gets under the same policy."""
+    if per_step is None or oracle_per_step is None or oracle_per_step <= 1:
+        return None
+    return (per_step - 1) / (oracle_per_step - 1)
+
+
 def summarize_group(records: list[dict], methods: list[str]) -> dict:
     """Per-method summaries of one group of prompts, the reported ratios, and the fraction of the oracle's gain."""
     by_method = {m: [r for r in records if r["method"] == m] for m in methods}
     summaries = {m: summarize_method(rs) for m, rs in by_method.items() if rs}
     block: dict = {"n": len({r["request_id"] for r in records}), "methods": summaries}
     ratios = {}
-    for a, b in RATIOS:
+    for a, b in RATIOS + COMPARISONS:
         if a not in summaries or b not in summaries:
             continue
         sa, sb = summaries[a], summaries[b]
@@ -96,10 +143,15 @@ def summarize_group(records: list[dict], methods: list[str]) -> dict:
             "total": _ratio(sa["tokens_per_second"], sb["tokens_per_second"]),
             "median": _median(_ratio(r["tokens_per_second"], per_prompt.get(r["request_id"])) for r in by_method[a]),
             "e2e": _ratio(sa["e2e_tokens_per_second"], sb["e2e_tokens_per_second"]),
+            "per_step": _ratio(sa["mean_accepted"], sb["mean_accepted"]),
         }
     block["ratios"] = ratios
     ref, orc = ratios.get("refdecode/greedy", {}).get("total"), ratios.get("oracle/greedy", {}).get("total")
     block["oracle_fraction"] = (ref - 1) / (orc - 1) if ref and orc and orc > 1 else None
+    oracle_per_step = summaries["oracle"]["mean_accepted"] if "oracle" in summaries else None
+    for m in STEP_FRACTION_METHODS:
+        if m in summaries:
+            summaries[m]["oracle_step_fraction"] = _step_fraction(summaries[m]["mean_accepted"], oracle_per_step)
     return block
 
 
@@ -142,7 +194,7 @@ def _pair(block: dict, key: str) -> str:
 
 def _identical(block: dict) -> str:
     parts = []
-    for m in ("pld", "refdecode", "oracle"):
+    for m in block["methods"]:
         s = block["methods"].get(m)
         if s is None or "mismatches" not in s:
             continue
@@ -177,6 +229,52 @@ def main_table(groups: dict[str, dict]) -> list[str]:
             f"{_tps(b, 'oracle')} | {_pair(b, 'refdecode/greedy')} | {_pair(b, 'refdecode/pld')} | "
             f"{_pair(b, 'pld/greedy')} | {e2e} | {e2e_ratio} | {acc} | {frac} | {_identical(b)} |"
         )
+    return lines
+
+
+def _sources(summary: dict) -> str:
+    counts = summary.get("accepted_sources") or {}
+    total = sum(counts.values())
+    return ", ".join(f"{s} {n / total:.0%}" for s, n in list(counts.items())[:4]) if total else "-"
+
+
+def methods_table(groups: dict[str, dict]) -> list[str]:
+    """One row per workload and method (the baseline aside): speed, tokens per step, tree size, oracle fraction."""
+    lines = [
+        "| workload | method | tok/s | / baseline (total, median) | tokens per step | mean tree size "
+        "| of oracle gain per step | accepted draft tokens from |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, b in groups.items():
+        for m, s in b["methods"].items():
+            if m in ("greedy", "hf-sample"):
+                continue
+            base = "hf-sample" if m.endswith("-sample") else "greedy"
+            frac = s.get("oracle_step_fraction")
+            lines.append(
+                f"| {name} | {LABELS.get(m, m)} | {_f(s['tokens_per_second'])} | {_pair(b, f'{m}/{base}')} | "
+                f"{_f(s['mean_accepted'], 2)} | {_f(s.get('mean_tree_size'), 1)} | "
+                f"{f'{frac * 100:.0f}%' if frac is not None else '-'} | {_sources(s)} |"
+            )
+    return lines
+
+
+def comparisons_table(groups: dict[str, dict]) -> list[str]:
+    """Head to head ratios measured in one run (COMPARISONS present): decoding speed and tokens per step."""
+    keys = [f"{a}/{b}" for a, b in COMPARISONS if any(f"{a}/{b}" in g["ratios"] for g in groups.values())]
+    if not keys:
+        return []
+    heads = [" / ".join(LABELS.get(m, m) for m in k.split("/")) for k in keys]
+    lines = [
+        "| workload | " + " | ".join(f"{h}: tok/s, per step" for h in heads) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for name, b in groups.items():
+        cells = []
+        for k in keys:
+            r = b["ratios"].get(k)
+            cells.append(f"{_x(r['total'])}, {_x(r['per_step'])}" if r else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -243,6 +341,19 @@ def format_report(results: dict, summary: dict) -> str:
     if len(groups) > 1:
         groups["all"] = summary["all"]
     out += main_table(groups)
+    out += [
+        "",
+        "Per method: tokens per step = new tokens after the first / verification steps; mean tree size = draft "
+        "tokens verified per step (a chain of k counts k); of oracle gain per step = (tokens per step - 1) / "
+        "(oracle's - 1). refdecode drafts a token tree per step, refdecode chain one chain (tree=False); "
+        "SuffixDecoding is arctic-inference's drafter in refdecode's loop and policy.",
+        "",
+    ]
+    out += methods_table(groups)
+    comparisons = comparisons_table(groups)
+    if comparisons:
+        out += ["", "Head to head, in one run (ratios of decoding throughput and of tokens per step):", ""]
+        out += comparisons
     if "spec_bench" in summary:
         out += ["", "Spec-Bench (first turns), leaderboard layout:", ""] + spec_bench_table(summary["spec_bench"])
     if "refdecode-sample" in meta["methods"]:
@@ -298,7 +409,16 @@ def plot_speedups(summary: dict, path: Path) -> None:
         groups[f"spec-bench\n{c}"] = b
     keys = [
         k
-        for k in ("pld/greedy", "refdecode/greedy", "oracle/greedy", "refdecode-sample/hf-sample")
+        for k in (
+            "pld/greedy",
+            "refdecode/greedy",
+            "refdecode-chain/greedy",
+            "suffix/greedy",
+            "suffix-tree/greedy",
+            "oracle/greedy",
+            "refdecode-sample/hf-sample",
+            "refdecode-chain-sample/hf-sample",
+        )
         if any(k in b["ratios"] for b in groups.values())
     ]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) + 2), 4))
@@ -306,7 +426,7 @@ def plot_speedups(summary: dict, path: Path) -> None:
     for j, key in enumerate(keys):
         values = [(b["ratios"].get(key) or {}).get("total") or 0.0 for b in groups.values()]
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, values, width, label=key.replace("/", " / ").replace("pld", "prompt lookup"))
+        ax.bar(xs, values, width, label=" / ".join(LABELS.get(m, m) for m in key.split("/")))
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
     ax.set_ylabel("decoding speed-up (x)")
@@ -329,7 +449,8 @@ def plot_accept_lengths(results: dict, path: Path) -> None:
     plt = _pyplot()
     records = results["records"]
     workloads = list(dict.fromkeys(r["workload"] for r in records))
-    methods = [m for m in ("refdecode", "oracle", "pld", "refdecode-sample") if m in results["meta"]["methods"]]
+    shown = ("refdecode", "refdecode-chain", "suffix-tree", "suffix", "oracle", "pld", "refdecode-sample")
+    methods = [m for m in shown if m in results["meta"]["methods"]]
     cols = min(4, len(workloads))
     rows = -(-len(workloads) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)

@@ -1,5 +1,6 @@
-"""The benchmark runner: time transformers greedy, transformers prompt lookup, refdecode and an oracle drafter on the
-same prompts, in one process, interleaved per prompt.
+"""The benchmark runner: time transformers greedy, transformers prompt lookup, refdecode (its token tree and its
+single chain), SuffixDecoding's drafter in refdecode's loop, and an oracle drafter on the same prompts, in one
+process, interleaved per prompt.
 
 Knows: turning workload requests into token ids (and back out of / into a portable JSON file for machines without
 the data cache), timing each method's prefill and decoding separately (a streamer for transformers, the stats for
@@ -30,6 +31,8 @@ from refdecode.drafting import Draft
 
 __all__ = [
     "METHODS",
+    "DEFAULT_METHODS",
+    "SUFFIX_METHODS",
     "SAMPLING_METHODS",
     "DEFAULT_WORKLOADS",
     "BenchConfig",
@@ -44,8 +47,15 @@ __all__ = [
     "run_benchmark",
 ]
 
-METHODS = ("greedy", "pld", "refdecode", "oracle")  # greedy is the baseline and always runs first
-SAMPLING_METHODS = ("hf-sample", "refdecode-sample")
+# every greedy method, in run order; greedy is the baseline and always runs first. refdecode: generate's default (a
+# token tree per step); refdecode-chain: generate(tree=False), one chain per step; suffix / suffix-tree:
+# SuffixDecoding's drafter (arctic-inference, refdecode.bench.suffix) in refdecode's loop, chain / tree mode.
+METHODS = ("greedy", "pld", "refdecode", "refdecode-chain", "suffix", "suffix-tree", "oracle")
+SUFFIX_METHODS = ("suffix", "suffix-tree")  # optional: need arctic-inference (`make suffix-setup`)
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in SUFFIX_METHODS)
+SAMPLING_METHODS = ("hf-sample", "refdecode-sample", "refdecode-chain-sample")
+CHECKED_METHODS = tuple(m for m in METHODS if m != "greedy")  # lossless under greedy: output == greedy's
+REFDECODE_METHODS = ("refdecode", "refdecode-chain", "refdecode-sample", "refdecode-chain-sample")  # its own drafter
 DEFAULT_WORKLOADS = ("code-edit", "code-edit-ref", "rag", "summarize", "chat", "control")
 PLD_TOKENS = 10  # transformers' prompt_lookup_num_tokens, the value its docs suggest
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.7, 0.9
@@ -63,7 +73,7 @@ class BenchConfig:
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: str = "float32"
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     sampling: bool = False
     threads: int | None = None
     cost_reps: int = 5
@@ -87,6 +97,11 @@ class BenchConfig:
             raise ValueError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(METHODS)}")
         # greedy is the baseline: every ratio and the identical-output check need it, and the oracle copies it
         self.methods = tuple(m for m in METHODS if m in self.methods or m == "greedy")
+        if any(m in SUFFIX_METHODS for m in self.methods):
+            from refdecode.bench.suffix import MISSING, suffix_available
+
+            if not suffix_available():
+                raise ValueError(MISSING)
         for name in ("n", "max_new_tokens", "cost_reps", "cost_max_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -330,28 +345,38 @@ def run_refdecode(
     seed: int = 0,
     index=None,
 ) -> dict:
-    """refdecode.generate: with a ReferenceStore of the request's references, or the oracle drafter."""
-    from refdecode import ReferenceStore, generate
+    """refdecode.generate: with a ReferenceStore of the request's references (a tree, or one chain for the -chain
+    methods), with SuffixDecoding's drafter over the same references, or with the oracle drafter. The corpus index
+    (if any) is refdecode's own source: the suffix and oracle methods do not see it."""
+    from refdecode import generate
 
-    store = None
-    if request.references and method != "oracle":
-        store = ReferenceStore(tokenizer)
-        for source, ids in request.references:
-            store.add(ids, source=source)
     kwargs: dict = {}
-    if method == "oracle":
+    suffix = None
+    if method in REFDECODE_METHODS:
+        kwargs.update(store=_store(tokenizer, request), tree="-chain" not in method)
+        if method.endswith("-sample"):
+            kwargs.update(temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=seed)
+        if index is not None:
+            kwargs.update(index=index)
+    elif method in SUFFIX_METHODS:
+        from refdecode.bench.suffix import SuffixDrafter
+
+        references = [ids for _, ids in request.references]
+        suffix = SuffixDrafter(request.prompt_ids, references=references, tree=method == "suffix-tree")
+        kwargs.update(drafter=suffix)  # and generate's default DraftPolicy, as for refdecode
+    elif method == "oracle":
         if greedy_ids is None:
             raise ValueError("the oracle needs the greedy output of the same prompt")
         kwargs.update(drafter=OracleDrafter(request.prompt_ids, greedy_ids))  # and generate's default DraftPolicy
-    elif method == "refdecode-sample":
-        kwargs.update(temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=seed)
-    elif method != "refdecode":
+    else:
         raise ValueError(f"not a refdecode method: {method}")
-    if index is not None and method != "oracle":
-        kwargs.update(index=index)
     _sync(model.device)
     t0 = time.perf_counter()
-    out = generate(model, tokenizer, request.prompt_ids, store=store, max_new_tokens=max_new_tokens, **kwargs)
+    try:
+        out = generate(model, tokenizer, request.prompt_ids, max_new_tokens=max_new_tokens, **kwargs)
+    finally:
+        if suffix is not None:
+            suffix.close()
     _sync(model.device)
     e2e = time.perf_counter() - t0
     s = out.stats
@@ -362,7 +387,24 @@ def run_refdecode(
         recomputed=s.recomputed,
         stop_reason=out.stop_reason,
     )
+    # the tree statistics, from a refdecode that keeps them: nodes verified per step, accepted tokens per source
+    if getattr(s, "tree_sizes", None) is not None:
+        record["tree_sizes"] = list(s.tree_sizes)
+    if getattr(s, "accepted_sources", None) is not None:
+        record["accepted_sources"] = dict(s.accepted_sources)
     return record
+
+
+def _store(tokenizer, request: PreparedRequest):
+    """A ReferenceStore of the request's references, or None when it has none."""
+    from refdecode import ReferenceStore
+
+    if not request.references:
+        return None
+    store = ReferenceStore(tokenizer)
+    for source, ids in request.references:
+        store.add(ids, source=source)
+    return store
 
 
 def run_method(
@@ -554,7 +596,7 @@ def run_benchmark(
             )
             if method == "greedy":
                 greedy_ids = rec["token_ids"]
-            elif method in ("pld", "refdecode", "oracle") and greedy_ids is not None:
+            elif method in CHECKED_METHODS and greedy_ids is not None:
                 pos = first_mismatch(rec["token_ids"], greedy_ids)
                 rec["matches_greedy"], rec["first_mismatch"] = pos is None, pos
             rec.update(
