@@ -54,9 +54,13 @@ class SuffixDrafter:
     references: token id sequences the request may copy from (documents, passages): each is added to the global tree
         as the response of a finished earlier request, which is how SuffixDecoding drafts from text beyond the
         prompt. close() evicts them again.
-    tree: False -> speculate a chain (a Draft); True -> `use_tree_spec=True`, a DraftTree whose `probs` hold
-        SuffixDecoding's estimates of each node given its parent (its own path probabilities, divided by the
-        parent's), which the tree policy then trusts instead of its learned acceptance.
+    tree: False -> speculate a chain (a Draft); True -> `use_tree_spec=True`, a DraftTree.
+    trust_probs: in tree mode, hand SuffixDecoding's estimates of each node given its parent (its path
+        probabilities divided by the parent's) to the policy in `probs`, which it then uses instead of its learned
+        acceptance. Default False: the issue compares drafters "plugged into refdecode's own loop and policy", so
+        the policy learns SuffixDecoding's acceptance (source "suffix") as it learns its own sources' and the
+        comparison is about the guesses. (Its estimates are 1.0 for a continuation seen once: trusted, they make
+        the policy verify whole trees.)
     cache: a SuffixDecodingCache to share across requests (its global tree then also keeps this request's output
         after close(), as SuffixDecoding does); default: a fresh one with arctic-inference's defaults.
     max_spec_factor, max_spec_offset, min_token_prob: speculate()'s own defaults (a draft is at most
@@ -69,6 +73,7 @@ class SuffixDrafter:
         *,
         references: Sequence[Sequence[int]] = (),
         tree: bool = False,
+        trust_probs: bool = False,
         cache=None,
         max_spec_factor: float = 1.0,
         max_spec_offset: float = 0.0,
@@ -80,6 +85,7 @@ class SuffixDrafter:
             raise ValueError(f"min_token_prob must be in [0, 1], got {min_token_prob}")
         self.cache = cache if cache is not None else require_suffix()()
         self.tree = tree
+        self.trust_probs = trust_probs
         self.max_spec_factor = max_spec_factor
         self.max_spec_offset = max_spec_offset
         self.min_token_prob = min_token_prob
@@ -123,7 +129,8 @@ class SuffixDrafter:
             return None
         if not self.tree:
             return Draft(list(draft.token_ids), draft.match_len, SOURCE)
-        return to_draft_tree(draft.token_ids, draft.parents, draft.probs, draft.match_len)
+        probs = draft.probs if self.trust_probs else None
+        return to_draft_tree(draft.token_ids, draft.parents, probs, draft.match_len)
 
     def close(self) -> None:
         """End the request: drop its per-request tree and evict the references it cached. Idempotent."""
