@@ -524,6 +524,7 @@ def decode(
         position = len(output)  # output position of row 0: the token after the pending one
         step = dict(model=model, cache=cache, pending=output[-1], context=context, processors=processors)
         step.update(noise=noise, position=position, generator=generator, policy=policy, tie_margin=tie_margin)
+        step.update(where=f"verification step {stats.steps + 1}")
         if isinstance(proposal, DraftTree):
             tree = policy.choose_tree(proposal if trees_ok else _favourite_chain(proposal), budget)
             result = _tree_step(tree, **step)
@@ -586,14 +587,26 @@ def _count_step(stats: GenerationStats, step: _Step) -> None:
 
 
 def _chain_step(
-    draft: Draft | None, *, model, cache, pending, context, processors, noise, position, generator, policy, tie_margin
+    draft: Draft | None,
+    *,
+    model,
+    cache,
+    pending,
+    context,
+    processors,
+    noise,
+    position,
+    generator,
+    policy,
+    tie_margin,
+    where,
 ) -> _Step:
     """Verify a chain of k draft tokens (or none) in one forward of k + 1 tokens; crop the rejected ones."""
     tokens = draft.tokens if draft is not None else []
     k = len(tokens)
     t0 = time.perf_counter()
     logits = _forward(model, cache, [pending] + tokens, model.device)  # [k + 1, V]
-    _check_finite(logits, f"verification at output tokens {position}..{position + k}")
+    _check_finite(logits, f"{where} (output tokens {position}..{position + k})")
     scores = process_rows(processors, context, tokens, logits)
     verdict, accept_probs = _verify(scores, tokens, draft, noise, position, generator, tie_margin if k > 0 else 0.0)
     _sync(model.device)
@@ -617,6 +630,7 @@ def _tree_step(
     generator,
     policy,
     tie_margin,
+    where,
 ) -> _Step:
     """Verify a token tree in one forward (a chain takes the plain forward); keep the accepted path's cache rows."""
     tree = tree if tree is not None else DraftTree()
@@ -629,7 +643,7 @@ def _tree_step(
         from .tree_attention import tree_forward
 
         logits = tree_forward(model, cache, pending, tree)  # [n + 1, V]: row i + 1 scores after node i
-    _check_finite(logits, f"verification at output token {position} ({n} draft nodes)")
+    _check_finite(logits, f"{where} (output token {position}, {n} draft nodes)")
     tie_margin = tie_margin if n > 0 else 0.0
     if tree.is_chain():
         scores = process_rows(processors, context, tree.tokens, logits)
