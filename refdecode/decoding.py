@@ -311,6 +311,25 @@ def _crop(cache, tokens_to_remove: int) -> None:
 
 
 _COST_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): table}
+_LAST_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: DraftPolicy}
+
+
+def warm_policy(model, max_draft: int, *, kind: str) -> DraftPolicy:
+    """The default policy of a call: fresh, but starting from what the last call on this model with the same kind
+    of drafting (drafter class and mode) learned about acceptance, at a quarter of its weight (DraftPolicy.inherit).
+    Requests to one model tend to resemble each other (a RAG service, an editor) and a fresh policy spends its
+    first steps relearning how often long matches are copied; a first request starts from the prior. The learned
+    state only sizes drafts: outputs never depend on it. Remembered by `remember_policy`."""
+    policy = DraftPolicy(max_draft=max_draft)
+    earlier = _LAST_POLICIES.get(model, {}).get(kind)
+    if earlier is not None:
+        policy.inherit(earlier)
+    return policy
+
+
+def remember_policy(model, policy: DraftPolicy, *, kind: str) -> None:
+    """Keep a finished call's policy for the next call's warm start (see warm_policy)."""
+    _LAST_POLICIES.setdefault(model, {})[kind] = policy
 
 
 def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), rounds: int = 5) -> dict:
@@ -427,7 +446,11 @@ def generate(
 
             reranker = LMReranker(model, tokenizer)
         store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k, reranker, max(rerank, 1))
-    return decode(
+    drafter = drafter or ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
+    kind = _policy_kind(drafter, tree)
+    own_policy = policy is None
+    policy = policy or warm_policy(model, max_draft, kind=kind)
+    out = decode(
         model,
         tokenizer,
         prompt_ids,
@@ -438,12 +461,20 @@ def generate(
         eos_ids=_eos_ids(model, eos_token_id),
         stop_strings=stop_strings,
         streamer=streamer,
-        drafter=drafter or ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree),
-        policy=policy or DraftPolicy(max_draft=max_draft),
+        drafter=drafter,
+        policy=policy,
         calibrate=calibrate,
         tie_margin=tie_margin,
         memory=memory,
     )
+    if own_policy:
+        remember_policy(model, policy, kind=kind)
+    return out
+
+
+def _policy_kind(drafter, tree: bool) -> str:
+    """What a warm-started policy is keyed by: the drafter's class and the mode (their acceptance differs)."""
+    return f"{type(drafter).__name__}/{'tree' if tree else 'chain'}"
 
 
 @torch.no_grad()  # also when called directly (tests, adapters): no autograd graph over the steps

@@ -298,6 +298,16 @@ class AcceptanceModel:
             successes, failures = float(accepted), (1.0 if accepted < drafted else 0.0)
         self.update_trials([(match_len, successes, successes + failures)])
 
+    def scaled(self, weight: float) -> AcceptanceModel:
+        """A copy whose evidence counts `weight` times as much: the same rates, held less firmly."""
+        return AcceptanceModel(
+            prior=self.prior,
+            prior_weight=self.prior_weight,
+            decay=self.decay,
+            successes=[x * weight for x in self.successes],
+            trials=[x * weight for x in self.trials],
+        )
+
     def update_trials(self, trials: Sequence[tuple[int, float, float]]) -> None:
         """Record one step's trials at once, (match_len, successes, trials) each. Evidence fades once per step in
         the buckets this step brings new evidence to: what a bucket knows is replaced by newer evidence of the same
@@ -379,6 +389,13 @@ class DraftPolicy:
     _plain_steps: int = 0
     _by_source: dict = field(default_factory=dict)  # Draft.source -> AcceptanceModel; "" and "reference" share one
 
+    def inherit(self, earlier: DraftPolicy, weight: float = 0.25) -> None:
+        """Start from what an earlier request's policy learned on the same model, its evidence counted `weight`
+        times (this request's own evidence soon outweighs it). A fresh request otherwise starts every source at
+        the prior and spends its first steps relearning how often long matches are copied."""
+        self.acceptance = earlier.acceptance.scaled(weight)
+        self._by_source = {name: model.scaled(weight) for name, model in earlier._by_source.items()}
+
     def acceptance_for(self, source: str) -> AcceptanceModel:
         """The acceptance model of drafts from `source`: `acceptance` for local references, a fresh one (same
         prior and forgetting) for any other source, e.g. "corpus"."""
@@ -427,17 +444,22 @@ class DraftPolicy:
             best_k = min(limit, max(self.min_draft, 2))
         return best_k
 
-    def node_model(self, source: str, rank: int) -> AcceptanceModel:
-        """The acceptance model of tree nodes of one kind: by source, and whether the node is its parent's first
-        child (the candidates' favourite) or an alternative. First children share the chain models (a chain is a
-        tree of first children); alternatives learn their own rate, starting from a lower prior (a sibling of the
-        favourite is right only where the favourite is wrong)."""
+    def node_model(self, source: str, rank: int, depth: int = 1) -> AcceptanceModel:
+        """The acceptance model of tree nodes of one kind, by source and by where the node stands:
+        - the favourite (first child) right after the context (depth 1): where a copy is tried, and where edits
+          and paraphrases make it fail; it shares the chain model of its source;
+        - a favourite deeper down: a copy continuing after its parent was accepted (its evidence, the match length
+          plus the depth, says how far the copy has held); mixing these with the first ones would make a fresh match
+          look as safe as one already confirmed;
+        - an alternative (a later sibling, any depth): right only where the favourite is wrong; starts from a lower
+          prior."""
         if rank == 0:
             return self.acceptance_for(source)
-        key = f"{source or 'reference'}/alternative"
+        key = f"{source or 'reference'}/{'alternative' if rank else 'continued'}"
         if key not in self._by_source:
             a = self.acceptance
-            self._by_source[key] = AcceptanceModel(prior=a.prior / 2, prior_weight=a.prior_weight, decay=a.decay)
+            prior = a.prior / 2 if rank else a.prior
+            self._by_source[key] = AcceptanceModel(prior=prior, prior_weight=a.prior_weight, decay=a.decay)
         return self._by_source[key]
 
     def choose_tree(self, tree: DraftTree, budget: int) -> DraftTree | None:
@@ -483,11 +505,27 @@ class DraftPolicy:
         return chosen
 
     def _node_probs(self, tree: DraftTree) -> list[float]:
+        """P(node accepted | parent accepted). Siblings exclude each other (at most one is the target's token), so
+        they are chained in rank order: a child's model predicts q = P(it is right | the siblings before it are
+        wrong), and its probability is q times the parent's mass left after those siblings; the siblings' sum never
+        exceeds 1."""
         ranks = sibling_ranks(tree)
-        return [
-            self.node_model(source, rank).rate(match_len)
-            for source, rank, match_len in zip(tree.sources, ranks, tree.match_lens, strict=True)
-        ]
+        depths = tree.depths()
+        left: dict[int, float] = {}  # parent -> probability mass not yet taken by its earlier children
+        probs = []
+        for i, parent in enumerate(tree.parents):
+            q = self.node_model(tree.sources[i], ranks[i], depths[i]).rate(self._evidence(tree, i, ranks, depths))
+            mass = left.get(parent, 1.0)
+            probs.append(q * mass)
+            left[parent] = mass * (1.0 - q)
+        return probs
+
+    @staticmethod
+    def _evidence(tree: DraftTree, i: int, ranks: list[int], depths: list[int]) -> int:
+        """The length a node's model is keyed by: the match length for a node tried right after the context or as
+        an alternative, and for a favourite deeper down the tokens of its path the target has confirmed before it
+        (depth - 1): how far this copy has already held in this very tree."""
+        return tree.match_lens[i]
 
     def update_tree(
         self,
@@ -498,21 +536,31 @@ class DraftPolicy:
         accept_probs: Sequence[float] | None = None,
     ) -> None:
         """One verified tree: its width and time, and one trial per node whose parent was reached (the root or an
-        accepted node): a success if it was accepted. accept_probs (sampling): per node, its probability of being
-        accepted given its parent was reached; the trial then counts by that expectation (less variance)."""
+        accepted node) and whose earlier siblings were all rejected (see _node_probs): a success if it was accepted.
+        accept_probs (sampling): per node, its probability of being accepted given its parent was reached; the
+        trials then count by their expectation (less variance): a node is tried with the probability that its
+        earlier siblings were rejected and succeeds with its own."""
         self.costs.observe(width, seconds)
         reached = {-1, *path}
         accepted = set(path)
         ranks = sibling_ranks(tree)
+        depths = tree.depths()
+        taken: dict[int, float] = {}  # parent -> acceptance (or its probability) of the children seen so far
         trials: dict[int, list[tuple[int, float, float]]] = {}
         models: dict[int, AcceptanceModel] = {}
         for i, parent in enumerate(tree.parents):
             if parent not in reached:
                 continue
+            before = taken.get(parent, 0.0)
             success = float(accept_probs[i]) if accept_probs is not None else float(i in accepted)
-            model = self.node_model(tree.sources[i], ranks[i])
+            success = min(max(success, 0.0), max(0.0, 1.0 - before))
+            taken[parent] = before + success
+            tried = max(0.0, 1.0 - before)
+            if tried <= 0.0:
+                continue
+            model = self.node_model(tree.sources[i], ranks[i], depths[i])
             models[id(model)] = model
-            trials.setdefault(id(model), []).append((tree.match_lens[i], min(1.0, max(0.0, success)), 1.0))
+            trials.setdefault(id(model), []).append((self._evidence(tree, i, ranks, depths), success, tried))
         for key, model_trials in trials.items():
             models[key].update_trials(model_trials)
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .decoding import decode, stop_list
+from .decoding import _policy_kind, decode, remember_policy, stop_list, warm_policy
 from .drafting import DraftPolicy, ReferenceDrafter
 from .store import ReferenceStore
 
@@ -43,6 +43,7 @@ def hf_generate(
     policy: DraftPolicy | None = None,
     seed: int | None = None,
     memory=None,
+    tree: bool = True,
     **model_kwargs,
 ) -> torch.Tensor:
     """Drop-in decoding method for `model.generate(custom_generate=hf_generate, ...)`.
@@ -51,7 +52,8 @@ def hf_generate(
     single string is one reference), store (a ReferenceStore or a list of them, never copied), index (a corpus
     index or its path; needs ref_tokenizer=), max_draft or a DraftPolicy (policy=), seed (sampling), ref_streamer
     (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=), memory (a refdecode.OutputMemory: past
-    outputs draft for this call and its output is recorded; bound to ref_tokenizer= when given).
+    outputs draft for this call and its output is recorded; bound to ref_tokenizer= when given), tree (False: one
+    voted chain per step instead of a token tree).
     attention_mask: all ones or left padding. Returns the prompt (with its padding) followed by the new tokens, like
     generate(): [1, T + new].
     """
@@ -96,6 +98,12 @@ def hf_generate(
     eos = generation_config.eos_token_id
     eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(t) for t in eos})
     # 3) decode
+    if not isinstance(tree, bool):
+        raise ValueError(f"tree must be True or False, got {tree!r:.40}")
+    drafter = ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
+    kind = _policy_kind(drafter, tree)
+    own_policy = policy is None
+    policy = policy or warm_policy(model, max_draft, kind=kind)
     out = decode(
         model,
         tokenizer,
@@ -108,10 +116,12 @@ def hf_generate(
         stop_strings=stop_list(stop),
         stopping_criteria=stopping_criteria,
         streamer=ref_streamer,
-        drafter=ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory),
-        policy=policy or DraftPolicy(max_draft=max_draft),
+        drafter=drafter,
+        policy=policy,
         memory=memory,
     )
+    if own_policy:
+        remember_policy(model, policy, kind=kind)
     new = torch.tensor([out.token_ids], dtype=input_ids.dtype, device=input_ids.device)
     model.refdecode_stats = out.stats  # the last call's statistics, for callers who want them
     return torch.cat([input_ids, new], dim=1)  # the left padding, if any, stays in front, as transformers returns it

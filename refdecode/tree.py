@@ -154,9 +154,8 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
     counts: list[int] = []
     for cand in candidates:
         parent = ROOT
-        for depth, token in enumerate(cand.tokens[:max_depth]):
-            # given its parent was accepted, a node's copy has matched the context for `depth` more tokens
-            evidence = cand.match_len + depth
+        for token in cand.tokens[:max_depth]:
+            evidence = cand.match_len
             node = child.get((parent, token))
             if node is None:
                 if len(tokens) >= max_nodes:

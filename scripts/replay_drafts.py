@@ -47,7 +47,7 @@ def accepted_path(tree: DraftTree, truth: list[int]) -> list[int]:
     return path
 
 
-def replay(prompt_ids, references, truth, *, tree: bool, costs: dict, max_draft: int = 64) -> dict:
+def replay(prompt_ids, references, truth, *, tree: bool, costs: dict, max_draft: int = 64, earlier=None) -> dict:
     """Replay one request; truth = the greedy output (new tokens)."""
     from refdecode.matching import DocumentIndex
 
@@ -58,6 +58,8 @@ def replay(prompt_ids, references, truth, *, tree: bool, costs: dict, max_draft:
             store.add(ids)
     drafter = ReferenceDrafter(prompt_ids, store=store, tree=tree)
     policy = DraftPolicy(costs=FixedCosts(dict(costs)), max_draft=max_draft)
+    if earlier is not None:
+        policy.inherit(earlier)
     output = truth[:1]
     drafter.observe(output)
     steps, seconds, widths = 0, 0.0, []
@@ -88,7 +90,13 @@ def replay(prompt_ids, references, truth, *, tree: bool, costs: dict, max_draft:
         output += new
         drafter.observe(new)
     decoded = len(truth) - 1
-    return {"steps": steps, "decoded": decoded, "seconds": seconds, "mean_width": sum(widths) / max(1, len(widths))}
+    return {
+        "steps": steps,
+        "decoded": decoded,
+        "seconds": seconds,
+        "mean_width": sum(widths) / max(1, len(widths)),
+        "policy": policy,
+    }
 
 
 def costs_of(policy: DraftPolicy, width: int) -> float:
@@ -100,6 +108,7 @@ def main() -> None:
     p.add_argument("results")
     p.add_argument("--costs", choices=sorted(COSTS), default="cpu")
     p.add_argument("--workloads", nargs="*", default=None)
+    p.add_argument("--carry", action="store_true", help="each request inherits the previous one's policy")
     args = p.parse_args()
     from refdecode.bench.runner import prepare_requests
     from refdecode.models import load_tokenizer
@@ -111,6 +120,7 @@ def main() -> None:
     greedy = {r["request_id"]: r["token_ids"] for r in run["records"] if r["method"] == "greedy"}
     oracle = {r["request_id"]: r for r in run["records"] if r["method"] == "oracle"}
     totals: dict = defaultdict(lambda: defaultdict(float))
+    last: dict = {}
     for w in workloads:
         try:
             requests = prepare_requests([w], config["n"], config["seed"], tokenizer)
@@ -122,7 +132,11 @@ def main() -> None:
             if not truth or len(truth) < 2:
                 continue
             for mode in ("chain", "tree"):
-                r = replay(req.prompt_ids, req.references, truth, tree=mode == "tree", costs=COSTS[args.costs])
+                before = last.get(mode) if args.carry else None
+                r = replay(
+                    req.prompt_ids, req.references, truth, tree=mode == "tree", costs=COSTS[args.costs], earlier=before
+                )
+                last[mode] = r["policy"]
                 t = totals[(w, mode)]
                 for key in ("steps", "decoded", "seconds"):
                     t[key] += r[key]

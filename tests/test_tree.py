@@ -132,20 +132,37 @@ def test_the_tree_respects_budget_and_max_draft():
 
 def test_update_tree_counts_one_trial_per_reached_node():
     policy = DraftPolicy()
-    tree = wide_tree()  # root children 0 (favourite) and three alternatives
+    tree = wide_tree()  # root children: the favourite and three alternatives
     first = tree.children()
-    path = [first[1]] + tree.children(first[1])[:1]  # an alternative and its child were accepted
+    path = [first[1]] + tree.children(first[1])[:1]  # the first alternative and its child were accepted
     policy.update_tree(tree, path, len(tree) + 1, 0.1)
     fav, alt = policy.node_model("context", 0), policy.node_model("context", 1)
     # favourite tier: the root's favourite (failed), the accepted alternative's child (succeeded) and its child
     # (reached, not accepted)
     assert sum(fav.trials) == pytest.approx(3.0) and sum(fav.successes) == pytest.approx(1.0)
-    # alternatives: three reached at the root, one accepted
-    assert sum(alt.trials) == pytest.approx(3.0) and sum(alt.successes) == pytest.approx(1.0)
-    # a learned low rate for alternatives keeps them out of a CPU-priced tree
+    # alternatives are tried in rank order until one is accepted: the first was tried and accepted, the two after
+    # it were never tried (siblings exclude each other)
+    assert sum(alt.trials) == pytest.approx(1.0) and sum(alt.successes) == pytest.approx(1.0)
+    # nothing accepted: the favourite and all three alternatives failed
     for _ in range(20):
-        policy.update_tree(tree, [first[0]], len(tree) + 1, 0.1)
+        policy.update_tree(tree, [], len(tree) + 1, 0.1)
     assert policy.node_model("context", 1).rate(2) < 0.1
+    # siblings' predicted probabilities never sum above 1
+    for _ in range(20):
+        policy.node_model("context", 0).update_trials([(2, 0.9, 1.0)])
+        policy.node_model("context", 1).update_trials([(2, 0.9, 1.0)])
+    probs = policy._node_probs(tree)
+    assert sum(probs[i] for i in first) <= 1.0
+
+
+def test_sampling_trials_count_by_expectation():
+    policy = DraftPolicy()
+    tree = build_tree([Candidate([1], "context", 3), Candidate([2], "context", 3)], max_depth=4)
+    # the target gives the favourite 0.5 and the alternative 0.3: the alternative is tried with probability 0.5
+    # and succeeds with 0.3 (0.6 given that the favourite was rejected)
+    policy.update_tree(tree, [], 3, 0.1, accept_probs=[0.5, 0.3])
+    alt = policy.node_model("context", 1)
+    assert sum(alt.trials) == pytest.approx(0.5) and sum(alt.successes) == pytest.approx(0.3)
 
 
 # -- tree-mode drafting ------------------------------------------------------------------------------------------
@@ -234,3 +251,37 @@ def _lz77(context, path):
         all(full[len(context) + i] == full[len(context) + i - p] for i in range(len(path)))
         for p in range(1, len(context) + 1)
     )
+
+
+# -- warm start across requests ----------------------------------------------------------------------------------
+
+
+def test_a_policy_inherits_rates_at_lower_weight():
+    earlier = DraftPolicy()
+    for _ in range(10):
+        earlier.acceptance_for("context").update(12, drafted=8, accepted=8)
+        earlier.node_model("store", 1).update_trials([(3, 0.0, 1.0)])
+    later = DraftPolicy()
+    later.inherit(earlier, weight=0.25)
+    for source, rank in (("context", 0), ("store", 1)):
+        a, b = earlier.node_model(source, rank), later.node_model(source, rank)
+        assert sum(b.trials) == pytest.approx(0.25 * sum(a.trials))
+        assert b.rate(12) == pytest.approx(a.rate(12), abs=0.1)  # same rates, held less firmly
+    assert later.node_model("context", 0) is not earlier.node_model("context", 0)  # a copy, not shared
+
+
+def test_default_policies_warm_start_per_model_and_kind():
+    from refdecode.decoding import remember_policy, warm_policy
+
+    class Model:  # any weak-referenceable object stands for a model
+        pass
+
+    model, other = Model(), Model()
+    first = warm_policy(model, 64, kind="ReferenceDrafter/tree")
+    assert sum(first.acceptance_for("context").trials) == 0  # nothing learned yet: the prior
+    for _ in range(10):
+        first.acceptance_for("context").update(12, drafted=8, accepted=8)
+    remember_policy(model, first, kind="ReferenceDrafter/tree")
+    assert warm_policy(model, 64, kind="ReferenceDrafter/tree").acceptance_for("context").rate(12) > 0.8
+    assert sum(warm_policy(model, 64, kind="ReferenceDrafter/chain").acceptance_for("context").trials) == 0
+    assert sum(warm_policy(other, 64, kind="ReferenceDrafter/tree").acceptance_for("context").trials) == 0
