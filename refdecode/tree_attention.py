@@ -48,9 +48,9 @@ def tree_forward(model, cache, pending: int, tree: DraftTree) -> torch.Tensor:
     device = model.device
     past = cache.get_seq_length()
     depth = torch.tensor([0, *tree.depths()], dtype=torch.long)  # [n]: pending at depth 0
-    sees = ancestor_matrix(tree.parents)  # [n, n]
+    sees = ancestor_matrix(tree.parents).to(device)  # [n, n], moved once for every layer type's mask
     masks = {
-        name: additive_mask(sees, depth, visible_past, window, model.dtype).to(device)
+        name: additive_mask(sees, depth, visible_past, window, model.dtype, device)
         for name, (window, visible_past) in _layer_kinds(model, cache, past).items()
     }
     mask = next(iter(masks.values())) if len(masks) == 1 else masks  # [1, 1, n, S + n] or {layer type: that}
@@ -79,41 +79,58 @@ def keep_rows(cache, past_length: int, rows: Sequence[int]) -> None:
 
 def ancestor_matrix(parents: Sequence[int]) -> torch.Tensor:
     """[n + 1, n + 1] bool over the flat rows (0 = the pending token, i + 1 = node i): row r sees column c iff c is
-    r or one of its ancestors. Built by pointer jumping: one vectorized step per tree level."""
+    r or one of its ancestors. Built by squaring the parent relation: log2(height) small matmuls."""
     n = len(parents) + 1
-    parent = torch.tensor([-1, *(p + 1 for p in parents)], dtype=torch.long)  # [n] flat parent row, -1 above row 0
-    sees = torch.eye(n, dtype=torch.bool)
     rows = torch.arange(n)
-    up = parent.clone()  # [n] the ancestor reached so far, one level higher per step
-    while True:
-        live = up >= 0
-        if not bool(live.any()):
-            return sees
-        sees[rows[live], up[live]] = True
-        up = torch.where(live, parent[up.clamp(min=0)], up)
+    parent = torch.tensor([0, *(p + 1 for p in parents)], dtype=torch.long)  # [n] flat parent row; row 0 its own
+    reach = torch.zeros(n, n)  # [n, n] 1 where c is r or an ancestor at most `span` levels up
+    reach[rows, rows] = 1.0
+    reach[rows, parent] = 1.0
+    span, height = 1, _height(parents)
+    while span < height:
+        reach = (reach @ reach).clamp_(max=1.0)  # ancestors up to 2 * span levels up
+        span *= 2
+    return reach.bool()
+
+
+def _height(parents: Sequence[int]) -> int:
+    """The depth of the deepest node (0 for no nodes)."""
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    return max(depth, default=0)
 
 
 def additive_mask(
-    sees: torch.Tensor, depth: torch.Tensor, visible_past: int, window: int | None, dtype: torch.dtype
+    sees: torch.Tensor,
+    depth: torch.Tensor,
+    visible_past: int,
+    window: int | None,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """[1, 1, n, visible_past + n] float mask: 0 where a row attends, dtype min where it does not.
+    """[1, 1, n, visible_past + n] float mask on `device`: 0 where a row attends, dtype min where it does not.
 
     sees: [n, n] ancestor matrix; depth: [n] depth of each row (pending = 0); visible_past: how many of the last past
     rows the layer hands to the attention (the first of them is the oldest). window: a sliding window (a row at
     position P sees positions > P - window, as masking_utils' sliding_window_overlay) or None.
     """
-    n = sees.shape[0]
-    if window is None:
-        past_ok = torch.ones(n, visible_past, dtype=torch.bool)  # [n, S]
-        tree_ok = sees  # [n, n]
-    else:
-        # past column j holds position past - S + j; row i sits at past + depth[i]: distance depth[i] + S - j
-        dist_past = depth[:, None] + visible_past - torch.arange(visible_past)[None, :]  # [n, S]
-        past_ok = dist_past < window
-        tree_ok = sees & (depth[:, None] - depth[None, :] < window)  # [n, n]
-    ok = torch.cat([past_ok, tree_ok], dim=1)  # [n, S + n]
+    n, height = sees.shape[0], int(depth.max())  # read before the move: no device sync
+    sees, depth = sees.to(device), depth.to(device)
     hidden = torch.finfo(dtype).min
-    return torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, hidden)[None, None]
+    mask = torch.zeros(n, visible_past + n, dtype=dtype, device=device)  # [n, S + n]: the past is visible...
+    if window is not None:
+        sees = sees & (depth[:, None] - depth[None, :] < window)  # ...and an ancestor within the window
+        # past column j holds position past - S + j and row i sits at past + depth[i]: row i sees column j iff
+        # j >= first_seen[i]. Columns before `lo` are out of every row's window, after `hi` inside every one.
+        first_seen = depth + visible_past - window + 1  # [n]
+        lo = min(max(visible_past - window + 1, 0), visible_past)
+        hi = min(max(visible_past - window + 1 + height, 0), visible_past)
+        mask[:, :lo] = hidden
+        band = torch.arange(lo, hi, device=device)  # [hi - lo], at most the tree's height
+        mask[:, lo:hi].masked_fill_(band[None, :] < first_seen[:, None], hidden)
+    mask[:, visible_past:].masked_fill_(~sees, hidden)
+    return mask[None, None]
 
 
 def _layer_kinds(model, cache, past: int) -> dict[str, tuple[int | None, int]]:

@@ -304,6 +304,18 @@ def test_gemma3_with_a_cache_built_without_its_config_applies_the_window_on_full
     assert_close(tree_forward(model, cache, 9, follow), expected_rows(model, context + [6, 1, 2, 3, 4], 9, follow))
 
 
+@pytest.mark.parametrize("name", ["llama-eager", "gemma3-w4-eager"])
+def test_an_empty_tree_is_the_pending_token_alone(name):
+    model = model_named(name)
+    context = list(range(3, 12))
+    cache = prefill(model, context)
+    got = tree_forward(model, cache, 7, DraftTree([], []))
+    assert got.shape == (1, VOCAB)
+    assert_close(got[0], plain_logits(model, context + [7])[-1])
+    keep_rows(cache, len(context), [0])
+    assert cache.get_seq_length() == len(context) + 1
+
+
 def test_an_inference_mode_forward_can_be_compacted_outside_it():
     model = model_named("llama-sdpa")
     context = list(range(8))
@@ -358,4 +370,5 @@ def test_smollm2_ten_node_tree_rows_match_plain_decoding(smollm2):
     context = tokenizer.encode("The quick brown fox jumps over the lazy dog. The quick brown")
     cache = prefill(model, context[:-1])
     got = tree_forward(model, cache, context[-1], tree)
-    assert_close(got, expected_rows(model, context[:-1], context[-1], tree))
+    # logits of size ~20 from forwards of other widths: 5e-5 apart here (sdpa and eager), room left for other BLAS
+    assert_close(got, expected_rows(model, context[:-1], context[-1], tree), 3e-4)
