@@ -19,6 +19,7 @@ import torch
 from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter, _as_sources
 from .sampling import SamplingConfig, build_processors, process_rows
 from .tree import DraftTree
+from .tree_attention import keep_rows, supports_tree, tree_forward
 from .verification import (
     PositionNoise,
     Verdict,
@@ -543,9 +544,7 @@ def decode(
     t_decode = time.perf_counter()
     stats.calibration_seconds = t_decode - t_start - stats.prefill_seconds
 
-    from . import tree_attention  # TEMPORARY while the tree modules land (issue 11)
-
-    trees_ok = tree_attention.supports_tree(model)
+    trees_ok = supports_tree(model)
     force_plain = False
     while not stop_reason:
         # 2) draft: propose (a chain or a tree), then keep what pays at this acceptance and forward cost
@@ -671,8 +670,6 @@ def _tree_step(
     if tree.is_chain():  # the fast path: no mask to build, the cache is cropped
         logits = _forward(model, cache, [pending] + tree.tokens, model.device)
     else:
-        from .tree_attention import tree_forward
-
         logits = tree_forward(model, cache, pending, tree)  # [n + 1, V]: row i + 1 scores after node i
     _check_finite(logits, f"{where} (output token {position}, {n} draft nodes)")
     tie_margin = tie_margin if n > 0 else 0.0
@@ -682,7 +679,7 @@ def _tree_step(
         chain, accept_probs = _verify(scores, tree.tokens, draft, noise, position, generator, tie_margin)
         path, next_token = list(range(chain.accepted)), chain.next_token
     else:
-        paths = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(n)]
+        paths: list[list[int]] = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(n)]
         scores = process_rows(processors, context, tree.tokens, logits, row_prefixes=paths)
         verdict, accept_probs = _verify_tree(scores, tree, noise, position, generator, tie_margin)
         path, next_token = verdict.path, verdict.next_token
@@ -697,8 +694,6 @@ def _tree_step(
     if tree.is_chain():
         _crop(cache, n + 1 - len(rows))
     else:
-        from .tree_attention import keep_rows
-
         keep_rows(cache, past, rows)
     return _Step(
         [tree.tokens[i] for i in path],
