@@ -61,6 +61,17 @@ class AlwaysDraft(DraftPolicy):
     def choose_length(self, draft, budget):
         return 0 if draft is None else min(len(draft.tokens), budget, self.max_draft)
 
+    def choose_tree(self, tree, budget):
+        """The whole tree within budget and max_draft (nodes in flat order: parents come first, so any prefix of
+        them is a subtree): where several references match, the first step verifies a real tree whose children
+        each hold 20-60% of the target's probability."""
+        keep = [i for i, d in enumerate(tree.depths()) if d <= budget][: self.max_draft]
+        if not keep:
+            return None
+        chosen = tree.subtree(keep)
+        chosen.probs = [0.5] * len(chosen)
+        return chosen
+
 
 def processors_for(setting: str):
     return build_processors(SamplingConfig(**SETTINGS[setting]))
@@ -97,15 +108,16 @@ def assert_drafts_are_uncertain(tables, references):
 
 class Totals:
     def __init__(self):
-        self.steps = self.drafted = self.accepted = 0
+        self.steps = self.drafted = self.accepted = self.tree_steps = 0
 
     def add(self, stats):
+        self.tree_steps += stats.tree_steps
         self.steps += stats.steps
         self.drafted += stats.drafted_tokens
         self.accepted += stats.accepted_tokens
 
 
-def refdecode_samples(model, setting, store, runs, *, first_seed=0, max_new=MAX_NEW):
+def refdecode_samples(model, setting, store, runs, *, first_seed=0, max_new=MAX_NEW, tree=True):
     """First three tokens of `runs` seeded refdecode.generate calls, and the summed acceptance statistics."""
     totals = Totals()
     samples = []
@@ -119,6 +131,7 @@ def refdecode_samples(model, setting, store, runs, *, first_seed=0, max_new=MAX_
             seed=seed,
             policy=AlwaysDraft(max_draft=8),
             calibrate=False,
+            tree=tree,
             **SETTINGS[setting],
         )
         samples.append(tuple(out.token_ids[:3]))
@@ -160,6 +173,7 @@ def test_generate_matches_exact_distribution(model, setting):
     # drafts were verified and both verdicts were common (later steps also draft from chance matches in the
     # prompt and output, whose tokens the model gives any probability, so the overall rate is lower than 0.2-0.6)
     assert totals.drafted > 0
+    assert totals.tree_steps > 0  # real trees (the references part after the prompt) were verified
     rate = totals.accepted / totals.drafted
     assert 0.1 < rate < 0.9, rate
     probability = joint_probabilities(tables)
@@ -201,7 +215,9 @@ def test_the_statistic_rejects_a_wrong_rule(model, monkeypatch):
     """The same goodness-of-fit test, on fewer runs, fails REST's re-sampling rule: the test has teeth."""
     tables, references, _, _ = setting_case(model, "temperature")
     monkeypatch.setattr(refdecode.decoding, "verify_point_mass", resample_from_full_p_coupled)
-    samples, totals = refdecode_samples(model, "temperature", store_of(references), 500, first_seed=10**6)
+    samples, totals = refdecode_samples(
+        model, "temperature", store_of(references), 500, first_seed=10**6, tree=False
+    )
     assert totals.drafted > totals.accepted > 0
     probability = joint_probabilities(tables)
     result = chi_square_gof(samples, probability)
