@@ -12,10 +12,12 @@ from .hf import hf_generate
 from .memory import OutputMemory
 from .models import KNOWN_MODELS, ModelNotFoundError, load_model, load_tokenizer
 from .store import ReferenceStore
+from .tree import DraftTree
 
 __all__ = [
     "Draft",
     "DraftPolicy",
+    "DraftTree",
     "Drafter",
     "GenerationOutput",
     "GenerationStats",
