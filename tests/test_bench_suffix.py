@@ -120,8 +120,7 @@ def test_tree_mode_branches_where_references_disagree(tok):
         tree = drafter.propose(prompt + a[: shared - 1], 16)
         assert isinstance(tree, DraftTree)  # the constructor checks parents come first and siblings differ
         assert all(ROOT <= p < i for i, p in enumerate(tree.parents))
-        assert set(tree.sources) == {"suffix"} and tree.probs is not None
-        assert all(0.0 < p <= 1.0 for p in tree.probs)
+        assert set(tree.sources) == {"suffix"} and tree.probs is None  # the policy learns its acceptance
         assert tree.tokens[0] == a[shared - 1]
         branch = [tree.tokens[c] for c in tree.children(0)]
         assert sorted(branch) == sorted([a[shared], b[shared]])  # both continuations, after the shared token
@@ -154,3 +153,14 @@ def test_generate_with_the_suffix_drafter_equals_greedy(tiny_llama, tree):
     assert out.stats.drafted_tokens > 0 and out.stats.accepted_sources.get("suffix", 0) > 0
     if tree and supports_tree(tiny_llama):  # else the loop verifies the tree's favourite chain
         assert out.stats.tree_steps > 0
+
+
+@needs_arctic
+def test_trusted_probabilities_are_per_node_given_the_parent(tok):
+    prompt = ids(tok, "When does the server restart, and what does it do then?")
+    a, b = ids(tok, DOC_A), ids(tok, DOC_B)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    with SuffixDrafter(prompt, references=[a, b], tree=True, trust_probs=True, min_token_prob=0.0) as drafter:
+        tree = drafter.propose(prompt + a[: shared - 1], 16)
+        assert tree is not None and tree.probs is not None
+        assert all(0.0 < p <= 1.0 for p in tree.probs)

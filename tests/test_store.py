@@ -173,7 +173,7 @@ def test_hf_generate_takes_a_plain_string_as_one_reference(monkeypatch):
     monkeypatch.setattr(
         refdecode.hf,
         "ReferenceDrafter",
-        lambda prompt, store=None, spans=None: seen.setdefault("d", real(prompt, store=store)),
+        lambda prompt, store=None, spans=None, **kw: seen.setdefault("d", real(prompt, store=store, **kw)),
     )
     model = tiny_llama(vocab_size=50, seed=0)
     x = torch.tensor([[3, 4, 5]])
