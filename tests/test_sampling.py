@@ -215,9 +215,7 @@ def test_the_statistic_rejects_a_wrong_rule(model, monkeypatch):
     """The same goodness-of-fit test, on fewer runs, fails REST's re-sampling rule: the test has teeth."""
     tables, references, _, _ = setting_case(model, "temperature")
     monkeypatch.setattr(refdecode.decoding, "verify_point_mass", resample_from_full_p_coupled)
-    samples, totals = refdecode_samples(
-        model, "temperature", store_of(references), 500, first_seed=10**6, tree=False
-    )
+    samples, totals = refdecode_samples(model, "temperature", store_of(references), 500, first_seed=10**6, tree=False)
     assert totals.drafted > totals.accepted > 0
     probability = joint_probabilities(tables)
     result = chi_square_gof(samples, probability)
