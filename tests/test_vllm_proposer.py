@@ -161,6 +161,25 @@ def test_state_of_finished_requests_is_freed():
     assert engine.drafter.sessions == {}
 
 
+@pytest.mark.parametrize("memory_tokens", [1_000_000, 0])
+def test_finished_outputs_draft_for_later_requests(memory_tokens):
+    answer = list(range(300, 340))
+    engine = Engine(drafter(k=4, additional={"refdecode": {"memory_tokens": memory_tokens}}))
+    engine.add("first", [1, 2], answer)
+    engine.run(45)  # the whole answer, one token a step (nothing to copy yet)
+    engine.finish("first")
+    engine.run(1)  # the next step frees its state: its output joins the memory
+    assert engine.drafter.sessions == {}
+    # a later request whose prompt ends like the start of that answer, and whose answer is the same
+    engine.add("second", [7, 300, 301], answer[2:])
+    engine.run(12)
+    if memory_tokens:
+        assert engine.accepted["second"] >= 20  # copied from the first request's output
+        assert len(engine.drafter.memory) == 1
+    else:
+        assert engine.drafts["second"] == [] and engine.drafter.memory is None
+
+
 def test_a_request_id_reused_with_other_tokens_starts_afresh():
     engine = Engine(drafter())
     ref = list(range(300, 340))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from ..drafting import AcceptanceModel, Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
+from ..memory import OutputMemory
 from ..store import ReferenceStore
 
 __all__ = ["BatchDrafter", "ProposerOptions", "BatchCosts"]
@@ -39,12 +40,16 @@ class ProposerOptions:
     max_reference_tokens: the most tokens of references one request may bring (ReferenceStore's max_tokens; 1M
         tokens is ~10 MB held per request, and they are tokenized inside an engine step); references beyond it are
         logged and ignored. Larger corpora belong in the engine's index.
+    memory_tokens: the output memory's size (refdecode.OutputMemory): every finished request's output is
+        recorded and drafts for later requests (SuffixDecoding's global tree), oldest evicted first; 0 = off. Only
+        speed is shared between requests: outputs are verified, so never change.
     """
 
     index: str | None = None
     max_ngram: int = 12
     explore_every: int = 16
     max_reference_tokens: int = 1_000_000
+    memory_tokens: int = 1_000_000
 
     @classmethod
     def from_additional_config(cls, additional: Mapping | None) -> ProposerOptions:
@@ -57,10 +62,11 @@ class ProposerOptions:
         options = cls(**raw)
         if options.index is not None and not isinstance(options.index, str):
             raise ValueError(f"refdecode index must be a folder path, got {options.index!r}")
-        for name in ("max_ngram", "explore_every", "max_reference_tokens"):
+        for name in ("max_ngram", "explore_every", "max_reference_tokens", "memory_tokens"):
             value = getattr(options, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"refdecode {name} must be an int >= 1, got {value!r}")
+            least = 0 if name == "memory_tokens" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"refdecode {name} must be an int >= {least}, got {value!r}")
         return options
 
 
@@ -125,6 +131,7 @@ class _Session:
     seen: int  # tokens of the request's context the drafter has observed
     tail: list[int]  # the last _CHECK_TAIL of them
     draft: Draft | None = None  # what was returned last step (already cut to the chosen length)
+    output: list[int] = field(default_factory=list)  # tokens observed after the session started (for the memory)
     store: ReferenceStore | None = None  # the request's own references
     stats: dict = field(default_factory=lambda: {"drafted": 0, "accepted": 0, "steps": 0})
 
@@ -162,6 +169,7 @@ class BatchDrafter:
         # Acceptance over all requests' verified drafts: a new request's policy starts from a copy of it rather than
         # from the flat prior, since a request is often over before its own few drafts outweigh the prior.
         self.acceptance = AcceptanceModel()
+        self.memory = OutputMemory(self.options.memory_tokens) if self.options.memory_tokens else None
         self.clock = clock
         self._batch: tuple[Sequence[str | None], Callable[[str], Mapping | None], Container[str]] | None = None
         self._last_step: tuple[float, int, tuple] | None = None  # (start time, width proposed, row ids)
@@ -201,9 +209,12 @@ class BatchDrafter:
         requests are still alive (the others' state is freed)."""
         self._batch = (req_ids, extra_args, live)
 
-    def finish(self, req_id: str) -> None:
-        """Free a request's drafting state (references, indexes, policy)."""
-        self.sessions.pop(req_id, None)
+    def finish(self, req_id: str, *, record: bool = True) -> None:
+        """Free a request's drafting state (references, indexes, policy); its output joins the output memory
+        (record=False: a request whose context was rewritten, e.g. preempted and recomputed, is not finished)."""
+        session = self.sessions.pop(req_id, None)
+        if record and session is not None and self.memory is not None and session.output:
+            self.memory.record(session.output)
 
     def _free_finished(self, live: Container[str]) -> None:
         for req_id in [r for r in self.sessions if r not in live]:
@@ -254,7 +265,7 @@ class BatchDrafter:
         if session is not None:
             seen_tail = context[session.seen - len(session.tail) : session.seen].tolist()
             if n < session.seen or seen_tail != session.tail:
-                self.finish(req_id)
+                self.finish(req_id, record=False)
                 session = None
         if session is None:
             if n == 0 or int(context.min()) < 0:
@@ -276,6 +287,7 @@ class BatchDrafter:
             session.draft = None
         if new:
             session.drafter.observe(new)
+            session.output.extend(new)
             session.seen = n
             session.tail = (session.tail + new)[-_CHECK_TAIL:]
         return session
@@ -283,11 +295,13 @@ class BatchDrafter:
     def _new_session(self, req_id: str, context: np.ndarray, extra_args: Mapping | None) -> _Session:
         tokens = context.tolist()
         store = self._reference_store(req_id, extra_args)
-        drafter = ReferenceDrafter(tokens, store=store, spans=self.spans, max_ngram=self.options.max_ngram)
+        drafter = ReferenceDrafter(
+            tokens, store=store, spans=self.spans, memory=self.memory, max_ngram=self.options.max_ngram
+        )
         policy = DraftPolicy(
             max_draft=self.k, explore_every=self.options.explore_every, acceptance=copy.deepcopy(self.acceptance)
         )
-        return _Session(drafter, policy, len(tokens), tokens[-_CHECK_TAIL:], store=store)
+        return _Session(drafter, policy, len(tokens), tokens[-_CHECK_TAIL:], store=store, output=tokens[-1:])
 
     def _reference_store(self, req_id: str, extra_args: Mapping | None) -> ReferenceStore | None:
         """The request's own references (extra_args["references"]: a text or a list of texts); None without any.
