@@ -13,6 +13,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -552,15 +553,14 @@ def decode(
         proposal = None if force_plain else drafter.propose(context.tolist(), min(budget, policy.max_draft))
         # 3) verify in one forward; the cache is rolled back to the pending token and the accepted tokens
         position = len(output)  # output position of row 0: the token after the pending one
-        step = dict(model=model, cache=cache, pending=output[-1], context=context, processors=processors)
-        step.update(noise=noise, position=position, generator=generator, policy=policy, tie_margin=tie_margin)
-        step.update(where=f"verification step {stats.steps + 1}")
+        step = _StepInputs(model, cache, output[-1], context, processors, noise, position, generator, policy)
+        step.tie_margin, step.where = tie_margin, f"verification step {stats.steps + 1}"
         if isinstance(proposal, DraftTree):
             tree = policy.choose_tree(proposal if trees_ok else _favourite_chain(proposal), budget)
-            result = _tree_step(tree, **step)
+            result = _tree_step(tree, step)
         else:
             k = 0 if proposal is None else policy.choose_length(proposal, budget)
-            result = _chain_step(proposal.truncated(k) if proposal is not None and k > 0 else None, **step)
+            result = _chain_step(proposal.truncated(k) if proposal is not None and k > 0 else None, step)
         _count_step(stats, result)
         # 4) commit: the accepted tokens and the model's own token (which is fed first next step)
         new, next_token = result.accepted, result.next_token
@@ -594,6 +594,23 @@ def decode(
 
 
 @dataclass
+class _StepInputs:
+    """What one verification step needs from the loop (shapes as in decode)."""
+
+    model: Any  # a transformers causal LM
+    cache: Any  # its DynamicCache
+    pending: int  # the last committed token, fed first
+    context: torch.Tensor  # [T] committed tokens, the pending one included
+    processors: Any  # a LogitsProcessorList, or None
+    noise: PositionNoise | None
+    position: int  # output position of the forward's row 0
+    generator: torch.Generator | None
+    policy: DraftPolicy
+    tie_margin: float = 0.0
+    where: str = ""  # for error messages
+
+
+@dataclass
 class _Step:
     """One verification step's outcome: the accepted draft tokens, the model's own token after them (None: too
     close to call, recompute one wide), and for the statistics the nodes verified and the accepted ones' sources."""
@@ -616,85 +633,58 @@ def _count_step(stats: GenerationStats, step: _Step) -> None:
         stats.accepted_sources[name] = stats.accepted_sources.get(name, 0) + 1
 
 
-def _chain_step(
-    draft: Draft | None,
-    *,
-    model,
-    cache,
-    pending,
-    context,
-    processors,
-    noise,
-    position,
-    generator,
-    policy,
-    tie_margin,
-    where,
-) -> _Step:
+def _chain_step(draft: Draft | None, s: _StepInputs) -> _Step:
     """Verify a chain of k draft tokens (or none) in one forward of k + 1 tokens; crop the rejected ones."""
     tokens = draft.tokens if draft is not None else []
     k = len(tokens)
     t0 = time.perf_counter()
-    logits = _forward(model, cache, [pending] + tokens, model.device)  # [k + 1, V]
-    _check_finite(logits, f"{where} (output tokens {position}..{position + k})")
-    scores = process_rows(processors, context, tokens, logits)
-    verdict, accept_probs = _verify(scores, tokens, draft, noise, position, generator, tie_margin if k > 0 else 0.0)
-    _sync(model.device)
-    policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0, accept_probs)
+    logits = _forward(s.model, s.cache, [s.pending] + tokens, s.model.device)  # [k + 1, V]
+    _check_finite(logits, f"{s.where} (output tokens {s.position}..{s.position + k})")
+    scores = process_rows(s.processors, s.context, tokens, logits)
+    tie_margin = s.tie_margin if k > 0 else 0.0
+    verdict, accept_probs = _verify(scores, tokens, draft, s.noise, s.position, s.generator, tie_margin)
+    _sync(s.model.device)
+    s.policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0, accept_probs)
     # keep the pending token and the accepted ones; on a too-close call the last accepted one is re-fed next step
-    _crop(cache, k - verdict.accepted + (1 if verdict.next_token is None else 0))
+    _crop(s.cache, k - verdict.accepted + (1 if verdict.next_token is None else 0))
     source = (draft.source or "reference") if draft is not None else ""
     return _Step(tokens[: verdict.accepted], verdict.next_token, k, [source] * verdict.accepted)
 
 
-def _tree_step(
-    tree: DraftTree | None,
-    *,  # the same keywords as _chain_step
-    model,
-    cache,
-    pending,
-    context,
-    processors,
-    noise,
-    position,
-    generator,
-    policy,
-    tie_margin,
-    where,
-) -> _Step:
+def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
     """Verify a token tree in one forward (a chain takes the plain forward); keep the accepted path's cache rows."""
     tree = tree if tree is not None else DraftTree()
     n = len(tree)
-    past = cache.get_seq_length()
+    past = s.cache.get_seq_length()
     t0 = time.perf_counter()
     if tree.is_chain():  # the fast path: no mask to build, the cache is cropped
-        logits = _forward(model, cache, [pending] + tree.tokens, model.device)
+        logits = _forward(s.model, s.cache, [s.pending] + tree.tokens, s.model.device)
     else:
-        logits = tree_forward(model, cache, pending, tree)  # [n + 1, V]: row i + 1 scores after node i
-    _check_finite(logits, f"{where} (output token {position}, {n} draft nodes)")
-    tie_margin = tie_margin if n > 0 else 0.0
+        logits = tree_forward(s.model, s.cache, s.pending, tree)  # [n + 1, V]: row i + 1 scores after node i
+    _check_finite(logits, f"{s.where} (output token {s.position}, {n} draft nodes)")
+    tie_margin = s.tie_margin if n > 0 else 0.0
     if tree.is_chain():
-        scores = process_rows(processors, context, tree.tokens, logits)
+        scores = process_rows(s.processors, s.context, tree.tokens, logits)
         draft = Draft(tree.tokens, 0, "", tree.q) if n else None
-        chain, accept_probs = _verify(scores, tree.tokens, draft, noise, position, generator, tie_margin)
+        chain, accept_probs = _verify(scores, tree.tokens, draft, s.noise, s.position, s.generator, tie_margin)
         path, next_token = list(range(chain.accepted)), chain.next_token
     else:
         paths: list[list[int]] = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(n)]
-        scores = process_rows(processors, context, tree.tokens, logits, row_prefixes=paths)
-        verdict, accept_probs = _verify_tree(scores, tree, noise, position, generator, tie_margin)
+        scores = process_rows(s.processors, s.context, tree.tokens, logits, row_prefixes=paths)
+        verdict, accept_probs = _verify_tree(scores, tree, s.noise, s.position, s.generator, tie_margin)
         path, next_token = verdict.path, verdict.next_token
-    _sync(model.device)
+    _sync(s.model.device)
     if n:
-        policy.update_tree(tree, path, n + 1, time.perf_counter() - t0, accept_probs)
+        s.policy.update_tree(tree, path, n + 1, time.perf_counter() - t0, accept_probs)
     else:
-        policy.update(None, 0, 0, 1, time.perf_counter() - t0)
+        s.policy.update(None, 0, 0, 1, time.perf_counter() - t0)
     # keep the pending token and the accepted path; on a too-close call the last accepted one is re-fed next step
     kept = path if next_token is not None else path[:-1]
     rows = [0] + [i + 1 for i in kept] if (path or next_token is not None) else []
     if tree.is_chain():
-        _crop(cache, n + 1 - len(rows))
+        _crop(s.cache, n + 1 - len(rows))
     else:
-        keep_rows(cache, past, rows)
+        keep_rows(s.cache, past, rows)
     return _Step(
         [tree.tokens[i] for i in path],
         next_token,

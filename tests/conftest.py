@@ -61,6 +61,17 @@ def tiny_gemma3():
     return _tiny_gemma3()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny-model tests: small matrices gain nothing from a second thread, and
+    two threads spin against each other on a busy 2-core machine. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", params=["llama", "gemma3"])
 def tiny_model(request):
     return _tiny_llama() if request.param == "llama" else _tiny_gemma3()

@@ -41,13 +41,7 @@ RUNS = {"temperature": 3000, "top_k": 2000, "top_p": 2000}  # refdecode.generate
 MAX_NEW = 4  # the first step after the prefill may then draft 2 tokens: positions 2 and 3 are both verified
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 32-wide model is fastest on one thread (two threads spin on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

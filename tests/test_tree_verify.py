@@ -35,13 +35,7 @@ V = 6  # vocabulary of the distribution tests: 6^3 = 216 joint outcomes of three
 POSITIONS = 3  # emitted tokens compared with the exact joint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Rows of 6 tokens: one thread avoids spinning on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 # ---------------------------------------------------------------------------------------------------------------
