@@ -669,7 +669,9 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
         chain, accept_probs = _verify(scores, tree.tokens, draft, s.noise, s.position, s.generator, tie_margin)
         path, next_token = list(range(chain.accepted)), chain.next_token
     else:
-        paths: list[list[int]] = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(n)]
+        paths: list[list[int]] | None = None
+        if s.processors:  # row i + 1 sees the context plus its path (penalties read it); nothing reads it otherwise
+            paths = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(n)]
         scores = process_rows(s.processors, s.context, tree.tokens, logits, row_prefixes=paths)
         verdict, accept_probs = _verify_tree(scores, tree, s.noise, s.position, s.generator, tie_margin)
         path, next_token = verdict.path, verdict.next_token

@@ -285,3 +285,39 @@ def test_default_policies_warm_start_per_model_and_kind():
     assert warm_policy(model, 64, kind="ReferenceDrafter/tree").acceptance_for("context").rate(12) > 0.8
     assert sum(warm_policy(model, 64, kind="ReferenceDrafter/chain").acceptance_for("context").trials) == 0
     assert sum(warm_policy(other, 64, kind="ReferenceDrafter/tree").acceptance_for("context").trials) == 0
+
+
+class _WholeTree(DraftPolicy):
+    """Verify every proposed node (within budget and max_draft): branches are verified whatever they are worth."""
+
+    def choose_tree(self, tree, budget):
+        keep = [i for i, d in enumerate(tree.depths()) if d <= budget][: self.max_draft]
+        if not keep:
+            return None
+        chosen = tree.subtree(keep)
+        chosen.probs = [0.5] * len(chosen)
+        return chosen
+
+
+@pytest.mark.parametrize("penalty", [None, 1.3])
+def test_branching_trees_with_logits_processors_equal_transformers(tiny_model, penalty):
+    """Each tree row is processed with its own path as the prefix (a repetition penalty reads it)."""
+    from stats_helpers import IdTokenizer
+
+    import refdecode
+
+    rng = random.Random(7)
+    vocab = tiny_model.config.vocab_size
+    prompt = [rng.randrange(2, vocab) for _ in range(12)]
+    kwargs = {} if penalty is None else {"repetition_penalty": penalty}
+    x = torch.tensor([prompt])
+    expected = tiny_model.generate(x, max_new_tokens=40, do_sample=False, **kwargs)[0, len(prompt) :].tolist()
+    store = refdecode.ReferenceStore(IdTokenizer(vocab))
+    store.add(prompt[-3:] + expected)  # the true continuation, drafted last in the tree's flat order
+    for _ in range(4):  # documents that match the context after the first new token, then part: a step branches
+        store.add(prompt[-3:] + expected[:1] + [rng.randrange(2, vocab) for _ in range(30)])
+    out = refdecode.generate(
+        tiny_model, IdTokenizer(vocab), prompt, store=store, max_new_tokens=40, policy=_WholeTree(), **kwargs
+    )
+    assert out.token_ids == expected
+    assert out.stats.tree_steps > 0
