@@ -15,7 +15,22 @@ from dataclasses import dataclass
 import torch
 from scipy import stats as scipy_stats
 
+from refdecode.drafting import DraftPolicy
+
 VOCAB = 8  # 8^3 = 512 joint outcomes of three tokens: enumerable, and few enough cells for a chi-square test
+
+
+class WholeTree(DraftPolicy):
+    """Verify every proposed tree node within budget and max_draft (nodes in flat order: parents come first, so any
+    prefix of them is a subtree), whatever the adaptive policy would think it worth: branches get verified."""
+
+    def choose_tree(self, tree, budget):
+        keep = [i for i, d in enumerate(tree.depths()) if d <= budget][: self.max_draft]
+        if not keep:
+            return None
+        chosen = tree.subtree(keep)
+        chosen.probs = [0.5] * len(chosen)
+        return chosen
 
 
 class IdTokenizer:

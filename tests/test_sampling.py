@@ -15,6 +15,7 @@ import torch
 from stats_helpers import (
     VOCAB,
     IdTokenizer,
+    WholeTree,
     chi_square_gof,
     chi_square_two_sample,
     exact_tables,
@@ -49,22 +50,13 @@ def model():
     return tiny_sampling_llama()
 
 
-class AlwaysDraft(DraftPolicy):
-    """Verify every draft at full length: the adaptive policy may stop drafting when acceptance is low."""
+class AlwaysDraft(WholeTree):
+    """Verify every draft at full length, and every tree whole (where several references match, the first step
+    verifies a real tree whose children each hold 20-60% of the target's probability): the adaptive policy may stop
+    drafting when acceptance is low."""
 
     def choose_length(self, draft, budget):
         return 0 if draft is None else min(len(draft.tokens), budget, self.max_draft)
-
-    def choose_tree(self, tree, budget):
-        """The whole tree within budget and max_draft (nodes in flat order: parents come first, so any prefix of
-        them is a subtree): where several references match, the first step verifies a real tree whose children
-        each hold 20-60% of the target's probability."""
-        keep = [i for i, d in enumerate(tree.depths()) if d <= budget][: self.max_draft]
-        if not keep:
-            return None
-        chosen = tree.subtree(keep)
-        chosen.probs = [0.5] * len(chosen)
-        return chosen
 
 
 def processors_for(setting: str):

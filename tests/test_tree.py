@@ -287,22 +287,10 @@ def test_default_policies_warm_start_per_model_and_kind():
     assert sum(warm_policy(other, 64, kind="ReferenceDrafter/tree").acceptance_for("context").trials) == 0
 
 
-class _WholeTree(DraftPolicy):
-    """Verify every proposed node (within budget and max_draft): branches are verified whatever they are worth."""
-
-    def choose_tree(self, tree, budget):
-        keep = [i for i, d in enumerate(tree.depths()) if d <= budget][: self.max_draft]
-        if not keep:
-            return None
-        chosen = tree.subtree(keep)
-        chosen.probs = [0.5] * len(chosen)
-        return chosen
-
-
 @pytest.mark.parametrize("penalty", [None, 1.3])
 def test_branching_trees_with_logits_processors_equal_transformers(tiny_model, penalty):
     """Each tree row is processed with its own path as the prefix (a repetition penalty reads it)."""
-    from stats_helpers import IdTokenizer
+    from stats_helpers import IdTokenizer, WholeTree
 
     import refdecode
 
@@ -317,7 +305,7 @@ def test_branching_trees_with_logits_processors_equal_transformers(tiny_model, p
     for _ in range(4):  # documents that match the context after the first new token, then part: a step branches
         store.add(prompt[-3:] + expected[:1] + [rng.randrange(2, vocab) for _ in range(30)])
     out = refdecode.generate(
-        tiny_model, IdTokenizer(vocab), prompt, store=store, max_new_tokens=40, policy=_WholeTree(), **kwargs
+        tiny_model, IdTokenizer(vocab), prompt, store=store, max_new_tokens=40, policy=WholeTree(), **kwargs
     )
     assert out.token_ids == expected
     assert out.stats.tree_steps > 0
