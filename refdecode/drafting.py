@@ -444,22 +444,17 @@ class DraftPolicy:
             best_k = min(limit, max(self.min_draft, 2))
         return best_k
 
-    def node_model(self, source: str, rank: int, depth: int = 1) -> AcceptanceModel:
-        """The acceptance model of tree nodes of one kind, by source and by where the node stands:
-        - the favourite (first child) right after the context (depth 1): where a copy is tried, and where edits
-          and paraphrases make it fail; it shares the chain model of its source;
-        - a favourite deeper down: a copy continuing after its parent was accepted (its evidence, the match length
-          plus the depth, says how far the copy has held); mixing these with the first ones would make a fresh match
-          look as safe as one already confirmed;
-        - an alternative (a later sibling, any depth): right only where the favourite is wrong; starts from a lower
-          prior."""
+    def node_model(self, source: str, rank: int) -> AcceptanceModel:
+        """The acceptance model of tree nodes of one kind, by source and sibling rank: a first child (the
+        candidates' favourite) shares its source's chain model (a chain is a tree of first children); a later
+        sibling, right only where the favourite is wrong, learns an "alternative" rate of its own from a lower
+        prior."""
         if rank == 0:
             return self.acceptance_for(source)
-        key = f"{source or 'reference'}/{'alternative' if rank else 'continued'}"
+        key = f"{source or 'reference'}/alternative"
         if key not in self._by_source:
             a = self.acceptance
-            prior = a.prior / 2 if rank else a.prior
-            self._by_source[key] = AcceptanceModel(prior=prior, prior_weight=a.prior_weight, decay=a.decay)
+            self._by_source[key] = AcceptanceModel(prior=a.prior / 2, prior_weight=a.prior_weight, decay=a.decay)
         return self._by_source[key]
 
     def choose_tree(self, tree: DraftTree, budget: int) -> DraftTree | None:
@@ -510,22 +505,14 @@ class DraftPolicy:
         wrong), and its probability is q times the parent's mass left after those siblings; the siblings' sum never
         exceeds 1."""
         ranks = sibling_ranks(tree)
-        depths = tree.depths()
         left: dict[int, float] = {}  # parent -> probability mass not yet taken by its earlier children
         probs = []
         for i, parent in enumerate(tree.parents):
-            q = self.node_model(tree.sources[i], ranks[i], depths[i]).rate(self._evidence(tree, i, ranks, depths))
+            q = self.node_model(tree.sources[i], ranks[i]).rate(tree.match_lens[i])
             mass = left.get(parent, 1.0)
             probs.append(q * mass)
             left[parent] = mass * (1.0 - q)
         return probs
-
-    @staticmethod
-    def _evidence(tree: DraftTree, i: int, ranks: list[int], depths: list[int]) -> int:
-        """The length a node's model is keyed by: the match length for a node tried right after the context or as
-        an alternative, and for a favourite deeper down the tokens of its path the target has confirmed before it
-        (depth - 1): how far this copy has already held in this very tree."""
-        return tree.match_lens[i]
 
     def update_tree(
         self,
@@ -544,7 +531,6 @@ class DraftPolicy:
         reached = {-1, *path}
         accepted = set(path)
         ranks = sibling_ranks(tree)
-        depths = tree.depths()
         taken: dict[int, float] = {}  # parent -> acceptance (or its probability) of the children seen so far
         trials: dict[int, list[tuple[int, float, float]]] = {}
         models: dict[int, AcceptanceModel] = {}
@@ -558,9 +544,9 @@ class DraftPolicy:
             tried = max(0.0, 1.0 - before)
             if tried <= 0.0:
                 continue
-            model = self.node_model(tree.sources[i], ranks[i], depths[i])
+            model = self.node_model(tree.sources[i], ranks[i])
             models[id(model)] = model
-            trials.setdefault(id(model), []).append((self._evidence(tree, i, ranks, depths), success, tried))
+            trials.setdefault(id(model), []).append((tree.match_lens[i], success, tried))
         for key, model_trials in trials.items():
             models[key].update_trials(model_trials)
 
