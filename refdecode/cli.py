@@ -59,6 +59,13 @@ def _add_generate(subparsers) -> None:
         help="an output memory folder: past outputs draft for this one, which is added and saved back (created if "
         "missing; a folder that is not an output memory is refused, never overwritten)",
     )
+    p.add_argument(
+        "--draft-model",
+        metavar="NAME",
+        help="a model prophet drafting beside the references: a known model name or checkpoint folder sharing the "
+        "tokenizer, self:int8 (the model quantized, CPU), self:layers=N (its first N layers), or self:heads "
+        "(heads trained with `refdecode heads train`)",
+    )
     p.add_argument("--no-tree", action="store_true", help="verify one draft chain per step instead of a token tree")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -143,6 +150,10 @@ def _run_generate(args) -> int:
         raise CliError(f"index directory not found: {args.index}")
     if args.rerank < 0 or (args.rerank and not args.index):
         raise CliError("--rerank N needs N >= 0 and an --index to rerank passages from")
+    if args.draft_model is not None:
+        from .prophets import check_prophet_spec
+
+        check_prophet_spec(args.draft_model)  # a misspelt self: name fails before the model loads
     memory = _open_memory(args.memory) if args.memory else None  # checked before the model loads
     model, tokenizer = refdecode.load_model(args.model, dtype=args.dtype, device=args.device)
     store = refdecode.ReferenceStore(tokenizer)
@@ -176,6 +187,7 @@ def _run_generate(args) -> int:
         max_draft=args.max_draft,
         tree=not args.no_tree,
         memory=memory,
+        draft_model=args.draft_model,
     )
     if args.json:
         record = {"text": out.text, "token_ids": out.token_ids, **out.stats.as_dict(), "stop_reason": out.stop_reason}

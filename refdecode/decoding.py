@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter, _as_sources
+from .prophets import DraftSession
 from .sampling import SamplingConfig, build_processors, process_rows
 from .tree import DraftTree
 from .tree_attention import keep_rows, supports_tree, tree_forward
@@ -64,6 +65,7 @@ class GenerationStats:
     tree_sizes: list[int] = field(default_factory=list)  # draft nodes verified per step (a chain of k: k)
     tree_steps: int = 0  # steps that verified a tree with branches (the others verified a chain)
     accepted_sources: dict[str, int] = field(default_factory=dict)  # accepted draft tokens per source
+    draft_seconds: float = 0.0  # time spent in the drafter's propose (inside decode_seconds): a model's forwards
 
     @property
     def mean_tree_size(self) -> float:
@@ -102,6 +104,7 @@ class GenerationStats:
             "tree_steps": self.tree_steps,
             "mean_accepted_depth": self.mean_accepted_depth,
             "accepted_sources": dict(self.accepted_sources),
+            "draft_seconds": self.draft_seconds,
         }
 
 
@@ -392,6 +395,7 @@ def generate(
     rerank: int = 0,
     tree: bool = True,
     memory=None,
+    draft_model=None,
 ) -> GenerationOutput:
     """Generate with reference drafting; the output equals plain decoding (greedy) or has its distribution.
 
@@ -416,6 +420,10 @@ def generate(
         tree: True (default): each step merges the candidates of every source into a token tree and verifies the
             part that pays in one forward; False: one voted chain per step, as before.
         memory: a refdecode.OutputMemory: past outputs draft for this request, and this output is recorded in it.
+        draft_model: a model prophet joining the references in the same tree (refdecode.prophets): a causal LM that
+            shares the tokenizer, a known model name or checkpoint folder, "self:int8" (the target quantized to
+            int8, CPU), "self:layers=N" (the target's first N layers) or "self:heads" (Medusa heads trained with
+            `refdecode heads train`). It runs only where references leave room and its cost pays.
     Returns:
         GenerationOutput(token_ids, text, stats, stop_reason).
     """
@@ -448,7 +456,13 @@ def generate(
 
             reranker = LMReranker(model, tokenizer)
         store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k, reranker, max(rerank, 1))
+    if drafter is not None and draft_model is not None:
+        raise ValueError("pass either drafter= or draft_model=, not both (wrap a prophet yourself with HybridDrafter)")
     drafter = drafter or ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
+    if draft_model is not None:
+        from .prophets import HybridDrafter, build_prophet
+
+        drafter = HybridDrafter(drafter, build_prophet(draft_model, model, tokenizer))
     kind = _policy_kind(drafter, tree)
     own_policy = policy is None
     policy = policy or warm_policy(model, max_draft, kind=kind)
@@ -475,8 +489,9 @@ def generate(
 
 
 def _policy_kind(drafter, tree: bool) -> str:
-    """What a warm-started policy is keyed by: the drafter's class and the mode (their acceptance differs)."""
-    return f"{type(drafter).__name__}/{'tree' if tree else 'chain'}"
+    """What a warm-started policy is keyed by: the drafter's class (or its own `policy_kind`, e.g. a prophet's name)
+    and the mode (their acceptance differs)."""
+    return getattr(drafter, "policy_kind", None) or f"{type(drafter).__name__}/{'tree' if tree else 'chain'}"
 
 
 @torch.no_grad()  # also when called directly (tests, adapters): no autograd graph over the steps
@@ -547,38 +562,49 @@ def decode(
 
     trees_ok = supports_tree(model)
     force_plain = False
-    while not stop_reason:
-        # 2) draft: propose (a chain or a tree), then keep what pays at this acceptance and forward cost
-        budget = max_new_tokens - len(output) - 1
-        proposal = None if force_plain else drafter.propose(context.tolist(), min(budget, policy.max_draft))
-        # 3) verify in one forward; the cache is rolled back to the pending token and the accepted tokens
-        position = len(output)  # output position of row 0: the token after the pending one
-        step = _StepInputs(model, cache, output[-1], context, processors, noise, position, generator, policy)
-        step.tie_margin, step.where = tie_margin, f"verification step {stats.steps + 1}"
-        if isinstance(proposal, DraftTree):
-            tree = policy.choose_tree(proposal if trees_ok else _favourite_chain(proposal), budget)
-            result = _tree_step(tree, step)
-        else:
-            k = 0 if proposal is None else policy.choose_length(proposal, budget)
-            result = _chain_step(proposal.truncated(k) if proposal is not None and k > 0 else None, step)
-        _count_step(stats, result)
-        # 4) commit: the accepted tokens and the model's own token (which is fed first next step)
-        new, next_token = result.accepted, result.next_token
-        if next_token is None:  # too close to call at this width: recompute one token wide
-            stats.recomputed += 1
-            force_plain = True
-            if not new:
-                stats.accept_lengths.append(0)
-                continue
-            # the last accepted token becomes the pending one: its cache entry was dropped and is re-fed next step
-        else:
-            new = new + [next_token]
-            force_plain = False
-        before = len(output)
-        stop_reason = _commit(output, new, stopper, max_new_tokens, streamer)
-        stats.accept_lengths.append(len(output) - before)
-        drafter.observe(output[before:])
-        context = torch.cat([context, context.new_tensor(output[before:])])
+    session = DraftSession(model, cache, policy, processors, generator if sampling else None, row=len(prompt_ids) - 1)
+    start, close = getattr(drafter, "start", None), getattr(drafter, "close", None)
+    if start is not None and not stop_reason:
+        start(session)
+    try:
+        while not stop_reason:
+            # 2) draft: propose (a chain or a tree), then keep what pays at this acceptance and forward cost
+            budget = max_new_tokens - len(output) - 1
+            t_draft = time.perf_counter()
+            proposal = None if force_plain else drafter.propose(context.tolist(), min(budget, policy.max_draft))
+            stats.draft_seconds += time.perf_counter() - t_draft
+            # 3) verify in one forward; the cache is rolled back to the pending token and the accepted tokens
+            position = len(output)  # output position of row 0: the token after the pending one
+            step = _StepInputs(model, cache, output[-1], context, processors, noise, position, generator, policy)
+            step.tie_margin, step.where = tie_margin, f"verification step {stats.steps + 1}"
+            if isinstance(proposal, DraftTree):
+                tree = policy.choose_tree(proposal if trees_ok else _favourite_chain(proposal), budget)
+                result = _tree_step(tree, step)
+            else:
+                k = 0 if proposal is None else policy.choose_length(proposal, budget)
+                result = _chain_step(proposal.truncated(k) if proposal is not None and k > 0 else None, step)
+            _count_step(stats, result)
+            session.forwards, session.row = session.forwards + 1, result.row
+            # 4) commit: the accepted tokens and the model's own token (which is fed first next step)
+            new, next_token = result.accepted, result.next_token
+            if next_token is None:  # too close to call at this width: recompute one token wide
+                stats.recomputed += 1
+                force_plain = True
+                if not new:
+                    stats.accept_lengths.append(0)
+                    continue
+                # the last accepted token becomes the pending one: its cache entry was dropped and is re-fed next step
+            else:
+                new = new + [next_token]
+                force_plain = False
+            before = len(output)
+            stop_reason = _commit(output, new, stopper, max_new_tokens, streamer)
+            stats.accept_lengths.append(len(output) - before)
+            drafter.observe(output[before:])
+            context = torch.cat([context, context.new_tensor(output[before:])])
+    finally:
+        if close is not None:
+            close()
     if streamer is not None:
         streamer.end()
 
@@ -620,6 +646,7 @@ class _Step:
     verified: int
     accepted_sources: list[str]
     branched: bool = False
+    row: int | None = None  # the forward's row whose scores chose next_token (None: no next token)
 
 
 def _count_step(stats: GenerationStats, step: _Step) -> None:
@@ -648,7 +675,8 @@ def _chain_step(draft: Draft | None, s: _StepInputs) -> _Step:
     # keep the pending token and the accepted ones; on a too-close call the last accepted one is re-fed next step
     _crop(s.cache, k - verdict.accepted + (1 if verdict.next_token is None else 0))
     source = (draft.source or "reference") if draft is not None else ""
-    return _Step(tokens[: verdict.accepted], verdict.next_token, k, [source] * verdict.accepted)
+    row = verdict.accepted if verdict.next_token is not None else None
+    return _Step(tokens[: verdict.accepted], verdict.next_token, k, [source] * verdict.accepted, row=row)
 
 
 def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
@@ -693,6 +721,7 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
         n,
         [tree.sources[i] or "reference" for i in path],
         branched=not tree.is_chain(),
+        row=(path[-1] + 1 if path else 0) if next_token is not None else None,
     )
 
 

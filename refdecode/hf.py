@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .decoding import _policy_kind, decode, remember_policy, stop_list, warm_policy
-from .drafting import DraftPolicy, ReferenceDrafter
+from .drafting import Drafter, DraftPolicy, ReferenceDrafter
 from .store import ReferenceStore
 
 __all__ = ["hf_generate"]
@@ -44,6 +44,7 @@ def hf_generate(
     seed: int | None = None,
     memory=None,
     tree: bool = True,
+    draft_model=None,
     **model_kwargs,
 ) -> torch.Tensor:
     """Drop-in decoding method for `model.generate(custom_generate=hf_generate, ...)`.
@@ -53,7 +54,8 @@ def hf_generate(
     index or its path; needs ref_tokenizer=), max_draft or a DraftPolicy (policy=), seed (sampling), ref_streamer
     (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=), memory (a refdecode.OutputMemory: past
     outputs draft for this call and its output is recorded; bound to ref_tokenizer= when given), tree (False: one
-    voted chain per step instead of a token tree).
+    voted chain per step instead of a token tree), draft_model (a model prophet beside the references, as in
+    refdecode.generate: a causal LM sharing the tokenizer, a model name, "self:int8", "self:layers=N", "self:heads").
     attention_mask: all ones or left padding. Returns the prompt (with its padding) followed by the new tokens, like
     generate(): [1, T + new].
     """
@@ -100,7 +102,11 @@ def hf_generate(
     # 3) decode
     if not isinstance(tree, bool):
         raise ValueError(f"tree must be True or False, got {tree!r:.40}")
-    drafter = ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
+    drafter: Drafter = ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
+    if draft_model is not None:
+        from .prophets import HybridDrafter, build_prophet
+
+        drafter = HybridDrafter(drafter, build_prophet(draft_model, model, tokenizer))
     kind = _policy_kind(drafter, tree)
     own_policy = policy is None
     policy = policy or warm_policy(model, max_draft, kind=kind)
