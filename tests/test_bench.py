@@ -278,3 +278,29 @@ def test_tokens_per_step_tree_sizes_and_the_oracles_gain_per_method():
     assert "| rag | refdecode | 20.0 | 2.00x (med 2.00x) | 2.50 | 3.0 | 38% | context 67%, doc 33% |" in rows
     assert "| rag | refdecode chain | 15.0 | 1.50x (med 1.50x) | 2.00 | 2.0 | 25% | - |" in rows
     assert report.comparisons_table({"rag": block})[2] == "| rag | 1.33x, 1.25x |"
+
+
+def test_prophet_rows_run_alone_and_with_references_and_reach_the_report(tiny_llama, tmp_path):
+    """--prophets X adds prophet:X (the model alone) and refdecode+X (in the references' tree): both greedy, both
+    checked against greedy token for token, both set against greedy, prompt lookup and the references alone."""
+    tok = WordTokenizer()
+    reqs = runner.prepare_requests(["code-edit-ref"], 1, 0, tok, loader=fake_loader)
+    config = small_config(n=1, methods=("pld", "refdecode"), prophets=("self:layers=1",))
+    results = runner.run_benchmark(config, model=tiny_llama, tokenizer=tok, requests=reqs, log=lambda line: None)
+    methods = ["greedy", "pld", "refdecode", "prophet:self:layers=1", "refdecode+self:layers=1"]
+    assert [r["method"] for r in results["records"]] == methods
+    for r in results["records"][1:]:
+        assert r["matches_greedy"], (r["method"], r["first_mismatch"])
+        assert r["method"] == "pld" or r["draft_seconds"] >= 0.0
+    summary = report.write_report(results, tmp_path / "out", plots=False)
+    block = summary["workloads"]["code-edit-ref"]
+    for m in methods[3:]:
+        assert {f"{m}/greedy", f"{m}/pld", f"{m}/refdecode"} <= set(block["ratios"])
+        assert block["methods"][m]["mismatches"] == 0 and block["methods"][m]["draft_ms_per_step"] is not None
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Model prophets" in table and "| code-edit-ref | refdecode+self:layers=1 |" in table
+
+
+def test_unknown_prophets_are_refused_up_front():
+    with pytest.raises(ValueError, match="self:int8, self:layers=N, self:heads"):
+        small_config(prophets=("self:int4",))

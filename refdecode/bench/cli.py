@@ -64,6 +64,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "chain and tree mode) need arctic-inference: `make suffix-setup`",
     )
     parser.add_argument(
+        "--prophets",
+        nargs="+",
+        metavar="SPEC",
+        default=[],
+        help="model prophets to add rows for, each alone (prophet:SPEC) and with the references (refdecode+SPEC): "
+        "self:heads, self:int8, self:layers=N, or a draft model name sharing the tokenizer",
+    )
+    parser.add_argument(
         "--sampling",
         action="store_true",
         help="add rows at temperature 0.7, top_p 0.9: transformers sampling vs refdecode (tree and chain)",
@@ -145,6 +153,7 @@ def _config(args):
         requests_file=args.requests,
         index=args.index,
         quick=args.quick,
+        prophets=tuple(args.prophets),
     )
 
 

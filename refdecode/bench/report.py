@@ -93,6 +93,8 @@ def summarize_method(records: list[dict]) -> dict:
         "accept_length_counts": {str(k): lengths.count(k) for k in sorted(set(lengths))},
         "mean_tree_size": _mean_tree_size(records),
         "accepted_sources": _accepted_sources(records),
+        "acceptance_rate": _acceptance_rate(records),
+        "draft_ms_per_step": 1000 * sum(r.get("draft_seconds", 0.0) for r in records) / steps if steps else None,
     }
     if any("matches_greedy" in r for r in records):
         bad = [r for r in records if not r.get("matches_greedy", True)]
@@ -109,6 +111,12 @@ def _mean_tree_size(records: list[dict]) -> float | None:
         return sum(sizes) / len(sizes)
     steps = sum(r["steps"] for r in records if "drafted_tokens" in r)
     return sum(r["drafted_tokens"] for r in records if "drafted_tokens" in r) / steps if steps else None
+
+
+def _acceptance_rate(records: list[dict]) -> float | None:
+    """Accepted over verified draft tokens (tree nodes count as drafted); None for methods that do not say."""
+    drafted = sum(r.get("drafted_tokens", 0) for r in records)
+    return sum(r.get("accepted_tokens", 0) for r in records) / drafted if drafted else None
 
 
 def _accepted_sources(records: list[dict]) -> dict[str, int]:
@@ -128,13 +136,17 @@ def _step_fraction(per_step: float | None, oracle_per_step: float | None) -> flo
     return (per_step - 1) / (oracle_per_step - 1)
 
 
+PROPHET_BASES = ("greedy", "pld", "refdecode")  # what each model-prophet row is set against
+
+
 def summarize_group(records: list[dict], methods: list[str]) -> dict:
     """Per-method summaries of one group of prompts, the reported ratios, and the fraction of the oracle's gain."""
     by_method = {m: [r for r in records if r["method"] == m] for m in methods}
     summaries = {m: summarize_method(rs) for m, rs in by_method.items() if rs}
     block: dict = {"n": len({r["request_id"] for r in records}), "methods": summaries}
     ratios = {}
-    for a, b in RATIOS + COMPARISONS:
+    prophets = [(m, base) for m in summaries if m.startswith(("prophet:", "refdecode+")) for base in PROPHET_BASES]
+    for a, b in [*RATIOS, *COMPARISONS, *prophets]:
         if a not in summaries or b not in summaries:
             continue
         sa, sb = summaries[a], summaries[b]
@@ -200,9 +212,9 @@ def _identical(block: dict) -> str:
             continue
         if s["mismatches"]:
             first = ", ".join(f"@{x['first_mismatch']}" for x in s["mismatched"][:3])
-            parts.append(f"{LABELS[m]}: {s['mismatches']}/{s['n']} differ ({first})")
+            parts.append(f"{LABELS.get(m, m)}: {s['mismatches']}/{s['n']} differ ({first})")
         else:
-            parts.append(f"{LABELS[m]} {s['n']}/{s['n']}")
+            parts.append(f"{LABELS.get(m, m)} {s['n']}/{s['n']}")
     return "; ".join(parts) or "-"
 
 
@@ -322,6 +334,30 @@ def sampling_table(groups: dict[str, dict]) -> list[str]:
     return lines
 
 
+def prophets_table(groups: dict[str, dict]) -> list[str]:
+    """One row per workload and model-prophet method (alone, or with the references): speed against greedy,
+    prompt lookup and the references alone, tokens per step, acceptance and what drafting cost."""
+    lines = [
+        "| workload | method | tok/s | / greedy | / prompt lookup | / references alone | tokens per step "
+        "| draft acceptance | draft ms per step | accepted draft tokens from |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    rows = 0
+    for name, b in groups.items():
+        for m, s in b["methods"].items():
+            if m not in ("refdecode",) and not m.startswith(("prophet:", "refdecode+")):
+                continue
+            rate = s.get("acceptance_rate")
+            lines.append(
+                f"| {name} | {m} | {_f(s['tokens_per_second'])} | {_pair(b, f'{m}/greedy')} | {_pair(b, f'{m}/pld')} "
+                f"| {_pair(b, f'{m}/refdecode') if m != 'refdecode' else '1.00x'} | {_f(s['mean_accepted'], 2)} | "
+                f"{f'{rate * 100:.0f}%' if rate is not None else '-'} | {_f(s.get('draft_ms_per_step'), 1)} | "
+                f"{_sources(s)} |"
+            )
+            rows += m != "refdecode"
+    return lines if rows else []
+
+
 def format_report(results: dict, summary: dict) -> str:
     """The markdown report: settings, the main table, Spec-Bench and sampling tables, the forward-cost curve."""
     meta, info, cfg = results["meta"], results["meta"]["machine"], results["meta"]["config"]
@@ -354,6 +390,15 @@ def format_report(results: dict, summary: dict) -> str:
     if comparisons:
         out += ["", "Head to head, in one run (ratios of decoding throughput and of tokens per step):", ""]
         out += comparisons
+    prophets = prophets_table(groups)
+    if prophets:
+        out += [
+            "",
+            "Model prophets (refdecode.prophets): prophet:X drafts with X alone, refdecode+X puts X's drafts in the "
+            "references' tree; draft acceptance = accepted / verified draft tokens (tree nodes included); draft ms "
+            "per step = time in the drafter (model forwards, matching) per verification step:",
+            "",
+        ] + prophets
     if "spec_bench" in summary:
         out += ["", "Spec-Bench (first turns), leaderboard layout:", ""] + spec_bench_table(summary["spec_bench"])
     if "refdecode-sample" in meta["methods"]:
@@ -463,7 +508,7 @@ def plot_accept_lengths(results: dict, path: Path) -> None:
             lengths = [n for r in records if r["workload"] == w and r["method"] == m for n in r["accept_lengths"]]
             if lengths:
                 top = max(top, max(lengths))
-                ax.hist(lengths, bins=range(1, max(lengths) + 2), histtype="step", label=LABELS[m], density=True)
+                ax.hist(lengths, bins=range(1, max(lengths) + 2), histtype="step", label=LABELS.get(m, m), density=True)
         ax.set_title(w, fontsize=9)
         ax.set_xlabel("tokens per step")
         ax.set_xlim(1, top + 1)

@@ -60,6 +60,13 @@ DEFAULT_WORKLOADS = ("code-edit", "code-edit-ref", "rag", "summarize", "chat", "
 PLD_TOKENS = 10  # transformers' prompt_lookup_num_tokens, the value its docs suggest
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.7, 0.9
 REQUESTS_FORMAT = "refdecode-bench-requests/1"
+PROPHET_ALONE = "prophet:"  # + a draft model spec: the model prophet drafting alone (no references)
+WITH_REFERENCES = "refdecode+"  # + a draft model spec: refdecode's references and the prophet in one tree
+
+
+def is_checked(method: str) -> bool:
+    """Greedy methods whose output must equal transformers greedy's token for token."""
+    return method in CHECKED_METHODS or method.startswith((PROPHET_ALONE, WITH_REFERENCES))
 
 
 @dataclass
@@ -82,6 +89,7 @@ class BenchConfig:
     requests_file: str | None = None
     quick: bool = False
     index: str | None = None  # a corpus index: rag-index prompts retrieve from it, and refdecode drafts from it
+    prophets: tuple[str, ...] = ()  # model prophets (refdecode.prophets): each adds a row alone and one with references
 
     def __post_init__(self):
         from refdecode.bench.workloads import WORKLOADS
@@ -113,10 +121,16 @@ class BenchConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        from refdecode.prophets import check_prophet_spec
+
+        self.prophets = tuple(self.prophets)
+        for spec in self.prophets:
+            check_prophet_spec(spec)
 
     @property
     def all_methods(self) -> tuple[str, ...]:
-        return self.methods + (SAMPLING_METHODS if self.sampling else ())
+        prophets = tuple(m for spec in self.prophets for m in (PROPHET_ALONE + spec, WITH_REFERENCES + spec))
+        return self.methods + prophets + (SAMPLING_METHODS if self.sampling else ())
 
 
 @dataclass
@@ -364,6 +378,14 @@ def run_refdecode(
         references = [ids for _, ids in request.references]
         suffix = SuffixDrafter(request.prompt_ids, references=references, tree=method == "suffix-tree")
         kwargs.update(drafter=suffix)  # and generate's default DraftPolicy, as for refdecode
+    elif method.startswith(WITH_REFERENCES):
+        kwargs.update(store=_store(tokenizer, request), draft_model=method[len(WITH_REFERENCES) :])
+        if index is not None:
+            kwargs.update(index=index)
+    elif method.startswith(PROPHET_ALONE):
+        from refdecode.prophets import build_prophet
+
+        kwargs.update(drafter=build_prophet(method[len(PROPHET_ALONE) :], model, tokenizer))
     elif method == "oracle":
         if greedy_ids is None:
             raise ValueError("the oracle needs the greedy output of the same prompt")
@@ -386,6 +408,7 @@ def run_refdecode(
         accepted_tokens=s.accepted_tokens,
         recomputed=s.recomputed,
         stop_reason=out.stop_reason,
+        draft_seconds=getattr(s, "draft_seconds", 0.0),
     )
     # the tree statistics, from a refdecode that keeps them: nodes verified per step, accepted tokens per source
     if getattr(s, "tree_sizes", None) is not None:
@@ -596,7 +619,7 @@ def run_benchmark(
             )
             if method == "greedy":
                 greedy_ids = rec["token_ids"]
-            elif method in CHECKED_METHODS and greedy_ids is not None:
+            elif is_checked(method) and greedy_ids is not None:
                 pos = first_mismatch(rec["token_ids"], greedy_ids)
                 rec["matches_greedy"], rec["first_mismatch"] = pos is None, pos
             rec.update(
