@@ -140,40 +140,41 @@ class _Prophet:
         tokens, values = top.indices.tolist(), top.values.tolist()
         return tokens[0], values[0], None, list(zip(tokens[1:], values[1:], strict=True))
 
-    def _tree(self, chain: list[tuple[int, float, Any, list]], match: int = 0) -> DraftTree | None:
+    def _tree(
+        self, chain: list[tuple[int, float, Any, list]], *, share_continuations: bool = False
+    ) -> DraftTree | None:
         """Chain nodes (token, confidence, q, alternatives) -> a tree: the chain of first choices, and at each
-        depth the alternatives as leaf siblings (greedy only; under q-sampling the tree is the chain)."""
+        depth the alternatives as siblings (greedy only; under q-sampling the tree is the chain).
+
+        share_continuations: the guesses at each depth do not depend on the token before (non-autoregressive heads),
+        so an alternative is continued by the chain's deeper guesses too (Medusa's tree); otherwise alternatives
+        are leaves (an autoregressive model would need a forward to continue them)."""
         if not chain:
             return None
-        tokens, parents, sources, evidence = [], [], [], []
-        qs = []
-        parent = ROOT
-        chain_nodes = []
-        for token, confidence, q, _ in chain:
+        tokens, parents, evidence, qs = [], [], [], []
+
+        def add(token: int, parent: int, confidence: float, q) -> int:
             tokens.append(token)
             parents.append(parent)
-            sources.append(self.name)
             evidence.append(confidence_evidence(confidence))
             qs.append(q)
-            parent = len(tokens) - 1
-            chain_nodes.append(parent)
+            return len(tokens) - 1
+
+        chain_nodes: list[int] = []
+        for token, confidence, q, _ in chain:
+            chain_nodes.append(add(token, chain_nodes[-1] if chain_nodes else ROOT, confidence, q))
         for depth, (_, _, q, alternatives) in enumerate(chain):
             if q is not None:
                 continue
-            parent = chain_nodes[depth - 1] if depth else ROOT
             for token, confidence in alternatives:
                 if confidence <= 0.0:
                     continue
-                tokens.append(token)
-                parents.append(parent)
-                sources.append(self.name)
-                evidence.append(confidence_evidence(confidence))
-                qs.append(None)
-        tree = DraftTree(tokens, parents, sources, evidence)
-        tree = _in_flat_order(tree)
-        if all(q is not None for q in qs):
-            tree.q = torch.stack(qs)
-        return tree
+                node = add(token, chain_nodes[depth - 1] if depth else ROOT, confidence, None)
+                for deeper, deeper_confidence, _, _ in chain[depth + 1 :] if share_continuations else ():
+                    node = add(deeper, node, deeper_confidence, None)
+        q_rows = torch.stack(qs) if all(q is not None for q in qs) else None
+        tree = DraftTree(tokens, parents, [self.name] * len(tokens), evidence, q=q_rows)
+        return _in_flat_order(tree)
 
 
 def _in_flat_order(tree: DraftTree) -> DraftTree:
@@ -356,7 +357,7 @@ class HeadsDrafter(_Prophet):
             expected, path_prob = expected + p, p
         self._time(time.perf_counter() - t0, len(chain))
         self.proposals += 1
-        return self._tree(chain)
+        return self._tree(chain, share_continuations=True)
 
 
 def _dtype(module) -> torch.dtype:
