@@ -613,6 +613,52 @@ def test_heads_drafter_greedy_equals_plain_and_removes_its_hook(family, heads_ki
     assert kwargs["drafter"].prophet.proposals > 0  # the heads drafted
 
 
+class OracleHeads(torch.nn.Module):
+    """Stand-in heads that know the answer: given the final hidden state of the row at position t of the greedy
+    sequence (which chose the token at t + 1, the pending one), head k returns the token at t + 2 + k. The row is
+    recognised by its nearest stored hidden state, so the drafts are right only if the drafter reads the row that
+    chose the pending token (session.row)."""
+
+    def __init__(self, model, ids: list[int], num_heads: int = 3):
+        super().__init__()
+        self.num_heads, self.vocab = num_heads, model.config.vocab_size
+        self.scale = torch.nn.Parameter(torch.ones(()))  # heads have weights (HeadsDrafter reads their dtype)
+        captured = []
+        hook = model.model.norm.register_forward_hook(lambda module, inputs, output: captured.append(output))
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+        finally:
+            hook.remove()
+        self.register_buffer("rows", captured[0][0].detach().clone())  # [T, H]
+        self.register_buffer("vocab_ids", torch.arange(self.vocab))
+        self.ids = ids
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [H] -> [K, V]
+        t = int((self.rows - hidden).norm(dim=-1).argmin())
+        logits = torch.zeros(self.num_heads, self.vocab)
+        for k in range(self.num_heads):
+            if t + 2 + k < len(self.ids):
+                logits[k, self.ids[t + 2 + k]] = 30.0
+        return logits * self.scale
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_heads_drafter_reads_the_row_that_chose_the_pending_token(family):
+    """With heads that are right whenever they are given the right row, nearly every step commits several tokens:
+    the loop's session.row and the hook's capture point at the right hidden state, in chain and tree steps alike."""
+    model, _ = family_models(family)
+    prompt = PROMPTS[1]
+    expected = plain_greedy(model, prompt, MAX_NEW)
+    drafter = HeadsDrafter(OracleHeads(model, prompt + expected), top_k=2)  # top_k=2: trees with a sibling
+    out = refdecode.generate(
+        model, None, prompt, max_new_tokens=MAX_NEW, drafter=drafter, policy=fixed_policy(), calibrate=False
+    )
+    assert out.token_ids == expected
+    assert out.stats.accepted_sources.get("heads", 0) >= MAX_NEW // 2, out.stats.accepted_sources
+    assert out.stats.as_dict()["mean_accepted"] > 2
+
+
 def test_heads_drafter_removes_its_hook_when_decoding_fails():
     model, _ = family_models("llama")
     drafter = HeadsDrafter(LmHeadHeads(model))
