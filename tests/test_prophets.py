@@ -832,3 +832,26 @@ def test_hybrid_starts_and_closes_its_prophet_through_generate():
         model, None, PROMPTS[0], max_new_tokens=6, drafter=hybrid, policy=fixed_policy(), calibrate=False
     )
     assert (prophet.started, prophet.closed) == (1, 1) and hybrid.session is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real SmolLM2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("spec", ["self:layers=10", "self:int8"])
+def test_smollm2_greedy_with_a_self_prophet_equals_transformers(smollm2, spec):
+    model, tokenizer = smollm2
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "List three prime numbers and say why each is prime."}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )
+    ids = ids["input_ids"] if hasattr(ids, "keys") else list(ids)
+    expected = plain_greedy(model, ids, 24)
+    out = refdecode.generate(
+        model, tokenizer, ids, max_new_tokens=24, draft_model=spec, policy=fixed_policy(), calibrate=False
+    )
+    assert out.token_ids == expected
+    assert out.stats.accepted_sources.get(build_prophet(spec, model).name, 0) > 0, out.stats.accepted_sources
