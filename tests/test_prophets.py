@@ -1,0 +1,857 @@
+"""Model prophets (refdecode.prophets, issue 12): drafts from a model join the token tree and decoding stays lossless.
+
+Greedy: token for token equal to transformers' greedy generate with any prophet (a weak random model, the target
+itself, its int8 copy, its first layers), with and without references, trees and chains, alone or hybrid, also
+through hf_generate. Sampling: the first tokens follow the exact distribution with the prophet's q (alone) and with
+point masses (hybrid), and the same statistic rejects a wrong residual. The shared-cache prophet leaves the target's
+cache as it found it; the own-cache prophet rolls back rejected drafts; bad input is refused with ValueError (exit
+2 at the command line); merge_trees keeps every path of both trees; the hybrid skips the prophet where references
+cover the next token.
+
+Costs are fixed (FixedCosts: one forward = 1 s, whatever its width, never re-timed), so whether a prophet drafts and
+how far never depends on this machine's load: every run below is deterministic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import _tiny_gemma3, _tiny_llama
+from stats_helpers import (
+    VOCAB,
+    IdTokenizer,
+    WholeTree,
+    chi_square_gof,
+    exact_tables,
+    joint_probabilities,
+    tiny_llama,
+    tiny_sampling_llama,
+    total_variation,
+)
+from test_sampling import uncertain_references
+
+import refdecode
+import refdecode.decoding
+from refdecode.drafting import AcceptanceModel, DraftPolicy, ForwardCostModel
+from refdecode.prophets import (
+    DraftSession,
+    HeadsDrafter,
+    HybridDrafter,
+    ModelDrafter,
+    build_prophet,
+    check_draft_model,
+    check_prophet_spec,
+    early_exit_model,
+    merge_trees,
+)
+from refdecode.sampling import SamplingConfig, build_processors
+from refdecode.store import ReferenceStore
+from refdecode.tree import ROOT, Candidate, DraftTree, build_tree
+from refdecode.verification import Verdict
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+
+
+class FixedCosts(ForwardCostModel):
+    """Every forward costs 1 s whatever its width, and measurements never change that: drafting decisions depend on
+    acceptance only (a prophet's own draft cost, measured in milliseconds, is then always worth it)."""
+
+    def __init__(self):
+        super().__init__({1: 1.0, 64: 1.0})
+
+    def observe(self, width: int, seconds: float) -> None:
+        pass
+
+
+def fixed_policy(**kwargs) -> DraftPolicy:
+    return DraftPolicy(costs=FixedCosts(), **kwargs)
+
+
+def plain_greedy(model, prompt, max_new: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new)
+    return out[0, len(prompt) :].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Greedy equivalence with transformers
+# ---------------------------------------------------------------------------------------------------------------
+
+MAX_NEW = 20
+PROMPTS = [
+    [0, 5, 9, 13, 17, 5, 9, 21, 30],
+    [0, 40, 41, 42, 43, 44, 45, 46, 40, 41],
+    [0, 77, 3, 88, 3, 77, 3, 12],
+]
+FAMILIES = {"llama": _tiny_llama, "gemma3": _tiny_gemma3}
+_MODELS: dict = {}
+
+
+def family_models(family: str):
+    """(target, weak prophet): two random models of the same family and vocabulary, built once per module."""
+    if family not in _MODELS:
+        _MODELS[family] = FAMILIES[family](), FAMILIES[family](seed=5)
+    return _MODELS[family]
+
+
+def prophet_spec(name: str, target, weak):
+    return {"weak": weak, "self": target}.get(name, name)
+
+
+# Own-cache prophets (a separate model, the target itself as a separate drafter, the int8 copy) on Gemma 3, whose
+# sliding-window cache layers cannot be cropped once past the window: see test_own_cache_prophet_on_sliding_window.
+_SLIDING_CROP_BUG = pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="ModelDrafter's own DynamicCache does not activate_past_recording (sliding layers)",
+)
+_KNOWN_FAILURES = {("gemma3", own) for own in ("weak", "self", "self:int8")}
+MODES = ("refs-tree", "refs-chain", "no-refs", "alone")
+GREEDY_CASES = [
+    pytest.param(family, prophet, mode, i % len(PROMPTS), marks=_SLIDING_CROP_BUG)
+    if (family, prophet) in _KNOWN_FAILURES
+    else pytest.param(family, prophet, mode, i % len(PROMPTS))
+    for i, (family, prophet, mode) in enumerate(
+        (family, prophet, mode)
+        for family in FAMILIES
+        for prophet in ("weak", "self", "self:int8", "self:layers=1")
+        # the known failures (every mode fails the same way) in two modes only, to keep the suite fast
+        for mode in (MODES[::3] if (family, prophet) in _KNOWN_FAILURES else MODES)
+    )
+]
+
+
+@pytest.mark.parametrize("family, prophet, mode, prompt_index", GREEDY_CASES)
+def test_greedy_equals_transformers(family, prophet, mode, prompt_index):
+    model, weak = family_models(family)
+    prompt = PROMPTS[prompt_index]
+    expected = plain_greedy(model, prompt, MAX_NEW)
+    spec = prophet_spec(prophet, model, weak)
+    kwargs: dict = dict(max_new_tokens=MAX_NEW, policy=fixed_policy(), calibrate=False)
+    if mode == "alone":
+        kwargs["drafter"] = drafter = build_prophet(spec, model)
+    else:
+        kwargs["draft_model"] = spec
+        kwargs["tree"] = mode != "refs-chain"
+        if mode.startswith("refs"):  # a reference that holds part of the answer after a detour: both kinds draft
+            kwargs["store"] = store = ReferenceStore(IdTokenizer(model.config.vocab_size))
+            store.add(prompt[-2:] + expected[:6] + [2, 3] + expected[10:16], source="doc")
+    out = refdecode.generate(model, None, prompt, **kwargs)
+    assert out.token_ids == expected
+    if mode == "alone":
+        assert drafter.proposals > 0 and drafter.session is None  # it drafted, and the loop closed it
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("gemma3", marks=_SLIDING_CROP_BUG)])
+@pytest.mark.parametrize("mode", ["hybrid", "alone"])
+def test_perfect_prophet_is_mostly_accepted(family, mode):
+    """The target drafting for itself: its drafts are the answer, so most steps commit several tokens."""
+    model, _ = family_models(family)
+    prompt = PROMPTS[0]
+    expected = plain_greedy(model, prompt, MAX_NEW)
+    kwargs: dict = {"drafter": build_prophet(model, model)} if mode == "alone" else {"draft_model": model}
+    out = refdecode.generate(
+        model, None, prompt, max_new_tokens=MAX_NEW, policy=fixed_policy(), calibrate=False, **kwargs
+    )
+    assert out.token_ids == expected
+    assert out.stats.accepted_sources.get("draft", 0) > 0, out.stats.accepted_sources
+    assert out.stats.as_dict()["mean_accepted"] > 2
+    assert out.stats.draft_seconds > 0
+
+
+@pytest.mark.parametrize("prophet", ["weak", "self", "self:layers=1"])
+def test_hf_generate_with_a_prophet_equals_plain_generate(prophet):
+    model, weak = family_models("llama")
+    prompt = PROMPTS[1]
+    x = torch.tensor([prompt])
+    plain = model.generate(x, max_new_tokens=MAX_NEW, do_sample=False)
+    ours = model.generate(
+        x,
+        max_new_tokens=MAX_NEW,
+        do_sample=False,
+        custom_generate=refdecode.hf_generate,
+        draft_model=prophet_spec(prophet, model, weak),
+        policy=fixed_policy(),
+    )
+    assert torch.equal(ours, plain)
+    if prophet != "weak":
+        assert model.refdecode_stats.accepted_tokens > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2-3. The prophet's cache: the shared one is left as found, the own one rolls back
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def four_layer_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def prefilled_session(model, context, *, accepted: int = 0, policy=None) -> DraftSession:
+    """The loop's state between steps: the target's cache holds the context except its last (pending) token, built
+    as decode builds it (prefill, then past recording; `accepted`: the last tokens came from a verification forward
+    whose draft was accepted whole, so nothing cropped them and sliding layers still hold rows past their window)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    head, tail = context[: len(context) - 1 - accepted], context[len(context) - 1 - accepted : -1]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([head]), cache=cache, use_cache=True)
+        cache.activate_past_recording()
+        if tail:
+            model(input_ids=torch.tensor([tail]), cache=cache, use_cache=True)
+    return DraftSession(model, cache, policy or fixed_policy(), None, None, row=len(context) - 2)
+
+
+def cache_snapshot(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's keys and values as the next forward sees them: a sliding layer's last window - 1 rows (the
+    rows it keeps beyond those are only a record for rolling back, which crop trims)."""
+    out = []
+    for layer in cache.layers:
+        rows = layer.sliding_window - 1 if getattr(layer, "is_sliding", False) else 0
+        out.append((layer.keys[:, :, -rows:].clone(), layer.values[:, :, -rows:].clone()))
+    return out
+
+
+@pytest.mark.parametrize("accepted", [0, 3])
+@pytest.mark.parametrize(
+    "family, layers",
+    [("llama4", 1), ("llama4", 3), ("gemma3", 1), ("gemma3", 2)],  # N = 1 and N = L - 1
+)
+def test_shared_cache_prophet_leaves_the_targets_cache_as_found(family, layers, accepted):
+    model = four_layer_llama() if family == "llama4" else family_models("gemma3")[0]
+    context = [0] + [(7 * i + 3) % 90 + 2 for i in range(30)]  # 31 tokens: past Gemma 3's 16-token window
+    session = prefilled_session(model, context, accepted=accepted)
+    before = cache_snapshot(session.cache)
+    drafter = build_prophet(f"self:layers={layers}", model)
+    assert drafter.shared_cache
+    drafter.start(session)
+    tree = drafter.propose(context, 6)
+    assert tree is not None and len(tree) >= 2  # it drafted (more than one forward of the first layers)
+    after = cache_snapshot(session.cache)
+    assert session.cache.get_seq_length() == len(context) - 1
+    assert len(after) == len(before)
+    for i, ((k0, v0), (k1, v1)) in enumerate(zip(before, after, strict=True)):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1), f"layer {i} changed"
+    # and its first token is what the first N layers predict from scratch on the context
+    with torch.no_grad():
+        fresh = early_exit_model(model, layers)(input_ids=torch.tensor([context])).logits[0, -1]
+    assert tree.tokens[0] == int(fresh.argmax())
+    drafter.close()
+
+
+def test_shared_cache_prophet_then_the_target_decodes_as_before():
+    """The target's next forward after a shared-cache proposal gives the logits it gives without one."""
+    model = family_models("gemma3")[0]
+    context = [0] + [(11 * i + 5) % 90 + 2 for i in range(25)]
+    with torch.no_grad():
+        plain = prefilled_session(model, context, accepted=2)
+        expected = model(input_ids=torch.tensor([context[-1:]]), cache=plain.cache, use_cache=True).logits[0, -1]
+        session = prefilled_session(model, context, accepted=2)
+        drafter = build_prophet("self:layers=1", model)
+        drafter.start(session)
+        assert drafter.propose(context, 5) is not None
+        got = model(input_ids=torch.tensor([context[-1:]]), cache=session.cache, use_cache=True).logits[0, -1]
+    assert torch.equal(got, expected)
+
+
+def test_shared_cache_prophet_declines_a_cache_out_of_step():
+    """Between steps the cache holds the context minus the pending token; anything else: no draft, no change."""
+    model = four_layer_llama()
+    context = list(range(2, 20))
+    session = prefilled_session(model, context)
+    before = cache_snapshot(session.cache)
+    drafter = build_prophet("self:layers=2", model)
+    drafter.start(session)
+    assert drafter.propose(context + [5], 4) is None
+    after = cache_snapshot(session.cache)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(before, after, strict=True))
+
+
+def draft_argmax(draft_model, context) -> int:
+    with torch.no_grad():
+        return int(draft_model(input_ids=torch.tensor([context])).logits[0, -1].argmax())
+
+
+@pytest.mark.parametrize("diverge_at", [0, 1, 2])
+def test_own_cache_prophet_rolls_back_a_rejected_draft(diverge_at):
+    """After the target rejects the draft at depth `diverge_at` (it keeps the first diverge_at draft tokens, then
+    commits a token of its own), the next proposal starts with what the draft model predicts from scratch."""
+    model, weak = family_models("llama")
+    context = PROMPTS[0] + [33, 34]
+    drafter = ModelDrafter(weak, top_k=1)
+    drafter.start(prefilled_session(model, context))
+    first = drafter.propose(context, 4)
+    assert first is not None and first.is_chain() and len(first) > diverge_at
+    chain = first.tokens
+    own = (chain[diverge_at] + 1) % weak.config.vocab_size  # the target's token where the draft was rejected
+    committed = context + chain[:diverge_at] + [own, (own + 7) % weak.config.vocab_size]
+    second = drafter.propose(committed, 4)
+    assert second is not None
+    assert second.tokens[0] == draft_argmax(weak, committed)
+    assert drafter.cached[: len(committed)] == committed  # the cache holds the committed context, then drafts
+    assert drafter.cache.get_seq_length() == len(drafter.cached)
+    drafter.close()
+
+
+@_SLIDING_CROP_BUG
+def test_own_cache_prophet_rolls_back_on_a_sliding_window_model():
+    """Gemma 3's sliding layers (window 16): a rejected draft past the window must roll back as well."""
+    model, weak = family_models("gemma3")
+    context = [0] + [(5 * i + 2) % 90 + 2 for i in range(24)]
+    drafter = ModelDrafter(weak, top_k=1)
+    drafter.start(prefilled_session(model, context))
+    first = drafter.propose(context, 4)
+    assert first is not None
+    committed = context + [(first.tokens[0] + 1) % 96]
+    second = drafter.propose(committed, 4)
+    assert second is not None and second.tokens[0] == draft_argmax(weak, committed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Sampling stays lossless with a model prophet
+# ---------------------------------------------------------------------------------------------------------------
+
+ALPHA = 1e-3  # as tests/test_sampling.py: a correct sampler fails each test with probability 0.001
+S_PROMPT = [2, 7, 4, 3, 6, 5]
+S_TEMPERATURE = 0.8
+S_MAX_NEW = 3  # the step after the prefill drafts 1 token: the second token is the prophet's or a residual's
+SAMPLING_RUNS = {False: 400, True: 400}  # generate calls per goodness-of-fit test: alone, hybrid
+WRONG_RUNS = 300
+_SAMPLING: dict = {}
+
+
+class AlwaysDraft(WholeTree):
+    """Verify whatever is proposed (WholeTree), chains at full length, at fixed costs: the prophet drafts as far
+    as the budget allows (its draft costs milliseconds against a 1 s forward)."""
+
+    def __init__(self):
+        super().__init__(max_draft=8, costs=FixedCosts())
+
+    def choose_length(self, draft, budget):
+        return 0 if draft is None else min(len(draft.tokens), budget, self.max_draft)
+
+
+def sampling_case():
+    """{"target", "prophet", "tables"}: tiny 8-token Llamas; the prophet is peaked (its q puts most mass on one
+    token), which the target accepts at the drafted position about half the time: both verdicts are common, and a
+    wrong residual is far from the right one (a biased rule shows in a few hundred runs)."""
+    if not _SAMPLING:
+        target, prophet = tiny_sampling_llama(), tiny_sampling_llama(seed=13, logit_scale=30.0)
+        processors = build_processors(SamplingConfig(temperature=S_TEMPERATURE))
+        _SAMPLING.update(target=target, prophet=prophet, tables=exact_tables(target, S_PROMPT, processors))
+    return _SAMPLING
+
+
+class QSpy:
+    """Wraps decoding's verify_sampling: counts the calls that verified draft tokens against a draft distribution q."""
+
+    def __init__(self, verify):
+        self.verify, self.with_q = verify, 0
+
+    def __call__(self, probs, draft, generator, *, draft_probs=None):
+        self.with_q += int(draft_probs is not None and len(draft) > 0)
+        return self.verify(probs, draft, generator, draft_probs=draft_probs)
+
+
+def prophet_samples(runs: int, *, first_seed: int = 0, hybrid: bool = False):
+    """First three tokens of `runs` seeded generate calls with the prophet (alone, with its q; or hybrid with
+    references, point masses), and (drafted, accepted, accepted from the prophet) summed over the runs."""
+    case = sampling_case()
+    model, prophet = case["target"], case["prophet"]
+    samples, drafted, accepted, from_prophet = [], 0, 0, 0
+    store = None
+    if hybrid:  # references whose next token is a coin flip for the target, beside the prophet's guesses
+        store = ReferenceStore(IdTokenizer(VOCAB))
+        for i, ref in enumerate(uncertain_references(S_PROMPT, case["tables"])):
+            store.add(ref, source=f"ref-{i}")
+    for seed in range(first_seed, first_seed + runs):
+        kwargs: dict = (
+            {"draft_model": prophet, "store": store} if hybrid else {"drafter": build_prophet(prophet, model)}
+        )
+        out = refdecode.generate(
+            model,
+            None,
+            S_PROMPT,
+            max_new_tokens=S_MAX_NEW,
+            temperature=S_TEMPERATURE,
+            seed=seed,
+            policy=AlwaysDraft(),
+            calibrate=False,
+            **kwargs,
+        )
+        samples.append(tuple(out.token_ids[:3]))
+        drafted += out.stats.drafted_tokens
+        accepted += out.stats.accepted_tokens
+        from_prophet += out.stats.accepted_sources.get("draft", 0)
+    return samples, (drafted, accepted, from_prophet)
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["alone-with-q", "hybrid-point-masses"])
+def test_sampling_with_a_prophet_matches_exact_distribution(hybrid, monkeypatch):
+    sampling_case()
+    spy = QSpy(refdecode.decoding.verify_sampling)
+    monkeypatch.setattr(refdecode.decoding, "verify_sampling", spy)
+    runs = SAMPLING_RUNS[hybrid]
+    samples, (drafted, accepted, from_prophet) = prophet_samples(runs, hybrid=hybrid)
+    probability = joint_probabilities(_SAMPLING["tables"])
+    rate = accepted / drafted
+    assert 0.1 < rate < 0.9, rate  # both verdicts were common
+    assert from_prophet > runs // 10  # the prophet's tokens were accepted, not only the references'
+    if hybrid:
+        assert spy.with_q == 0  # the hybrid verifies the prophet's tokens as point masses
+    else:
+        assert spy.with_q >= runs // 2  # the q rule verified the prophet's chains
+    result = chi_square_gof(samples, probability)
+    tv = total_variation(samples, probability)
+    print(f"\n{'hybrid' if hybrid else 'alone'}: {runs} runs, acceptance {rate:.2f}, {result}, TV {tv:.3f}")
+    assert result.dof >= 8  # enough cells that the test looks at the joint, not one marginal
+    assert result.pvalue > ALPHA, f"the first 3 tokens do not follow the model: {result}"
+    if not hybrid:  # the control of test_the_statistic_rejects_a_wrong_residual: the right rule's pairs fit
+        pairs = chi_square_gof([s[:2] for s in samples], pair_probabilities(_SAMPLING["tables"]))
+        assert pairs.pvalue > ALPHA, f"the first 2 tokens do not follow the model: {pairs}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_Prophet.start draws the draft generator's seed from the call's generator, which shifts the Gumbel noise",
+)
+def test_a_hybrid_prophet_does_not_change_what_a_seed_samples():
+    """Point masses are verified by position-keyed Gumbel noise, so the sample of a seed does not depend on the
+    drafts (tests/test_sampling.py: same seed, same output whatever the draft lengths); a hybrid prophet only adds
+    drafts, so generate(seed=s, draft_model=X) must equal generate(seed=s)."""
+    case = sampling_case()
+    model, prophet = case["target"], case["prophet"]
+    from_prophet = 0
+    for seed in range(4):
+        kwargs: dict = dict(max_new_tokens=12, temperature=S_TEMPERATURE, seed=seed, calibrate=False)
+        plain = refdecode.generate(model, None, S_PROMPT, policy=AlwaysDraft(), **kwargs)
+        hybrid = refdecode.generate(model, None, S_PROMPT, policy=AlwaysDraft(), draft_model=prophet, **kwargs)
+        from_prophet += hybrid.stats.accepted_sources.get("draft", 0)
+        assert hybrid.token_ids == plain.token_ids, f"seed {seed}"
+    assert from_prophet > 0
+
+
+def pair_probabilities(tables) -> dict[tuple[int, int], float]:
+    """{(t1, t2): exact probability}: the marginal of the first two new tokens."""
+    pair = tables.p1[:, None] * tables.p2  # [V, V]
+    return {(a, b): float(pair[a, b]) for a in range(VOCAB) for b in range(VOCAB) if float(pair[a, b]) > 0}
+
+
+def renormalised_p_residual(probs, draft, generator, *, draft_probs=None):
+    """A wrong rule for drafts sampled from q: accept x with probability min(1, p(x) / q(x)), but on rejection
+    draw from p itself instead of norm(max(0, p - q)): x comes out with probability min(p, q)(x) + (1 - beta) p(x),
+    beta = sum(min(p, q)), too often wherever q(x) > beta p(x)."""
+    for i, x in enumerate(draft):
+        p, x = probs[i], int(x)
+        q_x = 1.0 if draft_probs is None else float(draft_probs[i, x])
+        u = float(torch.rand((), generator=generator))
+        if q_x > 0 and u < min(1.0, float(p[x]) / q_x):
+            continue
+        return Verdict(i, int(torch.multinomial(p, 1, generator=generator)))
+    return Verdict(len(draft), int(torch.multinomial(probs[len(draft)], 1, generator=generator)))
+
+
+def test_the_statistic_rejects_a_wrong_residual(monkeypatch):
+    """The same goodness-of-fit test, on the first two tokens (the second is the one the q rule emits), fails the
+    prophet's q path with a wrong residual: it has teeth."""
+    tables = sampling_case()["tables"]
+    spy = QSpy(renormalised_p_residual)
+    monkeypatch.setattr(refdecode.decoding, "verify_sampling", spy)
+    samples, (drafted, accepted, _) = prophet_samples(WRONG_RUNS, first_seed=10**6)
+    assert spy.with_q >= WRONG_RUNS // 2 and drafted > accepted > 0  # the q path was taken, with rejections
+    probability = pair_probabilities(tables)
+    pairs = [s[:2] for s in samples]
+    result = chi_square_gof(pairs, probability)
+    print(f"\nwrong residual: {len(pairs)} runs, {result}, TV {total_variation(pairs, probability):.3f}")
+    assert result.pvalue < ALPHA, f"the test cannot tell a biased residual from the right one: {result}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Bad input, and the heads drafter with stand-in heads
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused():
+    model, _ = family_models("llama")
+    other = _tiny_llama(vocab_size=100)
+    with pytest.raises(ValueError, match=r"100.*96|96.*100"):
+        check_draft_model(model, other)
+    with pytest.raises(ValueError, match=r"100.*96|96.*100"):
+        refdecode.generate(model, None, PROMPTS[0], max_new_tokens=4, draft_model=other)
+
+
+def test_a_draft_model_with_another_eos_is_refused():
+    model, _ = family_models("llama")
+    other = tiny_llama(vocab_size=96, seed=1, eos_token_id=2)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        build_prophet(other, model)
+
+
+@pytest.mark.parametrize("spec", ["self:int4", "self:layers=x", "self:layers=0", "self:layers=-1", "", "   "])
+def test_check_prophet_spec_refuses(spec):
+    with pytest.raises(ValueError):
+        check_prophet_spec(spec)
+
+
+@pytest.mark.parametrize("spec", ["self:int8", "self:layers=1", "self:heads", "smollm2-135m", "/some/checkpoint"])
+def test_check_prophet_spec_accepts(spec):
+    check_prophet_spec(spec)
+
+
+@pytest.mark.parametrize("layers", [2, 3])  # the tiny Llama has 2 layers: N must be below that
+def test_layers_at_or_beyond_the_target_are_refused(layers):
+    model, _ = family_models("llama")
+    with pytest.raises(ValueError, match="1 <= N < 2"):
+        build_prophet(f"self:layers={layers}", model)
+
+
+def test_drafter_and_draft_model_together_are_refused():
+    model, weak = family_models("llama")
+    with pytest.raises(ValueError, match="either drafter= or draft_model="):
+        refdecode.generate(
+            model, None, PROMPTS[0], max_new_tokens=4, drafter=build_prophet(weak, model), draft_model=weak
+        )
+
+
+def test_cli_refuses_an_unknown_prophet_before_loading_a_model(capsys, monkeypatch):
+    from refdecode.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the draft model name was checked")
+
+    monkeypatch.setattr(refdecode, "load_model", no_loading)
+    code = main(["generate", "--prompt", "hi", "--draft-model", "self:bogus"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "self:bogus" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("refdecode.heads") is None, reason="refdecode.heads is not here yet")
+def test_cli_self_heads_without_trained_heads_is_one_line(capsys, monkeypatch, tmp_path, smollm2):
+    """`--draft-model self:heads` where no heads were trained: exit 2 with one line that names the train command.
+    The model is the real SmolLM2 (its name is how heads are looked up); heads are looked for in an empty cache."""
+    from refdecode.cli import main
+
+    model, tokenizer = smollm2
+    monkeypatch.setattr(refdecode, "load_model", lambda *args, **kwargs: (model, tokenizer))
+    monkeypatch.setenv("REFDECODE_CACHE", str(tmp_path))
+    code = main(["generate", "--prompt", "hi", "--max-new-tokens", "4", "--draft-model", "self:heads"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "heads" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+class LmHeadHeads(torch.nn.Module):
+    """Stand-in Medusa heads: every head returns the target's own output layer's logits over the whole vocabulary
+    (a poor guess k + 1 tokens ahead, but well-formed)."""
+
+    def __init__(self, model, num_heads: int = 3):
+        super().__init__()
+        self.num_heads = num_heads
+        self.lm_head = model.lm_head
+        self.register_buffer("vocab_ids", torch.arange(model.config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., K, V]
+        logits = self.lm_head(hidden)
+        return logits.unsqueeze(-2).expand(*logits.shape[:-1], self.num_heads, logits.shape[-1])
+
+
+class ShiftedHeads(torch.nn.Module):
+    """Stand-in heads over a restricted vocabulary (the even ids): head k scores token (argmax + k + 1) mod V highest,
+    so drafts are mostly wrong but do name tokens outside the argmax."""
+
+    def __init__(self, model, num_heads: int = 2):
+        super().__init__()
+        self.num_heads = num_heads
+        self.lm_head = model.lm_head
+        self.register_buffer("vocab_ids", torch.arange(0, model.config.vocab_size, 2))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., K, V']
+        logits = self.lm_head(hidden)[..., self.vocab_ids]
+        return torch.stack([logits.roll(k + 1, dims=-1) for k in range(self.num_heads)], dim=-2)
+
+
+def final_norm_hooks(model) -> int:
+    return len(model.model.norm._forward_hooks)
+
+
+@pytest.mark.parametrize("heads_kind", ["lm_head", "shifted"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_heads_drafter_greedy_equals_plain_and_removes_its_hook(family, heads_kind):
+    model, _ = family_models(family)
+    prompt = PROMPTS[2]
+    expected = plain_greedy(model, prompt, MAX_NEW)
+    heads = LmHeadHeads(model) if heads_kind == "lm_head" else ShiftedHeads(model)
+    hooks = final_norm_hooks(model)
+    for kwargs in (
+        {"drafter": HeadsDrafter(heads)},
+        {"drafter": HybridDrafter(refdecode.ReferenceDrafter(prompt), HeadsDrafter(heads))},
+    ):
+        out = refdecode.generate(
+            model, None, prompt, max_new_tokens=MAX_NEW, policy=fixed_policy(), calibrate=False, **kwargs
+        )
+        assert out.token_ids == expected
+        assert final_norm_hooks(model) == hooks  # the capture hook went with the call
+    assert kwargs["drafter"].prophet.proposals > 0  # the heads drafted
+
+
+class OracleHeads(torch.nn.Module):
+    """Stand-in heads that know the answer: given the final hidden state of the row at position t of the greedy
+    sequence (which chose the token at t + 1, the pending one), head k returns the token at t + 2 + k. The row is
+    recognised by its nearest stored hidden state, so the drafts are right only if the drafter reads the row that
+    chose the pending token (session.row)."""
+
+    def __init__(self, model, ids: list[int], num_heads: int = 3):
+        super().__init__()
+        self.num_heads, self.vocab = num_heads, model.config.vocab_size
+        self.scale = torch.nn.Parameter(torch.ones(()))  # heads have weights (HeadsDrafter reads their dtype)
+        captured = []
+        hook = model.model.norm.register_forward_hook(lambda module, inputs, output: captured.append(output))
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+        finally:
+            hook.remove()
+        self.register_buffer("rows", captured[0][0].detach().clone())  # [T, H]
+        self.register_buffer("vocab_ids", torch.arange(self.vocab))
+        self.ids = ids
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [H] -> [K, V]
+        t = int((self.rows - hidden).norm(dim=-1).argmin())
+        logits = torch.zeros(self.num_heads, self.vocab)
+        for k in range(self.num_heads):
+            if t + 2 + k < len(self.ids):
+                logits[k, self.ids[t + 2 + k]] = 30.0
+        return logits * self.scale
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_heads_drafter_reads_the_row_that_chose_the_pending_token(family):
+    """With heads that are right whenever they are given the right row, nearly every step commits several tokens:
+    the loop's session.row and the hook's capture point at the right hidden state, in chain and tree steps alike."""
+    model, _ = family_models(family)
+    prompt = PROMPTS[1]
+    expected = plain_greedy(model, prompt, MAX_NEW)
+    drafter = HeadsDrafter(OracleHeads(model, prompt + expected), top_k=2)  # top_k=2: trees with a sibling
+    out = refdecode.generate(
+        model, None, prompt, max_new_tokens=MAX_NEW, drafter=drafter, policy=fixed_policy(), calibrate=False
+    )
+    assert out.token_ids == expected
+    assert out.stats.accepted_sources.get("heads", 0) >= MAX_NEW // 2, out.stats.accepted_sources
+    assert out.stats.as_dict()["mean_accepted"] > 2
+
+
+def test_heads_drafter_removes_its_hook_when_decoding_fails():
+    model, _ = family_models("llama")
+    drafter = HeadsDrafter(LmHeadHeads(model))
+    hooks = final_norm_hooks(model)
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(*args, **kwargs):
+        raise Boom
+
+    original = drafter.propose
+    calls = []
+
+    def propose_then_fail(context, max_tokens):
+        calls.append(1)
+        if len(calls) > 2:
+            explode()
+        return original(context, max_tokens)
+
+    drafter.propose = propose_then_fail
+    with pytest.raises(Boom):
+        refdecode.generate(
+            model, None, PROMPTS[0], max_new_tokens=MAX_NEW, drafter=drafter, policy=fixed_policy(), calibrate=False
+        )
+    assert final_norm_hooks(model) == hooks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. merge_trees
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def token_paths(tree: DraftTree) -> dict[tuple[int, ...], int]:
+    """{token path from the root's child down to a node: that node}."""
+    return {tuple(tree.tokens[j] for j in tree.path(i)): i for i in range(len(tree))}
+
+
+def test_merge_trees_merges_shared_nodes_and_appends_new_ones():
+    base = build_tree([Candidate([5, 6, 7], "context", 4), Candidate([5, 8], "store", 2)], max_depth=8)
+    extra = DraftTree([5, 6, 9, 3], [ROOT, 0, 1, ROOT], ["draft"] * 4, [7, 5, 3, 2], [1, 1, 1, 1])
+    merged = merge_trees(base, extra)
+    paths = token_paths(merged)
+    assert set(paths) == {(5,), (5, 6), (5, 6, 7), (5, 8), (5, 6, 9), (3,)}
+    assert merged.counts[paths[(5,)]] == 2 + 1 and merged.counts[paths[(5, 6)]] == 1 + 1
+    assert merged.sources[paths[(5, 6)]] == "context" and merged.match_lens[paths[(5, 6)]] == 4  # the base's evidence
+    assert merged.sources[paths[(5, 6, 9)]] == "draft" and merged.match_lens[paths[(5, 6, 9)]] == 3
+    assert merged.sources[paths[(3,)]] == "draft" and merged.parents[paths[(3,)]] == ROOT
+    assert merged.parents[paths[(5, 6, 9)]] == paths[(5, 6)]
+    assert merged.q is None
+
+
+def test_merge_trees_drops_q():
+    base = DraftTree.chain([1, 2], source="context", match_len=3)
+    extra = DraftTree.chain([1, 4], source="draft", q=torch.full((2, 8), 1 / 8))
+    assert merge_trees(base, extra).q is None
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_paths = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=4), max_size=6)
+
+
+def _tree_of(paths: list[list[int]], source: str) -> DraftTree:
+    return build_tree([Candidate(p, source, 1 + i) for i, p in enumerate(paths)], max_depth=8)
+
+
+@pytest.mark.fuzz
+@given(_paths, _paths)
+def test_merge_trees_keeps_every_path_of_both(base_paths, extra_paths):
+    base, extra = _tree_of(base_paths, "context"), _tree_of(extra_paths, "draft")
+    merged = merge_trees(base, extra)
+    got, in_base, in_extra = token_paths(merged), token_paths(base), token_paths(extra)
+    assert set(got) == set(in_base) | set(in_extra)  # every path of both, and nothing else (no duplicates)
+    assert len(merged) == len(got)
+    assert all(p < i for i, p in enumerate(merged.parents))  # flat order: parents before children
+    for path, node in got.items():
+        base_count = base.counts[in_base[path]] if path in in_base else 0
+        extra_count = extra.counts[in_extra[path]] if path in in_extra else 0
+        assert merged.counts[node] == base_count + extra_count
+        origin, i = (base, in_base[path]) if path in in_base else (extra, in_extra[path])
+        assert (merged.sources[node], merged.match_lens[node]) == (origin.sources[i], origin.match_lens[i])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. The hybrid skips the prophet where references cover the next token
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CountingProphet:
+    """A prophet stub: counts its proposals, drafts a fixed chain, costs 10 ms a token."""
+
+    name = "stub"
+
+    def __init__(self, tokens=(4, 5)):
+        self.tokens, self.calls, self.use_q, self.seconds_per_token = list(tokens), 0, True, 0.01
+        self.started = self.closed = 0
+
+    def start(self, session):
+        self.started += 1
+
+    def close(self):
+        self.closed += 1
+
+    def observe(self, new_tokens):
+        pass
+
+    def propose(self, context, max_tokens):
+        self.calls += 1
+        return DraftTree.chain(self.tokens[:max_tokens], source=self.name, match_len=4)
+
+
+class FixedReference:
+    """A reference drafter stub that proposes the same tree (or nothing) every step."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+    def propose(self, context, max_tokens):
+        return self.tree
+
+    def observe(self, new_tokens):
+        pass
+
+
+def sure_policy() -> DraftPolicy:
+    """Every source's drafts are accepted with probability 1 (a prior of weight 10^6 at 1.0)."""
+    return fixed_policy(acceptance=AcceptanceModel(prior=1.0, prior_weight=1e6))
+
+
+def hybrid_with(reference_tree, policy):
+    prophet = CountingProphet()
+    hybrid = HybridDrafter(FixedReference(reference_tree), prophet)
+    assert prophet.use_q is False  # the hybrid verifies point masses
+    hybrid.start(DraftSession(None, None, policy, None, None))
+    return hybrid, prophet
+
+
+def test_hybrid_skips_the_prophet_where_references_cover_the_next_token():
+    hybrid, prophet = hybrid_with(DraftTree.chain([7, 8, 9], source="context", match_len=6), sure_policy())
+    for step in range(3):
+        tree = hybrid.propose([1, 2, 3], 4)
+        assert tree is not None and tree.tokens == [7, 8, 9]
+        assert hybrid.skipped == step + 1
+    assert prophet.calls == 0
+
+
+def test_hybrid_runs_the_prophet_where_nothing_matches():
+    hybrid, prophet = hybrid_with(None, sure_policy())
+    tree = hybrid.propose([1, 2, 3], 4)
+    assert prophet.calls == 1 and hybrid.skipped == 0
+    assert tree is not None and tree.tokens == [4, 5] and tree.sources == ["stub", "stub"]
+
+
+def test_hybrid_merges_the_prophet_where_references_are_unsure():
+    """References at an acceptance of 0.3 leave room: the prophet runs and its chain joins the references' tree."""
+    policy = fixed_policy(acceptance=AcceptanceModel(prior=0.3, prior_weight=1e6))
+    hybrid, prophet = hybrid_with(DraftTree.chain([7, 8], source="context", match_len=2), policy)
+    tree = hybrid.propose([1, 2, 3], 4)
+    assert prophet.calls == 1 and hybrid.skipped == 0
+    assert set(token_paths(tree)) == {(7,), (7, 8), (4,), (4, 5)}
+
+
+def test_hybrid_starts_and_closes_its_prophet_through_generate():
+    model, _ = family_models("llama")
+    prophet = CountingProphet(tokens=())
+    hybrid = HybridDrafter(refdecode.ReferenceDrafter(PROMPTS[0]), prophet)
+    refdecode.generate(
+        model, None, PROMPTS[0], max_new_tokens=6, drafter=hybrid, policy=fixed_policy(), calibrate=False
+    )
+    assert (prophet.started, prophet.closed) == (1, 1) and hybrid.session is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real SmolLM2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("spec", ["self:layers=10", "self:int8"])
+def test_smollm2_greedy_with_a_self_prophet_equals_transformers(smollm2, spec):
+    model, tokenizer = smollm2
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "List three prime numbers and say why each is prime."}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )
+    ids = ids["input_ids"] if hasattr(ids, "keys") else list(ids)
+    expected = plain_greedy(model, ids, 24)
+    out = refdecode.generate(
+        model, tokenizer, ids, max_new_tokens=24, draft_model=spec, policy=fixed_policy(), calibrate=False
+    )
+    assert out.token_ids == expected
+    assert out.stats.accepted_sources.get(build_prophet(spec, model).name, 0) > 0, out.stats.accepted_sources
