@@ -92,8 +92,10 @@ class _Prophet:
 
     def start(self, session: DraftSession) -> None:
         self.session = session
-        if session.generator is not None:  # the draft's own samples: reproducible from the call's seed
-            seed = int(torch.randint(0, 2**62, (1,), generator=session.generator, device=session.generator.device))
+        if session.generator is not None:  # the draft's own samples: reproducible from the call's seed, and never
+            # drawn from the call's generator (that would shift the verification's noise: a seed would sample
+            # differently with a prophet than without, although point masses make the sample independent of drafts)
+            seed = (session.generator.initial_seed() * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
             self.draft_generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def close(self) -> None:
@@ -174,24 +176,7 @@ class _Prophet:
                     node = add(deeper, node, deeper_confidence, None)
         q_rows = torch.stack(qs) if all(q is not None for q in qs) else None
         tree = DraftTree(tokens, parents, [self.name] * len(tokens), evidence, q=q_rows)
-        return _in_flat_order(tree)
-
-
-def _in_flat_order(tree: DraftTree) -> DraftTree:
-    """Nodes appended out of order (alternatives after the chain) -> parents before children, children grouped
-    by parent in insertion order (what verification and the policy's sibling ranks expect)."""
-    order: list[int] = []
-    kids: dict[int, list[int]] = {}
-    for i, p in enumerate(tree.parents):
-        kids.setdefault(p, []).append(i)
-
-    def visit(node: int) -> None:
-        for child in kids.get(node, []):
-            order.append(child)
-            visit(child)
-
-    visit(ROOT)
-    return tree.subtree(order) if order != sorted(order) else tree
+        return tree  # parents come before children: every node is appended after its parent
 
 
 class ModelDrafter(_Prophet):
@@ -217,6 +202,7 @@ class ModelDrafter(_Prophet):
             from transformers import DynamicCache
 
             self.cache, self.cached = DynamicCache(config=self.model.config), []
+            self.cache.activate_past_recording()  # sliding-window layers (Gemma 3) must stay croppable on rollback
 
     def close(self) -> None:
         super().close()
@@ -361,7 +347,8 @@ class HeadsDrafter(_Prophet):
 
 
 def _dtype(module) -> torch.dtype:
-    return next(module.parameters()).dtype
+    param = next(module.parameters(), None)
+    return param.dtype if param is not None else torch.float32
 
 
 def _final_norm(model):
@@ -454,7 +441,7 @@ def merge_trees(base: DraftTree, extra: DraftTree) -> DraftTree:
         lens.append(extra.match_lens[i])
         counts.append(extra.counts[i])
         index[key] = mapped[i] = len(tokens) - 1
-    return _in_flat_order(DraftTree(tokens, parents, sources, lens, counts))
+    return DraftTree(tokens, parents, sources, lens, counts)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -99,25 +99,14 @@ def prophet_spec(name: str, target, weak):
     return {"weak": weak, "self": target}.get(name, name)
 
 
-# Own-cache prophets (a separate model, the target itself as a separate drafter, the int8 copy) on Gemma 3, whose
-# sliding-window cache layers cannot be cropped once past the window: see test_own_cache_prophet_on_sliding_window.
-_SLIDING_CROP_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="ModelDrafter's own DynamicCache does not activate_past_recording (sliding layers)",
-)
-_KNOWN_FAILURES = {("gemma3", own) for own in ("weak", "self", "self:int8")}
 MODES = ("refs-tree", "refs-chain", "no-refs", "alone")
 GREEDY_CASES = [
-    pytest.param(family, prophet, mode, i % len(PROMPTS), marks=_SLIDING_CROP_BUG)
-    if (family, prophet) in _KNOWN_FAILURES
-    else pytest.param(family, prophet, mode, i % len(PROMPTS))
+    (family, prophet, mode, i % len(PROMPTS))
     for i, (family, prophet, mode) in enumerate(
         (family, prophet, mode)
         for family in FAMILIES
         for prophet in ("weak", "self", "self:int8", "self:layers=1")
-        # the known failures (every mode fails the same way) in two modes only, to keep the suite fast
-        for mode in (MODES[::3] if (family, prophet) in _KNOWN_FAILURES else MODES)
+        for mode in MODES
     )
 ]
 
@@ -143,7 +132,7 @@ def test_greedy_equals_transformers(family, prophet, mode, prompt_index):
         assert drafter.proposals > 0 and drafter.session is None  # it drafted, and the loop closed it
 
 
-@pytest.mark.parametrize("family", ["llama", pytest.param("gemma3", marks=_SLIDING_CROP_BUG)])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("mode", ["hybrid", "alone"])
 def test_perfect_prophet_is_mostly_accepted(family, mode):
     """The target drafting for itself: its drafts are the answer, so most steps commit several tokens."""
@@ -310,7 +299,6 @@ def test_own_cache_prophet_rolls_back_a_rejected_draft(diverge_at):
     drafter.close()
 
 
-@_SLIDING_CROP_BUG
 def test_own_cache_prophet_rolls_back_on_a_sliding_window_model():
     """Gemma 3's sliding layers (window 16): a rejected draft past the window must roll back as well."""
     model, weak = family_models("gemma3")
@@ -428,10 +416,6 @@ def test_sampling_with_a_prophet_matches_exact_distribution(hybrid, monkeypatch)
         assert pairs.pvalue > ALPHA, f"the first 2 tokens do not follow the model: {pairs}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Prophet.start draws the draft generator's seed from the call's generator, which shifts the Gumbel noise",
-)
 def test_a_hybrid_prophet_does_not_change_what_a_seed_samples():
     """Point masses are verified by position-keyed Gumbel noise, so the sample of a seed does not depend on the
     drafts (tests/test_sampling.py: same seed, same output whatever the draft lengths); a hybrid prophet only adds
