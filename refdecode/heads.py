@@ -265,11 +265,12 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def _resolve_folder(model_name_or_dir: str | Path) -> tuple[Path, str]:
-    """(folder, model name for messages): a folder holding a manifest is used as is, anything else is a model name."""
+    """(folder, train command for messages): an existing folder that is not a model checkpoint (no config.json) is
+    a heads folder; anything else is a model name, whose heads live in `heads_dir`."""
     path = Path(model_name_or_dir)
-    if (path / MANIFEST_FILE).is_file():
-        return path, str(model_name_or_dir)
-    return heads_dir(str(model_name_or_dir)), str(model_name_or_dir)
+    if path.is_dir() and not (path / "config.json").exists():
+        return path, f"refdecode heads train --model MODEL --out {path}"
+    return heads_dir(str(model_name_or_dir)), _train_command(str(model_name_or_dir))
 
 
 def _check_tensors(tensors: dict, manifest: dict, where: Path, model_vocab: int) -> None:
@@ -302,12 +303,12 @@ def load_heads(model_name_or_dir: str | Path, *, tokenizer, model) -> MedusaHead
 
     from .corpus.format import tokenizer_fingerprint
 
-    folder, name = _resolve_folder(model_name_or_dir)
+    folder, command = _resolve_folder(model_name_or_dir)
     if not (folder / MANIFEST_FILE).exists():
         if (folder / WEIGHTS_FILE).exists():
             raise ValueError(f"{folder} has heads weights but no manifest (an interrupted save?); train them again")
         raise HeadsNotFoundError(
-            f"no trained heads for model '{name}' (looked in {folder}); train them with `{_train_command(name)}`"
+            f"no trained heads for model '{model_name_or_dir}' (looked in {folder}); train them with `{command}`"
         )
     manifest = _read_manifest(folder)
     weights = folder / WEIGHTS_FILE
