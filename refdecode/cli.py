@@ -1,4 +1,4 @@
-"""The `refdecode` command line: generate, plus the `index` and `bench` command groups.
+"""The `refdecode` command line: generate, plus the `index`, `bench` and `heads` command groups.
 
 Knows: argument parsing, reading prompt/reference files, printing text, streams and JSON, and turning every
 expected failure (missing or non-UTF-8 file, empty prompt, unknown model, bad option, unavailable device) into one
@@ -233,12 +233,94 @@ def _tree_line(s) -> str:
     )
 
 
+def _add_heads(subparsers) -> None:
+    p = subparsers.add_parser("heads", help="Medusa-style heads that draft from the target's own hidden state")
+    group = p.add_subparsers(dest="heads_command", required=True)
+    t = group.add_parser("train", help="train heads on ShareGPT conversations (the training half), base frozen")
+    t.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or a local checkpoint dir")
+    t.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget of the whole run (default: 25)")
+    t.add_argument("--max-tokens", type=int, default=100_000, help="tokens run through the base model")
+    t.add_argument("--heads", type=int, default=3, help="number of heads K: head k guesses token t+k+1")
+    t.add_argument("--vocab", type=int, default=8192, help="restricted vocabulary: the V most frequent outputs")
+    t.add_argument("--out", help="folder to save into (default: the model cache's heads/MODEL)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--train-output", action="store_true", help="also train the heads' output matrix (default: the model's own)"
+    )
+    t.add_argument("--device", default="cpu")
+    t.set_defaults(func=_run_heads_train)
+
+
+def _run_heads_train(args) -> int:
+    import refdecode
+
+    from .bench import data
+    from .heads import heads_dir, save_heads, train_heads
+
+    if not args.minutes > 0:
+        raise CliError("--minutes must be positive")
+    if args.max_tokens < 1000:
+        raise CliError("--max-tokens must be at least 1000")
+    if not 1 <= args.heads <= 16:
+        raise CliError("--heads must be between 1 and 16")
+    if args.vocab < 16:
+        raise CliError("--vocab must be at least 16")
+    out = Path(args.out) if args.out else heads_dir(args.model)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file, not a folder")
+    try:
+        _, train = data.sharegpt_split(data.sharegpt_conversations())
+    except FileNotFoundError:
+        raise CliError(f"the ShareGPT conversations are not in {data.data_root()}: run `make data` first") from None
+    model, tokenizer = refdecode.load_model(args.model, device=args.device)
+    heads, metrics = train_heads(
+        model,
+        tokenizer,
+        train,
+        num_heads=args.heads,
+        vocab_size=args.vocab,
+        max_tokens=args.max_tokens,
+        minutes=args.minutes,
+        seed=args.seed,
+        train_output=args.train_output,
+    )
+    try:
+        save_heads(heads, out, tokenizer=tokenizer, model_name=args.model, metrics=metrics, model=model)
+    except OSError as err:
+        raise CliError(f"could not save the heads to {out}: {err.strerror or err}") from None
+    print(_heads_report(metrics, out))
+    return 0
+
+
+def _heads_report(m: dict, out: Path) -> str:
+    """The training metrics as a few lines: agreement with the base's greedy choice on held-out conversations."""
+
+    def pct(values: list[float]) -> str:
+        return " ".join(f"{100 * v:.1f}%" for v in values)
+
+    lines = [
+        f"heads saved to {out}",
+        f"held-out agreement with the base's greedy token, heads +2..+{m['num_heads'] + 1} "
+        f"({m['heldout_rows']} positions, labels: {m['labels']}):",
+        f"  top-1 {pct(m['top1'])}; top-3 {pct(m['top3'])} (untrained: top-1 {pct(m['untrained_top1'])})",
+    ]
+    for name, r in m["by_labels"].items():
+        lines.append(f"  {name} labels: top-1 {pct(r['top1'])}; top-3 {pct(r['top3'])}")
+    lines.append(
+        f"vocabulary {m['vocab_size']} tokens covers {100 * m['coverage']:.2f}% of the base's greedy tokens; "
+        f"{m['forward_tokens']} tokens from {m['texts']} conversations at {m['forward_tokens_per_second']:.0f} tok/s; "
+        f"{m['seconds_total']:.0f} s in all"
+    )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refdecode", description="Lossless reference-drafted speculative decoding for transformers models."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
+    _add_heads(subparsers)
     try:
         from .corpus.cli import add_index_commands
 

@@ -46,6 +46,7 @@ __all__ = [
     "faq_pairs",
     "faq_sections",
     "sharegpt_conversations",
+    "sharegpt_split",
     "decode_json_array_prefix",
     "chitchat_dialogs",
     "humaneval_problems",
@@ -570,6 +571,14 @@ def sharegpt_conversations() -> list[list[dict]]:
     records, _ = decode_json_array_prefix(text)
     convs = (normalize_conversation(r.get("conversations") or []) for r in records)
     return [c for c in convs if c is not None and any(m["content"].strip() for m in c)]
+
+
+def sharegpt_split(convs: list) -> tuple[list, list]:
+    """(bench, train): the first half of the conversations (in file order) for the benchmark's chat workload, the
+    second half for training models such as Medusa heads, so that no benchmark prompt is ever trained on. The
+    bench side keeps the conversations' indices, so chat request ids ("chat/sharegpt-{i}") stay what they were."""
+    half = (len(convs) + 1) // 2
+    return convs[:half], convs[half:]
 
 
 def chitchat_dialogs() -> list[list[str]]:

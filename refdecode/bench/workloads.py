@@ -420,8 +420,9 @@ def summarize_workload(s: Sampling) -> list[Request]:
 
 
 def chat_workload(s: Sampling) -> list[Request]:
-    """ShareGPT: the longest history ending on a user turn that fits the budget."""
-    convs = data.sharegpt_conversations()
+    """ShareGPT: the longest history ending on a user turn that fits the budget, from the benchmark half of the
+    conversations only (`data.sharegpt_split`: the other half trains Medusa heads)."""
+    convs, _ = data.sharegpt_split(data.sharegpt_conversations())
 
     def build(i: int) -> Request | None:
         history = longest_fitting_history(convs[i], s.history_fits)
