@@ -23,8 +23,8 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,13 +176,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(folder: Path, name: str, write) -> None:
     """Write `folder/name` through a temporary file in the same folder and os.replace, so a reader never sees a
     half-written file; the temporary file is removed if writing fails."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = str(folder / f".{name}-{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600: a shared cache should read like any other file
         os.replace(tmp, folder / name)
     finally:
         if os.path.exists(tmp):

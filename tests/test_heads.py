@@ -2,6 +2,7 @@
 format (round trip and every hostile folder), the train command's expected errors, and the ShareGPT split."""
 
 import json
+import os
 import random
 
 import pytest
@@ -183,6 +184,14 @@ def test_save_load_round_trip_is_bit_identical(trained, model, tokenizer, tmp_pa
     save_heads(heads, tmp_path / "h", tokenizer=tokenizer, model_name="tiny", metrics=metrics, model=model)
     assert (tmp_path / "h" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["heads.safetensors", "manifest.json", "notes.txt"]
+    mode = 0o666 & ~_umask()
+    assert all((tmp_path / "h" / f).stat().st_mode & 0o777 == mode for f in ("heads.safetensors", "manifest.json"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_heads_follow_the_models_dtype(trained, model, tokenizer, tmp_path):
