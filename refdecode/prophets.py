@@ -85,6 +85,8 @@ class _Prophet:
         self.draft_generator: torch.Generator | None = None
         self.proposals = 0
         self.draft_seconds = 0.0
+        self.standalone = True  # alone, it decides itself whether to run (HybridDrafter decides for it otherwise)
+        self._refused = 0  # steps in a row it decided not to run
 
     @property
     def policy_kind(self) -> str:
@@ -112,6 +114,25 @@ class _Prophet:
     def _acceptance(self, confidence: float, rank: int = 0) -> float:
         assert self.session is not None
         return self.session.policy.node_model(self.name, rank).rate(confidence_evidence(confidence))
+
+    def pays(self, covered: float, width: int) -> bool:
+        """Whether running the prophet this step pays: its first token's expected gain, the chance that the other
+        drafts' first tokens are all wrong (`covered`: their summed probability) times the chance its own is right,
+        in seconds of a plain step, must exceed what it adds: its draft time per token and the wider verification
+        (from `width` to width + 1 tokens). A flat cost curve (a GPU) runs it almost always; a CPU where a 2-token
+        forward costs much more than a 1-token one runs it only where it is often right. Every `explore_every`
+        refusals in a row it runs anyway: its acceptance estimates only change where its drafts are verified."""
+        assert self.session is not None
+        costs = self.session.policy.costs
+        gain = (1.0 - covered) * self._acceptance(0.5) * costs.cost(1)
+        if gain > self.seconds_per_token + costs.cost(width + 1) - costs.cost(width):
+            self._refused = 0
+            return True
+        self._refused += 1
+        if self._refused >= self.session.policy.explore_every:
+            self._refused = 0
+            return True
+        return False
 
     def worth_drafting(self, expected: float, spent: float, path_prob: float, width: int) -> bool:
         """Drafting one more token pays iff it raises expected tokens per second: with E expected tokens for T
@@ -243,7 +264,7 @@ class ModelDrafter(_Prophet):
 
     @torch.no_grad()
     def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree | None:
-        if self.session is None or max_tokens <= 0:
+        if self.session is None or max_tokens <= 0 or (self.standalone and not self.pays(0.0, 1)):
             return None
         max_tokens = min(max_tokens, MAX_DRAFT_TOKENS)
         t0 = time.perf_counter()
@@ -320,30 +341,55 @@ class HeadsDrafter(_Prophet):
         s = self.session
         if s is None or max_tokens <= 0 or s.row is None or self._hidden is None or self._captured != s.forwards:
             return None
-        if s.row >= self._hidden.shape[1]:
+        if s.row >= self._hidden.shape[1] or (self.standalone and not self.pays(0.0, 1)):
             return None
         t0 = time.perf_counter()
         hidden = self._hidden[0, s.row].to(self.heads.vocab_ids.device)
-        logits = self.heads(hidden.to(_dtype(self.heads)))  # [K, V']
-        vocab = s.model.config.vocab_size
-        full = logits.new_full((logits.shape[0], vocab), float("-inf")).float()
-        full[:, self.heads.vocab_ids] = logits.float()
-        full = full.to(s.model.device)
-        context_t = torch.as_tensor(list(context), dtype=torch.long, device=s.model.device)
+        logits = self.heads(hidden.to(_dtype(self.heads))).float()  # [K, V']
+        depth = min(max_tokens, logits.shape[0])
+        if s.sampling and self.use_q or s.processors:  # the processors and q need the full vocabulary
+            rows = self._full_rows(logits[:depth], list(context))
+        else:  # greedy: top-k over the restricted vocabulary, mapped to token ids (no [V] tensors on a 49k vocabulary)
+            rows = self._restricted_rows(logits[:depth])
         chain: list[tuple[int, float, Any, list]] = []
-        drafted: list[int] = []
         expected, path_prob = 1.0, 1.0
-        for k in range(min(max_tokens, full.shape[0])):
-            token, confidence, q, alternatives = self._token_rows(full[k], context_t, drafted)
+        for token, confidence, q, alternatives in rows:
             p = path_prob * self._acceptance(confidence)
             if not self.worth_drafting(expected, 0.0, p, len(chain) + 1) and chain:
                 break
             chain.append((token, confidence, q, alternatives))
-            drafted.append(token)
             expected, path_prob = expected + p, p
         self._time(time.perf_counter() - t0, len(chain))
         self.proposals += 1
         return self._tree(chain, share_continuations=True)
+
+    def _restricted_rows(self, logits: torch.Tensor) -> list[tuple[int, float, Any, list]]:
+        """[K, V'] head logits -> per head (token, probability, None, alternatives) from a softmax over V'."""
+        probs = torch.softmax(logits, dim=-1)
+        top = torch.topk(probs, k=min(self.top_k, probs.shape[-1]), dim=-1)
+        ids = self.heads.vocab_ids[top.indices].tolist()
+        values = top.values.tolist()
+        return [
+            (row[0], vals[0], None, list(zip(row[1:], vals[1:], strict=True)))
+            for row, vals in zip(ids, values, strict=True)
+        ]
+
+    def _full_rows(self, logits: torch.Tensor, context: list[int]) -> list[tuple[int, float, Any, list]]:
+        """[K, V'] head logits -> per head, through the call's processors on the full vocabulary (sampling, or
+        greedy with a penalty); each head sees the drafted tokens before it as its prefix."""
+        assert self.session is not None
+        vocab = self.session.model.config.vocab_size
+        full = logits.new_full((logits.shape[0], vocab), float("-inf"))
+        full[:, self.heads.vocab_ids] = logits
+        full = full.to(self.session.model.device)
+        context_t = torch.as_tensor(context, dtype=torch.long, device=self.session.model.device)
+        rows: list[tuple[int, float, Any, list]] = []
+        drafted: list[int] = []
+        for k in range(full.shape[0]):
+            row = self._token_rows(full[k], context_t, drafted)
+            rows.append(row)
+            drafted.append(row[0])
+        return rows
 
 
 def _dtype(module) -> torch.dtype:
@@ -363,9 +409,9 @@ def _final_norm(model):
 class HybridDrafter:
     """References and a model prophet in one tree per step.
 
-    The reference drafter proposes first. The prophet runs only where it can pay: its expected gain, the chance
-    the references' first tokens are all wrong times the chance its own first token is right, in seconds of
-    decoding (one plain step per token), must exceed what its first draft token costs. Its nodes are merged into
+    The reference drafter proposes first. The prophet runs only where it can pay (see _Prophet.pays): its
+    expected gain, the chance the references' first tokens are all wrong times the chance its own first token is
+    right, in seconds of a plain step, must exceed its draft time and the wider verification. Its nodes are merged into
     the references' trie (a token both propose keeps the reference's evidence) and the policy picks the subtree.
     Under sampling the prophet's tokens are verified as point masses with the references' (exact for any draft
     chosen without the verification's noise), so its own q is not used here.
@@ -374,6 +420,7 @@ class HybridDrafter:
     def __init__(self, reference, prophet):
         self.reference, self.prophet = reference, prophet
         self.prophet.use_q = False
+        self.prophet.standalone = False
         self.session: DraftSession | None = None
         self.skipped = 0  # steps where references matched well enough that the prophet was not run
 
@@ -410,15 +457,15 @@ class HybridDrafter:
         return guess if tree is None or not len(tree) else merge_trees(tree, guess)
 
     def _prophet_pays(self, tree: DraftTree | None) -> bool:
+        """prophet.pays with the references' first-level probability and the width their tree would add."""
         assert self.session is not None
         policy = self.session.policy
-        covered = 0.0
+        covered, width = 0.0, 1
         if tree is not None and len(tree):
             probs = policy._node_probs(tree)
             covered = min(1.0, sum(p for p, parent in zip(probs, tree.parents, strict=True) if parent == ROOT))
-        own = policy.node_model(self.prophet.name, 0).rate(confidence_evidence(0.5))
-        plain = policy.costs.cost(1)
-        return (1.0 - covered) * own * plain > self.prophet.seconds_per_token
+            width += min(len(tree), policy.max_draft)
+        return self.prophet.pays(covered, width)
 
 
 def merge_trees(base: DraftTree, extra: DraftTree) -> DraftTree:

@@ -40,6 +40,7 @@ from refdecode.prophets import (
     HeadsDrafter,
     HybridDrafter,
     ModelDrafter,
+    _Prophet,
     build_prophet,
     check_draft_model,
     check_prophet_spec,
@@ -734,16 +735,19 @@ def test_merge_trees_keeps_every_path_of_both(base_paths, extra_paths):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class CountingProphet:
-    """A prophet stub: counts its proposals, drafts a fixed chain, costs 10 ms a token."""
+class CountingProphet(_Prophet):
+    """A prophet stub: counts its proposals, drafts a fixed chain, costs 10 ms a token (decides whether it pays
+    with the real rule)."""
 
     name = "stub"
 
     def __init__(self, tokens=(4, 5)):
-        self.tokens, self.calls, self.use_q, self.seconds_per_token = list(tokens), 0, True, 0.01
+        super().__init__()
+        self.tokens, self.calls, self.seconds_per_token = list(tokens), 0, 0.01
         self.started = self.closed = 0
 
     def start(self, session):
+        super().start(session)
         self.started += 1
 
     def close(self):
@@ -839,3 +843,25 @@ def test_smollm2_greedy_with_a_self_prophet_equals_transformers(smollm2, spec):
     )
     assert out.token_ids == expected
     assert out.stats.accepted_sources.get(build_prophet(spec, model).name, 0) > 0, out.stats.accepted_sources
+
+
+def test_a_prophet_runs_where_its_gain_beats_draft_time_plus_the_wider_verification():
+    """_Prophet.pays: a prophet right half the time pays on a flat cost curve (a GPU), not where a 2-token forward
+    costs 1.8 one-token forwards (this CPU), unless its acceptance is high; refused explore_every times in a row,
+    it runs once anyway so its estimates can still change."""
+    from refdecode.drafting import ForwardCostModel
+
+    def prophet_on(costs, rate):
+        prophet = CountingProphet()
+        policy = DraftPolicy(costs=ForwardCostModel(costs), explore_every=4)
+        policy.node_model("stub", 0).prior, policy.node_model("stub", 0).prior_weight = rate, 1e6
+        prophet.start(DraftSession(None, None, policy, None, None))
+        prophet.seconds_per_token = 0.001
+        return prophet
+
+    flat, steep = {1: 0.1, 2: 0.102, 4: 0.104}, {1: 0.1, 2: 0.18, 4: 0.2}
+    assert prophet_on(flat, 0.5).pays(0.0, 1)
+    assert not prophet_on(flat, 0.5).pays(0.99, 1)  # the references cover the next token
+    assert prophet_on(steep, 0.9).pays(0.0, 1)
+    cpu = prophet_on(steep, 0.5)
+    assert [cpu.pays(0.0, 1) for _ in range(8)] == [False, False, False, True] * 2
