@@ -457,15 +457,17 @@ class HybridDrafter:
         return guess if tree is None or not len(tree) else merge_trees(tree, guess)
 
     def _prophet_pays(self, tree: DraftTree | None) -> bool:
-        """prophet.pays with the references' first-level probability and the width their tree would add."""
+        """prophet.pays with the references' first-level probability, its first token priced as widening a plain
+        step (1 -> 2 tokens): the references' own tree may be dropped by the policy, and the prophet's siblings turn
+        a chain (cropped) into a tree (masked and compacted). Measured: priced at the references' width instead,
+        SmolLM2 on this CPU lost 10-30% on copy-heavy requests to prophets that were rarely right."""
         assert self.session is not None
         policy = self.session.policy
-        covered, width = 0.0, 1
+        covered = 0.0
         if tree is not None and len(tree):
             probs = policy._node_probs(tree)
             covered = min(1.0, sum(p for p, parent in zip(probs, tree.parents, strict=True) if parent == ROOT))
-            width += min(len(tree), policy.max_draft)
-        return self.prophet.pays(covered, width)
+        return self.prophet.pays(covered, 1)
 
 
 def merge_trees(base: DraftTree, extra: DraftTree) -> DraftTree:

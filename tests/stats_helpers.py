@@ -50,17 +50,25 @@ class IdTokenizer:
 
 
 def tiny_llama(
-    *, vocab_size: int, seed: int, max_positions: int = 512, eos_token_id: int | None = 1, logit_scale: float = 1.0
+    *,
+    vocab_size: int,
+    seed: int,
+    max_positions: int = 512,
+    eos_token_id: int | None = 1,
+    logit_scale: float = 1.0,
+    layers: int = 2,
+    hidden: int = 32,
 ):
-    """A random 2-layer, 32-wide Llama built from a config (no weights downloaded); lm_head scaled by logit_scale."""
+    """A random Llama (2 layers, 32 wide by default) built from a config (no weights downloaded); lm_head scaled by
+    logit_scale."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)  # weight init only
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=hidden,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,

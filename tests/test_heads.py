@@ -266,18 +266,9 @@ def test_hostile_folders_are_refused_with_a_clear_message(saved, model, tokenize
 
 
 def _wide_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from stats_helpers import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=VOCAB, seed=0, hidden=48)
 
 
 def test_saving_never_overwrites_a_foreign_folder(trained, tokenizer, tmp_path):

@@ -175,22 +175,9 @@ def test_hf_generate_with_a_prophet_equals_plain_generate(prophet):
 
 
 def four_layer_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from stats_helpers import tiny_llama
 
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=96, seed=3, max_positions=256, layers=4)
 
 
 def prefilled_session(model, context, *, accepted: int = 0, policy=None) -> DraftSession:
