@@ -852,3 +852,27 @@ def test_a_prophet_runs_where_its_gain_beats_draft_time_plus_the_wider_verificat
     assert prophet_on(steep, 0.9).pays(0.0, 1)
     cpu = prophet_on(steep, 0.5)
     assert [cpu.pays(0.0, 1) for _ in range(8)] == [False, False, False, True] * 2
+
+
+def test_an_own_cache_prophet_never_feeds_more_than_its_window():
+    """A long context (a prompt, or steps the hybrid skipped) is caught up from its last `window` tokens only; the
+    cache then grows with the context up to twice the window and starts again. Greedy output is still plain
+    decoding's (the window only changes what the draft sees)."""
+    model, weak = family_models("llama")
+    prophet = ModelDrafter(weak, window=8)
+    fed: list[int] = []
+    forward = prophet._forward
+    prophet._forward = lambda cache, ids: (fed.append(len(ids)), forward(cache, ids))[1]
+    prophet.start(DraftSession(model, None, fixed_policy(), None, None))
+    context = list(range(2, 40))
+    prophet.propose(context, 3)
+    assert fed[0] == 8 and prophet.offset == len(context) - 8
+    for grow in range(1, 20):
+        fed.clear()
+        prophet.propose(context + list(range(3, 3 + grow)), 3)
+        assert fed[0] <= 8 and len(prophet.cached) <= 16 + 2  # up to twice the window, plus its own drafts
+    prompt = PROMPTS[1]
+    expected = plain_greedy(model, prompt, MAX_NEW)
+    drafter = ModelDrafter(weak, window=4)
+    out = refdecode.generate(model, None, prompt, max_new_tokens=MAX_NEW, drafter=drafter, policy=fixed_policy())
+    assert out.token_ids == expected
