@@ -17,7 +17,6 @@ the weights file's SHA-256, training metrics). Each file is written to a tempora
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .corpus.format import sha256_file
 
 __all__ = [
     "FORMAT",
@@ -168,14 +169,6 @@ def _train_command(model_name: str) -> str:
 # saving and loading
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -243,7 +236,7 @@ def save_heads(
         "hidden_size": heads.hidden_size,
         "model": _model_shape(model) if model is not None else None,
         "weights": {"file": WEIGHTS_FILE, "bytes": (folder / WEIGHTS_FILE).stat().st_size},
-        "weights_sha256": _sha256(folder / WEIGHTS_FILE),
+        "weights_sha256": sha256_file(folder / WEIGHTS_FILE),
         "metrics": metrics,
     }
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
@@ -320,7 +313,7 @@ def load_heads(model_name_or_dir: str | Path, *, tokenizer, model) -> MedusaHead
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ValueError(f"{folder} has a heads manifest but no {WEIGHTS_FILE}; train the heads again")
-    if _sha256(weights) != manifest["weights_sha256"]:
+    if sha256_file(weights) != manifest["weights_sha256"]:
         raise ValueError(f"{weights} does not match its manifest's SHA-256 (truncated or changed); train them again")
     shape = _model_shape(model)
     if manifest["hidden_size"] != shape["hidden_size"]:

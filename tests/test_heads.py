@@ -258,7 +258,7 @@ def test_hostile_folders_are_refused_with_a_clear_message(saved, model, tokenize
     tensors = {"res_weight": torch.zeros(2, 32, 32), "res_bias": torch.zeros(2, 32), "vocab_ids": torch.arange(31)}
     tensors |= {"out_weight": torch.zeros(31, 32), "out_bias": torch.zeros(31)}
     save_file(tensors, str(weights))
-    _rewrite_manifest(saved, weights_sha256=H._sha256(weights))
+    _rewrite_manifest(saved, weights_sha256=H.sha256_file(weights))
     refused(r"'out_weight' is \[31, 32\]")
     # weights without a manifest (an interrupted first save) are not "not found"
     (saved / "manifest.json").unlink()

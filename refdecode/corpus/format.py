@@ -91,7 +91,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (checked folders: indexes, output memories, heads)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
@@ -101,7 +102,7 @@ def _sha256(path: Path) -> str:
 
 def file_entry(path: Path) -> dict:
     """Size and SHA-256 of one file, as the manifest records it."""
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def verify_files(folder: Path, manifest: dict, required: Collection[str], *, che
     if checksums:
         for name in sorted(required):
             try:
-                digest = _sha256(where / name)
+                digest = sha256_file(where / name)
             except FileNotFoundError:
                 raise GenerationGone(f"index {folder}: file {name} is missing") from None
             if digest != manifest["files"][name]["sha256"]:
