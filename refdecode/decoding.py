@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter, _as_sources
-from .prophets import DraftSession
+from .prophets import DraftSession, with_prophet
 from .sampling import SamplingConfig, build_processors, process_rows
 from .tree import DraftTree
 from .tree_attention import keep_rows, supports_tree, tree_forward
@@ -458,11 +458,9 @@ def generate(
         store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k, reranker, max(rerank, 1))
     if drafter is not None and draft_model is not None:
         raise ValueError("pass either drafter= or draft_model=, not both (wrap a prophet yourself with HybridDrafter)")
-    drafter = drafter or ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
-    if draft_model is not None:
-        from .prophets import HybridDrafter, build_prophet
-
-        drafter = HybridDrafter(drafter, build_prophet(draft_model, model, tokenizer))
+    if drafter is None:
+        reference_drafter = ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
+        drafter = with_prophet(reference_drafter, draft_model, model, tokenizer)
     kind = _policy_kind(drafter, tree)
     own_policy = policy is None
     policy = policy or warm_policy(model, max_draft, kind=kind)

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from .decoding import _policy_kind, decode, remember_policy, stop_list, warm_policy
-from .drafting import Drafter, DraftPolicy, ReferenceDrafter
+from .drafting import DraftPolicy, ReferenceDrafter
+from .prophets import with_prophet
 from .store import ReferenceStore
 
 __all__ = ["hf_generate"]
@@ -102,11 +103,8 @@ def hf_generate(
     # 3) decode
     if not isinstance(tree, bool):
         raise ValueError(f"tree must be True or False, got {tree!r:.40}")
-    drafter: Drafter = ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
-    if draft_model is not None:
-        from .prophets import HybridDrafter, build_prophet
-
-        drafter = HybridDrafter(drafter, build_prophet(draft_model, model, tokenizer))
+    reference_drafter = ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
+    drafter = with_prophet(reference_drafter, draft_model, model, tokenizer)
     kind = _policy_kind(drafter, tree)
     own_policy = policy is None
     policy = policy or warm_policy(model, max_draft, kind=kind)

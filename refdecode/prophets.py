@@ -42,6 +42,7 @@ __all__ = [
     "early_exit_model",
     "int8_model",
     "merge_trees",
+    "with_prophet",
 ]
 
 # Confidence (the draft's probability of its token) -> evidence bucket: the policy's acceptance model is keyed by
@@ -614,6 +615,14 @@ def check_prophet_spec(spec: str) -> None:
             raise ValueError(f"self:layers=N needs a whole number of layers >= 1, got {value!r}")
     elif spec.startswith("self:") and spec not in ("self:int8", "self:heads"):
         raise ValueError(f"unknown draft model {spec!r}: known self-prophets are self:int8, self:layers=N, self:heads")
+
+
+def with_prophet(references, draft_model, model, tokenizer=None):
+    """What generate and hf_generate draft with: the reference drafter alone (draft_model None), or the reference
+    drafter and the prophet `draft_model` names (see build_prophet) in one tree."""
+    if draft_model is None:
+        return references
+    return HybridDrafter(references, build_prophet(draft_model, model, tokenizer))
 
 
 def build_prophet(spec, model, tokenizer=None):
