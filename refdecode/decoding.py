@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter, _as_sources
+from .kernels import routable, routed, set_route
 from .prophets import DraftSession, with_prophet
 from .sampling import SamplingConfig, build_processors, process_rows
 from .tree import DraftTree
@@ -303,10 +304,13 @@ class _StopChecker:
 _WINDOW_SLACK = 4  # characters: up to 3 U+FFFD for a UTF-8 character cut at the window's start, 1 for a lead space
 
 
-def _forward(model, cache, token_ids: list[int], device) -> torch.Tensor:
-    """One forward of `token_ids` after the cached context; returns float32 logits [len(token_ids), V]."""
+def _forward(model, cache, token_ids: list[int], device, *, route: bool | None = None) -> torch.Tensor:
+    """One forward of `token_ids` after the cached context; returns float32 logits [len(token_ids), V]. A forward of
+    several tokens takes the faster CPU kernels where the calibration chose them (kernels.routed; `route` forces the
+    choice, for the calibration itself)."""
     ids = torch.tensor([token_ids], dtype=torch.long, device=device)
-    out = model(input_ids=ids, cache=cache, use_cache=True)
+    with routed(model, len(token_ids), force=route):
+        out = model(input_ids=ids, cache=cache, use_cache=True)
     return out.logits[0].float()
 
 
@@ -341,22 +345,29 @@ def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 6
     """Seconds of one forward per width, timed on the live cache (each forward rolled back); cached per model.
 
     The widths are timed in interleaved rounds and the minimum kept, so a burst of load from another process while
-    one width is timed does not make that width look expensive for the rest of the process.
+    one width is timed does not make that width look expensive for the rest of the process. On the CPU each width
+    of 2 or more tokens is also timed with the transposed kernels (kernels.routed), and whichever was faster is
+    what that width runs from then on (kernels.set_route): its time is the one in the table.
     """
-    key = (str(model.device), str(model.dtype))
+    key = (str(model.device), str(model.dtype), routable(model))
     per_model = _COST_TABLES.setdefault(model, {})
     if key in per_model:
         return per_model[key]
     device = model.device
-    table = {width: float("inf") for width in widths}
+    trials = [(w, False) for w in widths] + ([(w, True) for w in widths if w >= 2] if routable(model) else [])
+    best = {trial: float("inf") for trial in trials}
     for _ in range(rounds):
-        for width in widths:
+        for width, route in trials:
             _sync(device)
             t0 = time.perf_counter()
-            _forward(model, cache, [pending] * width, device)
+            _forward(model, cache, [pending] * width, device, route=route)
             _sync(device)
-            table[width] = min(table[width], time.perf_counter() - t0)
+            best[width, route] = min(best[width, route], time.perf_counter() - t0)
             _crop(cache, width)
+    decisions = {w: best[w, True] < best[w, False] for w in widths if (w, True) in best}
+    if decisions:
+        set_route(model, decisions)
+    table = {w: min(best[w, False], best.get((w, True), float("inf"))) for w in widths}
     per_model[key] = table
     return table
 
@@ -686,7 +697,8 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
     if tree.is_chain():  # the fast path: no mask to build, the cache is cropped
         logits = _forward(s.model, s.cache, [s.pending] + tree.tokens, s.model.device)
     else:
-        logits = tree_forward(s.model, s.cache, s.pending, tree)  # [n + 1, V]: row i + 1 scores after node i
+        with routed(s.model, n + 1):
+            logits = tree_forward(s.model, s.cache, s.pending, tree)  # [n + 1, V]: row i + 1 scores after node i
     _check_finite(logits, f"{s.where} (output token {s.position}, {n} draft nodes)")
     tie_margin = s.tie_margin if n > 0 else 0.0
     if tree.is_chain():

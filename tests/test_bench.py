@@ -151,6 +151,10 @@ def test_runner_end_to_end_and_report_files(tiny_llama, tmp_path):
             assert len(r["tree_sizes"]) == r["steps"] and isinstance(r["accepted_sources"], dict)
     assert results["forward_cost"]["widths"] == [1, 2, 3, 4]
     assert results["forward_cost"]["relative"][0] == 1.0
+    # the tiny CPU model is routable: widths 2..4 are also timed with refdecode's CPU kernels
+    assert results["forward_cost"]["routed_widths"] == [2, 3, 4]
+    assert len(results["forward_cost"]["routed_relative"]) == 3
+    assert all(r > 0 for r in results["forward_cost"]["routed_relative"])
 
     summary = report.write_report(results, tmp_path / "out")
     block = summary["workloads"]["code-edit-ref"]
@@ -304,3 +308,23 @@ def test_prophet_rows_run_alone_and_with_references_and_reach_the_report(tiny_ll
 def test_unknown_prophets_are_refused_up_front():
     with pytest.raises(ValueError, match="self:int8, self:layers=N, self:heads"):
         small_config(prophets=("self:int4",))
+
+
+def test_transformers_kernels_row_is_checked_and_set_against_refdecode(tiny_llama, tmp_path):
+    """refdecode-hf-kernels: refdecode's own loop with transformers' kernels for every forward, checked against
+    greedy and set head to head against refdecode (what the routed CPU kernels add); the switch does not leak."""
+    import os
+
+    from refdecode import kernels
+
+    tok = WordTokenizer()
+    reqs = runner.prepare_requests(["code-edit-ref"], 1, 0, tok, loader=fake_loader)
+    config = small_config(n=1, methods=("refdecode", "refdecode-hf-kernels"))
+    assert "refdecode-hf-kernels" not in runner.DEFAULT_METHODS
+    results = runner.run_benchmark(config, model=tiny_llama, tokenizer=tok, requests=reqs, log=lambda line: None)
+    assert [r["method"] for r in results["records"]] == ["greedy", "refdecode", "refdecode-hf-kernels"]
+    assert all(r["matches_greedy"] for r in results["records"][1:])
+    assert kernels.SWITCH_VARIABLE not in os.environ
+    summary = report.write_report(results, tmp_path / "out", plots=False)
+    assert "refdecode/refdecode-hf-kernels" in summary["workloads"]["code-edit-ref"]["ratios"]
+    assert "refdecode, transformers kernels" in (tmp_path / "out" / "table.md").read_text()

@@ -73,3 +73,23 @@ def test_unknown_model_lists_known_names(tmp_path):
         assert name in str(err.value)
     with pytest.raises(refdecode.ModelNotFoundError, match="config.json"):
         refdecode.load_model(str(tmp_path))
+
+
+@pytest.mark.real_model
+def test_smollm2_greedy_identical_with_every_width_routed(smollm2):
+    """The transposed CPU kernels (refdecode.kernels) at every width, whatever this machine's calibration chose:
+    the output stays transformers' greedy output token for token, and long drafts are accepted."""
+    from refdecode import kernels
+
+    model, tokenizer = smollm2
+    text, reference = PROMPTS[0][0], PROMPTS[2][1]
+    ids = chat_ids(tokenizer, text + "\n\n" + reference + "\nRepeat the last paragraph word for word.")
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids) :].tolist()
+    before = kernels.route_widths(model)
+    kernels.set_route(model, dict.fromkeys((2, 4, 8, 16, 32, 64), True))
+    try:
+        out = refdecode.generate(model, tokenizer, ids, max_new_tokens=48, calibrate=False)
+    finally:
+        kernels.set_route(model, {w: w in before for w in (2, 4, 8, 16, 32, 64)})
+    assert out.token_ids == expected
+    assert out.stats.accepted_tokens > 0

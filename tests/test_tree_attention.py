@@ -9,6 +9,7 @@ import torch
 from stats_helpers import tiny_llama
 from transformers import DynamicCache
 
+from refdecode import kernels
 from refdecode.tree import DraftTree
 from refdecode.tree_attention import additive_mask, ancestor_matrix, keep_rows, supports_tree, tree_forward
 
@@ -141,11 +142,14 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL) -> N
     context=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40),
     pending=st.integers(0, VOCAB - 1),
     tree=trees(),
+    route=st.booleans(),
 )
-def test_every_tree_row_scores_like_plain_decoding_of_its_path(name, context, pending, tree):
+def test_every_tree_row_scores_like_plain_decoding_of_its_path(name, context, pending, tree, route):
+    """Also with the routed CPU kernels (refdecode.kernels: transposed products, SDPA's enable_gqa with the mask)."""
     model = model_named(name)
     cache = prefill(model, context)
-    got = tree_forward(model, cache, pending, tree)  # [n + 1, V]
+    with kernels.routed(model, len(tree) + 1, force=route):
+        got = tree_forward(model, cache, pending, tree)  # [n + 1, V]
     assert got.dtype == torch.float32 and got.shape == (len(tree) + 1, VOCAB)
     assert_close(got, expected_rows(model, context, pending, tree))
     assert cache.get_seq_length() == len(context) + len(tree) + 1

@@ -35,6 +35,7 @@ RATIOS = (
 )
 # head to head, in one run: refdecode's tree vs its chain, and vs SuffixDecoding's drafter in the same loop
 COMPARISONS = (
+    ("refdecode", "refdecode-hf-kernels"),
     ("refdecode", "refdecode-chain"),
     ("refdecode", "suffix-tree"),
     ("refdecode", "suffix"),
@@ -46,6 +47,7 @@ LABELS = {
     "pld": "prompt lookup",
     "refdecode": "refdecode",
     "refdecode-chain": "refdecode chain",
+    "refdecode-hf-kernels": "refdecode, transformers kernels",
     "suffix": "SuffixDecoding",
     "suffix-tree": "SuffixDecoding tree",
     "oracle": "oracle",
@@ -54,7 +56,7 @@ LABELS = {
     "refdecode-chain-sample": "refdecode chain sampling",
 }
 # greedy methods whose tokens per step are set against the oracle's (same loop, same policy)
-STEP_FRACTION_METHODS = ("refdecode", "refdecode-chain", "suffix", "suffix-tree")
+STEP_FRACTION_METHODS = ("refdecode", "refdecode-hf-kernels", "refdecode-chain", "suffix", "suffix-tree")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,6 +414,12 @@ def format_report(results: dict, summary: dict) -> str:
         + ", ".join(f"k={k} {cost['relative'][k - 1]:.2f}" for k in picks)
         + f" (1 token: {cost['seconds'][0] * 1000:.1f} ms).",
     ]
+    if cost.get("routed_widths"):  # refdecode's routed CPU kernels (refdecode.kernels), as its calibration may pick
+        pairs = zip(cost["routed_widths"], cost["routed_relative"], strict=True)
+        out.append(
+            "With refdecode's CPU kernels (transposed products, SDPA's grouped-query attention), over the same "
+            "1 token: " + ", ".join(f"k={k} {r:.2f}" for k, r in pairs if k in picks) + "."
+        )
     for note in meta.get("notes", []):
         out.append(f"\nNote: {note}")
     return "\n".join(out) + "\n"
@@ -523,9 +531,11 @@ def plot_accept_lengths(results: dict, path: Path) -> None:
 def plot_forward_cost(cost: dict, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(cost["widths"], cost["relative"], marker=".")
+    ax.plot(cost["widths"], cost["relative"], marker=".", label="transformers' kernels")
+    if cost.get("routed_widths"):
+        ax.plot(cost["routed_widths"], cost["routed_relative"], marker=".", label="refdecode's CPU kernels")
     ax.plot(cost["widths"], cost["widths"], color="grey", linestyle=":", label="k (no parallelism)")
-    ax.set_ylim(0, max(cost["relative"]) * 1.2)
+    ax.set_ylim(0, max(cost["relative"] + cost.get("routed_relative", [])) * 1.2)
     ax.set_xlabel("tokens in one forward (k)")
     ax.set_ylabel("cost(k) / cost(1)")
     ax.set_title(f"Forward cost after {cost['context_tokens']} cached tokens")

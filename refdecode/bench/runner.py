@@ -49,13 +49,21 @@ __all__ = [
 
 # every greedy method, in run order; greedy is the baseline and always runs first. refdecode: generate's default (a
 # token tree per step); refdecode-chain: generate(tree=False), one chain per step; suffix / suffix-tree:
-# SuffixDecoding's drafter (arctic-inference, refdecode.bench.suffix) in refdecode's loop, chain / tree mode.
-METHODS = ("greedy", "pld", "refdecode", "refdecode-chain", "suffix", "suffix-tree", "oracle")
+# SuffixDecoding's drafter (arctic-inference, refdecode.bench.suffix) in refdecode's loop, chain / tree mode;
+# refdecode-hf-kernels: refdecode with transformers' own CPU kernels for its wide forwards (REFDECODE_CPU_KERNELS=
+# transformers, see refdecode.kernels), to measure what the routed kernels add.
+METHODS = ("greedy", "pld", "refdecode", "refdecode-hf-kernels", "refdecode-chain", "suffix", "suffix-tree", "oracle")
 SUFFIX_METHODS = ("suffix", "suffix-tree")  # optional: need arctic-inference (`make suffix-setup`)
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in SUFFIX_METHODS)
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in SUFFIX_METHODS and m != "refdecode-hf-kernels")
 SAMPLING_METHODS = ("hf-sample", "refdecode-sample", "refdecode-chain-sample")
 CHECKED_METHODS = tuple(m for m in METHODS if m != "greedy")  # lossless under greedy: output == greedy's
-REFDECODE_METHODS = ("refdecode", "refdecode-chain", "refdecode-sample", "refdecode-chain-sample")  # its own drafter
+REFDECODE_METHODS = (  # its own drafter
+    "refdecode",
+    "refdecode-hf-kernels",
+    "refdecode-chain",
+    "refdecode-sample",
+    "refdecode-chain-sample",
+)
 DEFAULT_WORKLOADS = ("code-edit", "code-edit-ref", "rag", "summarize", "chat", "control")
 PLD_TOKENS = 10  # transformers' prompt_lookup_num_tokens, the value its docs suggest
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.7, 0.9
@@ -362,7 +370,7 @@ def run_refdecode(
     """refdecode.generate: with a ReferenceStore of the request's references (a tree, or one chain for the -chain
     methods), with SuffixDecoding's drafter over the same references, or with the oracle drafter. The corpus index
     (if any) is refdecode's own source: the suffix and oracle methods do not see it."""
-    from refdecode import generate
+    from refdecode import generate, kernels
 
     kwargs: dict = {}
     suffix = None
@@ -395,7 +403,8 @@ def run_refdecode(
     _sync(model.device)
     t0 = time.perf_counter()
     try:
-        out = generate(model, tokenizer, request.prompt_ids, max_new_tokens=max_new_tokens, **kwargs)
+        with kernels.transformers_kernels(method == "refdecode-hf-kernels"):
+            out = generate(model, tokenizer, request.prompt_ids, max_new_tokens=max_new_tokens, **kwargs)
     finally:
         if suffix is not None:
             suffix.close()
@@ -460,11 +469,18 @@ def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
 # the device: forward-cost curve and description
 
 
+ROUTED_WIDTHS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # widths also timed with refdecode's routed CPU kernels
+
+
 @torch.no_grad()
 def forward_cost_curve(model, *, context: int = 256, max_width: int = 64, reps: int = 5, seed: int = 0) -> dict:
     """Seconds of one forward of k tokens (k = 1..max_width) after a prefilled cache of `context` tokens, cropped
-    back after each; median of `reps`. relative[k-1] = cost(k) / cost(1), the curve the draft policy trades on."""
+    back after each; median of `reps`. relative[k-1] = cost(k) / cost(1), the curve the draft policy trades on.
+    On a model refdecode.kernels can route (a CPU model), the widths ROUTED_WIDTHS are also timed with the routed
+    kernels: routed_widths, routed_seconds and routed_relative (over the same one-token cost)."""
     from transformers import DynamicCache
+
+    from refdecode import kernels
 
     device = model.device
     vocab = model.config.vocab_size
@@ -475,25 +491,38 @@ def forward_cost_curve(model, *, context: int = 256, max_width: int = 64, reps: 
     if hasattr(cache, "activate_past_recording"):  # sliding-window layers must keep past states to be croppable
         cache.activate_past_recording()
     widths = list(range(1, max_width + 1))
-    samples: dict[int, list[float]] = {k: [] for k in widths}
+    routed = [k for k in ROUTED_WIDTHS if k <= max_width] if kernels.routable(model) else []
+    trials = [(k, False) for k in widths] + [(k, True) for k in routed]
+    samples: dict[tuple[int, bool], list[float]] = {trial: [] for trial in trials}
     for rep in range(reps + 1):  # rep 0 warms every width up and is not kept
-        for k in widths:
+        for k, route in trials:
             ids = torch.randint(3, vocab, (1, k), generator=g).to(device)  # [1, k]
             _sync(device)
             t0 = time.perf_counter()
-            model(input_ids=ids, cache=cache, use_cache=True)  # all k rows of logits, as a verification does
+            with kernels.routed(model, k, force=route):
+                model(input_ids=ids, cache=cache, use_cache=True)  # all k rows of logits, as a verification does
             _sync(device)
             if rep:
-                samples[k].append(time.perf_counter() - t0)
+                samples[k, route].append(time.perf_counter() - t0)
             cache.crop(-k)
-    seconds = [statistics.median(samples[k]) for k in widths]
+    seconds = [statistics.median(samples[k, False]) for k in widths]
+    routed_seconds = [statistics.median(samples[k, True]) for k in routed]
     return {
         "context_tokens": context,
         "reps": reps,
         "widths": widths,
         "seconds": seconds,
         "relative": [s / seconds[0] for s in seconds],
+        "routed_widths": routed,
+        "routed_seconds": routed_seconds,
+        "routed_relative": [s / seconds[0] for s in routed_seconds],
     }
+
+
+def _routed_costs(cost: dict) -> str:
+    """'k=2: 1.02, k=4: ...' for the powers of two among the routed widths of a forward_cost_curve."""
+    pairs = zip(cost["routed_widths"], cost["routed_relative"], strict=True)
+    return ", ".join(f"k={k}: {r:.2f}" for k, r in pairs if k & (k - 1) == 0)
 
 
 def _cpu_name() -> str:
@@ -589,6 +618,8 @@ def run_benchmark(
             f"k={k}: {cost['relative'][k - 1]:.2f}" for k in (1, 2, 4, 8, 16, 32, 64) if k <= len(cost["relative"])
         )
     )
+    if cost["routed_widths"]:
+        log("  with refdecode's CPU kernels: " + _routed_costs(cost))
 
     # 3) one untimed warm-up per method, on the first request
     methods = config.all_methods
