@@ -12,6 +12,7 @@ from transformers import DynamicCache
 import refdecode
 from refdecode import kernels
 from refdecode.decoding import _forward, calibrate_costs
+from refdecode.drafting import DraftPolicy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,10 +25,11 @@ def model():
     routed linear's bias and SDPA's enable_gqa are both exercised; its route is its own."""
     m = tiny_llama(vocab_size=96, seed=3, layers=2, hidden=64)
     m.config.attention_bias = True
+    g = torch.Generator().manual_seed(3)
     for layer in m.model.layers:  # biases on q/k/v/o, as attention_bias=True would have built
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             proj = getattr(layer.self_attn, name)
-            proj.bias = torch.nn.Parameter(torch.randn(proj.out_features) * 0.1)
+            proj.bias = torch.nn.Parameter(torch.randn(proj.out_features, generator=g) * 0.1)
     yield m
     kernels.forget_route(m)
 
@@ -156,10 +158,17 @@ def test_calibration_chooses_per_width_and_prices_the_faster(model, monkeypatch)
     assert calibrate_costs(model, cache, 5, rounds=1) is not table
 
 
+class Longest(DraftPolicy):
+    """Verify every draft at its full length: wide forwards at every step that has a draft."""
+
+    def choose_length(self, draft, budget):
+        return 0 if draft is None else min(len(draft.tokens), budget, self.max_draft)
+
+
 @pytest.mark.parametrize("case", range(6))
-def test_greedy_exact_with_every_width_routed(model, case):
-    """Routing every width and drafting the true continuation (long accepted drafts, wide forwards) keeps the
-    output token for token transformers' greedy output."""
+def test_greedy_exact_with_every_width_routed(model, case, monkeypatch):
+    """Routing every width and verifying every draft of (a corruption of) the true continuation at full length keeps
+    the output token for token transformers' greedy output."""
     rng = random.Random(case)
     vocab = model.config.vocab_size
     prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(3, 30))]
@@ -168,6 +177,17 @@ def test_greedy_exact_with_every_width_routed(model, case):
     store = refdecode.ReferenceStore(tok)
     store.add(prompt[-4:] + (expected if case % 2 else expected[:10] + expected[12:]), source="answer")
     kernels.set_route(model, dict.fromkeys(WIDTHS, True))
-    out = refdecode.generate(model, tok, prompt, store=store, max_new_tokens=40, calibrate=False)
+    routed_rows = []
+    real = kernels._transposed_forward
+
+    def counting(self, x):
+        routed_rows.append(x.numel() // x.shape[-1])
+        return real(self, x)
+
+    monkeypatch.setattr(kernels, "_transposed_forward", counting)
+    policy = Longest(max_draft=16)
+    out = refdecode.generate(
+        model, tok, prompt, store=store, max_new_tokens=40, policy=policy, tree=False, calibrate=False
+    )
     assert out.token_ids == expected
-    assert out.stats.accepted_tokens > 0
+    assert out.stats.drafted_tokens > 0 and routed_rows and min(routed_rows) >= 2, "wide forwards ran routed"
