@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import kernels
 from .files import read_text
 
 __all__ = ["main", "build_parser"]
@@ -341,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        kernels.enabled()  # a bad REFDECODE_CPU_KERNELS is refused before any model loads
         return int(args.func(args) or 0)
     except CliError as err:
         print(f"refdecode: error: {_one_line(err)}", file=sys.stderr)

@@ -341,13 +341,14 @@ def remember_policy(model, policy: DraftPolicy, *, kind: str) -> None:
     _LAST_POLICIES.setdefault(model, {})[kind] = policy
 
 
-def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), rounds: int = 5) -> dict:
+def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), rounds: int | None = None) -> dict:
     """Seconds of one forward per width, timed on the live cache (each forward rolled back); cached per model.
 
     The widths are timed in interleaved rounds and the minimum kept, so a burst of load from another process while
     one width is timed does not make that width look expensive for the rest of the process. On the CPU each width
     of 2 or more tokens is also timed with the transposed kernels (kernels.routed), and whichever was faster is
-    what that width runs from then on (kernels.set_route): its time is the one in the table.
+    what that width runs from then on (kernels.set_route): its time is the one in the table. rounds: 5, or 3 when
+    both kernels are timed (the first call of a process pays the calibration: 39 forwards rather than 65).
     """
     key = (str(model.device), str(model.dtype), routable(model))
     per_model = _COST_TABLES.setdefault(model, {})
@@ -355,6 +356,8 @@ def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 6
         return per_model[key]
     device = model.device
     trials = [(w, False) for w in widths] + ([(w, True) for w in widths if w >= 2] if routable(model) else [])
+    if rounds is None:
+        rounds = 5 if len(trials) == len(widths) else 3
     best = {trial: float("inf") for trial in trials}
     for _ in range(rounds):
         for width, route in trials:

@@ -123,3 +123,10 @@ def test_huge_reference_file_is_refused_before_it_is_read(capsys, tmp_path, monk
     code, _, err = run(capsys, "generate", "--prompt", "hi", "--ref", str(huge))
     assert_one_line(code, err, "too large")
     assert "refdecode index build" in err
+
+
+def test_bad_kernel_switch_is_refused_before_any_model_loads(capsys, monkeypatch):
+    monkeypatch.setenv("REFDECODE_CPU_KERNELS", "fastest")
+    code, _, err = run(capsys, "generate", "--prompt", "hi", "--model", "no/such-model-anywhere")
+    assert code == 2
+    assert "REFDECODE_CPU_KERNELS must be 'auto' or 'transformers'" in err and "Traceback" not in err
