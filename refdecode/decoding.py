@@ -350,12 +350,13 @@ def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 6
     what that width runs from then on (kernels.set_route): its time is the one in the table. rounds: 5, or 3 when
     both kernels are timed (the first call of a process pays the calibration: 39 forwards rather than 65).
     """
-    key = (str(model.device), str(model.dtype), routable(model))
+    can_route = routable(model)
+    key = (str(model.device), str(model.dtype), can_route)
     per_model = _COST_TABLES.setdefault(model, {})
     if key in per_model:
         return per_model[key]
     device = model.device
-    trials = [(w, False) for w in widths] + ([(w, True) for w in widths if w >= 2] if routable(model) else [])
+    trials = [(w, False) for w in widths] + ([(w, True) for w in widths if w >= 2] if can_route else [])
     if rounds is None:
         rounds = 5 if len(trials) == len(widths) else 3
     best = {trial: float("inf") for trial in trials}

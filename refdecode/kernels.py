@@ -48,7 +48,7 @@ __all__ = [
 FORCE_GQA_VARIABLE = "TRANSFORMERS_SDPA_FORCE_GQA"
 SWITCH_VARIABLE = "REFDECODE_CPU_KERNELS"  # "auto" (default): calibrate and route; "transformers": never route
 
-_ROUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> frozenset of widths routed
+_ROUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((calibrated width, routed?), ...)
 _LINEARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [its routable nn.Linear modules]
 
 
