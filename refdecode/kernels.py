@@ -147,9 +147,7 @@ def _routable_linears(model) -> list:
         found = [
             module
             for module in model.modules()
-            if type(module) is torch.nn.Linear
-            and "forward" not in module.__dict__
-            and module.weight.device.type == "cpu"
+            if type(module) is torch.nn.Linear and _own_forward(module) and module.weight.device.type == "cpu"
         ]
         _LINEARS[model] = found
     return found

@@ -33,6 +33,14 @@ class WholeTree(DraftPolicy):
         return chosen
 
 
+class AlwaysDraft(WholeTree):
+    """Verify every draft at full length (within budget and max_draft), and every tree whole (WholeTree), whatever
+    the adaptive policy would think it worth: wide forwards at every step that has a draft."""
+
+    def choose_length(self, draft, budget):
+        return 0 if draft is None else min(len(draft.tokens), budget, self.max_draft)
+
+
 class IdTokenizer:
     """Just enough tokenizer for token-id references: ids pass through, decode is a readable join."""
 

@@ -4,11 +4,11 @@ import random
 
 import pytest
 import torch
-from stats_helpers import IdTokenizer
+from stats_helpers import AlwaysDraft, IdTokenizer
 
 import refdecode
 from refdecode.decoding import _eos_ids, decode
-from refdecode.drafting import DraftPolicy, ReferenceDrafter
+from refdecode.drafting import ReferenceDrafter
 from refdecode.store import ReferenceStore
 
 
@@ -79,10 +79,6 @@ def test_forced_long_drafts_stay_exact(tiny_llama):
     prompt = [rng.randrange(2, vocab) for _ in range(20)]
     expected = hf_greedy(tiny_llama, prompt, 60)
 
-    class Greedy(DraftPolicy):
-        def choose_length(self, draft, budget):
-            return 0 if draft is None else min(len(draft.tokens), budget, self.max_draft)
-
     store = ReferenceStore(IdTokenizer(vocab))
     store.add(perturb(prompt[-4:] + expected, rng, vocab))
     drafter = ReferenceDrafter(prompt, store=store)
@@ -98,7 +94,7 @@ def test_forced_long_drafts_stay_exact(tiny_llama):
         stop_strings=[],
         streamer=None,
         drafter=drafter,
-        policy=Greedy(max_draft=16),
+        policy=AlwaysDraft(max_draft=16),
     )
     assert out.token_ids == expected
     assert out.stats.drafted_tokens > out.stats.accepted_tokens > 0

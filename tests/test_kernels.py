@@ -6,13 +6,12 @@ import random
 
 import pytest
 import torch
-from stats_helpers import IdTokenizer, tiny_llama
+from stats_helpers import AlwaysDraft, IdTokenizer, tiny_llama
 from transformers import DynamicCache
 
 import refdecode
 from refdecode import kernels
 from refdecode.decoding import _forward, calibrate_costs
-from refdecode.drafting import DraftPolicy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,13 +157,6 @@ def test_calibration_chooses_per_width_and_prices_the_faster(model, monkeypatch)
     assert calibrate_costs(model, cache, 5, rounds=1) is not table
 
 
-class Longest(DraftPolicy):
-    """Verify every draft at its full length: wide forwards at every step that has a draft."""
-
-    def choose_length(self, draft, budget):
-        return 0 if draft is None else min(len(draft.tokens), budget, self.max_draft)
-
-
 @pytest.mark.parametrize("case", range(6))
 def test_greedy_exact_with_every_width_routed(model, case, monkeypatch):
     """Routing every width and verifying every draft of (a corruption of) the true continuation at full length keeps
@@ -185,7 +177,7 @@ def test_greedy_exact_with_every_width_routed(model, case, monkeypatch):
         return real(self, x)
 
     monkeypatch.setattr(kernels, "_transposed_forward", counting)
-    policy = Longest(max_draft=16)
+    policy = AlwaysDraft(max_draft=16)
     out = refdecode.generate(
         model, tok, prompt, store=store, max_new_tokens=40, policy=policy, tree=False, calibrate=False
     )

@@ -22,7 +22,6 @@ from conftest import _tiny_gemma3, _tiny_llama
 from stats_helpers import (
     VOCAB,
     IdTokenizer,
-    WholeTree,
     chi_square_gof,
     exact_tables,
     joint_probabilities,
@@ -30,6 +29,7 @@ from stats_helpers import (
     tiny_sampling_llama,
     total_variation,
 )
+from stats_helpers import AlwaysDraft as FullDrafts
 from test_sampling import uncertain_references
 
 import refdecode
@@ -313,15 +313,12 @@ WRONG_RUNS = 300
 _SAMPLING: dict = {}
 
 
-class AlwaysDraft(WholeTree):
+class AlwaysDraft(FullDrafts):
     """Verify whatever is proposed (WholeTree), chains at full length, at fixed costs: the prophet drafts as far
     as the budget allows (its draft costs milliseconds against a 1 s forward)."""
 
     def __init__(self):
         super().__init__(max_draft=8, costs=FixedCosts())
-
-    def choose_length(self, draft, budget):
-        return 0 if draft is None else min(len(draft.tokens), budget, self.max_draft)
 
 
 def sampling_case():

@@ -14,8 +14,8 @@ import pytest
 import torch
 from stats_helpers import (
     VOCAB,
+    AlwaysDraft,
     IdTokenizer,
-    WholeTree,
     chi_square_gof,
     chi_square_two_sample,
     exact_tables,
@@ -48,15 +48,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 @pytest.fixture(scope="module")
 def model():
     return tiny_sampling_llama()
-
-
-class AlwaysDraft(WholeTree):
-    """Verify every draft at full length, and every tree whole (where several references match, the first step
-    verifies a real tree whose children each hold 20-60% of the target's probability): the adaptive policy may stop
-    drafting when acceptance is low."""
-
-    def choose_length(self, draft, budget):
-        return 0 if draft is None else min(len(draft.tokens), budget, self.max_draft)
 
 
 def processors_for(setting: str):
