@@ -285,6 +285,37 @@ def test_a_draft_costs_the_whole_batch():
     assert sixteen.cost(9) > one.cost(9)
 
 
+def test_a_timed_plain_step_prices_the_first_draft_token_by_the_table():
+    # a one-row CPU engine: the first draft token adds 30% to the step, each further one 2%; a line through the
+    # drafting widths would price that first token at a few percent
+    costs = BatchCosts()
+    step = {1: 0.100, **{w: 0.130 + 0.002 * (w - 2) for w in range(2, 10)}}
+    for width, seconds in step.items():
+        costs.steps.observe(width, seconds)
+    view = costs.row_view(1)
+    assert view.cost(1) == pytest.approx(1.0)
+    assert view.cost(2) == pytest.approx(1.30)
+    assert view.cost(9) == pytest.approx(1.44)
+    # past the widest timed width the line takes over, never below the table's last price
+    assert view.cost(12) >= view.cost(9)
+    # a batch whose plain width was never timed keeps the line
+    a, b = costs.line()
+    assert costs.row_view(16).cost(3) == pytest.approx(1 + 16 * b * 2 / (a + 16 * b))
+
+
+def test_a_clock_that_does_not_move_still_drafts():
+    """Steps timed at 0 s (a coarse clock): no division by zero, and drafting is not priced out."""
+    engine = Engine(drafter(k=4))
+    engine.drafter.clock = lambda: 0.0
+    truth = [1, 2, 3, 4, 5, 6, 7, 8] * 8
+    engine.add("a", truth[:12], truth[12:])
+    engine.run(20)
+    assert engine.accepted["a"] > 0
+    costs = BatchCosts()
+    costs.steps.observe(1, 0.0)
+    assert costs.row_view(1).cost(5) == pytest.approx(1.0)
+
+
 def test_untimed_steps_cost_like_refdecodes_prior():
     view = BatchCosts().row_view(1)
     assert view.cost(5) == pytest.approx(1 + 0.05 * 4)
