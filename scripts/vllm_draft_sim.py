@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from refdecode.vllm.proposer import common_prefix
+
 WORKLOADS = ("code-edit", "code-edit-ref", "rag", "chat")
 METHODS = ("ngram", "refdecode", "best-candidate", "copy-oracle")
 
@@ -53,23 +55,13 @@ def ngram_draft(context: Sequence[int], k: int, lo: int = 2, hi: int = 4) -> lis
     return []
 
 
-def agreeing(draft: Sequence[int], truth: Sequence[int]) -> int:
-    """Tokens of draft that agree with truth before the first difference."""
-    n = 0
-    for a, b in zip(draft, truth, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
-
-
 def longest_copy(texts: Sequence[Sequence[int]], truth: Sequence[int]) -> int:
     """The longest prefix of truth that occurs somewhere in one of texts (brute force)."""
     best = 0
     for text in texts:
         arr = np.asarray(text)
         for start in np.flatnonzero(arr == truth[0]) if len(truth) and len(arr) else ():
-            best = max(best, agreeing(text[start:], truth))
+            best = max(best, common_prefix(text[start:], truth))
             if best == len(truth):
                 return best
     return best
@@ -109,7 +101,7 @@ def replay(prompt: list[int], output: list[int], draft: Callable[[list[int], lis
     steps, units, drafted = 0, 0.0, 0
     while pos < len(output):
         tokens = draft(context, output[pos:])
-        keep = agreeing(tokens, output[pos:])
+        keep = common_prefix(tokens, output[pos:])
         context += output[pos : pos + keep + 1]
         pos += keep + 1
         steps, units, drafted = steps + 1, units + cost(1 + len(tokens)), drafted + len(tokens)

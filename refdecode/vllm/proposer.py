@@ -285,7 +285,7 @@ class BatchDrafter:
             return None
         if session.draft is not None and session.draft.tokens:
             drafted = len(session.draft.tokens)
-            accepted = _common_prefix(session.draft.tokens, new)
+            accepted = common_prefix(session.draft.tokens, new)
             session.policy.acceptance_for(session.draft.source).update(session.draft.match_len, drafted, accepted)
             if session.draft.source in ("", "reference"):
                 self.acceptance.update(session.draft.match_len, drafted, accepted)
@@ -368,7 +368,8 @@ class BatchDrafter:
         return {req_id: dict(s.stats) for req_id, s in self.sessions.items()}
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Tokens of a that agree with b before the first difference (a draft's accepted length under greedy)."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
