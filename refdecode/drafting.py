@@ -469,7 +469,7 @@ class DraftPolicy:
         """
         if not len(tree):
             return None
-        probs = tree.probs if tree.probs is not None else self._node_probs(tree)
+        probs = tree.probs if tree.probs is not None else self.node_probs(tree)
         depths = tree.depths()
         path_prob: list[float] = []
         for i, p in enumerate(tree.parents):
@@ -499,7 +499,7 @@ class DraftPolicy:
         chosen.probs = [probs[i] for i in kept]
         return chosen
 
-    def _node_probs(self, tree: DraftTree) -> list[float]:
+    def node_probs(self, tree: DraftTree) -> list[float]:
         """P(node accepted | parent accepted). Siblings exclude each other (at most one is the target's token), so
         they are chained in rank order: a child's model predicts q = P(it is right | the siblings before it are
         wrong), and its probability is q times the parent's mass left after those siblings; the siblings' sum never
@@ -523,7 +523,7 @@ class DraftPolicy:
         accept_probs: Sequence[float] | None = None,
     ) -> None:
         """One verified tree: its width and time, and one trial per node whose parent was reached (the root or an
-        accepted node) and whose earlier siblings were all rejected (see _node_probs): a success if it was accepted.
+        accepted node) and whose earlier siblings were all rejected (see node_probs): a success if it was accepted.
         accept_probs (sampling): per node, its probability of being accepted given its parent was reached; the
         trials then count by their expectation (less variance): a node is tried with the probability that its
         earlier siblings were rejected and succeeds with its own."""

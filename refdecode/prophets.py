@@ -482,7 +482,7 @@ class HybridDrafter:
         policy = self.session.policy
         covered = 0.0
         if tree is not None and len(tree):
-            probs = policy._node_probs(tree)
+            probs = policy.node_probs(tree)
             covered = min(1.0, sum(p for p, parent in zip(probs, tree.parents, strict=True) if parent == ROOT))
         return self.prophet.pays(covered, 1)
 

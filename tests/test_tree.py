@@ -151,7 +151,7 @@ def test_update_tree_counts_one_trial_per_reached_node():
     for _ in range(20):
         policy.node_model("context", 0).update_trials([(2, 0.9, 1.0)])
         policy.node_model("context", 1).update_trials([(2, 0.9, 1.0)])
-    probs = policy._node_probs(tree)
+    probs = policy.node_probs(tree)
     assert sum(probs[i] for i in first) <= 1.0
 
 
