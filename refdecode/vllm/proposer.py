@@ -120,9 +120,7 @@ class _RowCosts:
         return True
 
     def cost(self, width: int) -> float:
-        plain = self.a + self.b * self.rows
-        if plain <= 0:  # no time measured yet (a clock that did not move): nothing speaks against drafting
-            return 1.0
+        plain = self.a + self.b * self.rows  # > 0: line() keeps a > 0 and b >= 0, even for steps timed at 0 s
         return 1.0 + self.rows * self.b * max(0, width - 1) / plain
 
     def observe(self, width: int, seconds: float) -> None:  # steps are timed for the whole batch, not per row
