@@ -64,8 +64,8 @@ def _add_generate(subparsers) -> None:
         "--draft-model",
         metavar="NAME",
         help="a model prophet drafting beside the references: a known model name or checkpoint folder sharing the "
-        "tokenizer, self:int8 (the model quantized, CPU), self:layers=N (its first N layers), or self:heads "
-        "(heads trained with `refdecode heads train`)",
+        "tokenizer, self:int8 (the model quantized, CPU), self:layers=N (its first N layers), self:heads "
+        "(heads trained with `refdecode heads train`), or self:recycle (what the model itself predicted earlier)",
     )
     p.add_argument("--no-tree", action="store_true", help="verify one draft chain per step instead of a token tree")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -437,8 +437,9 @@ def generate(
         memory: a refdecode.OutputMemory: past outputs draft for this request, and this output is recorded in it.
         draft_model: a model prophet joining the references in the same tree (refdecode.prophets): a causal LM that
             shares the tokenizer, a known model name or checkpoint folder, "self:int8" (the target quantized to
-            int8, CPU), "self:layers=N" (the target's first N layers) or "self:heads" (Medusa heads trained with
-            `refdecode heads train`). It runs only where references leave room and its cost pays.
+            int8, CPU), "self:layers=N" (the target's first N layers), "self:heads" (Medusa heads trained with
+            `refdecode heads train`) or "self:recycle" (the target's own earlier predictions, no training), or a
+            prophet object (refdecode.prophets). It runs only where references leave room and its cost pays.
     Returns:
         GenerationOutput(token_ids, text, stats, stop_reason).
     """

@@ -56,7 +56,8 @@ def hf_generate(
     (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=), memory (a refdecode.OutputMemory: past
     outputs draft for this call and its output is recorded; bound to ref_tokenizer= when given), tree (False: one
     voted chain per step instead of a token tree), draft_model (a model prophet beside the references, as in
-    refdecode.generate: a causal LM sharing the tokenizer, a model name, "self:int8", "self:layers=N", "self:heads").
+    refdecode.generate: a causal LM sharing the tokenizer, a model name, "self:int8", "self:layers=N", "self:heads",
+    "self:recycle").
     attention_mask: all ones or left padding. Returns the prompt (with its padding) followed by the new tokens, like
     generate(): [1, T + new].
     """

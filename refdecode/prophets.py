@@ -2,7 +2,8 @@
 
 Knows: how to run a draft model between verification steps and keep its KV cache in step with the committed
 context (a separate small model with a cache of its own; the target's own first layers, which share the target's
-cache; the target quantized to int8), how Medusa-style heads draft from the target's last hidden state, how a
+cache; the target quantized to int8), how Medusa-style heads draft from the target's last hidden state, how the
+target's own earlier predictions (its verification logits, recorded per input token) draft a tree, how a
 model's drafts join the reference drafter's token tree, and when running a model is worth its cost. Does not know:
 acceptance rules (verification.py), the loop (decoding.py) or how heads are trained (heads.py).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import heapq
 import time
 import weakref
 from collections.abc import Sequence
@@ -35,11 +37,14 @@ __all__ = [
     "DraftSession",
     "ModelDrafter",
     "HeadsDrafter",
+    "RecycleDrafter",
+    "SuccessorTable",
     "HybridDrafter",
     "build_prophet",
     "check_draft_model",
     "check_prophet_spec",
     "early_exit_model",
+    "forget_learned",
     "int8_model",
     "merge_trees",
     "with_prophet",
@@ -78,6 +83,8 @@ class _Prophet:
 
     name = "model"
     top_k = 3  # alternatives offered at each depth (greedy trees): the target may pick the draft's second guess
+
+    gaps_only = False  # beside references, run only at steps where they propose nothing (see HybridDrafter)
 
     def __init__(self):
         self.session: DraftSession | None = None
@@ -409,6 +416,157 @@ class HeadsDrafter(_Prophet):
         return rows
 
 
+class SuccessorTable:
+    """What the target last predicted after each token (Token Recycling's adjacency matrix): for every token id, the
+    top-`k` tokens of the most recent logits row whose input was that token, with their probabilities.
+
+    Filled from the target's own verification forwards (every row, accepted or not: a rejected draft token's row
+    still says what the target expects after that token), kept across calls, so it learns a model's habits over
+    many requests. Memory: vocabulary x k x 8 bytes (3 MB for a 49k vocabulary and k = 8).
+    """
+
+    def __init__(self, k: int = 8):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self.ids: torch.Tensor | None = None  # [V, k] int32, -1 = never seen
+        self.probs: torch.Tensor | None = None  # [V, k] float32
+        self.rows = 0  # logits rows recorded so far
+
+    def update(self, input_ids: Sequence[int] | torch.Tensor, logits: torch.Tensor) -> None:
+        """Record one forward: row i of `logits` [T, V] scored the token after `input_ids[i]`. Of repeated ids the
+        last row wins (as if the rows were recorded in order)."""
+        ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else [int(t) for t in input_ids]
+        if logits.dim() != 2 or logits.shape[0] != len(ids):
+            raise ValueError(f"need one logits row per input id: {len(ids)} ids, logits {tuple(logits.shape)}")
+        if not ids:
+            return
+        vocab = logits.shape[-1]
+        if self.ids is None or self.ids.shape[0] != vocab:  # first use, or another vocabulary: start afresh
+            self.ids = torch.full((vocab, self.k), -1, dtype=torch.int32)
+            self.probs = torch.zeros((vocab, self.k), dtype=torch.float32)
+        assert self.probs is not None
+        last = {token: i for i, token in enumerate(ids) if 0 <= token < vocab}
+        if not last:
+            return
+        rows = torch.tensor(list(last.values()), dtype=torch.long, device=logits.device)
+        chosen = logits.index_select(0, rows).float()
+        k = min(self.k, vocab)
+        top = torch.topk(chosen, k, dim=-1)
+        probs = torch.exp(top.values - torch.logsumexp(chosen, dim=-1, keepdim=True))
+        finite = torch.isfinite(probs)
+        tokens = torch.tensor(list(last.keys()), dtype=torch.long)
+        self.ids[tokens, :k] = torch.where(finite, top.indices, -1).to(torch.int32).cpu()
+        self.probs[tokens, :k] = torch.where(finite, probs, 0.0).cpu()
+        self.rows += len(ids)
+
+    def successors(self, token: int, n: int) -> list[tuple[int, float]]:
+        """Up to n (token, probability) pairs the target last predicted after `token`, most likely first; [] when
+        it has not been seen."""
+        if self.ids is None or not 0 <= token < self.ids.shape[0]:
+            return []
+        assert self.probs is not None
+        ids = self.ids[token, :n].tolist()
+        probs = self.probs[token, :n].tolist()
+        return [(t, p) for t, p in zip(ids, probs, strict=True) if t >= 0]
+
+
+class RecycleDrafter(_Prophet):
+    """Drafts from what the target itself predicted earlier (Token Recycling, Luo et al. 2024): a SuccessorTable
+    filled from every verification forward's logits, and a tree grown from the pending token by following each
+    node's recorded successors, best path probability first. No training, no forward of its own: a draft costs
+    a top-k per verified row and a few table lookups.
+
+    The table belongs to the target model (build_prophet keeps one per target) and grows across calls. Drafts are
+    point masses (no q): under sampling they are verified like copied text, which is exact.
+
+    branch: successors considered per node; max_nodes: the largest tree offered (the policy keeps the subtree that
+    pays at the measured forward cost, so on a CPU usually 1-3 nodes and more on a GPU).
+    """
+
+    name = "recycle"
+    gaps_only = True  # beside references (SmolLM2, CPU, scripts/results/cpu-issue12-recycle/): merged into their
+    # trees it added no tokens per step (2.41 both; its guesses are mostly what the context already shows) and ran
+    # at 0.95x the references alone; run only where they propose nothing, 0.97x: within noise, for less work
+
+    def __init__(self, table: SuccessorTable | None = None, *, branch: int = 4, max_nodes: int = 24):
+        super().__init__()
+        if branch < 1 or max_nodes < 1:
+            raise ValueError(f"branch and max_nodes must be >= 1, got {branch} and {max_nodes}")
+        self.table = table if table is not None else SuccessorTable()
+        self.branch, self.max_nodes = branch, max_nodes
+        self.use_q = False
+        self._hooks: list[Any] = []
+        self._inputs: torch.Tensor | None = None
+        self._record_seconds = 0.0  # table updates since the last proposal (draft work done inside the forward)
+
+    def start(self, session: DraftSession) -> None:
+        super().start(session)
+        embed, head = session.model.get_input_embeddings(), session.model.get_output_embeddings()
+        if embed is None or head is None:
+            raise ValueError("self:recycle needs a model with input and output embeddings (a causal LM)")
+        self._inputs, self._record_seconds = None, 0.0
+
+        def inputs(module, args):
+            self._inputs = args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+        def record(module, args, output):
+            ids, logits = self._inputs, output if isinstance(output, torch.Tensor) else None
+            if ids is None or logits is None or ids.dim() != 2 or logits.dim() != 3 or ids.shape[0] != 1:
+                return
+            t0 = time.perf_counter()
+            rows = logits.shape[1]  # a prefill may keep only its last rows (logits_to_keep)
+            if rows <= ids.shape[1]:
+                self.table.update(ids[0, ids.shape[1] - rows :], logits[0].detach())
+            self._record_seconds += time.perf_counter() - t0
+
+        self._hooks = [embed.register_forward_pre_hook(inputs), head.register_forward_hook(record)]
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._inputs = [], None
+        super().close()
+
+    @torch.no_grad()
+    def propose(self, context: Sequence[int], max_tokens: int) -> DraftTree | None:
+        if self.session is None or max_tokens <= 0 or not context:
+            return None
+        t0 = time.perf_counter()
+        tree = self.grow(int(context[-1]), max_tokens)
+        spent = time.perf_counter() - t0 + self._record_seconds
+        self._record_seconds = 0.0
+        self._time(spent, len(tree) if tree is not None else 0)
+        self.proposals += 1
+        return tree
+
+    def grow(self, root: int, max_depth: int) -> DraftTree | None:
+        """The tree of the `max_nodes` paths of highest recorded probability after `root` (a path's probability is
+        the product of its tokens'; each node's children are its `branch` recorded successors), at most
+        `max_depth` deep; None when nothing after `root` was recorded."""
+        heap: list[tuple[float, int, int, int, float, int]] = []  # (-path prob, order, parent, token, prob, depth)
+        order = 0
+        for token, prob in self.table.successors(root, self.branch):
+            heapq.heappush(heap, (-prob, order, ROOT, token, prob, 1))
+            order += 1
+        tokens: list[int] = []
+        parents: list[int] = []
+        evidence: list[int] = []
+        while heap and len(tokens) < self.max_nodes:
+            path, _, parent, token, prob, depth = heapq.heappop(heap)
+            tokens.append(token)
+            parents.append(parent)
+            evidence.append(confidence_evidence(prob))
+            node = len(tokens) - 1
+            if depth < max_depth:
+                for child, child_prob in self.table.successors(token, self.branch):
+                    heapq.heappush(heap, (path * child_prob, order, node, child, child_prob, depth + 1))
+                    order += 1
+        if not tokens:
+            return None
+        return DraftTree(tokens, parents, [self.name] * len(tokens), evidence)
+
+
 def _dtype(module) -> torch.dtype:
     param = next(module.parameters(), None)
     return param.dtype if param is not None else torch.float32
@@ -479,6 +637,8 @@ class HybridDrafter:
         a chain (cropped) into a tree (masked and compacted). Measured: priced at the references' width instead,
         SmolLM2 on this CPU lost 10-30% on copy-heavy requests to prophets that were rarely right."""
         assert self.session is not None
+        if self.prophet.gaps_only and tree is not None and len(tree):
+            return False
         policy = self.session.policy
         covered = 0.0
         if tree is not None and len(tree):
@@ -514,7 +674,8 @@ def merge_trees(base: DraftTree, extra: DraftTree) -> DraftTree:
 # Building prophets by name
 # ---------------------------------------------------------------------------------------------------------------
 
-_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target -> {spec: derived model or heads}
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target -> {spec: derived model, heads, table}
+SELF_PROPHETS = ("self:int8", "self:heads", "self:recycle")  # and self:layers=N
 
 
 def int8_model(model):
@@ -613,8 +774,10 @@ def check_prophet_spec(spec: str) -> None:
         value = spec.split("=", 1)[1]
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"self:layers=N needs a whole number of layers >= 1, got {value!r}")
-    elif spec.startswith("self:") and spec not in ("self:int8", "self:heads"):
-        raise ValueError(f"unknown draft model {spec!r}: known self-prophets are self:int8, self:layers=N, self:heads")
+    elif spec.startswith("self:") and spec not in SELF_PROPHETS:
+        raise ValueError(
+            f"unknown draft model {spec!r}: known self-prophets are self:int8, self:layers=N, self:heads, self:recycle"
+        )
 
 
 def with_prophet(references, draft_model, model, tokenizer=None):
@@ -625,12 +788,22 @@ def with_prophet(references, draft_model, model, tokenizer=None):
     return HybridDrafter(references, build_prophet(draft_model, model, tokenizer))
 
 
+def forget_learned(model) -> None:
+    """Drop what prophets learned across calls for the target `model` (the self:recycle successor table); derived
+    models and trained heads are kept. The next self:recycle call starts from an empty table (the benchmark does
+    this before every request, so that no request drafts from an earlier run of itself)."""
+    _DERIVED.get(model, {}).pop("self:recycle", None)
+
+
 def build_prophet(spec, model, tokenizer=None):
-    """A prophet for `spec`: a causal LM object (a draft model sharing the tokenizer), "self:int8",
-    "self:layers=N", "self:heads", a known model name or a local checkpoint folder. Derived models and heads are
-    built once per target and reused."""
+    """A prophet for `spec`: a prophet object (returned as it is), a causal LM object (a draft model sharing the
+    tokenizer), "self:int8",
+    "self:layers=N", "self:heads", "self:recycle", a known model name or a local checkpoint folder. Derived models,
+    heads and the recycled successor table are built once per target and reused (the table keeps learning)."""
     if spec is None:
         raise ValueError("no draft model given")
+    if isinstance(spec, _Prophet):  # a prophet built by the caller (e.g. a RecycleDrafter with a table of its own)
+        return spec
     if not isinstance(spec, str):
         if not hasattr(spec, "config") or not callable(spec):
             raise ValueError(f"draft_model must be a causal LM or a name, got {type(spec).__name__}")
@@ -648,6 +821,10 @@ def build_prophet(spec, model, tokenizer=None):
         if spec not in derived:
             derived[spec] = early_exit_model(model, int(value))
         return ModelDrafter(derived[spec], name=f"layers{int(value)}", shared_cache=True)
+    if spec == "self:recycle":
+        if spec not in derived:
+            derived[spec] = SuccessorTable()
+        return RecycleDrafter(derived[spec])
     if spec == "self:heads":
         if spec not in derived:
             from .heads import load_heads

@@ -40,6 +40,8 @@ from refdecode.prophets import (
     HeadsDrafter,
     HybridDrafter,
     ModelDrafter,
+    RecycleDrafter,
+    SuccessorTable,
     _Prophet,
     build_prophet,
     check_draft_model,
@@ -106,7 +108,7 @@ GREEDY_CASES = [
     for i, (family, prophet, mode) in enumerate(
         (family, prophet, mode)
         for family in FAMILIES
-        for prophet in ("weak", "self", "self:int8", "self:layers=1")
+        for prophet in ("weak", "self", "self:int8", "self:layers=1", "self:recycle")
         for mode in MODES
     )
 ]
@@ -150,7 +152,7 @@ def test_perfect_prophet_is_mostly_accepted(family, mode):
     assert out.stats.draft_seconds > 0
 
 
-@pytest.mark.parametrize("prophet", ["weak", "self", "self:layers=1"])
+@pytest.mark.parametrize("prophet", ["weak", "self", "self:layers=1", "self:recycle"])
 def test_hf_generate_with_a_prophet_equals_plain_generate(prophet):
     model, weak = family_models("llama")
     prompt = PROMPTS[1]
@@ -479,7 +481,9 @@ def test_check_prophet_spec_refuses(spec):
         check_prophet_spec(spec)
 
 
-@pytest.mark.parametrize("spec", ["self:int8", "self:layers=1", "self:heads", "smollm2-135m", "/some/checkpoint"])
+@pytest.mark.parametrize(
+    "spec", ["self:int8", "self:layers=1", "self:heads", "self:recycle", "smollm2-135m", "/some/checkpoint"]
+)
 def test_check_prophet_spec_accepts(spec):
     check_prophet_spec(spec)
 
@@ -796,6 +800,20 @@ def test_hybrid_merges_the_prophet_where_references_are_unsure():
     assert set(token_paths(tree)) == {(7,), (7, 8), (4,), (4, 5)}
 
 
+def test_a_gaps_only_prophet_runs_only_where_references_propose_nothing():
+    """self:recycle is gaps_only: even beside unsure references (where an ordinary prophet is merged, test above)
+    it is not run; where they propose nothing it drafts alone."""
+    policy = fixed_policy(acceptance=AcceptanceModel(prior=0.3, prior_weight=1e6))
+    hybrid, prophet = hybrid_with(DraftTree.chain([7, 8], source="context", match_len=2), policy)
+    prophet.gaps_only = True
+    assert hybrid.propose([1, 2, 3], 4).tokens == [7, 8]
+    assert prophet.calls == 0 and hybrid.skipped == 1
+    hybrid, prophet = hybrid_with(None, policy)
+    prophet.gaps_only = True
+    assert hybrid.propose([1, 2, 3], 4).tokens == [4, 5]
+    assert prophet.calls == 1 and RecycleDrafter.gaps_only
+
+
 def test_hybrid_starts_and_closes_its_prophet_through_generate():
     model, _ = family_models("llama")
     prophet = CountingProphet(tokens=())
@@ -812,8 +830,12 @@ def test_hybrid_starts_and_closes_its_prophet_through_generate():
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("spec", ["self:layers=10", "self:int8"])
-def test_smollm2_greedy_with_a_self_prophet_equals_transformers(smollm2, spec):
+@pytest.mark.parametrize(
+    "spec, alone", [("self:layers=10", False), ("self:int8", False), ("self:recycle", False), ("self:recycle", True)]
+)
+def test_smollm2_greedy_with_a_self_prophet_equals_transformers(smollm2, spec, alone):
+    """Hybrid (beside the prompt's references) and, for self:recycle, alone too: beside references it runs only where
+    they propose nothing, which on this prompt may be never."""
     model, tokenizer = smollm2
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "List three prime numbers and say why each is prime."}],
@@ -822,11 +844,12 @@ def test_smollm2_greedy_with_a_self_prophet_equals_transformers(smollm2, spec):
     )
     ids = ids["input_ids"] if hasattr(ids, "keys") else list(ids)
     expected = plain_greedy(model, ids, 24)
-    out = refdecode.generate(
-        model, tokenizer, ids, max_new_tokens=24, draft_model=spec, policy=fixed_policy(), calibrate=False
-    )
+    prophet = {"drafter": build_prophet(spec, model)} if alone else {"draft_model": spec}
+    kwargs: dict = dict(max_new_tokens=24, policy=fixed_policy(), calibrate=False)
+    out = refdecode.generate(model, tokenizer, ids, **kwargs, **prophet)
     assert out.token_ids == expected
-    assert out.stats.accepted_sources.get(build_prophet(spec, model).name, 0) > 0, out.stats.accepted_sources
+    if alone or not build_prophet(spec, model).gaps_only:
+        assert out.stats.accepted_sources.get(build_prophet(spec, model).name, 0) > 0, out.stats.accepted_sources
 
 
 def test_a_prophet_runs_where_its_gain_beats_draft_time_plus_the_wider_verification():
@@ -873,3 +896,169 @@ def test_an_own_cache_prophet_never_feeds_more_than_its_window():
     drafter = ModelDrafter(weak, window=4)
     out = refdecode.generate(model, None, prompt, max_new_tokens=MAX_NEW, drafter=drafter, policy=fixed_policy())
     assert out.token_ids == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. Recycled predictions (self:recycle): the target's own earlier logits as a prophet
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def brute_successors(rows: list[tuple[int, list[float]]], token: int, k: int) -> list[tuple[int, float]]:
+    """The top-k (token, probability) of the last logits row whose input was `token`, by sorting all of it."""
+    last = [logits for t, logits in rows if t == token]
+    if not last:
+        return []
+    probs = torch.softmax(torch.tensor(last[-1], dtype=torch.float64), dim=-1).tolist()
+    ranked = sorted(range(len(probs)), key=lambda i: (-probs[i], i))[:k]
+    return [(i, probs[i]) for i in ranked]
+
+
+@pytest.mark.fuzz
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 5), st.lists(st.integers(-40, 40), min_size=7, max_size=7)), max_size=6),
+        max_size=4,
+    ),
+    st.integers(1, 9),
+)
+def test_successor_table_keeps_the_last_rows_top_k(forwards, k):
+    """Oracle: after any sequence of forwards (input ids with their logits rows, repeated ids within a forward
+    included), each token's successors are the top-k of the last row whose input was that token."""
+    table = SuccessorTable(k=k)
+    seen: list[tuple[int, list[float]]] = []
+    for forward in forwards:
+        ids = [t for t, _ in forward]
+        logits = torch.tensor([[v / 4 for v in row] for _, row in forward], dtype=torch.float32).reshape(len(ids), 7)
+        table.update(ids, logits)
+        seen += [(t, [v / 4 for v in row]) for t, row in forward]
+    for token in range(7):
+        got = table.successors(token, k)
+        want = brute_successors(seen, token, k)
+        assert [t for t, _ in got] == [t for t, _ in want] or _ties(want, got)
+        assert [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-5)
+
+
+def _ties(want, got) -> bool:
+    """Equal probabilities may come in any order: the same multiset of (rounded) probabilities is enough."""
+    return sorted(round(p, 5) for _, p in want) == sorted(round(p, 5) for _, p in got)
+
+
+def test_successor_table_refuses_mismatched_rows_and_ignores_foreign_ids():
+    table = SuccessorTable(k=2)
+    with pytest.raises(ValueError, match="one logits row per input id"):
+        table.update([1, 2], torch.zeros(3, 5))
+    table.update([1, 99, -3], torch.tensor([[0.0, 5, 1, 0, 0], [9, 0, 0, 0, 0], [0, 0, 0, 9, 0]]))
+    assert [t for t, _ in table.successors(1, 2)] == [1, 2]
+    assert table.successors(99, 2) == [] and table.successors(-3, 2) == [] and table.successors(4, 2) == []
+    with pytest.raises(ValueError, match="k must be"):
+        SuccessorTable(k=0)
+
+
+def brute_best_paths(table: SuccessorTable, root: int, branch: int, depth: int, n: int) -> list[tuple[int, ...]]:
+    """Every path of up to `depth` recorded successors after root, the n of highest probability product."""
+    paths: list[tuple[tuple[int, ...], float]] = []
+
+    def walk(token: int, path: tuple[int, ...], prob: float) -> None:
+        if len(path) == depth:
+            return
+        for child, p in table.successors(token, branch):
+            paths.append((path + (child,), prob * p))
+            walk(child, path + (child,), prob * p)
+
+    walk(root, (), 1.0)
+    return [path for path, _ in sorted(paths, key=lambda x: -x[1])[:n]]
+
+
+@pytest.mark.fuzz
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 4), st.integers(1, 12))
+def test_recycle_tree_holds_the_most_probable_paths(seed, branch, depth, max_nodes):
+    """Oracle: the grown tree's paths are the max_nodes most probable ones (probabilities distinct, so the set is
+    unique), its parents come before its children and it never goes deeper than asked."""
+    gen = torch.Generator().manual_seed(seed)
+    table = SuccessorTable(k=4)
+    table.update(list(range(6)), torch.randn(6, 6, generator=gen) * 3)
+    tree = RecycleDrafter(table, branch=branch, max_nodes=max_nodes).grow(0, depth)
+    want = brute_best_paths(table, 0, branch, depth, max_nodes)
+    assert tree is not None
+    assert set(token_paths(tree)) == set(want)
+    assert all(p < i for i, p in enumerate(tree.parents)) and max(tree.depths()) <= depth
+    assert set(tree.sources) == {"recycle"}
+
+
+def test_recycle_grows_nothing_from_an_unseen_token():
+    assert RecycleDrafter(SuccessorTable()).grow(3, 4) is None
+
+
+def test_recycle_records_every_row_of_the_targets_forwards_and_unhooks_on_close():
+    """While a session is open every forward of the target is recorded (input id -> top-k of its row); close()
+    removes both hooks, after which forwards no longer change the table."""
+    model, _ = family_models("llama")
+    drafter = RecycleDrafter(SuccessorTable(k=3))
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    hooks = len(model.get_output_embeddings()._forward_hooks), len(model.get_input_embeddings()._forward_pre_hooks)
+    drafter.start(DraftSession(model, cache, fixed_policy(), None, None))
+    ids = [4, 9, 4, 17, 2]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True).logits[0].float()
+    drafter.close()
+    rows = [(t, logits[i].tolist()) for i, t in enumerate(ids)]
+    for token in set(ids):
+        got = drafter.table.successors(token, 3)
+        assert [t for t, _ in got] == [t for t, _ in brute_successors(rows, token, 3)]
+    assert drafter.table.rows == len(ids)
+    after = (len(model.get_output_embeddings()._forward_hooks), len(model.get_input_embeddings()._forward_pre_hooks))
+    assert after == hooks
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6]]))
+    assert drafter.table.rows == len(ids)
+
+
+def test_recycle_table_belongs_to_the_target_and_learns_across_calls():
+    """build_prophet hands out one table per target: a second call drafts from what the first recorded, and on a
+    repeated request it commits more tokens per step."""
+    model = _tiny_llama()
+    prompt = PROMPTS[0]
+    expected = plain_greedy(model, prompt, MAX_NEW)
+    steps = []
+    for _ in range(2):
+        drafter = build_prophet("self:recycle", model)
+        out = refdecode.generate(
+            model, None, prompt, max_new_tokens=MAX_NEW, drafter=drafter, policy=fixed_policy(), calibrate=False
+        )
+        assert out.token_ids == expected
+        steps.append(out.stats.steps)
+    assert build_prophet("self:recycle", model).table is drafter.table
+    assert build_prophet("self:recycle", _tiny_llama()).table is not drafter.table
+    assert steps[1] < steps[0], steps
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["alone", "hybrid"])
+def test_recycle_does_not_change_what_a_seed_samples(hybrid):
+    """Its drafts are point masses chosen from earlier forwards, never from the verification's noise, so under
+    sampling a seed gives the output it gives without drafts (position-keyed noise, tests/test_sampling.py)."""
+    case = sampling_case()
+    model = case["target"]
+    accepted = 0
+    for seed in range(6):
+        kwargs: dict = dict(max_new_tokens=16, temperature=S_TEMPERATURE, seed=seed, calibrate=False)
+        plain = refdecode.generate(model, None, S_PROMPT, policy=AlwaysDraft(), **kwargs)
+        if hybrid:
+            kwargs["draft_model"] = "self:recycle"
+        else:
+            kwargs["drafter"] = build_prophet("self:recycle", model)
+        out = refdecode.generate(model, None, S_PROMPT, policy=AlwaysDraft(), **kwargs)
+        accepted += out.stats.accepted_sources.get("recycle", 0)
+        assert out.token_ids == plain.token_ids, f"seed {seed}"
+    assert accepted > 0
+
+
+def test_forget_learned_starts_the_next_recycle_call_cold():
+    model = _tiny_llama()
+    table = build_prophet("self:recycle", model).table
+    table.update([1], torch.randn(1, model.config.vocab_size))
+    refdecode.prophets.forget_learned(model)
+    fresh = build_prophet("self:recycle", model).table
+    assert fresh is not table and fresh.rows == 0 and fresh.successors(1, 3) == []
+    refdecode.prophets.forget_learned(_tiny_llama())  # a target that never had a prophet: nothing to forget

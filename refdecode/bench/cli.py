@@ -69,7 +69,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         metavar="SPEC",
         default=[],
         help="model prophets to add rows for, each alone (prophet:SPEC) and with the references (refdecode+SPEC): "
-        "self:heads, self:int8, self:layers=N, or a draft model name sharing the tokenizer",
+        "self:heads, self:int8, self:layers=N, self:recycle, or a draft model name sharing the tokenizer",
     )
     parser.add_argument(
         "--sampling",
