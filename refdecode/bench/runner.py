@@ -70,6 +70,7 @@ SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.7, 0.9
 REQUESTS_FORMAT = "refdecode-bench-requests/1"
 PROPHET_ALONE = "prophet:"  # + a draft model spec: the model prophet drafting alone (no references)
 WITH_REFERENCES = "refdecode+"  # + a draft model spec: refdecode's references and the prophet in one tree
+RECYCLE = "self:recycle"  # the prophet that learns across calls (its table is kept per method, see run_refdecode)
 
 
 def is_checked(method: str) -> bool:
@@ -366,14 +367,29 @@ def run_refdecode(
     greedy_ids: list[int] | None = None,
     seed: int = 0,
     index=None,
+    learned: dict | None = None,
 ) -> dict:
     """refdecode.generate: with a ReferenceStore of the request's references (a tree, or one chain for the -chain
     methods), with SuffixDecoding's drafter over the same references, or with the oracle drafter. The corpus index
-    (if any) is refdecode's own source: the suffix and oracle methods do not see it."""
+    (if any) is refdecode's own source: the suffix and oracle methods do not see it.
+
+    learned: method -> what a prophet learns across calls (self:recycle's successor table), kept by the caller
+    over the timed requests, so each method's table grows over earlier, other prompts as on a server and never
+    holds a run of the same prompt by another method; None (the warm-up): a fresh table, thrown away."""
     from refdecode import generate, kernels
 
     kwargs: dict = {}
     suffix = None
+    prophet = None
+    if method.startswith((WITH_REFERENCES, PROPHET_ALONE)):
+        from refdecode.prophets import RecycleDrafter, SuccessorTable, build_prophet
+
+        spec = method[len(PROPHET_ALONE) :] if method.startswith(PROPHET_ALONE) else method[len(WITH_REFERENCES) :]
+        if spec == RECYCLE:  # its table learns across calls: one per method, never shared between methods
+            table = SuccessorTable() if learned is None else learned.setdefault(method, SuccessorTable())
+            prophet = RecycleDrafter(table)
+        else:
+            prophet = build_prophet(spec, model, tokenizer)
     if method in REFDECODE_METHODS:
         kwargs.update(store=_store(tokenizer, request), tree="-chain" not in method)
         if method.endswith("-sample"):
@@ -387,13 +403,11 @@ def run_refdecode(
         suffix = SuffixDrafter(request.prompt_ids, references=references, tree=method == "suffix-tree")
         kwargs.update(drafter=suffix)  # and generate's default DraftPolicy, as for refdecode
     elif method.startswith(WITH_REFERENCES):
-        kwargs.update(store=_store(tokenizer, request), draft_model=method[len(WITH_REFERENCES) :])
+        kwargs.update(store=_store(tokenizer, request), draft_model=prophet)
         if index is not None:
             kwargs.update(index=index)
     elif method.startswith(PROPHET_ALONE):
-        from refdecode.prophets import build_prophet
-
-        kwargs.update(drafter=build_prophet(method[len(PROPHET_ALONE) :], model, tokenizer))
+        kwargs.update(drafter=prophet)
     elif method == "oracle":
         if greedy_ids is None:
             raise ValueError("the oracle needs the greedy output of the same prompt")
@@ -449,11 +463,20 @@ def run_method(
     greedy_ids: list[int] | None,
     seed: int,
     index=None,
+    learned: dict | None = None,
 ) -> dict:
     if method in ("greedy", "pld", "hf-sample"):
         return run_hf(model, request.prompt_ids, max_new_tokens, method, seed=seed)
     return run_refdecode(
-        model, tokenizer, request, max_new_tokens, method, greedy_ids=greedy_ids, seed=seed, index=index
+        model,
+        tokenizer,
+        request,
+        max_new_tokens,
+        method,
+        greedy_ids=greedy_ids,
+        seed=seed,
+        index=index,
+        learned=learned,
     )
 
 
@@ -634,6 +657,7 @@ def run_benchmark(
 
     # 4) measure: every method on a prompt before the next prompt
     records = []
+    learned: dict = {}  # method -> its prophet's table, grown over the earlier timed requests (run_refdecode)
     for i, request in enumerate(requests):
         greedy_ids = None
         line = []
@@ -647,6 +671,7 @@ def run_benchmark(
                 greedy_ids=greedy_ids,
                 seed=config.seed + i,
                 index=index,
+                learned=learned,
             )
             if method == "greedy":
                 greedy_ids = rec["token_ids"]
