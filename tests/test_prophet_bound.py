@@ -58,10 +58,26 @@ def test_the_table_gives_tokens_per_step_and_ratios_against_the_chain():
     totals = {"w": {m: [8, 4] for m in METHODS}}
     totals["w"]["tree"] = [8, 2]
     text = table(totals, argparse.Namespace(k=16, recycle_nodes=24, n=1, seed=1, max_tokens=8))
-    assert "| w | 2.00 | 4.00 | 2.00 | 2.00 | 2.00 | 2.00x | 1.00x | 1.00x | 1.00x |" in text
+    assert (
+        "| w | 2.00 | 4.00 | 2.00 | 2.00 | 2.00 | 2.00 | 2.00 | 2.00x | 1.00x | 1.00x | 1.00x | 1.00x | 1.00x |" in text
+    )
 
 
 @pytest.mark.parametrize("flag", ["--n", "--k", "--recycle-nodes", "--max-tokens"])
 def test_parse_args_refuses_counts_below_one(flag):
     with pytest.raises(SystemExit):
         parse_args([flag, "0"])
+
+
+def test_wide_tree_keeps_the_most_frequent_continuations_of_every_suffix():
+    from scripts.prophet_bound import wide_tree
+    from scripts.vllm_draft_sim import deepest_agreeing_path
+
+    # the last token 7 was followed by 8 twice and by 9 once; the suffix [6, 7] by 8 once
+    context = [6, 7, 8, 1, 7, 8, 2, 7, 9, 6, 7]
+    tree = wide_tree([context], k=2, nodes=2)
+    assert tree.parents == [-1, -1] or tree.parents == [-1, 0]
+    assert tree.tokens[0] == 8  # the most frequent first token first
+    assert deepest_agreeing_path(wide_tree([context], k=2, nodes=8), [9, 6]) == 2
+    assert all(p < i for i, p in enumerate(wide_tree([context, [7, 5, 5]], k=3, nodes=8).parents))
+    assert len(wide_tree([[1, 2, 3]], k=2, nodes=8)) == 0  # no suffix occurred earlier
