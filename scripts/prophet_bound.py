@@ -35,7 +35,7 @@ import json
 import sys
 from pathlib import Path
 
-from scripts.vllm_draft_sim import deepest_agreeing_path, longest_copy
+from scripts.vllm_draft_sim import deepest_agreeing_path, longest_copy, ratio_header
 
 WORKLOADS = ("chat", "summarize", "spec-bench", "rag", "code-edit-ref")
 METHODS = ("chain", "tree", "recycle", "tree+recycle", "wide-16", "wide-64", "copy-oracle")
@@ -170,12 +170,7 @@ def table(totals: dict, args: argparse.Namespace) -> str:
         f"Free verification, K = {args.k}, recycle trees of up to {args.recycle_nodes} nodes, "
         f"{args.n} requests per workload, seed {args.seed}, {args.max_tokens} new tokens.",
         "",
-        "| workload | "
-        + " | ".join(f"{m} tokens/step" for m in METHODS)
-        + " | "
-        + " | ".join(f"{m} / chain" for m in METHODS[1:])
-        + " |",
-        "|---|" + "---:|" * (2 * len(METHODS) - 1),
+        *ratio_header(METHODS, "tokens/step"),
     ]
     for workload, rows in totals.items():
         per_step = {m: rows[m][0] / max(1, rows[m][1]) for m in METHODS}

@@ -177,17 +177,19 @@ def simulate(requests: list[dict], tokenizer, args: argparse.Namespace) -> dict:
     return totals
 
 
+def ratio_header(methods: Sequence[str], per_step: str) -> list[str]:
+    """A markdown table's header and rule: per method its `per_step` figure, then each later method's ratio against
+    the first."""
+    cells = [f"{m} {per_step}" for m in methods] + [f"{m} / {methods[0]}" for m in methods[1:]]
+    return ["| workload | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
+
+
 def table(totals: dict, args: argparse.Namespace) -> str:
     lines = [
         f"Replayed greedy outputs, K = {args.k}, step cost 1 + {args.jump} + {args.per_token} x (width - 2) with a "
         "draft (1 without); ratios of tokens per cost unit against ngram:",
         "",
-        "| workload | "
-        + " | ".join(f"{m} tok/step" for m in METHODS)
-        + " | "
-        + " | ".join(f"{m} / ngram" for m in METHODS[1:])
-        + " |",
-        "|---|" + "---:|" * (2 * len(METHODS) - 1),
+        *ratio_header(METHODS, "tok/step"),
     ]
     for workload in dict.fromkeys(w for w, _ in totals):
         rows = {m: totals[(workload, m)] for m in METHODS}
