@@ -635,7 +635,8 @@ class HybridDrafter:
         """prophet.pays with the references' first-level probability, its first token priced as widening a plain
         step (1 -> 2 tokens): the references' own tree may be dropped by the policy, and the prophet's siblings turn
         a chain (cropped) into a tree (masked and compacted). Measured: priced at the references' width instead,
-        SmolLM2 on this CPU lost 10-30% on copy-heavy requests to prophets that were rarely right."""
+        SmolLM2 on this CPU lost 10-30% on copy-heavy requests to prophets that were rarely right. A gaps_only
+        prophet runs only where the references propose nothing."""
         assert self.session is not None
         if self.prophet.gaps_only and tree is not None and len(tree):
             return False
@@ -790,8 +791,7 @@ def with_prophet(references, draft_model, model, tokenizer=None):
 
 def forget_learned(model) -> None:
     """Drop what prophets learned across calls for the target `model` (the self:recycle successor table); derived
-    models and trained heads are kept. The next self:recycle call starts from an empty table (the benchmark does
-    this before every request, so that no request drafts from an earlier run of itself)."""
+    models and trained heads are kept. The next self:recycle call starts from an empty table."""
     _DERIVED.get(model, {}).pop("self:recycle", None)
 
 
