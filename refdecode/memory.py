@@ -43,8 +43,10 @@ from .corpus.format import (  # shared with corpus indexes
     _is_count,
     _locked,
     file_entry,
+    own_manifest,
     tokenizer_fingerprint,
     verify_files,
+    write_manifest,
 )
 from .corpus.spans import DEPTH
 from .matching import DocumentIndex, Match, as_token_ids
@@ -279,17 +281,7 @@ class OutputMemory:
                 "num_tokens": self._num_tokens,
                 "files": {name: file_entry(where / name) for name in _FILES},
             }
-            tmp = root / f".{MANIFEST_FILE}.tmp-{uuid.uuid4().hex[:16]}"
-            try:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(json.dumps(manifest, indent=2) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, root / MANIFEST_FILE)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            _fsync(root)
+            write_manifest(root, manifest)
         except BaseException:
             if _own_manifest(root, generation=gen) is None:  # not switched to it: nothing refers to it
                 shutil.rmtree(where, ignore_errors=True)
@@ -329,18 +321,8 @@ class OutputMemory:
 
 def _own_manifest(folder: Path, generation: str | None = None) -> dict | None:
     """The JSON of `folder`'s manifest if it is an output memory's (any version; naming `generation` if given)."""
-    manifest_path = folder / MANIFEST_FILE
-    try:
-        if manifest_path.is_symlink() or not manifest_path.is_file():
-            return None
-        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-            return None
-        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != MEMORY_FORMAT:
-        return None
-    if generation is not None and manifest.get("generation") != generation:
+    manifest = own_manifest(folder, MEMORY_FORMAT)
+    if manifest is None or (generation is not None and manifest.get("generation") != generation):
         return None
     return manifest
 

@@ -53,9 +53,11 @@ __all__ = [
     "data_dir",
     "file_entry",
     "new_generation",
+    "own_manifest",
     "read_manifest",
     "tokenizer_fingerprint",
     "verify_files",
+    "write_manifest",
 ]
 
 FORMAT_NAME = "refdecode-corpus-index"
@@ -272,7 +274,7 @@ def check_target(out: Path, *, force: bool, protect: Sequence[str | Path] = ()) 
             f"{out} is not a folder holding a refdecode index; --force only replaces an index, "
             f"never anything else: remove it yourself or choose another --out"
         )
-    if _own_manifest(out) is None:
+    if own_manifest(out) is None:
         raise IndexFormatError(
             f"{out} does not hold a refdecode index (no {MANIFEST_FILE} of this format); "
             f"--force only replaces an index, never anything else: remove it yourself or "
@@ -281,9 +283,10 @@ def check_target(out: Path, *, force: bool, protect: Sequence[str | Path] = ()) 
     return True
 
 
-def _own_manifest(folder: Path) -> dict | None:
-    """The JSON of `folder`'s manifest if it is a refdecode corpus index manifest of any version (an index of a
-    newer or older refdecode is still ours to replace), else None."""
+def own_manifest(folder: Path, format_name: str = FORMAT_NAME) -> dict | None:
+    """The JSON of `folder`'s manifest if it is a manifest of format `format_name` (a corpus index by default, an
+    output memory for refdecode.memory) of any version (one of a newer or older refdecode is still ours to
+    replace), else None: no manifest, a link, too big, not JSON, another format."""
     path = folder / MANIFEST_FILE
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -291,7 +294,24 @@ def _own_manifest(folder: Path) -> dict | None:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME else None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == format_name else None
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Make `manifest` root's manifest.json atomically: written and fsynced under a hidden temporary name, switched
+    in with one os.replace (a reader sees the old manifest or the new one, never a part), then the folder fsynced.
+    The temporary file never outlives a failure."""
+    tmp = root / f".{MANIFEST_FILE}.tmp-{uuid.uuid4().hex[:16]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / MANIFEST_FILE)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    _fsync(root)
 
 
 class Generation:
@@ -316,17 +336,7 @@ class Generation:
             **manifest,
             "files": {name: file_entry(self.dir / name) for name in files},
         }
-        tmp = self.root / f".{MANIFEST_FILE}.tmp-{uuid.uuid4().hex[:16]}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(full, indent=2, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / MANIFEST_FILE)
-        except BaseException:
-            _unlink(tmp)
-            raise
-        _fsync(self.root)
+        write_manifest(self.root, full)
         self.committed = True
         return full
 
@@ -445,7 +455,7 @@ def new_generation(
         root.mkdir()
     try:
         with _locked(root, out):
-            old = (_own_manifest(root) or {}) if replacing else {}
+            old = (own_manifest(root) or {}) if replacing else {}
             if replacing:
                 _remove_leftovers(root, old, data_files)
             gen = Generation(root)
