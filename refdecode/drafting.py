@@ -274,8 +274,22 @@ class AcceptanceModel:
         return (self.successes[b] + pooled * self.prior_weight) / (self.trials[b] + self.prior_weight)
 
     def rate(self, match_len: int) -> float:
-        pooled = (sum(self.successes) + self.prior * self.prior_weight) / (sum(self.trials) + self.prior_weight)
-        return max(self._bucket_rate(b, pooled) for b in range(self.bucket(match_len) + 1))
+        return self.rates()[self.bucket(match_len)]
+
+    def rates(self) -> list[float]:
+        """The rate of every match-length bucket (non-decreasing), recomputed only when the evidence changed: a
+        tree asks for hundreds of nodes' rates per step."""
+        key = (*self.successes, *self.trials, self.prior, self.prior_weight)
+        cached = self.__dict__.get("_rates")
+        if cached is None or cached[0] != key:
+            pooled = (sum(self.successes) + self.prior * self.prior_weight) / (sum(self.trials) + self.prior_weight)
+            out, best = [], 0.0
+            for b in range(len(_MATCH_BUCKETS)):
+                best = max(best, self._bucket_rate(b, pooled))
+                out.append(best)
+            cached = (key, out)
+            self.__dict__["_rates"] = cached
+        return cached[1]
 
     def update(self, match_len: int, drafted: int, accepted: int, accept_probs: Sequence[float] | None = None) -> None:
         """Record one verified draft of `drafted` tokens of which the first `accepted` were kept.
@@ -341,13 +355,24 @@ class ForwardCostModel:
         old = self.table.get(width)
         self.table[width] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
 
+    def _monotone(self) -> tuple[list[int], dict[int, float]]:
+        """The measured widths, sorted, and their costs made non-decreasing; recomputed only when the table changed
+        (a tree policy prices every candidate size each step)."""
+        key = tuple(self.table.items())
+        cached = self.__dict__.get("_monotone_cache")
+        if cached is None or cached[0] != key:
+            widths = sorted(self.table)
+            # A wider forward never costs less than a narrower one: a width measured slower than some wider width
+            # was timed during a burst of load, and the wider width's time is the better estimate for it.
+            table = dict(zip(widths, _suffix_minimum([self.table[w] for w in widths]), strict=True))
+            cached = (key, (widths, table))
+            self.__dict__["_monotone_cache"] = cached
+        return cached[1]
+
     def cost(self, width: int) -> float:
         if not self.table:
             return 1.0 + 0.05 * (width - 1)  # unmeasured: a mild prior, relative units
-        widths = sorted(self.table)
-        # A wider forward never costs less than a narrower one: a width measured slower than some wider width was
-        # timed during a burst of load, and the wider width's time is the better estimate for it.
-        table = dict(zip(widths, _suffix_minimum([self.table[w] for w in widths]), strict=True))
+        widths, table = self._monotone()
         if width in table:
             return table[width]
         i = bisect.bisect_left(widths, width)
@@ -507,8 +532,13 @@ class DraftPolicy:
         ranks = sibling_ranks(tree)
         left: dict[int, float] = {}  # parent -> probability mass not yet taken by its earlier children
         probs = []
+        rates: dict[tuple[str, bool], list[float]] = {}  # (source, alternative) -> its model's rates this step
+        bucket = AcceptanceModel.bucket
         for i, parent in enumerate(tree.parents):
-            q = self.node_model(tree.sources[i], ranks[i]).rate(tree.match_lens[i])
+            kind = (tree.sources[i], ranks[i] > 0)
+            if kind not in rates:
+                rates[kind] = self.node_model(tree.sources[i], ranks[i]).rates()
+            q = rates[kind][bucket(tree.match_lens[i])]
             mass = left.get(parent, 1.0)
             probs.append(q * mass)
             left[parent] = mass * (1.0 - q)

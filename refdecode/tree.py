@@ -141,29 +141,29 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
     """Merge candidate continuations into one trie (at most max_depth deep, max_nodes nodes).
 
     Each node counts the candidates through it; its source and match length are those of the strongest candidate
-    through it (the longest match; ties: the earlier candidate, so callers list fresher evidence first). A node at
-    depth d of a candidate matched over m tokens has evidence m + d - 1: once its parent is accepted, the context
-    ends with m + d - 1 tokens of that copy (a followed span's evidence grows the same way across steps). Siblings
-    are ordered by count (most agreed first), then by first appearance, which is the order the policy ranks them.
+    through it (the longest match; ties: the earlier candidate, so callers list fresher evidence first). Every node
+    of a candidate carries the candidate's match length: the policy's acceptance models are per-token rates by the
+    match length at the draft's start, for chains and trees alike. Siblings are ordered by count (most agreed
+    first), then by first appearance, which is the order the policy ranks them; the flat order is depth-first.
     """
-    child: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    child: dict[tuple[int, int], int] = {}  # (parent, token) -> node, in order of first appearance
     tokens: list[int] = []
-    parents: list[int] = []
     sources: list[str] = []
     match_lens: list[int] = []
     counts: list[int] = []
+    kids: dict[int, list[int]] = {}  # parent -> children, in order of first appearance
     for cand in candidates:
         parent = ROOT
+        evidence = cand.match_len
         for token in cand.tokens[:max_depth]:
-            evidence = cand.match_len
             node = child.get((parent, token))
             if node is None:
                 if len(tokens) >= max_nodes:
                     break
                 node = len(tokens)
                 child[(parent, token)] = node
+                kids.setdefault(parent, []).append(node)
                 tokens.append(token)
-                parents.append(parent)
                 sources.append(cand.source)
                 match_lens.append(evidence)
                 counts.append(0)
@@ -171,32 +171,31 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
                 sources[node], match_lens[node] = cand.source, evidence
             counts[node] += 1
             parent = node
-    tree = DraftTree(tokens, parents, sources, match_lens, counts)
-    return _sorted_siblings(tree)
-
-
-def _sorted_siblings(tree: DraftTree) -> DraftTree:
-    """The same tree renumbered depth-first with each node's children by count (desc), then first appearance, so
-    the flat order lists the most agreed-on path first and a child's rank is its place among its siblings."""
-    kids: dict[int, list[int]] = {}
-    for i, p in enumerate(tree.parents):
-        kids.setdefault(p, []).append(i)
+    # renumber depth-first, each node's children by count (desc) then first appearance
     order: list[int] = []
-    stack = [ROOT]
+    new_parent: list[int] = []
+    new_index: dict[int, int] = {}
+    stack: list[tuple[int, int]] = [(c, ROOT) for c in reversed(_by_count(kids.get(ROOT, ()), counts))]
     while stack:
-        node = stack.pop()
-        if node != ROOT:
-            order.append(node)
-        ranked = sorted(kids.get(node, ()), key=lambda c: (-tree.counts[c], c))
-        stack.extend(reversed(ranked))
-    new_index = {old: new for new, old in enumerate(order)}
+        node, parent = stack.pop()
+        new_index[node] = len(order)
+        order.append(node)
+        new_parent.append(parent if parent == ROOT else new_index[parent])
+        stack.extend((c, node) for c in reversed(_by_count(kids.get(node, ()), counts)))
     return DraftTree(
-        [tree.tokens[i] for i in order],
-        [ROOT if tree.parents[i] == ROOT else new_index[tree.parents[i]] for i in order],
-        [tree.sources[i] for i in order],
-        [tree.match_lens[i] for i in order],
-        [tree.counts[i] for i in order],
+        [tokens[i] for i in order],
+        new_parent,
+        [sources[i] for i in order],
+        [match_lens[i] for i in order],
+        [counts[i] for i in order],
     )
+
+
+def _by_count(nodes: Sequence[int], counts: Sequence[int]) -> list[int]:
+    """nodes (in order of first appearance) by count, highest first; ties keep that order."""
+    if len(nodes) < 2:
+        return list(nodes)
+    return sorted(nodes, key=lambda c: -counts[c])
 
 
 def sibling_ranks(tree: DraftTree) -> list[int]:

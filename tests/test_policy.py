@@ -1,8 +1,10 @@
 """The draft-length policy: acceptance estimates, the cost curve, the length it picks, and exploration."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from refdecode.drafting import AcceptanceModel, Draft, DraftPolicy, ForwardCostModel
+from refdecode.drafting import _MATCH_BUCKETS, AcceptanceModel, Draft, DraftPolicy, ForwardCostModel
 
 CPU_LIKE = {1: 0.090, 2: 0.095, 4: 0.110, 8: 0.160, 16: 0.200, 32: 0.260, 64: 0.420}
 
@@ -44,6 +46,37 @@ def test_acceptance_under_sampling_counts_the_expected_outcome():
     assert d.rate(8) > 0.95
 
 
+def brute_rate(model: AcceptanceModel, match_len: int) -> float:
+    """The rate by its definition: each bucket's Beta posterior centred on the pooled rate, maximised over every
+    bucket up to match_len's (non-decreasing in match length)."""
+    w = model.prior_weight
+    pooled = (sum(model.successes) + model.prior * w) / (sum(model.trials) + w)
+    last = max(b for b, lo in enumerate(_MATCH_BUCKETS) if lo <= max(1, match_len))
+    return max((model.successes[b] + pooled * w) / (model.trials[b] + w) for b in range(last + 1))
+
+
+_trial = st.tuples(st.integers(0, 80), st.floats(0, 1), st.floats(0, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(st.lists(_trial, max_size=5), max_size=8),
+    edit=st.one_of(st.none(), st.tuples(st.integers(0, len(_MATCH_BUCKETS) - 1), st.floats(0, 5))),
+)
+def test_cached_rates_equal_the_definition_after_any_evidence(steps, edit):
+    # rates are cached between changes of evidence: every change (an update, or a caller editing the lists) shows
+    model = AcceptanceModel()
+    for step in steps:
+        model.update_trials([(m, s * t, t) for m, s, t in step])
+        for m in (0, 1, 2, 5, 13, 80):
+            assert model.rate(m) == pytest.approx(brute_rate(model, m))
+    if edit is not None:
+        b, extra = edit
+        model.trials[b] += extra
+        model.successes[b] += extra
+        assert all(model.rate(m) == pytest.approx(brute_rate(model, m)) for m in (1, 4, 12, 64))
+
+
 def test_cost_curve_interpolates_and_is_non_decreasing():
     costs = ForwardCostModel({1: 1.0, 2: 3.0, 4: 1.5, 8: 2.0})  # width 2 timed during a burst of load
     assert costs.cost(2) == pytest.approx(1.5)
@@ -51,6 +84,10 @@ def test_cost_curve_interpolates_and_is_non_decreasing():
     assert costs.cost(16) == pytest.approx(3.0)  # extrapolated from the last two widths
     costs.observe(8, 4.0)
     assert costs.cost(8) == pytest.approx(0.8 * 2.0 + 0.2 * 4.0)
+    costs.observe(32, 9.0)  # a new width: the cached curve is rebuilt
+    assert costs.cost(16) == pytest.approx(costs.cost(8) + (9.0 - costs.cost(8)) * 8 / 24)
+    costs.table[1] = 5.0  # edited by hand: seen too (and made non-decreasing)
+    assert costs.cost(1) == pytest.approx(costs.cost(2))
 
 
 def test_length_follows_acceptance_and_cost():
