@@ -143,8 +143,10 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
     Each node counts the candidates through it; its source and match length are those of the strongest candidate
     through it (the longest match; ties: the earlier candidate, so callers list fresher evidence first). Every node
     of a candidate carries the candidate's match length: the policy's acceptance models are per-token rates by the
-    match length at the draft's start, for chains and trees alike. Siblings are ordered by count (most agreed
-    first), then by first appearance, which is the order the policy ranks them; the flat order is depth-first.
+    match length at the draft's start, for chains and trees alike. Siblings are ordered by that evidence (the
+    longest match first: one long match says more than several short ones agreeing), then by count (REST's and
+    SuffixDecoding's weights), then by first appearance; the policy ranks them in that order (its first child is
+    the favourite) and the flat order is depth-first.
     """
     child: dict[tuple[int, int], int] = {}  # (parent, token) -> node, in order of first appearance
     tokens: list[int] = []
@@ -171,17 +173,17 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
                 sources[node], match_lens[node] = cand.source, evidence
             counts[node] += 1
             parent = node
-    # renumber depth-first, each node's children by count (desc) then first appearance
+    # renumber depth-first, each node's children by evidence, then count, then first appearance
     order: list[int] = []
     new_parent: list[int] = []
     new_index: dict[int, int] = {}
-    stack: list[tuple[int, int]] = [(c, ROOT) for c in reversed(_by_count(kids.get(ROOT, ()), counts))]
+    stack: list[tuple[int, int]] = [(c, ROOT) for c in reversed(_ranked(kids.get(ROOT, ()), match_lens, counts))]
     while stack:
         node, parent = stack.pop()
         new_index[node] = len(order)
         order.append(node)
         new_parent.append(parent if parent == ROOT else new_index[parent])
-        stack.extend((c, node) for c in reversed(_by_count(kids.get(node, ()), counts)))
+        stack.extend((c, node) for c in reversed(_ranked(kids.get(node, ()), match_lens, counts)))
     return DraftTree(
         [tokens[i] for i in order],
         new_parent,
@@ -191,11 +193,11 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
     )
 
 
-def _by_count(nodes: Sequence[int], counts: Sequence[int]) -> list[int]:
-    """nodes (in order of first appearance) by count, highest first; ties keep that order."""
+def _ranked(nodes: Sequence[int], match_lens: Sequence[int], counts: Sequence[int]) -> list[int]:
+    """nodes (in order of first appearance) by evidence, strongest first; ties keep that order."""
     if len(nodes) < 2:
         return list(nodes)
-    return sorted(nodes, key=lambda c: -counts[c])
+    return sorted(nodes, key=lambda c: (-match_lens[c], -counts[c]))
 
 
 def sibling_ranks(tree: DraftTree) -> list[int]:

@@ -21,9 +21,12 @@ from collections import defaultdict
 from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
 from refdecode.tree import DraftTree
 
-# cost(width) / cost(1): SmolLM2 on a 2-core CPU (scripts.fixed_cost_drafts) and on an H200 (nearly flat)
+# cost(width) / cost(1): SmolLM2 on a 2-core CPU with transformers' kernels (scripts.fixed_cost_drafts), the same
+# with refdecode's routed CPU kernels (measured in scripts/results/cpu-issue11-kernels up to 16; 32 and 64
+# extrapolated), and on an H200 (nearly flat)
 COSTS = {
     "cpu": {1: 1.0, 2: 1.6, 4: 1.8, 8: 2.0, 16: 2.3, 32: 3.3, 64: 4.6},
+    "cpu-routed": {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.46, 16: 1.68, 32: 2.6, 64: 4.0},
     "gpu": {1: 1.0, 2: 1.0, 4: 1.01, 8: 1.02, 16: 1.04, 32: 1.08, 64: 1.15},
 }
 

@@ -57,7 +57,11 @@ def test_build_tree_merges_counts_and_ranks_siblings():
     assert tree.sources[paths[(1, 2, 3)]] == "context"
     ranks = sibling_ranks(tree)
     assert ranks[paths[(1,)]] == 0 and ranks[paths[(9,)]] == 1
-    assert ranks[paths[(1, 2)]] == 0 and ranks[paths[(1, 7)]] == 1  # count 2 before count 1
+    assert ranks[paths[(1, 2)]] == 0 and ranks[paths[(1, 7)]] == 1  # evidence 5 (and count 2) before 3 (count 1)
+    # the strongest evidence ranks first, even against more candidates: a 12-token match in a reference says more
+    # than three 1-token matches in the output
+    tree = build_tree([Candidate([5], "context", 1)] * 3 + [Candidate([6], "store", 12)], max_depth=4)
+    assert tree.tokens[tree.children()[0]] == 6 and tree.counts[tree.children()[1]] == 3
     # every candidate is a root-to-node path
     for c in cands:
         assert tuple(c.tokens) in paths
@@ -66,20 +70,25 @@ def test_build_tree_merges_counts_and_ranks_siblings():
 
 
 @settings(deadline=None)
-@given(st.lists(st.lists(st.integers(0, 5), max_size=6), max_size=12), st.integers(1, 6))
+@given(
+    st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=6), st.integers(1, 4)), max_size=12), st.integers(1, 6)
+)
 @pytest.mark.fuzz
-def test_build_tree_is_the_trie_of_its_candidates(conts, depth):
-    tree = build_tree([Candidate(c, "x", 1) for c in conts], max_depth=depth)
+def test_build_tree_is_the_trie_of_its_candidates(cands, depth):
+    conts = [c for c, _ in cands]
+    tree = build_tree([Candidate(c, "x", m) for c, m in cands], max_depth=depth)
     paths = [tuple(tree.tokens[j] for j in tree.path(i)) for i in range(len(tree))]
     expected = {tuple(c[:d]) for c in conts for d in range(1, min(len(c), depth) + 1)}
     assert set(paths) == expected and len(paths) == len(expected)
     for i, path in enumerate(paths):  # a node's count: the candidates through it
         assert tree.counts[i] == sum(1 for c in conts if tuple(c[: len(path)]) == path)
+    for i, path in enumerate(paths):  # a node's evidence: the longest match among the candidates through it
+        assert tree.match_lens[i] == max(m for c, m in cands if tuple(c[: len(path)]) == path)
     ranks = sibling_ranks(tree)
-    for i, p in enumerate(tree.parents):  # siblings by count, most first
+    for i, p in enumerate(tree.parents):  # siblings by evidence, then count, strongest first
         for j in range(i):
             if tree.parents[j] == p and ranks[j] < ranks[i]:
-                assert tree.counts[j] >= tree.counts[i]
+                assert (tree.match_lens[j], tree.counts[j]) >= (tree.match_lens[i], tree.counts[i])
 
 
 # -- the policy --------------------------------------------------------------------------------------------------
