@@ -70,9 +70,7 @@ def test_build_tree_merges_counts_and_ranks_siblings():
 
 
 @settings(deadline=None)
-@given(
-    st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=6), st.integers(1, 4)), max_size=12), st.integers(1, 6)
-)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=6), st.integers(1, 4)), max_size=12), st.integers(1, 6))
 @pytest.mark.fuzz
 def test_build_tree_is_the_trie_of_its_candidates(cands, depth):
     conts = [c for c, _ in cands]
