@@ -1,11 +1,11 @@
 """Output memory figure: the same questions asked a second time in other words, with an OutputMemory vs without.
 
-    python -m scripts.bench_memory [--n 20] [--max-new-tokens 128] [--threads N] [--model smollm2-135m]
-                                   [--out scripts/results/memory_bench.json]
+    python -m scripts.bench_memory [--n 20] [--offset 0] [--max-new-tokens 128] [--threads N]
+                                   [--model smollm2-135m] [--out scripts/results/memory_bench.json]
 
 1) n Python FAQ questions (Debian python3.11-doc, `python -m scripts.prepare_data --only python_docs`), spread
-   evenly over the 179, are asked once through the chat template with one shared OutputMemory, which records
-   every answer (this pass also warms the model up and calibrates the draft policy).
+   evenly over the 179 from the `--offset`-th on, are asked once through the chat template with one shared
+   OutputMemory, which records every answer (this pass also warms the model up and calibrates the draft policy).
 2) Each question is reworded by fixed, generic rules (no model): "How do I X?" -> "What is the way to X?", "Why
    does X?" -> "What is the reason X?", a prefix such as "Quick question: ", or a chat-style next turn such as
    "Can you explain that again: <question>". Each paraphrase is asked with the memory and without it, in the order
@@ -55,14 +55,17 @@ def paraphrase(question: str, k: int) -> str:
     return PREFIXES[k % len(PREFIXES)] + text
 
 
-def pick_questions(n: int) -> list[str]:
-    """n FAQ questions spread evenly over the Python FAQ."""
+def pick_questions(n: int, offset: int = 0) -> list[str]:
+    """n FAQ questions spread evenly over the Python FAQ, starting `offset` questions in (another offset: another
+    set of questions, to check that a figure is not a property of one set)."""
     from refdecode.bench import data
 
     pairs = data.faq_pairs()
     if not 1 <= n <= len(pairs):
         raise ValueError(f"--n must be in 1..{len(pairs)}, got {n}")
-    return [pairs[i * len(pairs) // n]["question"] for i in range(n)]
+    if not 0 <= offset < len(pairs):
+        raise ValueError(f"--offset must be in 0..{len(pairs) - 1}, got {offset}")
+    return [pairs[(i * len(pairs) // n + offset) % len(pairs)]["question"] for i in range(n)]
 
 
 def _row(out) -> dict:
@@ -200,6 +203,7 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=20, help="questions (default 20)")
+    parser.add_argument("--offset", type=int, default=0, help="start this many FAQ questions in (another set)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--model", default="smollm2-135m")
@@ -226,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import refdecode
 
-    questions = pick_questions(args.n)
+    try:
+        questions = pick_questions(args.n, args.offset)
+    except ValueError as err:
+        parser.error(str(err))
     model, tokenizer = refdecode.load_model(args.model)
     result = run(model, tokenizer, questions, max_new_tokens=args.max_new_tokens)
     result.update(model=args.model, threads=args.threads)

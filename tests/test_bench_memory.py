@@ -36,7 +36,7 @@ def test_runs_on_a_tiny_model(monkeypatch, tmp_path, capsys):
         model.lm_head.weight.mul_(40)
     monkeypatch.setattr(refdecode.decoding, "calibrate_costs", lambda *args, **kwargs: {1: 1.0, 64: 1.0})
     monkeypatch.setattr(refdecode, "load_model", lambda name: (model, tokenizer))
-    monkeypatch.setattr(bench_memory, "pick_questions", lambda n: QUESTIONS[:n])
+    monkeypatch.setattr(bench_memory, "pick_questions", lambda n, offset=0: QUESTIONS[offset : offset + n])
     out = tmp_path / "results" / "memory.json"
     code = bench_memory.main(["--n", "2", "--max-new-tokens", "12", "--threads", "1", "--out", str(out)])
     assert code == 0
@@ -46,3 +46,16 @@ def test_runs_on_a_tiny_model(monkeypatch, tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_memory.main(["--max-new-tokens", "0"])
+
+
+def test_an_offset_picks_another_spread_of_questions(monkeypatch):
+    from refdecode.bench import data
+
+    pairs = [{"question": f"Q{i}?"} for i in range(10)]
+    monkeypatch.setattr(data, "faq_pairs", lambda: pairs)
+    assert bench_memory.pick_questions(5) == ["Q0?", "Q2?", "Q4?", "Q6?", "Q8?"]
+    assert bench_memory.pick_questions(5, 1) == ["Q1?", "Q3?", "Q5?", "Q7?", "Q9?"]  # none in common
+    assert bench_memory.pick_questions(4, 9) == ["Q9?", "Q1?", "Q4?", "Q6?"]  # wraps around
+    for n, offset in ((0, 0), (11, 0), (3, 10), (3, -1)):
+        with pytest.raises(ValueError):
+            bench_memory.pick_questions(n, offset)
