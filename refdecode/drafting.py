@@ -265,6 +265,8 @@ class AcceptanceModel:
     decay: float = 0.9
     successes: list[float] = field(default_factory=lambda: [0.0] * len(_MATCH_BUCKETS))
     trials: list[float] = field(default_factory=lambda: [0.0] * len(_MATCH_BUCKETS))
+    # (the evidence they were computed from, the rates): see rates()
+    _rates_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @staticmethod
     def bucket(match_len: int) -> int:
@@ -280,16 +282,14 @@ class AcceptanceModel:
         """The rate of every match-length bucket (non-decreasing), recomputed only when the evidence changed: a
         tree asks for hundreds of nodes' rates per step."""
         key = (*self.successes, *self.trials, self.prior, self.prior_weight)
-        cached = self.__dict__.get("_rates")
-        if cached is None or cached[0] != key:
+        if self._rates_cache is None or self._rates_cache[0] != key:
             pooled = (sum(self.successes) + self.prior * self.prior_weight) / (sum(self.trials) + self.prior_weight)
             out, best = [], 0.0
             for b in range(len(_MATCH_BUCKETS)):
                 best = max(best, self._bucket_rate(b, pooled))
                 out.append(best)
-            cached = (key, out)
-            self.__dict__["_rates"] = cached
-        return cached[1]
+            self._rates_cache = (key, out)
+        return self._rates_cache[1]
 
     def update(self, match_len: int, drafted: int, accepted: int, accept_probs: Sequence[float] | None = None) -> None:
         """Record one verified draft of `drafted` tokens of which the first `accepted` were kept.
@@ -359,14 +359,13 @@ class ForwardCostModel:
         """The measured widths, sorted, and their costs made non-decreasing; recomputed only when the table changed
         (a tree policy prices every candidate size each step)."""
         key = tuple(self.table.items())
-        cached = self.__dict__.get("_monotone_cache")
+        cached = getattr(self, "_monotone_cache", None)  # (the table it was computed from, the curve)
         if cached is None or cached[0] != key:
             widths = sorted(self.table)
             # A wider forward never costs less than a narrower one: a width measured slower than some wider width
             # was timed during a burst of load, and the wider width's time is the better estimate for it.
             table = dict(zip(widths, _suffix_minimum([self.table[w] for w in widths]), strict=True))
-            cached = (key, (widths, table))
-            self.__dict__["_monotone_cache"] = cached
+            cached = self._monotone_cache = (key, (widths, table))
         return cached[1]
 
     def cost(self, width: int) -> float:
