@@ -17,17 +17,12 @@ import torch
 import refdecode
 from refdecode.bench.runner import render_prompt
 from refdecode.bench.workloads import load_workload
-from refdecode.drafting import DraftPolicy, ForwardCostModel
+from refdecode.drafting import DraftPolicy
+from scripts.replay_drafts import COSTS as COST_TABLES
+from scripts.replay_drafts import FixedCosts
 
-# cost(k) / cost(1) of SmolLM2 on a 2-core CPU (the shape the benchmark measures there)
-COSTS = {1: 1.0, 2: 1.6, 4: 1.8, 8: 2.0, 16: 2.3, 32: 3.3, 64: 4.6}
-
-
-class FixedCosts(ForwardCostModel):
-    """A cost table that the decode loop's timings never change."""
-
-    def observe(self, width: int, seconds: float) -> None:
-        pass
+# cost(k) / cost(1) of SmolLM2 on a 2-core CPU with transformers' kernels (the table replay_drafts calls "cpu")
+COSTS = COST_TABLES["cpu"]
 
 
 def main() -> None:

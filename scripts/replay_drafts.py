@@ -1,6 +1,6 @@
 """Replay drafting against known greedy outputs: tokens per step of chain and tree under a fixed cost table.
 
-    python -m scripts.replay_drafts RESULTS.json [--costs cpu|gpu] [--workloads rag chat ...]
+    python -m scripts.replay_drafts RESULTS.json [--costs cpu|cpu-routed|gpu] [--workloads rag chat ...]
 
 RESULTS.json is a benchmark run (`python -m scripts.bench --out DIR`): its config regenerates the same requests
 (the data cache must hold their sources) and its greedy records give the target's output. Under greedy decoding
@@ -32,6 +32,8 @@ COSTS = {
 
 
 class FixedCosts(ForwardCostModel):
+    """A cost table that the decode loop's timings never change."""
+
     def observe(self, width: int, seconds: float) -> None:
         pass
 
