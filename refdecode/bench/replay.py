@@ -186,7 +186,7 @@ def longest_copy(texts: Sequence[Sequence[int]], truth: Sequence[int]) -> int:
     for text in texts:
         arr = np.asarray(text)
         for start in np.flatnonzero(arr == truth[0]) if len(truth) and len(arr) else ():
-            best = max(best, common_prefix(text[start:], truth))
+            best = max(best, common_prefix(text[int(start) :], truth))
             if best == len(truth):
                 return best
     return best
@@ -378,7 +378,9 @@ def policy_table(totals: dict, workloads: Sequence[str]) -> str:
 # 3) bound: free verification of chains, trees, recycling, wider candidate sets and copies
 
 
-def replay_bound(request: dict, method: str, *, k: int = 16, recycle_nodes: int = 24, tokenizer=None) -> tuple[int, int]:
+def replay_bound(
+    request: dict, method: str, *, k: int = 16, recycle_nodes: int = 24, tokenizer=None
+) -> tuple[int, int]:
     """(tokens committed after the first, steps) of one request (bound's outputs format) and one of BOUND_METHODS,
     every draft verified for free."""
     from refdecode.prophets import RecycleDrafter, SuccessorTable, merge_trees
@@ -439,7 +441,8 @@ def wide_tree(texts: list[list[int]], k: int, nodes: int, longest: int = 12) -> 
     kept = sorted(counts, key=lambda path: (-counts[path], len(path)))[:nodes]
     kept.sort(key=len)  # parents before children
     index: dict[tuple[int, ...], int] = {}
-    tokens, parents = [], []
+    tokens: list[int] = []
+    parents: list[int] = []
     for path in kept:
         if len(path) > 1 and path[:-1] not in index:
             continue  # a tie with its parent cut the parent off: leave the orphan out
