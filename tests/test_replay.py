@@ -1,0 +1,271 @@
+"""refdecode.bench.replay without a model: the replay loop, vLLM's ngram rule, the free-verification bounds of
+chains, trees, recycling and copies, the policy replay under fixed costs, the tables and the command line."""
+
+import argparse
+import math
+
+import pytest
+from stats_helpers import IdTokenizer
+
+from refdecode import DraftTree
+from refdecode.bench.replay import (
+    BOUND_METHODS,
+    COSTS,
+    TOP,
+    VLLM_METHODS,
+    FixedCosts,
+    StepCost,
+    agreeing_path,
+    bound_table,
+    longest_copy,
+    ngram_draft,
+    parse_args,
+    replay,
+    replay_bound,
+    replay_policy,
+    simulate_vllm,
+    vllm_table,
+    wide_tree,
+)
+
+
+def deepest_agreeing_path(tree, truth) -> int:
+    return len(agreeing_path(tree, truth))
+
+
+# the replay core
+
+
+def test_longest_copy_finds_the_longest_prefix_anywhere():
+    assert longest_copy([[9, 1, 2, 8], [1, 2, 3, 0]], [1, 2, 3, 4]) == 3
+    assert longest_copy([[5, 5]], [1, 2]) == 0
+    assert longest_copy([[]], [1]) == 0
+    assert longest_copy([[1, 2]], []) == 0
+
+
+def test_deepest_agreeing_path_follows_the_truth_down_the_tree():
+    #        root -> 1 -> 2 -> 3
+    #             \-> 1? no: siblings 1 and 4; under 4: 5
+    tree = DraftTree(tokens=[1, 4, 2, 5, 3, 7], parents=[-1, -1, 0, 1, 2, 2])
+    assert deepest_agreeing_path(tree, [1, 2, 3, 3]) == 3
+    assert deepest_agreeing_path(tree, [1, 2, 7]) == 3
+    assert deepest_agreeing_path(tree, [4, 5, 6]) == 2
+    assert deepest_agreeing_path(tree, [6]) == 0
+    assert deepest_agreeing_path(tree, []) == 0
+    # the nodes themselves, root side first
+    assert agreeing_path(tree, [1, 2, 7]) == [0, 2, 5]
+    assert agreeing_path(tree, [4, 5]) == [1, 3]
+
+
+def test_step_cost_shape():
+    cost = StepCost(jump=0.25, per_token=0.02)
+    assert cost(1) == 1.0
+    assert cost(2) == pytest.approx(1.25)
+    assert cost(9) == pytest.approx(1.25 + 7 * 0.02)
+
+
+def test_fixed_costs_ignore_timings():
+    costs = FixedCosts(dict(COSTS["cpu"]))
+    before = [costs.cost(w) for w in (1, 2, 3, 8, 64)]
+    costs.observe(2, 100.0)
+    assert [costs.cost(w) for w in (1, 2, 3, 8, 64)] == before
+    assert costs.cost(2) == 1.6
+
+
+def test_replay_with_a_perfect_drafter_commits_k_plus_one_per_step():
+    prompt, output, k = [1, 2], list(range(10, 40)), 4
+    cost = StepCost(jump=0.5, per_token=0.0)
+    result = replay(prompt, output, lambda _context, future: list(future[:k]), cost)
+    assert result["tokens"] == len(output) - 1
+    assert result["steps"] == math.ceil((len(output) - 1) / (k + 1))
+    assert result["units"] == pytest.approx(1.5 * result["steps"])
+    # and without drafts, one token per step at cost 1
+    plain = replay(prompt, output, lambda _context, _future: [], cost)
+    assert plain["steps"] == plain["tokens"] == plain["units"] == len(output) - 1
+
+
+def test_replay_pays_for_every_node_of_a_tree_and_commits_its_agreeing_path():
+    """A tree's width is all its nodes; what it commits is its deepest agreeing path plus the model's token, and the
+    observer sees the context grow by exactly those tokens."""
+    output = [10, 11, 12, 13, 14, 15]
+    seen = []
+
+    def draft(context, future):
+        seen.append(list(context))
+        # the right token and a wrong sibling at the first level, the right one below the right one
+        return DraftTree(tokens=[future[0], 99, future[1]], parents=[-1, -1, 0]) if len(future) > 1 else []
+
+    observed = []
+    result = replay([1, 2], output, draft, lambda width: float(width), lambda g, p, c: observed.append((p, c)))
+    assert observed == [([0, 2], [11, 12, 13]), ([0, 2], [14, 15])]
+    assert seen == [[1, 2, 10], [1, 2, 10, 11, 12, 13]]
+    assert result == {"tokens": 5, "steps": 2, "units": 8.0, "drafted": 6}
+
+
+# vllm: the ngram rule and the simulation
+
+
+def test_ngram_takes_the_longest_suffix_from_4_down_to_2_at_its_earliest_occurrence():
+    # the 3-token suffix [1, 2, 3] occurred at 0 (no 4-token suffix occurred): what followed it there
+    assert ngram_draft([1, 2, 3, 9, 8, 1, 2, 3], k=3) == [9, 8, 1]
+    # only the 2-token suffix [5, 6] occurred, twice: the earliest occurrence wins
+    assert ngram_draft([5, 6, 7, 5, 6, 8, 4, 5, 6], k=2) == [7, 5]
+    # a longer suffix beats an earlier shorter one
+    assert ngram_draft([7, 8, 1, 0, 8, 1, 2, 9, 0, 8, 1], k=1) == [2]
+    # never past the context's end, and never from a one-token match
+    assert ngram_draft([4, 5, 4, 5], k=8) == [4, 5]
+    assert ngram_draft([1, 2, 3, 1], k=4) == []
+    assert ngram_draft([1], k=4) == []
+
+
+def sim_args(**kw):
+    base = {"k": 8, "jump": 0.25, "per_token": 0.02, "model": "stand-in"}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_simulate_on_a_copied_reference():
+    """A reference the output copies but the prompt never shows: ngram has nothing to copy, refdecode drafts from the
+    reference, and both bounds commit more than one token per step."""
+    reference = list(range(100, 180))
+    requests = [
+        {
+            "id": "copy/0",
+            "workload": "code-edit-ref",
+            "prompt": [5, 6, 7] + reference[:4],
+            "output": reference[4:60],
+            "references": [" ".join(map(str, reference))],
+        }
+    ]
+    totals = simulate_vllm(requests, IdTokenizer(1000), k=8, cost=StepCost(0.25, 0.02), model="stand-in")
+    rows = {m: totals["code-edit-ref"][m] for m in VLLM_METHODS}
+    assert all(r["tokens"] == 55 for r in rows.values())
+    assert rows["ngram"]["steps"] == 55 and rows["ngram"]["drafted"] == 0
+    assert rows["refdecode"]["steps"] < 20
+    assert rows["best-candidate"]["steps"] < 20 and rows["copy-oracle"]["steps"] < 20
+    text = vllm_table(totals, sim_args())
+    assert text.count("| code-edit-ref |") == 1 and "refdecode / ngram" in text
+
+
+def test_the_vllm_table_gives_tokens_per_step_and_ratios_of_tokens_per_cost_against_ngram():
+    totals = {"w": {m: {"tokens": 8, "steps": 4, "units": 8.0} for m in VLLM_METHODS}}
+    totals["w"]["copy-oracle"] = {"tokens": 8, "steps": 2, "units": 4.0}
+    assert "| w | 2.00 | 2.00 | 2.00 | 4.00 | 1.00x | 1.00x | 2.00x |" in vllm_table(totals, sim_args())
+
+
+@pytest.mark.parametrize("argv", [["--n", "0"], ["--k", "0"], ["--jump", "-1"], ["--workloads", "summarize"]])
+def test_bad_vllm_arguments_are_refused(argv):
+    with pytest.raises(SystemExit):
+        parse_args(["vllm", *argv])
+
+
+# bound: free verification of chains, trees, recycling and copies
+
+
+def request(prompt: list[int], output: list[int]) -> dict:
+    """A replayed request whose stored rows say the model's greedy token first (as the real rows do), then fillers."""
+    fillers = [90 + i for i in range(TOP)]
+    top_ids = [[t] + [f for f in fillers if f != t][: TOP - 1] for t in output]
+    top_probs = [[0.6] + [0.4 / TOP] * (TOP - 1) for _ in output]
+    return {
+        "id": "r",
+        "workload": "w",
+        "prompt": prompt,
+        "output": output,
+        "references": [],
+        "top_ids": top_ids,
+        "top_probs": top_probs,
+    }
+
+
+def test_a_verbatim_copy_is_committed_in_one_step_by_every_copying_method():
+    output = [10, 11, 12, 13, 14, 15, 16, 17]
+    r = request([5, 9, 10, 11, 12, 13, 14, 15, 16, 17, 3, 9], output)
+    for method in ("chain", "tree", "tree+recycle", "copy-oracle"):
+        assert replay_bound(r, method) == (7, 1), method
+
+
+def test_recycle_drafts_what_the_model_predicted_after_a_token_before():
+    """A cycle the prompt never showed: recycling knows nothing in the first round, then each token's successor
+    (recorded from the rows of the committed path) drafts a long chain through the cycle."""
+    output = [20, 21, 22, 23] * 8
+    r = request([1, 2, 3], output)
+    tokens, steps = replay_bound(r, "recycle")
+    assert tokens == len(output) - 1
+    assert steps <= 8  # 4 steps to learn the cycle, then K = 16 tokens at a time
+    assert replay_bound(r, "recycle", k=2)[1] > steps  # never deeper than K
+
+
+def test_nothing_to_copy_and_nothing_recorded_is_one_token_per_step():
+    output = [30, 31, 32, 33, 34]
+    r = request([1, 2], output)
+    for method in BOUND_METHODS:
+        assert replay_bound(r, method) == (4, 4), method
+
+
+def test_a_reference_only_the_output_copies_is_drafted_by_the_copying_methods():
+    reference = list(range(200, 240))
+    r = request([1, 2, 200, 201], reference[2:30])
+    r["references"] = [["ref-0", reference]]
+    assert replay_bound(r, "copy-oracle", tokenizer=IdTokenizer(1000)) == (27, 2)  # 16 tokens a step at most
+    assert replay_bound(r, "tree", tokenizer=IdTokenizer(1000))[1] < 10
+    assert replay_bound(r, "wide-16", tokenizer=IdTokenizer(1000))[1] < 10
+
+
+def test_the_bound_table_gives_tokens_per_step_and_ratios_against_the_chain():
+    totals = {"w": {m: {"tokens": 8, "steps": 4} for m in BOUND_METHODS}}
+    totals["w"]["tree"] = {"tokens": 8, "steps": 2}
+    text = bound_table(totals, argparse.Namespace(k=16, recycle_nodes=24, n=1, seed=1, max_tokens=8))
+    assert (
+        "| w | 2.00 | 4.00 | 2.00 | 2.00 | 2.00 | 2.00 | 2.00 | 2.00x | 1.00x | 1.00x | 1.00x | 1.00x | 1.00x |" in text
+    )
+
+
+@pytest.mark.parametrize("flag", ["--n", "--k", "--recycle-nodes", "--max-tokens"])
+def test_bound_refuses_counts_below_one(flag):
+    with pytest.raises(SystemExit):
+        parse_args(["bound", flag, "0"])
+
+
+def test_wide_tree_keeps_the_most_frequent_continuations_of_every_suffix():
+    # the last token 7 was followed by 8 twice and by 9 once; the suffix [6, 7] by 8 once
+    context = [6, 7, 8, 1, 7, 8, 2, 7, 9, 6, 7]
+    tree = wide_tree([context], k=2, nodes=2)
+    assert tree.parents == [-1, -1] or tree.parents == [-1, 0]
+    assert tree.tokens[0] == 8  # the most frequent first token first
+    assert deepest_agreeing_path(wide_tree([context], k=2, nodes=8), [9, 6]) == 2
+    assert all(p < i for i, p in enumerate(wide_tree([context, [7, 5, 5]], k=3, nodes=8).parents))
+    assert len(wide_tree([[1, 2, 3]], k=2, nodes=8)) == 0  # no suffix occurred earlier
+
+
+# policy: refdecode's drafter and policy under a fixed cost table
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_policy_replay_drafts_a_copied_reference_and_pays_the_fixed_costs(tree):
+    reference = list(range(300, 380))
+    truth = reference[10:70]
+    result = replay_policy([1, 2, 3, *reference[:10]], [("ref", reference)], truth, tree=tree, costs=COSTS["gpu"])
+    assert result["decoded"] == len(truth) - 1
+    assert result["steps"] < 15  # a plain replay takes 59
+    assert result["mean_width"] > 2
+    assert result["seconds"] >= result["steps"]  # no step costs less than a plain one
+    plain = replay_policy([1, 2, 3], [], truth, tree=tree, costs=COSTS["gpu"])
+    assert plain["steps"] == plain["decoded"] == len(truth) - 1 and plain["mean_width"] < 1
+    # a later request that inherits the policy replays the same output in no more steps
+    again = replay_policy(
+        [1, 2, 3, *reference[:10]], [("ref", reference)], truth, tree=tree, costs=COSTS["gpu"], earlier=result["policy"]
+    )
+    assert again["decoded"] == result["decoded"] and again["steps"] <= result["steps"]
+
+
+def test_policy_replay_of_a_one_token_output_takes_no_step():
+    result = replay_policy([1, 2], [], [7], tree=True, costs=COSTS["cpu"])
+    assert (result["steps"], result["decoded"], result["seconds"]) == (0, 0, 0.0)
+
+
+def test_the_command_line_names_four_commands():
+    assert parse_args(["policy", "r.json", "--costs", "cpu-routed", "--carry"]).carry
+    assert parse_args(["fixed-cost", "out.json"]).n == 4
+    for argv in (["policy", "r.json", "--costs", "tpu"], ["fixed-cost", "out.json", "--n", "0"], [], ["simulate"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
