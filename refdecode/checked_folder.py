@@ -250,6 +250,16 @@ def verify_files(
             f"(unlisted: {', '.join(missing) or '-'}; unexpected: {', '.join(extra) or '-'})"
         )
     where = data_dir(folder, fmt, manifest)
+    if where != folder:  # only a writer puts files into a generation: one the manifest does not list was added
+        try:
+            added = sorted(p.name for p in where.iterdir() if p.name not in listed)
+        except FileNotFoundError:
+            raise GenerationGone(f"{fmt.label} {folder}: generation {manifest['generation']} is missing") from None
+        if added:
+            raise FolderFormatError(
+                f"{fmt.label} {folder}: generation {manifest['generation']} holds {added[0]}, which the manifest "
+                f"does not list (a modified folder?)"
+            )
     for name in sorted(required):
         entry = manifest["files"][name]
         try:
@@ -487,7 +497,8 @@ def new_generation(out: Path, fmt: FolderFormat, *, replacing: bool) -> Iterator
                         raise FolderFormatError(f"{out} appeared while it was being written; it is not replaced")
                     os.rename(root, out)
             except BaseException:
-                if replacing and not gen.committed:
+                # the generation goes unless the manifest names it (a failure after the switch, e.g. in its fsync)
+                if replacing and (own_manifest(root, fmt) or {}).get("generation") != gen.name:
                     shutil.rmtree(gen.dir, ignore_errors=True)
                 raise
             if replacing:

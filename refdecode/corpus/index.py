@@ -165,6 +165,8 @@ def build_index(
     if not sources:
         raise ValueError("no sources given")
     check_target(out, force=force, protect=sources)  # before reading anything: refuse early, touch nothing
+    faiss = require("faiss")
+    require("datasketch")  # dedup needs it after the tokenizing: missing, it is refused before that
     files = list_files(sources)
     if not files:
         raise ValueError(f"no text, markdown, reST or JSONL files found in {', '.join(map(str, sources))}")
@@ -205,7 +207,6 @@ def build_index(
         bar = _progress(progress, desc="embed", unit="passage", total=len(passage_texts) * emb.passes)
         vectors = emb.embed(passage_texts, progress=bar)  # (P, dim)
         bar.close()
-        faiss = require("faiss")
         faiss_index = faiss.IndexFlatIP(emb.dim)
         faiss_index.add(vectors)
         faiss.write_index(faiss_index, str(tmp / "passages.faiss"))
