@@ -225,9 +225,7 @@ class OutputMemory:
         folder is written under a hidden name and renamed into place. ValueError for a path that is not an output
         memory (a file, a link, a user's folder, an index): it is never written to."""
         path = Path(path)
-        replacing = claim(
-            path, MEMORY_FOLDER, advice="it is never overwritten: remove it yourself or choose another folder"
-        )
+        replacing = claim(path, MEMORY_FOLDER)
         with new_generation(path, MEMORY_FOLDER, replacing=replacing) as gen:
             lengths = np.array([o.size for o in self._outputs], dtype=np.int64)  # (K,)
             tokens = np.concatenate([*self._outputs, np.zeros(0, np.int32)]).astype(np.int32)  # (N,)

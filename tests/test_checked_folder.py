@@ -387,29 +387,25 @@ def test_a_corpus_feature_without_the_extra_names_the_install_command(tmp_path, 
     from refdecode.corpus import CorpusIndex, build_index
     from refdecode.corpus.testing import WordTokenizer
 
+    def build():
+        return build_index(
+            [tmp_path / "doc.md"],
+            tmp_path / "idx",
+            tokenizer=WordTokenizer(),
+            model_name="toy",
+            embedder="hashed",
+            progress=False,
+        )
+
     (tmp_path / "doc.md").write_text("alpha beta gamma delta " * 40)
     monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError, as when it is not installed
     with pytest.raises(ImportError, match=r"not installed: pip install 'refdecode\[corpus\]'") as err:
-        build_index(
-            [tmp_path / "doc.md"],
-            tmp_path / "idx",
-            tokenizer=WordTokenizer(),
-            model_name="toy",
-            embedder="hashed",
-            progress=False,
-        )
+        build()
     assert "\n" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.md"]  # refused before anything was written
     if missing == "faiss":  # an index built with the extra does not load without it
-        monkeypatch.delitem(sys.modules, missing)
-        build_index(
-            [tmp_path / "doc.md"],
-            tmp_path / "idx",
-            tokenizer=WordTokenizer(),
-            model_name="toy",
-            embedder="hashed",
-            progress=False,
-        )
+        monkeypatch.undo()  # faiss is back
+        build()
         monkeypatch.setitem(sys.modules, missing, None)
         with pytest.raises(ImportError, match=r"corpus indexes need faiss-cpu.*pip install 'refdecode\[corpus\]'"):
             CorpusIndex.load(tmp_path / "idx")

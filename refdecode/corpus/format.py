@@ -21,20 +21,15 @@ import os
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
+from .. import checked_folder
 from ..checked_folder import (
     MANIFEST_FILE,
     FolderFormat,
     FolderFormatError,
     Generation,
     GenerationGone,
-    claim,
-    file_entry,
     tokenizer_fingerprint,
 )
-from ..checked_folder import data_dir as _data_dir
-from ..checked_folder import new_generation as _new_generation
-from ..checked_folder import read_manifest as _read_manifest
-from ..checked_folder import verify_files as _verify_files
 from .spans import SpanIndex
 
 __all__ = [
@@ -52,7 +47,6 @@ __all__ = [
     "check_target",
     "check_tokenizer",
     "data_dir",
-    "file_entry",
     "new_generation",
     "read_manifest",
     "tokenizer_fingerprint",
@@ -91,17 +85,17 @@ IndexFormatError = FolderFormatError
 def read_manifest(folder: Path) -> dict:
     """Parse and check an index's `manifest.json` (format, version, generation, file entries); the other fields are
     index.py's to check."""
-    return _read_manifest(folder, INDEX_FOLDER)
+    return checked_folder.read_manifest(folder, INDEX_FOLDER)
 
 
 def data_dir(folder: Path, manifest: dict) -> Path:
     """The folder holding the manifest's data files: its generation subfolder (version 2) or the index itself."""
-    return _data_dir(folder, INDEX_FOLDER, manifest)
+    return checked_folder.data_dir(folder, INDEX_FOLDER, manifest)
 
 
 def verify_files(folder: Path, manifest: dict, required: Collection[str], *, checksums: bool = True) -> Path:
     """Exactly the files `required`, each of its recorded size and SHA-256 (see checked_folder.verify_files)."""
-    return _verify_files(folder, INDEX_FOLDER, manifest, required, checksums=checksums)
+    return checked_folder.verify_files(folder, INDEX_FOLDER, manifest, required, checksums=checksums)
 
 
 def check_tokenizer(folder: Path, manifest: dict, tokenizer) -> None:
@@ -134,7 +128,7 @@ def check_target(out: Path, *, force: bool, protect: Sequence[str | Path] = ()) 
     if os.path.lexists(out) and not force:
         raise IndexFormatError(f"{out} already exists; pass --force (force=True) to replace it")
     # a link to an index folder has always been replaced through the link
-    return claim(out, INDEX_FOLDER, advice=_FORCE_ADVICE, through_link=True)
+    return checked_folder.claim(out, INDEX_FOLDER, advice=_FORCE_ADVICE, through_link=True)
 
 
 @contextlib.contextmanager
@@ -143,5 +137,5 @@ def new_generation(out: Path, *, force: bool, protect: Sequence[str | Path] = ()
     (`gen.commit(fields, files)`). An existing index at `out` (only with `force`) stays loadable at every instant;
     on any error `out` is as before (see checked_folder.new_generation). `protect`: the sources."""
     replacing = check_target(out, force=force, protect=protect)
-    with _new_generation(out, INDEX_FOLDER, replacing=replacing) as gen:
+    with checked_folder.new_generation(out, INDEX_FOLDER, replacing=replacing) as gen:
         yield gen
