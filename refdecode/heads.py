@@ -10,20 +10,20 @@ Why a restricted vocabulary: one head forward over the full 49k-entry output lay
 rest of a small model's step on a CPU; the V' most frequent base outputs cover nearly all of what the model says,
 and a guess outside them simply never drafts (the training metrics report that coverage).
 
-On-disk layout (a folder): `heads.safetensors` (res_weight [K, H, H], res_bias [K, H], out_weight [V', H],
-out_bias [V'], vocab_ids [V']) and `manifest.json` (format, version, model name, tokenizer fingerprint, shapes,
-the weights file's SHA-256, training metrics). Each file is written to a temporary name and renamed into place.
+On-disk layout: a checked folder (refdecode.checked_folder) whose generation holds `heads.safetensors`
+(res_weight [K, H, H], res_bias [K, H], out_weight [V', H], out_bias [V'], vocab_ids [V']) and whose
+`manifest.json` records the model name, tokenizer fingerprint, shapes, training metrics and the weights' size and
+SHA-256; a save switches weights and manifest together with one os.replace. Version 1 folders (the weights flat
+beside the manifest, their checksum in `weights_sha256`) still load.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import re
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,11 +32,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .corpus.format import sha256_file
+from .checked_folder import (
+    MANIFEST_FILE,
+    FolderFormat,
+    check_file_entries,
+    claim,
+    new_generation,
+    read_manifest,
+    tokenizer_fingerprint,
+    verify_files,
+)
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "HEADS_FOLDER",
     "HeadsNotFoundError",
     "MedusaHeads",
     "final_hidden",
@@ -47,9 +57,17 @@ __all__ = [
 ]
 
 FORMAT = "refdecode-medusa-heads"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: weights flat beside the manifest, written in two steps; still read
 WEIGHTS_FILE = "heads.safetensors"
-MANIFEST_FILE = "manifest.json"
+HEADS_FOLDER = FolderFormat(
+    name=FORMAT,
+    version=FORMAT_VERSION,
+    label="heads",
+    data_files=frozenset({WEIGHTS_FILE}),
+    readable=(1, 2),
+    flat_versions=(1,),
+    renew="train them again",
+)
 IGNORE = -100  # cross_entropy's ignore index: positions past a reply's end, tokens outside V'
 MIN_ASSISTANT_SHARE = 0.25  # conversations whose first max_len tokens are mostly user text teach little
 HEAD_DECAY = 0.8  # loss weight of head k is HEAD_DECAY ** (k - 1): later heads are less accurate and matter less
@@ -175,19 +193,6 @@ def _umask() -> int:
     return mask
 
 
-def _write_atomic(folder: Path, name: str, write) -> None:
-    """Write `folder/name` through a temporary file in the same folder and os.replace, so a reader never sees a
-    half-written file; the temporary file is removed if writing fails."""
-    tmp = str(folder / f".{name}-{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600: a shared cache should read like any other file
-        os.replace(tmp, folder / name)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _model_shape(model) -> dict:
     """What heads must agree on with the model they run on."""
     weight = model.get_output_embeddings().weight
@@ -202,22 +207,19 @@ def _model_shape(model) -> dict:
 def save_heads(
     heads: MedusaHeads, folder: str | Path, *, tokenizer, model_name: str, metrics: dict, model=None
 ) -> Path:
-    """Save heads as `folder/heads.safetensors` + `folder/manifest.json` (created; each file replaced atomically).
+    """Save heads into `folder`, a checked folder: the weights go into a new generation, then `manifest.json` is
+    switched to it with one os.replace, so a reader sees the old heads or the new ones, never a mix.
 
-    A folder that holds a manifest.json of anything else is refused (ValueError), never overwritten; other files in
-    the folder are left alone. `model` (optional) records the model's shape for load-time checks.
-    Returns the folder.
+    A file, a link, or a folder that holds a manifest.json of anything else is refused (ValueError), never written
+    over; other files in the folder are left alone. `model` (optional) records the model's shape for load-time
+    checks. Returns the folder.
     """
     from safetensors.torch import save_file
 
-    from .corpus.format import tokenizer_fingerprint
-
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} exists and is not a folder; heads are saved into a folder")
-    if (folder / MANIFEST_FILE).exists():
-        _read_manifest(folder)  # raises when the manifest is not ours
-    folder.mkdir(parents=True, exist_ok=True)
+    replacing = claim(
+        folder, HEADS_FOLDER, advice="heads are never saved over it: choose another folder", unmarked=True
+    )
     tensors = {
         "res_weight": heads.res_weight.detach().float().cpu().contiguous(),
         "res_bias": heads.res_bias.detach().float().cpu().contiguous(),
@@ -225,42 +227,42 @@ def save_heads(
         "out_bias": heads.out_bias.detach().float().cpu().contiguous(),
         "vocab_ids": heads.vocab_ids.detach().cpu().contiguous(),
     }
-    _write_atomic(folder, WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    manifest = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "model_name": model_name,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "num_heads": heads.num_heads,
-        "vocab_size": heads.vocab_size,
-        "hidden_size": heads.hidden_size,
-        "model": _model_shape(model) if model is not None else None,
-        "weights": {"file": WEIGHTS_FILE, "bytes": (folder / WEIGHTS_FILE).stat().st_size},
-        "weights_sha256": sha256_file(folder / WEIGHTS_FILE),
-        "metrics": metrics,
-    }
-    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    _write_atomic(folder, MANIFEST_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    with new_generation(folder, HEADS_FOLDER, replacing=replacing) as gen:
+        save_file(tensors, str(gen.dir / WEIGHTS_FILE))
+        os.chmod(gen.dir / WEIGHTS_FILE, 0o666 & ~_umask())  # safetensors writes 0600: a shared cache reads as usual
+        gen.commit(
+            {
+                "model_name": model_name,
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                "num_heads": heads.num_heads,
+                "vocab_size": heads.vocab_size,
+                "hidden_size": heads.hidden_size,
+                "model": _model_shape(model) if model is not None else None,
+                "metrics": metrics,
+            },
+            [WEIGHTS_FILE],
+        )
     return folder
 
 
 def _read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a readable heads manifest: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a refdecode heads manifest (format is not '{FORMAT}')")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has heads format version {manifest.get('version')!r}; this refdecode reads version "
-            f"{FORMAT_VERSION}: train them again"
-        )
-    for key, kind in (("num_heads", int), ("vocab_size", int), ("hidden_size", int), ("weights_sha256", str)):
-        if not isinstance(manifest.get(key), kind):
-            raise ValueError(f"{path} is missing '{key}' or has the wrong type for it")
+    """The checked manifest, a version 1 one with its weights entry in the `files` form of version 2."""
+    manifest = read_manifest(folder, HEADS_FOLDER, files=False)
+    if manifest["version"] == 1:
+        weights = manifest.get("weights")
+        entry = {"bytes": weights.get("bytes") if isinstance(weights, dict) else None}
+        manifest["files"] = {WEIGHTS_FILE: {**entry, "sha256": manifest.get("weights_sha256")}}
+    check_file_entries(folder, HEADS_FOLDER, manifest.get("files"))
+    for key in ("num_heads", "vocab_size", "hidden_size"):
+        if not isinstance(manifest.get(key), int):
+            raise ValueError(f"heads {folder}: {MANIFEST_FILE} is missing '{key}' or has the wrong type for it")
     return manifest
+
+
+def _is_interrupted(folder: Path) -> bool:
+    """Weights without a manifest: a save of version 1 killed between its two steps, or a generation whose
+    manifest was lost."""
+    return (folder / WEIGHTS_FILE).exists() or any((p / WEIGHTS_FILE).exists() for p in folder.glob("gen-*"))
 
 
 def _resolve_folder(model_name_or_dir: str | Path) -> tuple[Path, str]:
@@ -300,21 +302,15 @@ def load_heads(model_name_or_dir: str | Path, *, tokenizer, model) -> MedusaHead
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .corpus.format import tokenizer_fingerprint
-
     folder, command = _resolve_folder(model_name_or_dir)
-    if not (folder / MANIFEST_FILE).exists():
-        if (folder / WEIGHTS_FILE).exists():
+    if not os.path.lexists(folder / MANIFEST_FILE):
+        if _is_interrupted(folder):
             raise ValueError(f"{folder} has heads weights but no manifest (an interrupted save?); train them again")
         raise HeadsNotFoundError(
             f"no trained heads for model '{model_name_or_dir}' (looked in {folder}); train them with `{command}`"
         )
     manifest = _read_manifest(folder)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ValueError(f"{folder} has a heads manifest but no {WEIGHTS_FILE}; train the heads again")
-    if sha256_file(weights) != manifest["weights_sha256"]:
-        raise ValueError(f"{weights} does not match its manifest's SHA-256 (truncated or changed); train them again")
+    weights = verify_files(folder, HEADS_FOLDER, manifest, [WEIGHTS_FILE]) / WEIGHTS_FILE
     shape = _model_shape(model)
     if manifest["hidden_size"] != shape["hidden_size"]:
         raise ValueError(

@@ -2,9 +2,9 @@
 
 Knows: which outputs it holds (numbered in the order they were recorded, the oldest evicted first once more than
 `max_tokens` tokens are held), how to find the longest context suffix among them (the SuffixSource protocol of
-refdecode.matching, so a drafter asks it like a ReferenceStore), and how to save and load itself as a folder in
-the corpus index file conventions (manifest with format name, version, tokenizer fingerprint, every file with its
-size and SHA-256; a generation subfolder switched with one os.replace; .npy arrays, never pickle).
+refdecode.matching, so a drafter asks it like a ReferenceStore), and what it saves: two .npy arrays (never
+pickle) and its bounds and tokenizer fingerprint, in a checked folder (refdecode.checked_folder: manifest with
+every file's size and SHA-256, a generation subfolder switched with one os.replace).
 Does not know: models, decoding, or when outputs are recorded (the decode loop calls `record`).
 
 Structure: outputs live in segments, each a DocumentIndex (a suffix array) over a run of consecutive outputs.
@@ -20,38 +20,27 @@ recognisable (its continuation is []).
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import re
-import shutil
-import stat
-import uuid
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .corpus.format import (  # shared with corpus indexes
-    MANIFEST_FILE,
-    MAX_MANIFEST_BYTES,
+from .checked_folder import (
+    FolderFormat,
+    FolderFormatError,
     GenerationGone,
-    IndexFormatError,
-    _check_file_entries,
-    _fsync,
-    _is_count,
-    _locked,
-    file_entry,
-    own_manifest,
+    claim,
+    is_count,
+    new_generation,
+    read_manifest,
     tokenizer_fingerprint,
     verify_files,
-    write_manifest,
 )
 from .corpus.spans import DEPTH
 from .matching import DocumentIndex, Match, as_token_ids
 
-__all__ = ["OutputMemory", "MEMORY_FORMAT", "MEMORY_VERSION"]
+__all__ = ["MEMORY_FOLDER", "MEMORY_FORMAT", "MEMORY_VERSION", "OutputMemory"]
 
 MEMORY_FORMAT = "refdecode-output-memory"
 MEMORY_VERSION = 1
@@ -61,8 +50,9 @@ _MAX_POSITIONS = 16
 _MIN_SEGMENT_CAP = 4096
 _CAP_FRACTION = 4  # segments grow by merging up to max_tokens // this: at most ~this many full-size ones
 _MERGE_FACTOR = 4  # merge the newest segments while the older is at most this times the newer's size
-_GENERATION = re.compile(r"gen-[0-9a-f]{16}")
-_MANIFEST_TMP = re.compile(r"\.manifest\.json\.tmp-[0-9a-f]{16}")
+MEMORY_FOLDER = FolderFormat(
+    name=MEMORY_FORMAT, version=MEMORY_VERSION, label="output memory", data_files=frozenset(_FILES)
+)
 
 
 class _Segment:
@@ -230,74 +220,38 @@ class OutputMemory:
     # -- files -------------------------------------------------------------------------------------------------
 
     def save(self, path) -> None:
-        """Write the memory to folder `path`: a new generation beside the old one, then manifest.json switched to
-        it with one os.replace, then the old generation removed; a new folder is built under a hidden name and
-        renamed into place. ValueError for a path that is not an output memory (a file, a user's folder, an
-        index): it is never written to."""
+        """Write the memory to folder `path`, a checked folder (refdecode.checked_folder): a new generation beside
+        the old one, then manifest.json switched to it with one os.replace, then the old generation removed; a new
+        folder is written under a hidden name and renamed into place. ValueError for a path that is not an output
+        memory (a file, a link, a user's folder, an index): it is never written to."""
         path = Path(path)
-        replacing = os.path.lexists(path)
-        if replacing and (path.is_symlink() or not path.is_dir() or _own_manifest(path) is None):
-            raise ValueError(
-                f"{path} exists and is not a refdecode output memory (no {MANIFEST_FILE} of format "
-                f"{MEMORY_FORMAT}); it is never overwritten: remove it yourself or choose another folder"
-            )
-        root = path if replacing else path.parent / f".{path.name}.saving-{uuid.uuid4().hex[:8]}"
-        if not replacing:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            root.mkdir()
-        try:
-            with _locked(root, path):
-                gen = f"gen-{uuid.uuid4().hex[:16]}"
-                self._write_generation(root, gen)
-                _remove_old_generations(root, keep=gen)
-            if not replacing:
-                if os.path.lexists(path):
-                    raise ValueError(f"{path} appeared while the memory was being saved; not overwritten")
-                os.rename(root, path)
-        except BaseException:
-            if not replacing:
-                shutil.rmtree(root, ignore_errors=True)
-            raise
-
-    def _write_generation(self, root: Path, gen: str) -> None:
-        where = root / gen
-        where.mkdir()
-        try:
+        replacing = claim(path, MEMORY_FOLDER)
+        with new_generation(path, MEMORY_FOLDER, replacing=replacing) as gen:
             lengths = np.array([o.size for o in self._outputs], dtype=np.int64)  # (K,)
             tokens = np.concatenate([*self._outputs, np.zeros(0, np.int32)]).astype(np.int32)  # (N,)
-            np.save(where / "lengths.npy", lengths, allow_pickle=False)
-            np.save(where / "tokens.npy", tokens, allow_pickle=False)
-            for name in _FILES:
-                _fsync(where / name)
-            _fsync(where)
-            manifest = {
-                "format": MEMORY_FORMAT,
-                "version": MEMORY_VERSION,
-                "generation": gen,
-                "tokenizer_fingerprint": self.fingerprint,
-                "max_tokens": self.max_tokens,
-                "max_ngram": self.max_ngram,
-                "num_outputs": len(self._outputs),
-                "num_tokens": self._num_tokens,
-                "files": {name: file_entry(where / name) for name in _FILES},
-            }
-            write_manifest(root, manifest)
-        except BaseException:
-            if _own_manifest(root, generation=gen) is None:  # not switched to it: nothing refers to it
-                shutil.rmtree(where, ignore_errors=True)
-            raise
+            np.save(gen.dir / "lengths.npy", lengths, allow_pickle=False)
+            np.save(gen.dir / "tokens.npy", tokens, allow_pickle=False)
+            gen.commit(
+                {
+                    "tokenizer_fingerprint": self.fingerprint,
+                    "max_tokens": self.max_tokens,
+                    "max_ngram": self.max_ngram,
+                    "num_outputs": len(self._outputs),
+                    "num_tokens": self._num_tokens,
+                },
+                _FILES,
+            )
 
     @classmethod
     def load(cls, path, *, tokenizer=None, max_tokens: int | None = None) -> OutputMemory:
-        """The memory saved in folder `path`, checked like a corpus index (format, version, files, sizes, SHA-256,
-        array types and contents): IndexFormatError (a ValueError) otherwise. tokenizer: refused if another
+        """The memory saved in folder `path`, checked as a checked folder (format, version, files, sizes, SHA-256,
+        array types and contents): FolderFormatError (a ValueError) otherwise. tokenizer: refused if another
         tokenizer was bound to the memory. max_tokens: a new bound (the oldest outputs beyond it are evicted)."""
         path = Path(path)
         for attempt in range(3):
             manifest = _read_manifest(path)
             try:
-                # the corpus index layout of its version 2 (data files in the generation folder), which is ours
-                where = verify_files(path, {**manifest, "version": 2}, _FILES)
+                where = verify_files(path, MEMORY_FOLDER, manifest, _FILES)
                 lengths = _load_array(path, where / "lengths.npy", np.int64)
                 tokens = _load_array(path, where / "tokens.npy", np.int32)
                 break
@@ -311,7 +265,7 @@ class OutputMemory:
             try:
                 memory.bind(tokenizer)
             except ValueError as e:
-                raise IndexFormatError(f"output memory {path}: {e}") from None
+                raise FolderFormatError(f"output memory {path}: {e}") from None
         memory._restore(np.split(tokens, np.cumsum(lengths)[:-1]) if lengths.size else [])
         return memory
 
@@ -319,48 +273,17 @@ class OutputMemory:
 # -- reading and checking a saved memory -------------------------------------------------------------------------
 
 
-def _own_manifest(folder: Path, generation: str | None = None) -> dict | None:
-    """The JSON of `folder`'s manifest if it is an output memory's (any version; naming `generation` if given)."""
-    manifest = own_manifest(folder, MEMORY_FORMAT)
-    if manifest is None or (generation is not None and manifest.get("generation") != generation):
-        return None
-    return manifest
-
-
 def _read_manifest(folder: Path) -> dict:
-    """Parse and check the manifest: this format and version, a plain generation name, well-formed fields."""
-    if not folder.is_dir():
-        raise IndexFormatError(f"no output memory at {folder}: not a folder")
-    manifest_path = folder / MANIFEST_FILE
-    if manifest_path.is_symlink() or not manifest_path.is_file():
-        raise IndexFormatError(f"{folder} is not a refdecode output memory: {MANIFEST_FILE} is missing")
-    try:
-        with open(manifest_path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise IndexFormatError(f"output memory {folder}: {MANIFEST_FILE} is too large to be ours")
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise IndexFormatError(f"output memory {folder}: {MANIFEST_FILE} is corrupt ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MEMORY_FORMAT:
-        raise IndexFormatError(f"{folder} is not a refdecode output memory (its {MANIFEST_FILE} is of another format)")
-    version = manifest.get("version")
-    if isinstance(version, bool) or version != MEMORY_VERSION:
-        raise IndexFormatError(
-            f"output memory {folder}: format version {version!r} is not supported (this refdecode reads version "
-            f"{MEMORY_VERSION})"
-        )
-    if not (isinstance(manifest.get("generation"), str) and _GENERATION.fullmatch(manifest["generation"])):
-        raise IndexFormatError(f"output memory {folder}: {MANIFEST_FILE} names no valid generation folder")
+    """Parse and check the manifest: a checked folder of this format and version, and well-formed fields."""
+    manifest = read_manifest(folder, MEMORY_FOLDER)
     fingerprint = manifest.get("tokenizer_fingerprint")
     if fingerprint is not None and not isinstance(fingerprint, str):
-        raise IndexFormatError(f"output memory {folder}: tokenizer_fingerprint must be a string or null")
+        raise FolderFormatError(f"output memory {folder}: tokenizer_fingerprint must be a string or null")
     for key in ("max_tokens", "max_ngram", "num_outputs", "num_tokens"):
-        if not _is_count(manifest.get(key)):
-            raise IndexFormatError(f"output memory {folder}: {key} must be a non-negative integer")
+        if not is_count(manifest.get(key)):
+            raise FolderFormatError(f"output memory {folder}: {key} must be a non-negative integer")
     if manifest["max_tokens"] < 1 or not 1 <= manifest["max_ngram"] <= DEPTH:
-        raise IndexFormatError(f"output memory {folder}: max_tokens or max_ngram out of range")
-    _check_file_entries(folder, manifest.get("files"))
+        raise FolderFormatError(f"output memory {folder}: max_tokens or max_ngram out of range")
     return manifest
 
 
@@ -369,9 +292,9 @@ def _load_array(folder: Path, file: Path, dtype) -> np.ndarray:
     try:
         arr = np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise IndexFormatError(f"output memory {folder}: {file.name} is not a readable array ({e})") from None
+        raise FolderFormatError(f"output memory {folder}: {file.name} is not a readable array ({e})") from None
     if not isinstance(arr, np.ndarray) or arr.dtype != np.dtype(dtype) or arr.ndim != 1:
-        raise IndexFormatError(f"output memory {folder}: {file.name} is not a 1-D {np.dtype(dtype).name} array")
+        raise FolderFormatError(f"output memory {folder}: {file.name} is not a 1-D {np.dtype(dtype).name} array")
     return arr
 
 
@@ -390,21 +313,4 @@ def _check_contents(folder: Path, manifest: dict, lengths: np.ndarray, tokens: n
     if tokens.size > manifest["max_tokens"]:
         problems.append("more tokens than max_tokens")
     if problems:
-        raise IndexFormatError(f"output memory {folder} is inconsistent: {'; '.join(problems)}")
-
-
-def _remove_old_generations(root: Path, keep: str) -> None:
-    """After the switch: generations other than `keep` holding only a memory's files, and temporary manifests."""
-    for entry in root.iterdir():
-        if entry.is_symlink():
-            continue
-        if _GENERATION.fullmatch(entry.name) and entry.name != keep and entry.is_dir():
-            try:
-                ours = all(p.name in _FILES and stat.S_ISREG(os.lstat(p).st_mode) for p in entry.iterdir())
-            except OSError:
-                ours = False
-            if ours:
-                shutil.rmtree(entry, ignore_errors=True)
-        elif _MANIFEST_TMP.fullmatch(entry.name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry)
+        raise FolderFormatError(f"output memory {folder} is inconsistent: {'; '.join(problems)}")

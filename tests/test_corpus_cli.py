@@ -177,7 +177,7 @@ def _edit_manifest(index_dir, fn):
 )
 def test_malformed_index_is_one_line(capsys, src, tmp_path, case, pattern):
     """Once a KeyError, ZeroDivisionError, a 36 TiB allocation or an IndexError; now one line naming the field."""
-    from refdecode.corpus.format import file_entry
+    from refdecode.checked_folder import file_entry
 
     out = tmp_path / "idx"
     assert build(capsys, src, out)[0] == 0

@@ -11,6 +11,7 @@ from stats_helpers import tiny_llama
 
 from refdecode import heads as H
 from refdecode.bench import data, workloads
+from refdecode.checked_folder import file_entry
 from refdecode.cli import main
 from refdecode.heads import HeadsNotFoundError, MedusaHeads, load_heads, save_heads, train_heads
 
@@ -183,9 +184,16 @@ def test_save_load_round_trip_is_bit_identical(trained, model, tokenizer, tmp_pa
     (tmp_path / "h" / "notes.txt").write_text("mine")
     save_heads(heads, tmp_path / "h", tokenizer=tokenizer, model_name="tiny", metrics=metrics, model=model)
     assert (tmp_path / "h" / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["heads.safetensors", "manifest.json", "notes.txt"]
+    gen = _gen(tmp_path / "h")
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == sorted([gen.name, "manifest.json", "notes.txt"])
+    assert [p.name for p in gen.iterdir()] == ["heads.safetensors"]
     mode = 0o666 & ~_umask()
-    assert all((tmp_path / "h" / f).stat().st_mode & 0o777 == mode for f in ("heads.safetensors", "manifest.json"))
+    assert all(f.stat().st_mode & 0o777 == mode for f in (gen / "heads.safetensors", tmp_path / "h" / "manifest.json"))
+
+
+def _gen(folder):
+    """The generation subfolder the manifest names: where the weights are."""
+    return folder / json.loads((folder / "manifest.json").read_text())["generation"]
 
 
 def _umask() -> int:
@@ -232,13 +240,15 @@ def test_hostile_folders_are_refused_with_a_clear_message(saved, model, tokenize
             load_heads(saved, tokenizer=tok, model=mdl)
         assert not isinstance(err.value, HeadsNotFoundError)
 
-    weights = saved / "heads.safetensors"
+    weights = _gen(saved) / "heads.safetensors"
     good = weights.read_bytes()
     # truncated or changed weights
     weights.write_bytes(good[: len(good) // 2])
-    refused("SHA-256")
+    refused(r"heads.safetensors has \d+ bytes, the manifest says \d+ \(truncated")
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    refused("heads.safetensors fails its checksum")
     weights.unlink()
-    refused("no heads.safetensors")
+    refused("heads.safetensors is missing")
     weights.write_bytes(good)
     # wrong tokenizer, wrong model
     refused("another tokenizer", tok=VocabTokenizer(prefix="u"))
@@ -247,7 +257,7 @@ def test_hostile_folders_are_refused_with_a_clear_message(saved, model, tokenize
     # a manifest that is not JSON, not ours, or from a future version
     manifest = (saved / "manifest.json").read_bytes()
     (saved / "manifest.json").write_bytes(b"{not json")
-    refused("not a readable heads manifest")
+    refused("manifest.json is corrupt")
     (saved / "manifest.json").write_text("[1, 2]")
     refused("not a refdecode heads manifest")
     (saved / "manifest.json").write_bytes(manifest)
@@ -258,11 +268,49 @@ def test_hostile_folders_are_refused_with_a_clear_message(saved, model, tokenize
     tensors = {"res_weight": torch.zeros(2, 32, 32), "res_bias": torch.zeros(2, 32), "vocab_ids": torch.arange(31)}
     tensors |= {"out_weight": torch.zeros(31, 32), "out_bias": torch.zeros(31)}
     save_file(tensors, str(weights))
-    _rewrite_manifest(saved, weights_sha256=H.sha256_file(weights))
+    _rewrite_manifest(saved, files={"heads.safetensors": file_entry(weights)})
     refused(r"'out_weight' is \[31, 32\]")
     # weights without a manifest (an interrupted first save) are not "not found"
     (saved / "manifest.json").unlink()
     refused("no manifest")
+
+
+def _as_version_1(folder):
+    """Rewrite a saved folder in the version 1 layout, as refdecode saved heads before checked folders: the weights
+    flat beside the manifest, their size in `weights` and their checksum in `weights_sha256`."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    gen = folder / manifest.pop("generation")
+    (gen / "heads.safetensors").rename(folder / "heads.safetensors")
+    gen.rmdir()
+    entry = manifest.pop("files")["heads.safetensors"]
+    manifest |= {"version": 1, "weights": {"file": "heads.safetensors", "bytes": entry["bytes"]}}
+    manifest["weights_sha256"] = entry["sha256"]
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def test_version_1_folders_load_are_checked_and_are_replaced_cleanly(trained, model, tokenizer, tmp_path):
+    heads, metrics = trained
+    folder = save_heads(heads, tmp_path / "h", tokenizer=tokenizer, model_name="tiny", metrics=metrics, model=model)
+    _as_version_1(folder)
+    loaded = load_heads(folder, tokenizer=tokenizer, model=model)
+    for name, tensor in heads.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    weights, manifest = folder / "heads.safetensors", (folder / "manifest.json").read_bytes()
+    good = weights.read_bytes()
+    for bad, match in ((good[:-1] + bytes([good[-1] ^ 1]), "fails its checksum"), (good[:-9], "truncated")):
+        weights.write_bytes(bad)
+        with pytest.raises(ValueError, match=f"heads.safetensors.*{match}"):
+            load_heads(folder, tokenizer=tokenizer, model=model)
+    weights.write_bytes(good)
+    _rewrite_manifest(folder, weights_sha256="not a checksum")
+    with pytest.raises(ValueError, match="'sha256' \\(64 hex digits\\)"):
+        load_heads(folder, tokenizer=tokenizer, model=model)
+    (folder / "manifest.json").write_bytes(manifest)
+    # saving over a version 1 folder writes version 2 and removes the flat weights
+    save_heads(heads, folder, tokenizer=tokenizer, model_name="tiny", metrics=metrics, model=model)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([_gen(folder).name, "manifest.json"])
+    assert json.loads((folder / "manifest.json").read_text())["version"] == H.FORMAT_VERSION == 2
+    assert torch.equal(load_heads(folder, tokenizer=tokenizer, model=model).out_weight, heads.out_weight)
 
 
 def _wide_model():
@@ -277,7 +325,7 @@ def test_saving_never_overwrites_a_foreign_folder(trained, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="not a refdecode heads manifest"):
         save_heads(heads, tmp_path, tokenizer=tokenizer, model_name="tiny", metrics=metrics)
     assert (tmp_path / "manifest.json").read_text() == '{"format": "something-else"}'
-    assert not (tmp_path / "heads.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         save_heads(heads, tmp_path / "file", tokenizer=tokenizer, model_name="tiny", metrics=metrics)

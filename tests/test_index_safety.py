@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from index_helpers import answers, build, gen_dir, span_contexts, tree, write_corpus
 
+from refdecode.checked_folder import file_entry
 from refdecode.corpus import CorpusIndex, IndexFormatError
-from refdecode.corpus.format import file_entry, new_generation
-from refdecode.corpus.index import ALL_FILES
+from refdecode.corpus.format import ALL_FILES, new_generation
 from refdecode.corpus.testing import WordTokenizer
 
 
@@ -86,7 +86,7 @@ def test_rebuilds_leave_one_generation_and_nothing_else(idx):
 
 
 def test_failed_rebuild_leaves_the_old_index_and_nothing_else(idx, pristine, monkeypatch):
-    import refdecode.corpus.index as index_module
+    import faiss
 
     _, expected, ctx = pristine
     before = tree(idx)
@@ -94,7 +94,7 @@ def test_failed_rebuild_leaves_the_old_index_and_nothing_else(idx, pristine, mon
     def explode(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(index_module.faiss, "write_index", explode)
+    monkeypatch.setattr(faiss, "write_index", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         build(write_corpus(idx.parent / "new", seed=5), idx, force=True)
     assert tree(idx) == before and answers(CorpusIndex.load(idx), ctx) == expected
@@ -503,7 +503,7 @@ def _empty_index(out: Path) -> Path:
     from refdecode.corpus.embedding import HashedNgramEmbedder
     from refdecode.corpus.spans import SpanIndex
 
-    with new_generation(out, force=False, data_files=ALL_FILES) as gen:
+    with new_generation(out, force=False) as gen:
         spans = SpanIndex.build([], 5000)
         files = spans.save(gen.dir)
         (gen.dir / "passage_text.bin").write_bytes(b"")
@@ -520,7 +520,7 @@ def _empty_index(out: Path) -> Path:
             "sources.json",
             "passages.faiss",
         ] + HashedNgramEmbedder(64).save(gen.dir)
-        from refdecode.corpus.format import tokenizer_fingerprint
+        from refdecode.checked_folder import tokenizer_fingerprint
 
         gen.commit(
             {

@@ -281,7 +281,7 @@ def _missing_file(folder: Path) -> None:
 
 def _consistent_lie(folder: Path) -> None:
     """Arrays rewritten with a manifest whose checksums match: the contents are still checked."""
-    from refdecode.corpus.format import file_entry
+    from refdecode.checked_folder import file_entry
 
     gen = _gen(folder)
     np.save(gen / "lengths.npy", np.array([3, -1], dtype=np.int64))
@@ -291,7 +291,7 @@ def _consistent_lie(folder: Path) -> None:
 
 
 def _pickled_array(folder: Path) -> None:
-    from refdecode.corpus.format import file_entry
+    from refdecode.checked_folder import file_entry
 
     gen = _gen(folder)
     np.save(gen / "tokens.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)

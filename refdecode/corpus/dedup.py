@@ -4,7 +4,7 @@ Passages are compared by the Jaccard similarity of their sets of token 4-grams; 
 similarity to an earlier kept passage reaches `threshold` is dropped (the first copy wins, so the result does not
 depend on anything but the input order). Signatures are computed with numpy using datasketch's own permutations
 (its "affine32" scheme), a batch of passages at a time, and then handed to `MinHash` / `MinHashLSH`, so hashing
-stays vectorized.
+stays vectorized. datasketch is imported when a deduplication runs (the corpus extra).
 
 This module knows token id sequences only; it knows nothing about files, text or the other indexes.
 """
@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+
+from .extra import require
 
 __all__ = ["SHINGLE", "NUM_PERM", "minhash_signatures", "find_near_duplicates"]
 
@@ -48,6 +49,8 @@ def find_near_duplicates(passages: Sequence[np.ndarray], *, threshold: float = 0
     """Indices of passages that near-duplicate an earlier kept one (estimated Jaccard >= threshold). -> (D,)"""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"dedup threshold must be in (0, 1], got {threshold}")
+    datasketch = require("datasketch")
+    MinHash, MinHashLSH = datasketch.MinHash, datasketch.MinHashLSH
     template = MinHash(num_perm=NUM_PERM, seed=seed, scheme="affine32")
     a, b = (np.asarray(p, dtype=np.uint32) for p in template.permutations)
     # the LSH threshold sits below the real one so that few true near-duplicates are missed by banding;

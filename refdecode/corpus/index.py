@@ -6,7 +6,8 @@ An index holds, for a corpus tokenized with one tokenizer:
 - a faiss inner-product index over passage embeddings, for `retrieve(query, k)`;
 - the span index over all kept passages' tokens, for `span_continuations(context_tail, ...)`.
 
-Files (all listed with size and SHA-256 in manifest.json, inside its generation folder `gen-<id>/`; see format.py):
+Files (all listed with size and SHA-256 in manifest.json, inside its generation folder `gen-<id>/`; see format.py
+and refdecode/checked_folder.py):
     span_stream.npy span_sa.npy span_samples.npy   spans.py
     passage_text.bin (UTF-8) passage_text_offsets.npy (P+1,) uint64
     passage_tokens.npy (P, 2) int64: [start, end) in span_stream     passage_source.npy (P,) int32
@@ -16,7 +17,8 @@ Loading trusts nothing it has not checked: the manifest's fields (types, ranges)
 code, not from the manifest), every file's size (and SHA-256), each array's header (dtype, shape, size against the
 file) and the cross-file counts, before any array is mapped or faiss reads its file.
 
-This module ties the others together; it knows no decoding and no model beyond its tokenizer.
+This module ties the others together; it knows no decoding and no model beyond its tokenizer. faiss (the corpus
+extra) is imported when an index is built or loaded, not when this module is.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from .chunking import (
@@ -48,7 +49,10 @@ from .embedding import (
     default_embedder,
     make_embedder,
 )
+from .extra import require
 from .format import (
+    ALL_FILES,
+    INDEX_FILES,
     GenerationGone,
     IndexFormatError,
     check_target,
@@ -65,16 +69,6 @@ __all__ = ["CorpusIndex", "Passage", "build_index"]
 _TOKENIZE_BATCH = 64  # documents per tokenizer call (the Rust side runs a batch in parallel)
 _LOAD_ATTEMPTS = 8  # a load that loses its generation to a concurrent rebuild re-reads the manifest
 _MAX_DIM = 1 << 16  # embedding dimensions above this are not an index this code writes
-_PASSAGE_FILES = (
-    "passage_text.bin",
-    "passage_text_offsets.npy",
-    "passage_tokens.npy",
-    "passage_source.npy",
-    "sources.json",
-    "passages.faiss",
-)
-INDEX_FILES = (*SpanIndex.FILES, *_PASSAGE_FILES)
-ALL_FILES = (*INDEX_FILES, "embed_idf.npy")
 _COUNTS = ("files", "documents", "tokens", "passages", "duplicates_removed", "span_tokens", "span_bytes")
 _ENCODER_DIMS = {"minilm": MiniLMEmbedder.dim, "mpnet": MPNetEmbedder.dim}
 
@@ -171,10 +165,12 @@ def build_index(
     if not sources:
         raise ValueError("no sources given")
     check_target(out, force=force, protect=sources)  # before reading anything: refuse early, touch nothing
+    faiss = require("faiss")
+    require("datasketch")  # dedup needs it after the tokenizing: missing, it is refused before that
     files = list_files(sources)
     if not files:
         raise ValueError(f"no text, markdown, reST or JSONL files found in {', '.join(map(str, sources))}")
-    with new_generation(out, force=force, data_files=ALL_FILES, protect=sources) as gen:
+    with new_generation(out, force=force, protect=sources) as gen:
         tmp = gen.dir
         t0 = time.perf_counter()
         # 1) read, tokenize, chunk
@@ -333,6 +329,7 @@ def _open_npy(path: Path, dtypes: Sequence, ndim: int, label: str) -> np.ndarray
 
 
 _FAISS_FLAT = struct.Struct("<4siqqq?iQ")  # IndexFlat header: fourcc, d, ntotal, 2 unused, trained, metric, n
+_METRIC_INNER_PRODUCT = 0  # faiss.METRIC_INNER_PRODUCT as faiss writes it: the header is read before faiss imports
 
 
 def _check_faiss_file(path: Path, dim: int, n: int, label: str) -> None:
@@ -343,7 +340,7 @@ def _check_faiss_file(path: Path, dim: int, n: int, label: str) -> None:
     if len(head) < _FAISS_FLAT.size:
         raise IndexFormatError(f"{label}: too short for a faiss IndexFlatIP")
     fourcc, d, ntotal, _, _, _, metric, codes = _FAISS_FLAT.unpack(head)
-    if fourcc != b"IxFI" or metric != faiss.METRIC_INNER_PRODUCT:
+    if fourcc != b"IxFI" or metric != _METRIC_INNER_PRODUCT:
         raise IndexFormatError(f"{label}: not a faiss IndexFlatIP file")
     if d != dim or ntotal != n or codes != n * dim or path.stat().st_size != _FAISS_FLAT.size + 4 * n * dim:
         raise IndexFormatError(
@@ -477,6 +474,7 @@ class CorpusIndex:
         dim = manifest["embedder"]["dim"]
         embedder = _load_embedder(where, manifest["embedder"], label)
         _check_faiss_file(where / "passages.faiss", dim, counts["passages"], label("passages.faiss"))
+        faiss = require("faiss")
         try:
             faiss_index = faiss.read_index(str(where / "passages.faiss"), faiss.IO_FLAG_READ_ONLY)
         except RuntimeError as e:  # the header passed, so this is a vanished file or an I/O error
