@@ -7,10 +7,11 @@ out = refdecode.generate(model, tokenizer, prompt_ids, store=store, max_new_toke
 """
 
 from .decoding import GenerationOutput, GenerationStats, NonFiniteLogitsError, generate
-from .drafting import Draft, Drafter, DraftPolicy, ReferenceDrafter
+from .drafting import Draft, Drafter, ReferenceDrafter
 from .hf import hf_generate
 from .memory import OutputMemory
 from .models import KNOWN_MODELS, ModelNotFoundError, load_model, load_tokenizer
+from .policy import DraftPolicy
 from .store import ReferenceStore
 from .tree import DraftTree
 

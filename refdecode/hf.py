@@ -18,9 +18,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .decoding import _policy_kind, decode, remember_policy, stop_list, warm_policy
-from .drafting import DraftPolicy, ReferenceDrafter
+from .decoding import decode
+from .drafting import ReferenceDrafter
+from .policy import DraftPolicy, policy_kind, remember_policy, warm_policy
 from .prophets import with_prophet
+from .stopping import stop_list
 from .store import ReferenceStore
 
 __all__ = ["hf_generate"]
@@ -106,7 +108,7 @@ def hf_generate(
         raise ValueError(f"tree must be True or False, got {tree!r:.40}")
     reference_drafter = ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
     drafter = with_prophet(reference_drafter, draft_model, model, tokenizer)
-    kind = _policy_kind(drafter, tree)
+    kind = policy_kind(drafter, tree)
     own_policy = policy is None
     policy = policy or warm_policy(model, max_draft, kind=kind)
     out = decode(

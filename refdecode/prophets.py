@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from .drafting import _MATCH_BUCKETS, MAX_DRAFT_TOKENS, Draft, DraftPolicy
+from .drafting import MAX_DRAFT_TOKENS, Draft
+from .policy import MATCH_BUCKETS, DraftPolicy
 from .sampling import process_rows
 from .tree import ROOT, DraftTree
 
@@ -58,7 +59,7 @@ _CONFIDENCE_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.
 def confidence_evidence(confidence: float) -> int:
     """A draft probability in [0, 1] -> the evidence value (a match length) of its policy bucket."""
     i = max(0, bisect.bisect_right(_CONFIDENCE_LEVELS, float(confidence)) - 1)
-    return _MATCH_BUCKETS[min(i, len(_MATCH_BUCKETS) - 1)]
+    return MATCH_BUCKETS[min(i, len(MATCH_BUCKETS) - 1)]
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import refdecode
 from refdecode.bench.runner import render_prompt
 from refdecode.bench.workloads import load_workload
-from refdecode.drafting import DraftPolicy
+from refdecode.policy import DraftPolicy
 from scripts.replay_drafts import COSTS as COST_TABLES
 from scripts.replay_drafts import FixedCosts
 

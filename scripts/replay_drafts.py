@@ -18,7 +18,8 @@ import argparse
 import json
 from collections import defaultdict
 
-from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
+from refdecode.drafting import Draft, ReferenceDrafter
+from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.tree import DraftTree
 
 # cost(width) / cost(1): SmolLM2 on a 2-core CPU with transformers' kernels (scripts.fixed_cost_drafts), the same

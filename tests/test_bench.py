@@ -11,7 +11,7 @@ from refdecode.bench import cli, report, runner
 from refdecode.bench.runner import BenchConfig, OracleDrafter
 from refdecode.bench.suffix import suffix_available
 from refdecode.bench.workloads import Request
-from refdecode.drafting import ForwardCostModel
+from refdecode.policy import ForwardCostModel
 
 
 class WordTokenizer:

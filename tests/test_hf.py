@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
 
 import refdecode
-from refdecode.drafting import DraftPolicy, ForwardCostModel
+from refdecode.policy import DraftPolicy, ForwardCostModel
 
 
 def flat_costs():

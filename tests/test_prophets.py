@@ -33,8 +33,8 @@ from stats_helpers import AlwaysDraft as FullDrafts
 from test_sampling import uncertain_references
 
 import refdecode
-import refdecode.decoding
-from refdecode.drafting import AcceptanceModel, DraftPolicy, ForwardCostModel
+import refdecode.verification
+from refdecode.policy import AcceptanceModel, DraftPolicy, ForwardCostModel
 from refdecode.prophets import (
     DraftSession,
     HeadsDrafter,
@@ -381,8 +381,8 @@ def prophet_samples(runs: int, *, first_seed: int = 0, hybrid: bool = False):
 @pytest.mark.parametrize("hybrid", [False, True], ids=["alone-with-q", "hybrid-point-masses"])
 def test_sampling_with_a_prophet_matches_exact_distribution(hybrid, monkeypatch):
     sampling_case()
-    spy = QSpy(refdecode.decoding.verify_sampling)
-    monkeypatch.setattr(refdecode.decoding, "verify_sampling", spy)
+    spy = QSpy(refdecode.verification.verify_sampling)
+    monkeypatch.setattr(refdecode.verification, "verify_sampling", spy)
     runs = SAMPLING_RUNS[hybrid]
     samples, (drafted, accepted, from_prophet) = prophet_samples(runs, hybrid=hybrid)
     probability = joint_probabilities(_SAMPLING["tables"])
@@ -444,7 +444,7 @@ def test_the_statistic_rejects_a_wrong_residual(monkeypatch):
     prophet's q path with a wrong residual: it has teeth."""
     tables = sampling_case()["tables"]
     spy = QSpy(renormalised_p_residual)
-    monkeypatch.setattr(refdecode.decoding, "verify_sampling", spy)
+    monkeypatch.setattr(refdecode.verification, "verify_sampling", spy)
     samples, (drafted, accepted, _) = prophet_samples(WRONG_RUNS, first_seed=10**6)
     assert spy.with_q >= WRONG_RUNS // 2 and drafted > accepted > 0  # the q path was taken, with rejections
     probability = pair_probabilities(tables)
@@ -856,7 +856,7 @@ def test_a_prophet_runs_where_its_gain_beats_draft_time_plus_the_wider_verificat
     """_Prophet.pays: a prophet right half the time pays on a flat cost curve (a GPU), not where a 2-token forward
     costs 1.8 one-token forwards (this CPU), unless its acceptance is high; refused explore_every times in a row,
     it runs once anyway so its estimates can still change."""
-    from refdecode.drafting import ForwardCostModel
+    from refdecode.policy import ForwardCostModel
 
     def prophet_on(costs, rate):
         prophet = CountingProphet()

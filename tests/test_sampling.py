@@ -26,7 +26,8 @@ from stats_helpers import (
 
 import refdecode
 from refdecode.decoding import decode
-from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel
+from refdecode.drafting import Draft
+from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.sampling import SamplingConfig, build_processors
 from refdecode.store import ReferenceStore
 from refdecode.verification import Verdict, verify_sampling
@@ -191,7 +192,7 @@ WRONG_RULE_RNG = torch.Generator().manual_seed(1234)
 def test_the_statistic_rejects_a_wrong_rule(model, monkeypatch):
     """The same goodness-of-fit test, on fewer runs, fails REST's re-sampling rule: the test has teeth."""
     tables, references, _, _ = setting_case(model, "temperature")
-    monkeypatch.setattr(refdecode.decoding, "verify_point_mass", resample_from_full_p_coupled)
+    monkeypatch.setattr(refdecode.verification, "verify_point_mass", resample_from_full_p_coupled)
     samples, totals = refdecode_samples(model, "temperature", store_of(references), 500, first_seed=10**6, tree=False)
     assert totals.drafted > totals.accepted > 0
     probability = joint_probabilities(tables)

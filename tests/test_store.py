@@ -12,7 +12,8 @@ from stats_helpers import IdTokenizer, tiny_llama
 
 import refdecode
 import refdecode.store as store_module
-from refdecode.drafting import DraftPolicy, ForwardCostModel, ReferenceDrafter
+from refdecode.drafting import ReferenceDrafter
+from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.store import ReferenceStore
 
 
@@ -196,7 +197,7 @@ def test_one_character_references_do_not_end_the_process():
     code = (
         "import sys, torch, refdecode\n"
         "sys.path.insert(0, 'tests')\n"
-        "from refdecode.drafting import DraftPolicy, ForwardCostModel\n"
+        "from refdecode.policy import DraftPolicy, ForwardCostModel\n"
         "from stats_helpers import IdTokenizer, tiny_llama\n"
         "model = tiny_llama(vocab_size=50, seed=0)\n"
         "for refs in ('7', ['7', '8'], [[7], [8]]):\n"

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
+from refdecode.drafting import Draft, ReferenceDrafter
+from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.tree import ROOT, Candidate, DraftTree, build_tree, sibling_ranks
 
 CPU_LIKE = {1: 0.090, 2: 0.095, 4: 0.110, 8: 0.160, 16: 0.200, 32: 0.260, 64: 0.420}
@@ -278,7 +279,7 @@ def test_a_policy_inherits_rates_at_lower_weight():
 
 
 def test_default_policies_warm_start_per_model_and_kind():
-    from refdecode.decoding import remember_policy, warm_policy
+    from refdecode.policy import remember_policy, warm_policy
 
     class Model:  # any weak-referenceable object stands for a model
         pass

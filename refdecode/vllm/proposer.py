@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ..drafting import AcceptanceModel, Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
+from ..drafting import Draft, ReferenceDrafter
 from ..memory import OutputMemory
+from ..policy import AcceptanceModel, DraftPolicy, ForwardCostModel
 from ..store import ReferenceStore
 
 __all__ = ["BatchDrafter", "ProposerOptions", "BatchCosts"]

@@ -1,0 +1,450 @@
+"""The draft policy: how many draft tokens (or which tree nodes) are worth verifying at each step.
+
+Knows: predicted acceptance per evidence bucket (match length, or a model drafter's confidence), learned online
+with forgetting, per draft source; the measured cost of a forward by width (calibrated once per model, refined every
+step); the choice that maximises expected tokens per second of verification, for a chain and for a tree; and the
+registry that warm-starts a call's policy from the last call on the same model. Does not know: how drafts are
+found (drafters/), acceptance rules (verification.py) or the decode loop (decoding.py); it sees drafts' tokens,
+sources and evidence, verified outcomes and timings.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .kernels import forward_tokens, routable, set_route, synchronize
+from .tree import DraftTree, sibling_ranks
+
+if TYPE_CHECKING:
+    from .drafting import Draft
+
+__all__ = [
+    "MATCH_BUCKETS",
+    "AcceptanceModel",
+    "DraftPolicy",
+    "ForwardCostModel",
+    "calibrate_costs",
+    "policy_kind",
+    "remember_policy",
+    "warm_policy",
+]
+
+MATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass
+class AcceptanceModel:
+    """Per-token acceptance probability by match length, learned online with exponential forgetting.
+
+    Each verified draft is a run of Bernoulli trials that ends at the first rejection: `accepted` successes and one
+    failure unless the whole draft was accepted. Two assumptions keep the estimate useful from the first steps on:
+    a bucket with little evidence borrows the pooled rate of all buckets (a Beta prior of weight `prior_weight`
+    centred on it), and a longer match is at least as reliable as a shorter one (the rate is non-decreasing in
+    match length). Old evidence fades by `decay` per update, so estimates follow the current request.
+    """
+
+    prior: float = 0.5
+    prior_weight: float = 2.0
+    decay: float = 0.9
+    successes: list[float] = field(default_factory=lambda: [0.0] * len(MATCH_BUCKETS))
+    trials: list[float] = field(default_factory=lambda: [0.0] * len(MATCH_BUCKETS))
+    # (the evidence they were computed from, the rates): see rates()
+    _rates_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    @staticmethod
+    def bucket(match_len: int) -> int:
+        return max(0, bisect.bisect_right(MATCH_BUCKETS, max(1, match_len)) - 1)
+
+    def _bucket_rate(self, b: int, pooled: float) -> float:
+        return (self.successes[b] + pooled * self.prior_weight) / (self.trials[b] + self.prior_weight)
+
+    def rate(self, match_len: int) -> float:
+        return self.rates()[self.bucket(match_len)]
+
+    def rates(self) -> list[float]:
+        """The rate of every match-length bucket (non-decreasing), recomputed only when the evidence changed: a
+        tree asks for hundreds of nodes' rates per step."""
+        key = (*self.successes, *self.trials, self.prior, self.prior_weight)
+        if self._rates_cache is None or self._rates_cache[0] != key:
+            pooled = (sum(self.successes) + self.prior * self.prior_weight) / (sum(self.trials) + self.prior_weight)
+            out, best = [], 0.0
+            for b in range(len(MATCH_BUCKETS)):
+                best = max(best, self._bucket_rate(b, pooled))
+                out.append(best)
+            self._rates_cache = (key, out)
+        return self._rates_cache[1]
+
+    def update(self, match_len: int, drafted: int, accepted: int, accept_probs: Sequence[float] | None = None) -> None:
+        """Record one verified draft of `drafted` tokens of which the first `accepted` were kept.
+
+        accept_probs: under sampling, the probability with which each draft token was accepted given the ones
+        before it (p(x_i) for a copied token, known exactly from the verification forward for every position).
+        The draft then counts by its expected outcome rather than the one the noise happened to give: E[accepted]
+        = sum_i prod_{j <= i} p_j successes and E[accepted] + P(some rejection) trials. Same expectation as the
+        observed counts, much less variance (a draft with p = 0.5 everywhere teaches 0.5, not 0 or 1).
+        """
+        if drafted <= 0:
+            return
+        if accept_probs is not None:
+            successes, alive = 0.0, 1.0
+            for q in accept_probs[:drafted]:
+                alive *= min(1.0, max(0.0, float(q)))
+                successes += alive
+            failures = 1.0 - alive
+        else:
+            successes, failures = float(accepted), (1.0 if accepted < drafted else 0.0)
+        self.update_trials([(match_len, successes, successes + failures)])
+
+    def scaled(self, weight: float) -> AcceptanceModel:
+        """A copy whose evidence counts `weight` times as much: the same rates, held less firmly."""
+        return AcceptanceModel(
+            prior=self.prior,
+            prior_weight=self.prior_weight,
+            decay=self.decay,
+            successes=[x * weight for x in self.successes],
+            trials=[x * weight for x in self.trials],
+        )
+
+    def update_trials(self, trials: Sequence[tuple[int, float, float]]) -> None:
+        """Record one step's trials at once, (match_len, successes, trials) each. Evidence fades once per step in
+        the buckets this step brings new evidence to: what a bucket knows is replaced by newer evidence of the same
+        kind, not by time spent on other kinds (a request's long copies are rare, but what they taught still holds
+        after many steps of short matches)."""
+        touched = {self.bucket(match_len) for match_len, _, _ in trials}
+        for b in touched:
+            self.successes[b] *= self.decay
+            self.trials[b] *= self.decay
+        for match_len, successes, count in trials:
+            b = self.bucket(match_len)
+            self.successes[b] += successes
+            self.trials[b] += count
+
+
+class ForwardCostModel:
+    """Seconds of one forward pass by width (tokens fed at once), measured on the running model.
+
+    Filled by `calibrate` (a few timed forwards) and refined online from every decoding step by an exponential
+    moving average; widths in between are interpolated linearly, widths beyond the widest measured extrapolated.
+    """
+
+    def __init__(self, widths_seconds: dict[int, float] | None = None, *, smoothing: float = 0.2):
+        self.table: dict[int, float] = dict(widths_seconds or {})
+        self.smoothing = smoothing
+
+    def __bool__(self) -> bool:
+        return bool(self.table)
+
+    def observe(self, width: int, seconds: float) -> None:
+        old = self.table.get(width)
+        self.table[width] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+
+    def _monotone(self) -> tuple[list[int], dict[int, float]]:
+        """The measured widths, sorted, and their costs made non-decreasing; recomputed only when the table changed
+        (a tree policy prices every candidate size each step)."""
+        key = tuple(self.table.items())
+        cached = getattr(self, "_monotone_cache", None)  # (the table it was computed from, the curve)
+        if cached is None or cached[0] != key:
+            widths = sorted(self.table)
+            # A wider forward never costs less than a narrower one: a width measured slower than some wider width
+            # was timed during a burst of load, and the wider width's time is the better estimate for it.
+            table = dict(zip(widths, _suffix_minimum([self.table[w] for w in widths]), strict=True))
+            cached = self._monotone_cache = (key, (widths, table))
+        return cached[1]
+
+    def cost(self, width: int) -> float:
+        if not self.table:
+            return 1.0 + 0.05 * (width - 1)  # unmeasured: a mild prior, relative units
+        widths, table = self._monotone()
+        if width in table:
+            return table[width]
+        i = bisect.bisect_left(widths, width)
+        if i == 0:
+            return table[widths[0]]
+        if i == len(widths):
+            if len(widths) == 1:
+                return table[widths[-1]]
+            w0, w1 = widths[-2], widths[-1]
+            slope = max(0.0, (table[w1] - table[w0]) / (w1 - w0))
+            return table[w1] + slope * (width - w1)
+        w0, w1 = widths[i - 1], widths[i]
+        t = (width - w0) / (w1 - w0)
+        return table[w0] * (1 - t) + table[w1] * t
+
+
+def _suffix_minimum(values: list[float]) -> list[float]:
+    out = list(values)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1])
+    return out
+
+
+@dataclass
+class DraftPolicy:
+    """Chooses the draft length k that maximises expected tokens per second of verification.
+
+    With per-token acceptance a (from the AcceptanceModel of the draft's source, by match length: copies from the
+    request's own text and from a corpus-wide index are right at different rates), a chain of k draft tokens yields
+    E[k] = 1 + a + a^2 + ... + a^k tokens (accepted prefix plus the model's own token) for the cost of one forward of
+    width k + 1. k = 0 is plain decoding. Nothing here is tuned to a workload: both curves are measured online.
+    """
+
+    max_draft: int = 64
+    min_draft: int = 1
+    explore_every: int = 16
+    acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
+    costs: ForwardCostModel = field(default_factory=ForwardCostModel)
+    _plain_steps: int = 0
+    _by_source: dict = field(default_factory=dict)  # Draft.source -> AcceptanceModel; "" and "reference" share one
+
+    def inherit(self, earlier: DraftPolicy, weight: float = 0.25) -> None:
+        """Start from what an earlier request's policy learned on the same model, its evidence counted `weight`
+        times (this request's own evidence soon outweighs it). A fresh request otherwise starts every source at
+        the prior and spends its first steps relearning how often long matches are copied."""
+        self.acceptance = earlier.acceptance.scaled(weight)
+        self._by_source = {name: model.scaled(weight) for name, model in earlier._by_source.items()}
+
+    def acceptance_for(self, source: str) -> AcceptanceModel:
+        """The acceptance model of drafts from `source`: `acceptance` for local references, a fresh one (same
+        prior and forgetting) for any other source, e.g. "corpus"."""
+        if source in ("", "reference"):
+            return self.acceptance
+        if source not in self._by_source:
+            a = self.acceptance
+            self._by_source[source] = AcceptanceModel(prior=a.prior, prior_weight=a.prior_weight, decay=a.decay)
+        return self._by_source[source]
+
+    def __post_init__(self):
+        if self.max_draft < 0:
+            raise ValueError(f"max_draft must be >= 0, got {self.max_draft}")
+        if self.explore_every < 1:
+            raise ValueError(f"explore_every must be >= 1, got {self.explore_every}")
+        if self.min_draft < 1:
+            raise ValueError(f"min_draft must be >= 1, got {self.min_draft}")
+
+    def choose_length(self, draft: Draft | None, budget: int) -> int:
+        """Draft length to verify: 0 (plain decoding) .. min(len(draft), budget, max_draft)."""
+        if draft is None or not draft.tokens:
+            return 0
+        limit = min(len(draft.tokens), budget, self.max_draft)
+        if limit < self.min_draft:
+            return 0
+        a = min(self.acceptance_for(draft.source).rate(draft.match_len), 0.999)
+        best_k, best_rate = 0, 1.0 / self.costs.cost(1)
+        expected = 1.0
+        for k in range(1, limit + 1):
+            expected += a**k
+            rate = expected / self.costs.cost(k + 1)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+            if a**k < 1e-3:
+                break
+        if best_k < self.min_draft:
+            best_k = 0
+        # Exploration: estimates only change where drafts are verified, so a policy that stopped drafting (after a
+        # bad run, or a cost measured under load) would never learn that drafting pays again. Every
+        # `explore_every` plain steps in a row, verify a short draft anyway (and re-time that width). Where nothing is
+        # ever accepted that costs (cost(3) / cost(1) - 1) / explore_every, ~4% on a 2-core CPU; every 64 steps cost
+        # less there but left a policy misled by one noisy calibration without drafts for a whole 128-token answer.
+        self._plain_steps = self._plain_steps + 1 if best_k == 0 else 0
+        if self._plain_steps >= self.explore_every:
+            self._plain_steps = 0
+            best_k = min(limit, max(self.min_draft, 2))
+        return best_k
+
+    def node_model(self, source: str, rank: int) -> AcceptanceModel:
+        """The acceptance model of tree nodes of one kind, by source and sibling rank: a first child (the
+        candidates' favourite) shares its source's chain model (a chain is a tree of first children); a later
+        sibling, right only where the favourite is wrong, learns an "alternative" rate of its own from a lower
+        prior."""
+        if rank == 0:
+            return self.acceptance_for(source)
+        key = f"{source or 'reference'}/alternative"
+        if key not in self._by_source:
+            a = self.acceptance
+            self._by_source[key] = AcceptanceModel(prior=a.prior / 2, prior_weight=a.prior_weight, decay=a.decay)
+        return self._by_source[key]
+
+    def choose_tree(self, tree: DraftTree, budget: int) -> DraftTree | None:
+        """The subtree worth verifying, with `probs` filled (predicted acceptance of each node given its parent),
+        or None for plain decoding.
+
+        Each node's path probability P (product of its ancestors' probabilities and its own) is the expected
+        number of times it is committed, so a subtree S yields 1 + sum_S P tokens for one forward of width
+        |S| + 1. The best subtree of each size takes the nodes of highest P (a child never beats its parent, so
+        that set is a subtree); the size that maximises (1 + sum P) / cost(|S| + 1) wins, 0 meaning plain decoding.
+        A chain is the special case where every node has one child.
+        """
+        if not len(tree):
+            return None
+        probs = tree.probs if tree.probs is not None else self.node_probs(tree)
+        depths = tree.depths()
+        path_prob: list[float] = []
+        for i, p in enumerate(tree.parents):
+            q = min(max(probs[i], 0.0), 0.999)
+            path_prob.append(q if p == -1 else path_prob[p] * q)
+        order = sorted((i for i in range(len(tree)) if depths[i] <= budget), key=lambda i: (-path_prob[i], i))
+        order = order[: max(0, self.max_draft)]
+        best_n, best_rate = 0, 1.0 / self.costs.cost(1)
+        expected = 1.0
+        for n, i in enumerate(order, start=1):
+            expected += path_prob[i]
+            rate = expected / self.costs.cost(n + 1)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+            if path_prob[i] < 1e-3:
+                break
+        if best_n < self.min_draft:
+            best_n = 0
+        self._plain_steps = self._plain_steps + 1 if best_n == 0 else 0
+        if self._plain_steps >= self.explore_every and order:  # as in choose_length: keep learning
+            self._plain_steps = 0
+            best_n = min(len(order), max(self.min_draft, 2))
+        if best_n == 0:
+            return None
+        chosen = tree.subtree(order[:best_n])
+        kept = sorted(order[:best_n])
+        chosen.probs = [probs[i] for i in kept]
+        return chosen
+
+    def node_probs(self, tree: DraftTree) -> list[float]:
+        """P(node accepted | parent accepted). Siblings exclude each other (at most one is the target's token), so
+        they are chained in rank order: a child's model predicts q = P(it is right | the siblings before it are
+        wrong), and its probability is q times the parent's mass left after those siblings; the siblings' sum never
+        exceeds 1."""
+        ranks = sibling_ranks(tree)
+        left: dict[int, float] = {}  # parent -> probability mass not yet taken by its earlier children
+        probs = []
+        rates: dict[tuple[str, bool], list[float]] = {}  # (source, alternative) -> its model's rates this step
+        bucket = AcceptanceModel.bucket
+        for i, parent in enumerate(tree.parents):
+            kind = (tree.sources[i], ranks[i] > 0)
+            if kind not in rates:
+                rates[kind] = self.node_model(tree.sources[i], ranks[i]).rates()
+            q = rates[kind][bucket(tree.match_lens[i])]
+            mass = left.get(parent, 1.0)
+            probs.append(q * mass)
+            left[parent] = mass * (1.0 - q)
+        return probs
+
+    def update_tree(
+        self,
+        tree: DraftTree,
+        path: Sequence[int],
+        width: int,
+        seconds: float,
+        accept_probs: Sequence[float] | None = None,
+    ) -> None:
+        """One verified tree: its width and time, and one trial per node whose parent was reached (the root or an
+        accepted node) and whose earlier siblings were all rejected (see node_probs): a success if it was accepted.
+        accept_probs (sampling): per node, its probability of being accepted given its parent was reached; the
+        trials then count by their expectation (less variance): a node is tried with the probability that its
+        earlier siblings were rejected and succeeds with its own."""
+        self.costs.observe(width, seconds)
+        reached = {-1, *path}
+        accepted = set(path)
+        ranks = sibling_ranks(tree)
+        taken: dict[int, float] = {}  # parent -> acceptance (or its probability) of the children seen so far
+        trials: dict[int, list[tuple[int, float, float]]] = {}
+        models: dict[int, AcceptanceModel] = {}
+        for i, parent in enumerate(tree.parents):
+            if parent not in reached:
+                continue
+            before = taken.get(parent, 0.0)
+            success = float(accept_probs[i]) if accept_probs is not None else float(i in accepted)
+            success = min(max(success, 0.0), max(0.0, 1.0 - before))
+            taken[parent] = before + success
+            tried = max(0.0, 1.0 - before)
+            if tried <= 0.0:
+                continue
+            model = self.node_model(tree.sources[i], ranks[i])
+            models[id(model)] = model
+            trials.setdefault(id(model), []).append((tree.match_lens[i], success, tried))
+        for key, model_trials in trials.items():
+            models[key].update_trials(model_trials)
+
+    def update(
+        self,
+        draft: Draft | None,
+        drafted: int,
+        accepted: int,
+        width: int,
+        seconds: float,
+        accept_probs: Sequence[float] | None = None,
+    ) -> None:
+        """One verification step: its width and time, and (if it had a draft) the outcome; accept_probs as in
+        AcceptanceModel.update (sampling only)."""
+        self.costs.observe(width, seconds)
+        if draft is not None and drafted > 0:
+            self.acceptance_for(draft.source).update(draft.match_len, drafted, accepted, accept_probs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration and the warm-start registry
+# ---------------------------------------------------------------------------------------------------------------
+
+_COST_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): table}
+_LAST_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: DraftPolicy}
+
+
+def warm_policy(model, max_draft: int, *, kind: str) -> DraftPolicy:
+    """The default policy of a call: fresh, but starting from what the last call on this model with the same kind
+    of drafting (drafter class and mode) learned about acceptance, at a quarter of its weight (DraftPolicy.inherit).
+    Requests to one model tend to resemble each other (a RAG service, an editor) and a fresh policy spends its
+    first steps relearning how often long matches are copied; a first request starts from the prior. The learned
+    state only sizes drafts: outputs never depend on it. Remembered by `remember_policy`."""
+    policy = DraftPolicy(max_draft=max_draft)
+    earlier = _LAST_POLICIES.get(model, {}).get(kind)
+    if earlier is not None:
+        policy.inherit(earlier)
+    return policy
+
+
+def remember_policy(model, policy: DraftPolicy, *, kind: str) -> None:
+    """Keep a finished call's policy for the next call's warm start (see warm_policy)."""
+    _LAST_POLICIES.setdefault(model, {})[kind] = policy
+
+
+def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), rounds: int | None = None) -> dict:
+    """Seconds of one forward per width, timed on the live cache (each forward rolled back); cached per model.
+
+    The widths are timed in interleaved rounds and the minimum kept, so a burst of load from another process while
+    one width is timed does not make that width look expensive for the rest of the process. On the CPU each width
+    of 2 or more tokens is also timed with the transposed kernels (kernels.routed), and whichever was faster is
+    what that width runs from then on (kernels.set_route): its time is the one in the table. rounds: 5, or 3 when
+    both kernels are timed (the first call of a process pays the calibration: 39 forwards rather than 65).
+    """
+    can_route = routable(model)
+    key = (str(model.device), str(model.dtype), can_route)
+    per_model = _COST_TABLES.setdefault(model, {})
+    if key in per_model:
+        return per_model[key]
+    device = model.device
+    trials = [(w, False) for w in widths] + ([(w, True) for w in widths if w >= 2] if can_route else [])
+    if rounds is None:
+        rounds = 5 if len(trials) == len(widths) else 3
+    best = {trial: float("inf") for trial in trials}
+    for _ in range(rounds):
+        for width, route in trials:
+            synchronize(device)
+            t0 = time.perf_counter()
+            forward_tokens(model, cache, [pending] * width, route=route)
+            synchronize(device)
+            best[width, route] = min(best[width, route], time.perf_counter() - t0)
+            cache.crop(-width)
+    decisions = {w: best[w, True] < best[w, False] for w in widths if (w, True) in best}
+    if decisions:
+        set_route(model, decisions)
+    table = {w: min(best[w, False], best.get((w, True), float("inf"))) for w in widths}
+    per_model[key] = table
+    return table
+
+
+def policy_kind(drafter, tree: bool) -> str:
+    """What a warm-started policy is keyed by: the drafter's class (or its own `policy_kind`, e.g. a model
+    drafter's name) and the mode (their acceptance differs)."""
+    return getattr(drafter, "policy_kind", None) or f"{type(drafter).__name__}/{'tree' if tree else 'chain'}"
