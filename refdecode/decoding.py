@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .drafting import Draft, Drafter, ReferenceDrafter, _as_sources
-from .inputs import check_max_draft, check_max_new_tokens, check_prompt_ids, check_tree, eos_token_ids, prepare_prompt
+from .drafters import Draft, Drafter, DraftSession, build_drafting
+from .inputs import (
+    check_max_draft,
+    check_max_new_tokens,
+    check_prompt_ids,
+    check_tree,
+    drafter_argument,
+    eos_token_ids,
+    prepare_prompt,
+)
 from .kernels import forward_tokens, routed, synchronize
-from .policy import DraftPolicy, ForwardCostModel, calibrate_costs, policy_kind, remember_policy, warm_policy
-from .prophets import DraftSession, with_prophet
+from .policy import DraftPolicy, ForwardCostModel, calibrate_costs
 from .sampling import SamplingConfig, build_processors, process_rows
 from .stopping import StopChecker, stop_list
 from .tree import DraftTree
@@ -46,15 +54,21 @@ class GenerationStats:
     recomputed: int = 0  # one-token forwards forced by a too-close greedy call
     calibration_seconds: float = 0.0  # the one-time forward-cost calibration (first call per model), inside seconds
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step
-    draft_lengths: list[int] = field(default_factory=list)  # draft tokens verified per step
-    tree_sizes: list[int] = field(default_factory=list)  # draft nodes verified per step (a chain of k: k)
+    draft_lengths: list[int] = field(default_factory=list)  # draft tokens (tree nodes) verified per step
     tree_steps: int = 0  # steps that verified a tree with branches (the others verified a chain)
     accepted_sources: dict[str, int] = field(default_factory=dict)  # accepted draft tokens per source
     draft_seconds: float = 0.0  # time spent in the drafter's propose (inside decode_seconds): a model's forwards
 
     @property
+    def tree_sizes(self) -> list[int]:
+        """Deprecated: the same list as draft_lengths (a chain of k draft tokens is a tree of k nodes)."""
+        warnings.warn("GenerationStats.tree_sizes is deprecated: read draft_lengths", DeprecationWarning, stacklevel=2)
+        return self.draft_lengths
+
+    @property
     def mean_tree_size(self) -> float:
-        return sum(self.tree_sizes) / len(self.tree_sizes) if self.tree_sizes else 0.0
+        """Mean draft tokens (tree nodes) verified per step."""
+        return sum(self.draft_lengths) / len(self.draft_lengths) if self.draft_lengths else 0.0
 
     @property
     def mean_accepted_depth(self) -> float:
@@ -85,7 +99,7 @@ class GenerationStats:
             "recomputed": self.recomputed,
             "calibration_seconds": self.calibration_seconds,
             "mean_tree_size": self.mean_tree_size,
-            "max_tree_size": max(self.tree_sizes, default=0),
+            "max_tree_size": max(self.draft_lengths, default=0),
             "tree_steps": self.tree_steps,
             "mean_accepted_depth": self.mean_accepted_depth,
             "accepted_sources": dict(self.accepted_sources),
@@ -146,7 +160,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     chat: bool = False,
     streamer=None,
-    drafter: Drafter | None = None,
+    drafter=None,
     policy: DraftPolicy | None = None,
     max_draft: int = 64,
     calibrate: bool = True,
@@ -173,18 +187,20 @@ def generate(
             torch.Generator seeded from `seed` (or pass `generator`).
         stop: stop strings; eos_token_id defaults to the model's generation config.
         streamer: an object with put(LongTensor) / end(), e.g. transformers.TextStreamer.
-        drafter: a custom Drafter (default: ReferenceDrafter over prompt, output, store and index).
+        drafter: None (default): the references alone (ReferenceDrafter over prompt, output, store, index and
+            memory). A model drafter joining the references in the same tree (refdecode.drafters): a causal LM
+            that shares the tokenizer, a known model name or checkpoint folder, "self:int8" (the target quantized
+            to int8, CPU), "self:layers=N" (the target's first N layers), "self:heads" (Medusa heads trained with
+            `refdecode heads train`) or "self:recycle" (the target's own earlier predictions, no training); it runs
+            only where references leave room and its cost pays. Or a Drafter object, which drafts alone.
         policy: a DraftPolicy (default: adaptive, calibrated on this model); max_draft caps the draft length.
         tie_margin: greedy only; top-2 score gap below which a wide forward's argmax is recomputed one token wide
             (default: 1e-3 for float32 models, 0 for half precision, where wide and narrow forwards differ anyway).
         tree: True (default): each step merges the candidates of every source into a token tree and verifies the
             part that pays in one forward; False: one voted chain per step, as before.
         memory: a refdecode.OutputMemory: past outputs draft for this request, and this output is recorded in it.
-        draft_model: a model prophet joining the references in the same tree (refdecode.prophets): a causal LM that
-            shares the tokenizer, a known model name or checkpoint folder, "self:int8" (the target quantized to
-            int8, CPU), "self:layers=N" (the target's first N layers), "self:heads" (Medusa heads trained with
-            `refdecode heads train`) or "self:recycle" (the target's own earlier predictions, no training), or a
-            prophet object (refdecode.prophets). It runs only where references leave room and its cost pays.
+        draft_model: the deprecated name of `drafter` for a model drafter (DeprecationWarning); its value always
+            joins the references, even a model drafter object.
     Returns:
         GenerationOutput(token_ids, text, stats, stop_reason).
     """
@@ -193,36 +209,32 @@ def generate(
     )
     check_max_new_tokens(max_new_tokens)
     check_max_draft(max_draft)
+    drafter, renamed = drafter_argument(drafter, draft_model, stacklevel=4)  # 4: past torch.no_grad's wrapper
     stop_strings = stop_list(stop)
     prompt_ids = prepare_prompt(tokenizer, prompt, chat=chat)
     check_prompt_ids(model, prompt_ids)
     check_tree(tree)
-    if memory is not None:
-        memory.bind(tokenizer)
     if config.sampling and generator is None:
         generator = torch.Generator(device=model.device)
         if seed is not None:
             generator.manual_seed(seed)
         else:
             generator.seed()  # a fresh seed without touching torch's global generator
-    spans = None
-    if index is not None:
-        if rerank < 0:
-            raise ValueError(f"rerank must be >= 0 (0 = off), got {rerank}")
-        reranker = None
-        if rerank:
-            from .corpus.rerank import LMReranker
-
-            reranker = LMReranker(model, tokenizer)
-        store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k, reranker, max(rerank, 1))
-    if drafter is not None and draft_model is not None:
-        raise ValueError("pass either drafter= or draft_model=, not both (wrap a prophet yourself with HybridDrafter)")
-    if drafter is None:
-        reference_drafter = ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
-        drafter = with_prophet(reference_drafter, draft_model, model, tokenizer)
-    kind = policy_kind(drafter, tree)
-    own_policy = policy is None
-    policy = policy or warm_policy(model, max_draft, kind=kind)
+    drafting = build_drafting(
+        model,
+        tokenizer,
+        prompt_ids,
+        store=store,
+        index=index,
+        memory=memory,
+        drafter=drafter,
+        alone=False if renamed else None,  # draft_model= always joined the references, even a drafter object
+        policy=policy,
+        tree=tree,
+        max_draft=max_draft,
+        retrieve_k=retrieve_k,
+        rerank=rerank,
+    )
     out = decode(
         model,
         tokenizer,
@@ -234,14 +246,13 @@ def generate(
         eos_ids=eos_token_ids(model, eos_token_id),
         stop_strings=stop_strings,
         streamer=streamer,
-        drafter=drafter,
-        policy=policy,
+        drafter=drafting.drafter,
+        policy=drafting.policy,
         calibrate=calibrate,
         tie_margin=tie_margin,
         memory=memory,
     )
-    if own_policy:
-        remember_policy(model, policy, kind=kind)
+    drafting.remember(model)
     return out
 
 
@@ -404,7 +415,6 @@ def _count_step(stats: GenerationStats, step: _Step) -> None:
     stats.steps += 1
     stats.drafted_tokens += step.verified
     stats.draft_lengths.append(step.verified)
-    stats.tree_sizes.append(step.verified)
     stats.tree_steps += int(step.branched)
     stats.accepted_tokens += len(step.accepted)
     for name in step.accepted_sources:
@@ -506,25 +516,3 @@ def _commit(output: list[int], new: list[int], stopper: StopChecker, max_new_tok
     if streamer is not None and len(output) > start:
         streamer.put(torch.tensor(output[start:], dtype=torch.long))
     return reason
-
-
-def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: int, reranker=None, candidates: int = 20):
-    """Retrieve the index's top passages for the prompt into a small store of their own; return (stores, span
-    source): the passages' store, then the caller's `store` (a store, a sequence of them, or None) untouched; the
-    drafter takes several stores, so nothing is copied per call. The passages come first, as in the merged store
-    this replaces, where they were the most recent documents."""
-    from .corpus import CorpusIndex
-    from .store import ReferenceStore
-
-    if tokenizer is None:
-        raise ValueError("drafting from a corpus index needs the tokenizer the index was built with")
-    if isinstance(index, CorpusIndex):
-        index.check_tokenizer(tokenizer)  # a loaded index is checked like a path: its ids must be this tokenizer's
-    else:
-        index = CorpusIndex.load(index, tokenizer=tokenizer)
-    retrieved = ReferenceStore(tokenizer)
-    retrieved.kind = "retrieved"  # the policy learns how often retrieved passages are copied, apart from stores
-    query = tokenizer.decode(prompt_ids[-512:], skip_special_tokens=True)
-    for passage in index.retrieve(query, k=retrieve_k, reranker=reranker, candidates=candidates):
-        retrieved.add(passage.token_ids, source=f"{passage.source}#{passage.id}")
-    return [retrieved, *_as_sources(store)], index

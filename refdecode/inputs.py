@@ -9,6 +9,7 @@ verification or the decode loop (decoding.py), which call these checks before an
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,7 @@ __all__ = [
     "check_max_new_tokens",
     "check_prompt_ids",
     "check_tree",
+    "drafter_argument",
     "eos_token_ids",
     "prepare_prompt",
     "vocab_size",
@@ -148,3 +150,19 @@ def eos_token_ids(model, eos_token_id: int | Sequence[int] | None) -> set[int]:
     if isinstance(eos_token_id, int):
         return {eos_token_id}
     return {int(t) for t in eos_token_id}
+
+
+def drafter_argument(drafter, draft_model, *, stacklevel: int = 3) -> tuple[object, bool]:
+    """The drafter a call names: `drafter=`, or the same value under its deprecated name `draft_model=` (with a
+    DeprecationWarning) -> (the value, whether it came as draft_model=). ValueError if both are given."""
+    if draft_model is None:
+        return drafter, False
+    if drafter is not None:
+        raise ValueError("pass either drafter= or draft_model= (its deprecated name), not both")
+    warnings.warn(
+        "draft_model= is deprecated: pass the same value as drafter= (a model sharing the tokenizer, a model name, "
+        '"self:int8", "self:layers=N", "self:heads", "self:recycle")',
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return draft_model, True

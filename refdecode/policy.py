@@ -21,7 +21,7 @@ from .kernels import forward_tokens, routable, set_route, synchronize
 from .tree import DraftTree, sibling_ranks
 
 if TYPE_CHECKING:
-    from .drafting import Draft
+    from .drafters.base import Draft
 
 __all__ = [
     "MATCH_BUCKETS",

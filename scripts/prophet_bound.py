@@ -12,10 +12,10 @@ drafts can reach (it only removes nodes), and a GPU, where width is nearly free,
   chain          refdecode's ReferenceDrafter, chain mode: the voted chain, up to K tokens
   tree           the same drafter in tree mode: every candidate of every source merged into one trie, the deepest
                  agreeing path committed
-  recycle        self:recycle alone (refdecode.prophets.RecycleDrafter): its table filled with the teacher-forced
+  recycle        self:recycle alone (refdecode.drafters.RecycleDrafter): its table filled with the teacher-forced
                  rows of the committed tokens (a bound too: the real loop also records rejected rows), a tree of
                  up to --recycle-nodes nodes
-  tree+recycle   both trees merged (refdecode.prophets.merge_trees)
+  tree+recycle   both trees merged (refdecode.drafters.merge_trees)
   wide-N         a wider candidate set than refdecode's: what followed every occurrence of every context suffix
                  (1 to 12 tokens) in the context and the references, merged into a trie, its N most frequent
                  nodes kept (a node is never more frequent than its parent, so they form a tree). N = 16 and 64:
@@ -81,8 +81,7 @@ def greedy_outputs(args: argparse.Namespace) -> list[dict]:
 def replay(request: dict, method: str, args: argparse.Namespace, tokenizer) -> tuple[int, int]:
     """(tokens committed after the first, steps) for one request and one method."""
     from refdecode import ReferenceStore
-    from refdecode.drafting import Draft, ReferenceDrafter
-    from refdecode.prophets import RecycleDrafter, SuccessorTable, merge_trees
+    from refdecode.drafters import Draft, RecycleDrafter, ReferenceDrafter, SuccessorTable, merge_trees
     from refdecode.tree import DraftTree
 
     prompt, output = request["prompt"], request["output"]

@@ -18,7 +18,7 @@ import argparse
 import json
 from collections import defaultdict
 
-from refdecode.drafting import Draft, ReferenceDrafter
+from refdecode.drafters import Draft, ReferenceDrafter
 from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.tree import DraftTree
 

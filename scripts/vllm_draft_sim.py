@@ -121,7 +121,7 @@ def stand_in_config(k: int, tokenizer_name: str):
 def simulate(requests: list[dict], tokenizer, args: argparse.Namespace) -> dict:
     """(workload, method) -> summed tokens, steps, cost units and draft tokens."""
     from refdecode import ReferenceStore
-    from refdecode.drafting import ReferenceDrafter
+    from refdecode.drafters import ReferenceDrafter
     from refdecode.vllm.proposer import BatchDrafter
 
     cost = StepCost(args.jump, args.per_token)

@@ -309,16 +309,16 @@ def test_recycle_rows_keep_one_table_per_method_over_the_timed_requests(tiny_lla
     """self:recycle learns across calls. The benchmark gives each recycle row a table of its own, grown over the
     timed requests in order; the warm-up drafts from a table it throws away, so no request drafts from an earlier
     run of itself (the same prompt, by the warm-up or by another method)."""
-    import refdecode.prophets
+    import refdecode.drafters
 
     seen: list = []  # (method's prophet, table, rows recorded in it before the run)
-    real_init = refdecode.prophets.RecycleDrafter.__init__
+    real_init = refdecode.drafters.RecycleDrafter.__init__
 
     def spy(self, table=None, **kwargs):
         real_init(self, table, **kwargs)
         seen.append((self.table, self.table.rows))
 
-    monkeypatch.setattr(refdecode.prophets.RecycleDrafter, "__init__", spy)
+    monkeypatch.setattr(refdecode.drafters.RecycleDrafter, "__init__", spy)
     tok = WordTokenizer()
     reqs = runner.prepare_requests(["code-edit-ref"], 2, 0, tok, loader=fake_loader)
     config = small_config(n=2, methods=("refdecode",), prophets=("self:recycle",))

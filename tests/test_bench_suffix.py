@@ -10,7 +10,7 @@ import torch
 import refdecode
 from refdecode.bench import runner
 from refdecode.bench.suffix import SuffixDrafter, require_suffix, suffix_available, to_draft_tree
-from refdecode.drafting import Draft
+from refdecode.drafters import Draft
 from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.tree import ROOT, DraftTree
 

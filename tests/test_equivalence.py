@@ -8,7 +8,7 @@ from stats_helpers import AlwaysDraft, IdTokenizer
 
 import refdecode
 from refdecode.decoding import decode
-from refdecode.drafting import ReferenceDrafter
+from refdecode.drafters import ReferenceDrafter
 from refdecode.inputs import eos_token_ids
 from refdecode.store import ReferenceStore
 

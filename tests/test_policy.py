@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refdecode.drafting import Draft
+from refdecode.drafters import Draft
 from refdecode.policy import MATCH_BUCKETS, AcceptanceModel, DraftPolicy, ForwardCostModel
 
 CPU_LIKE = {1: 0.090, 2: 0.095, 4: 0.110, 8: 0.160, 16: 0.200, 32: 0.260, 64: 0.420}

@@ -26,7 +26,7 @@ from stats_helpers import (
 
 import refdecode
 from refdecode.decoding import decode
-from refdecode.drafting import Draft
+from refdecode.drafters import Draft
 from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.sampling import SamplingConfig, build_processors
 from refdecode.store import ReferenceStore
@@ -311,7 +311,7 @@ def test_transformers_sampling_agrees(model, setting):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def hf_sample(model, store, seed, max_new=MAX_NEW):
+def hf_sample(model, store, seed, max_new=MAX_NEW, stats=None):
     out = model.generate(
         torch.tensor([PROMPT]),
         custom_generate=refdecode.hf_generate,
@@ -321,6 +321,7 @@ def hf_sample(model, store, seed, max_new=MAX_NEW):
         max_new_tokens=max_new,
         store=store,
         seed=seed,
+        ref_stats=stats,
     )
     return out[0, len(PROMPT) :].tolist()
 
@@ -335,9 +336,10 @@ def test_hf_generate_sampling_fits_and_repeats(model, monkeypatch):
     assert len(first) == 40 and hf_sample(model, store, 5, max_new=40) == first
     samples, drafted, accepted = [], 0, 0
     for seed in range(400):
-        samples.append(tuple(hf_sample(model, store, seed)[:3]))
-        drafted += model.refdecode_stats.drafted_tokens
-        accepted += model.refdecode_stats.accepted_tokens
+        stats = refdecode.GenerationStats()
+        samples.append(tuple(hf_sample(model, store, seed, stats=stats)[:3]))
+        drafted += stats.drafted_tokens
+        accepted += stats.accepted_tokens
     assert drafted > accepted > 0
     probability = joint_probabilities(tables)
     assert_support(samples, probability)

@@ -12,7 +12,7 @@ from stats_helpers import IdTokenizer, tiny_llama
 
 import refdecode
 import refdecode.store as store_module
-from refdecode.drafting import ReferenceDrafter
+from refdecode.drafters import ReferenceDrafter
 from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.store import ReferenceStore
 
@@ -149,7 +149,7 @@ def test_drafting_from_several_stores_copies_nothing(monkeypatch):
 
 def test_attach_index_keeps_the_callers_store(monkeypatch):
     from refdecode.corpus import CorpusIndex, Passage
-    from refdecode.decoding import _attach_index
+    from refdecode.drafters import attach_index
 
     monkeypatch.setattr(ReferenceStore, "copy", lambda self: pytest.fail("a store was copied"))
     index = object.__new__(CorpusIndex)  # retrieval only: two fixed passages
@@ -157,7 +157,7 @@ def test_attach_index_keeps_the_callers_store(monkeypatch):
     index.check_tokenizer = lambda tokenizer: None  # a stand-in index has no manifest to check against
     store = ReferenceStore(IdTokenizer(50))
     store.add([1, 2, 3])
-    stores, spans = _attach_index(index, IdTokenizer(50), [1, 2], store, retrieve_k=1)
+    stores, spans = attach_index(index, IdTokenizer(50), [1, 2], store, retrieve_k=1)
     assert spans is index and stores[1] is store and len(store) == 1
     assert stores[0].tokens(0) == [5, 6, 7] and stores[0].source_of(0) == "src#7"
 
@@ -169,10 +169,12 @@ def _flat_policy():
 
 
 def test_hf_generate_takes_a_plain_string_as_one_reference(monkeypatch):
+    import refdecode.drafters.build  # where hf_generate's drafter is built (build_drafting)
+
     seen = {}
-    real = refdecode.hf.ReferenceDrafter
+    real = refdecode.drafters.build.ReferenceDrafter
     monkeypatch.setattr(
-        refdecode.hf,
+        refdecode.drafters.build,
         "ReferenceDrafter",
         lambda prompt, store=None, spans=None, **kw: seen.setdefault("d", real(prompt, store=store, **kw)),
     )

@@ -1,8 +1,8 @@
-"""Drafting: propose the next tokens by copying from references.
+"""The reference drafter: propose the next tokens by copying what followed the context elsewhere.
 
-Knows: the Drafter extension point (propose / observe) and the reference drafter that follows copied spans across
-steps. Does not know: models, caches, logits, acceptance rules or how many draft tokens pay (policy.py); it only
-sees token ids.
+Knows: how copied spans are found in the prompt, the output so far, the caller's stores, the output memory and a
+corpus span index, followed across steps, voted on token by token, or merged into one token tree. Does not know:
+models, caches, logits, acceptance rules or how many draft tokens pay (policy.py); it only sees token ids.
 """
 
 from __future__ import annotations
@@ -12,44 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
+from ..matching import SuffixIndex, SuffixSource
+from ..tree import Candidate, DraftTree, build_tree
+from .base import MAX_DRAFT_TOKENS, Draft
 
-from .matching import SuffixIndex, SuffixSource
-from .tree import Candidate, DraftTree, build_tree
-
-__all__ = ["Draft", "Drafter", "ReferenceDrafter"]
-
-
-@dataclass
-class Draft:
-    """Tokens proposed to follow the context.
-
-    tokens: the chain of draft tokens.
-    match_len: evidence behind it (tokens of context matched at the source; grows while a copied span is followed).
-    source: where the tokens were copied from, for stats and debugging.
-    probs: optional [len(tokens), V] distributions the tokens were sampled from (a model drafter); None = point
-        masses (copied text). Sampling verification uses them in the min(1, p/q) rule.
-    """
-
-    tokens: list[int]
-    match_len: int = 0
-    source: str = ""
-    probs: torch.Tensor | None = None
-
-    def truncated(self, length: int) -> Draft:
-        probs = None if self.probs is None else self.probs[:length]
-        return Draft(self.tokens[:length], self.match_len, self.source, probs)
-
-
-class Drafter(Protocol):
-    """Extension point: anything that proposes draft tokens (like transformers' CandidateGenerator)."""
-
-    def propose(self, context: Sequence[int], max_tokens: int) -> Draft | DraftTree | None:
-        """Draft up to max_tokens tokens to follow `context` (the prompt and all committed tokens): a chain (Draft),
-        or a token tree (DraftTree, at most max_tokens deep) whose nodes the policy picks from."""
-
-    def observe(self, new_tokens: Sequence[int]) -> None:
-        """Tokens just committed to the context (accepted draft tokens and the model's own token)."""
+__all__ = ["ReferenceDrafter", "SpanSource", "as_sources"]
 
 
 class SpanSource(Protocol):
@@ -58,9 +25,6 @@ class SpanSource(Protocol):
     def span_continuations(
         self, context_tail: Sequence[int], max_tokens: int, *, max_candidates: int = 8, min_match: int = 2
     ) -> tuple[int, list[list[int]]]: ...
-
-
-MAX_DRAFT_TOKENS = 256  # propose() drafts at most this many tokens whatever it is asked: the work stays bounded
 
 
 @dataclass
@@ -99,7 +63,7 @@ class ReferenceDrafter:
     ):
         self.session = SuffixIndex(max_ngram=max_ngram)
         self.session.add(list(context))
-        stores = _as_sources(store)
+        stores = as_sources(store)
         self.sources: list[SuffixSource] = [self.session, *stores, *([memory] if memory is not None else [])]
         # a source's kind names its nodes for the tree policy (a store may say, e.g. "retrieved" passages)
         kinds = [getattr(s, "kind", "store") for s in stores]
@@ -184,7 +148,7 @@ class ReferenceDrafter:
 _MAX_TREE_NODES = 1024  # a trie of all candidates is built before the policy picks from it: bound that work
 
 
-def _as_sources(store) -> list[SuffixSource]:
+def as_sources(store) -> list[SuffixSource]:
     """None, one store, or a sequence of stores (None entries skipped) -> the stores, in order."""
     if store is None:
         return []
