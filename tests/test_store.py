@@ -169,12 +169,12 @@ def _flat_policy():
 
 
 def test_hf_generate_takes_a_plain_string_as_one_reference(monkeypatch):
-    import refdecode.drafters.build  # where hf_generate's drafter is built (build_drafting)
+    import refdecode.drafters.build as build_module  # where hf_generate's drafter is built (build_drafting)
 
     seen = {}
-    real = refdecode.drafters.build.ReferenceDrafter
+    real = build_module.ReferenceDrafter
     monkeypatch.setattr(
-        refdecode.drafters.build,
+        build_module,
         "ReferenceDrafter",
         lambda prompt, store=None, spans=None, **kw: seen.setdefault("d", real(prompt, store=store, **kw)),
     )

@@ -213,7 +213,7 @@ def build_drafting(
         raise ValueError("pass either index= (retrieval and its span index) or spans=, not both")
     is_drafter = hasattr(drafter, "propose") and hasattr(drafter, "observe")
     if alone is None:
-        alone = drafter is not None and is_drafter and not isinstance(drafter, ModelDrafterBase)
+        alone = is_drafter
     if alone and not is_drafter:
         raise ValueError(f"alone=True needs a Drafter object (with propose and observe), got {type(drafter).__name__}")
     if memory is not None:
