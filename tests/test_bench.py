@@ -302,7 +302,7 @@ def test_prophet_rows_run_alone_and_with_references_and_reach_the_report(tiny_ll
         assert {f"{m}/greedy", f"{m}/pld", f"{m}/refdecode"} <= set(block["ratios"])
         assert block["methods"][m]["mismatches"] == 0 and block["methods"][m]["draft_ms_per_step"] is not None
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "Model prophets" in table and "| code-edit-ref | refdecode+self:layers=1 |" in table
+    assert "Model drafters" in table and "| code-edit-ref | refdecode+self:layers=1 |" in table
 
 
 def test_recycle_rows_keep_one_table_per_method_over_the_timed_requests(tiny_llama, monkeypatch):
