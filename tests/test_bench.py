@@ -284,7 +284,7 @@ def test_tokens_per_step_tree_sizes_and_the_oracles_gain_per_method():
     assert report.comparisons_table({"rag": block})[2] == "| rag | 1.33x, 1.25x |"
 
 
-def test_prophet_rows_run_alone_and_with_references_and_reach_the_report(tiny_llama, tmp_path):
+def test_model_drafter_rows_run_alone_and_with_references_and_reach_the_report(tiny_llama, tmp_path):
     """--prophets X adds prophet:X (the model alone) and refdecode+X (in the references' tree): both greedy, both
     checked against greedy token for token, both set against greedy, prompt lookup and the references alone."""
     tok = WordTokenizer()
@@ -311,7 +311,7 @@ def test_recycle_rows_keep_one_table_per_method_over_the_timed_requests(tiny_lla
     run of itself (the same prompt, by the warm-up or by another method)."""
     import refdecode.drafters
 
-    seen: list = []  # (method's prophet, table, rows recorded in it before the run)
+    seen: list = []  # (method's model drafter table, rows recorded in it before the run)
     real_init = refdecode.drafters.RecycleDrafter.__init__
 
     def spy(self, table=None, **kwargs):
@@ -335,7 +335,7 @@ def test_recycle_rows_keep_one_table_per_method_over_the_timed_requests(tiny_lla
     assert alone_2[1] > 0 and refs_2[1] > 0  # and the second request drafts from what the first recorded
 
 
-def test_unknown_prophets_are_refused_up_front():
+def test_unknown_model_drafters_are_refused_up_front():
     with pytest.raises(ValueError, match="self:int8, self:layers=N, self:heads"):
         small_config(prophets=("self:int4",))
 

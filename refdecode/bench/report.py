@@ -336,7 +336,7 @@ def sampling_table(groups: dict[str, dict]) -> list[str]:
     return lines
 
 
-def prophets_table(groups: dict[str, dict]) -> list[str]:
+def model_drafters_table(groups: dict[str, dict]) -> list[str]:
     """One row per workload and model-drafter method (alone, or with the references): speed against greedy,
     prompt lookup and the references alone, tokens per step, acceptance and what drafting cost."""
     lines = [
@@ -392,7 +392,7 @@ def format_report(results: dict, summary: dict) -> str:
     if comparisons:
         out += ["", "Head to head, in one run (ratios of decoding throughput and of tokens per step):", ""]
         out += comparisons
-    prophets = prophets_table(groups)
+    prophets = model_drafters_table(groups)
     if prophets:
         out += [
             "",
