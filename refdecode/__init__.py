@@ -7,26 +7,47 @@ out = refdecode.generate(model, tokenizer, prompt_ids, store=store, max_new_toke
 """
 
 from .decoding import GenerationOutput, GenerationStats, NonFiniteLogitsError, generate
-from .drafting import Draft, Drafter, DraftPolicy, ReferenceDrafter
+from .drafters import (
+    Draft,
+    Drafter,
+    Drafting,
+    DraftSession,
+    HeadsDrafter,
+    HybridDrafter,
+    ModelDrafter,
+    ModelDrafterBase,
+    RecycleDrafter,
+    ReferenceDrafter,
+    build_drafting,
+)
 from .hf import hf_generate
 from .memory import OutputMemory
 from .models import KNOWN_MODELS, ModelNotFoundError, load_model, load_tokenizer
+from .policy import DraftPolicy
 from .store import ReferenceStore
 from .tree import DraftTree
 
 __all__ = [
+    "KNOWN_MODELS",
     "Draft",
     "DraftPolicy",
+    "DraftSession",
     "DraftTree",
     "Drafter",
+    "Drafting",
     "GenerationOutput",
     "GenerationStats",
-    "KNOWN_MODELS",
+    "HeadsDrafter",
+    "HybridDrafter",
+    "ModelDrafter",
+    "ModelDrafterBase",
     "ModelNotFoundError",
     "NonFiniteLogitsError",
     "OutputMemory",
+    "RecycleDrafter",
     "ReferenceDrafter",
     "ReferenceStore",
+    "build_drafting",
     "generate",
     "hf_generate",
     "load_model",

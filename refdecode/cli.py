@@ -61,11 +61,14 @@ def _add_generate(subparsers) -> None:
         "missing; a folder that is not an output memory is refused, never overwritten)",
     )
     p.add_argument(
+        "--drafter",
         "--draft-model",
+        dest="drafter",
         metavar="NAME",
-        help="a model prophet drafting beside the references: a known model name or checkpoint folder sharing the "
+        help="a model drafter beside the references: a known model name or checkpoint folder sharing the "
         "tokenizer, self:int8 (the model quantized, CPU), self:layers=N (its first N layers), self:heads "
-        "(heads trained with `refdecode heads train`), or self:recycle (what the model itself predicted earlier)",
+        "(heads trained with `refdecode heads train`), or self:recycle (what the model itself predicted earlier); "
+        "--draft-model is the same option under its older name",
     )
     p.add_argument("--no-tree", action="store_true", help="verify one draft chain per step instead of a token tree")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -151,10 +154,10 @@ def _run_generate(args) -> int:
         raise CliError(f"index directory not found: {args.index}")
     if args.rerank < 0 or (args.rerank and not args.index):
         raise CliError("--rerank N needs N >= 0 and an --index to rerank passages from")
-    if args.draft_model is not None:
-        from .prophets import check_prophet_spec
+    if args.drafter is not None:
+        from .drafters import check_drafter_spec
 
-        check_prophet_spec(args.draft_model)  # a misspelt self: name fails before the model loads
+        check_drafter_spec(args.drafter)  # a misspelt self: name fails before the model loads
     memory = _open_memory(args.memory) if args.memory else None  # checked before the model loads
     model, tokenizer = refdecode.load_model(args.model, dtype=args.dtype, device=args.device)
     store = refdecode.ReferenceStore(tokenizer)
@@ -188,7 +191,7 @@ def _run_generate(args) -> int:
         max_draft=args.max_draft,
         tree=not args.no_tree,
         memory=memory,
-        draft_model=args.draft_model,
+        drafter=args.drafter,
     )
     if args.json:
         record = {"text": out.text, "token_ids": out.token_ids, **out.stats.as_dict(), "stop_reason": out.stop_reason}
@@ -225,7 +228,7 @@ def _open_memory(path: str):
 
 def _tree_line(s) -> str:
     """The token tree statistics: nodes verified per step, accepted depth, accepted draft tokens per source."""
-    sizes = s.tree_sizes or [0]
+    sizes = s.draft_lengths or [0]
     by_source = ", ".join(f"{name} {n}" for name, n in sorted(s.accepted_sources.items(), key=lambda kv: -kv[1]))
     return (
         f"refdecode: tree: {sum(sizes) / len(sizes):.1f} nodes per step on average, {max(sizes)} at most; "

@@ -1,50 +1,42 @@
 """The decode loop: prefill, then draft -> verify in one forward -> commit -> roll the cache back, until a stop.
 
-Knows: the transformers causal-LM forward and its DynamicCache (crop to roll back rejected tokens), stopping rules
-(EOS, stop strings, max_new_tokens), streaming, and statistics. Does not know how drafts are found (drafting.py) or
-how tokens are accepted (verification.py).
+Knows: the order of a step, and that it is the only place that runs the target model: the transformers causal-LM
+forward and its DynamicCache (cropped, or compacted to a tree's accepted path, to roll rejected tokens back),
+streaming, and the statistics. Does not know: how the prompt and options are checked (inputs.py), how drafts are
+found (drafters/), how many draft tokens pay (policy.py), which ones are accepted (verification.py: scores in,
+verdict out) or which token stops generation (stopping.py).
 """
 
 from __future__ import annotations
 
 import math
-import operator
 import time
-import weakref
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .drafting import Draft, Drafter, DraftPolicy, ForwardCostModel, ReferenceDrafter, _as_sources
-from .kernels import routable, routed, set_route
-from .prophets import DraftSession, with_prophet
+from .drafters import Draft, Drafter, DraftSession, build_drafting
+from .inputs import (
+    check_max_draft,
+    check_max_new_tokens,
+    check_prompt_ids,
+    check_tree,
+    drafter_argument,
+    eos_token_ids,
+    prepare_prompt,
+)
+from .kernels import forward_tokens, routed, synchronize
+from .policy import DraftPolicy, ForwardCostModel, calibrate_costs
 from .sampling import SamplingConfig, build_processors, process_rows
+from .stopping import StopChecker, stop_list
 from .tree import DraftTree
 from .tree_attention import keep_rows, supports_tree, tree_forward
-from .verification import (
-    PositionNoise,
-    Verdict,
-    tree_accept_probs,
-    verify_greedy,
-    verify_point_mass,
-    verify_sampling,
-    verify_tree_greedy,
-    verify_tree_point_mass,
-    verify_tree_sampling,
-)
+from .verification import PositionNoise, choose_first, verify_chain, verify_tree
 
-__all__ = [
-    "GenerationOutput",
-    "GenerationStats",
-    "NonFiniteLogitsError",
-    "calibrate_costs",
-    "check_prompt_ids",
-    "decode",
-    "generate",
-    "prepare_prompt",
-]
+__all__ = ["GenerationOutput", "GenerationStats", "NonFiniteLogitsError", "decode", "generate"]
 
 
 @dataclass
@@ -62,15 +54,21 @@ class GenerationStats:
     recomputed: int = 0  # one-token forwards forced by a too-close greedy call
     calibration_seconds: float = 0.0  # the one-time forward-cost calibration (first call per model), inside seconds
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step
-    draft_lengths: list[int] = field(default_factory=list)  # draft tokens verified per step
-    tree_sizes: list[int] = field(default_factory=list)  # draft nodes verified per step (a chain of k: k)
+    draft_lengths: list[int] = field(default_factory=list)  # draft tokens (tree nodes) verified per step
     tree_steps: int = 0  # steps that verified a tree with branches (the others verified a chain)
     accepted_sources: dict[str, int] = field(default_factory=dict)  # accepted draft tokens per source
     draft_seconds: float = 0.0  # time spent in the drafter's propose (inside decode_seconds): a model's forwards
 
     @property
+    def tree_sizes(self) -> list[int]:
+        """Deprecated: the same list as draft_lengths (a chain of k draft tokens is a tree of k nodes)."""
+        warnings.warn("GenerationStats.tree_sizes is deprecated: read draft_lengths", DeprecationWarning, stacklevel=2)
+        return self.draft_lengths
+
+    @property
     def mean_tree_size(self) -> float:
-        return sum(self.tree_sizes) / len(self.tree_sizes) if self.tree_sizes else 0.0
+        """Mean draft tokens (tree nodes) verified per step."""
+        return sum(self.draft_lengths) / len(self.draft_lengths) if self.draft_lengths else 0.0
 
     @property
     def mean_accepted_depth(self) -> float:
@@ -101,7 +99,7 @@ class GenerationStats:
             "recomputed": self.recomputed,
             "calibration_seconds": self.calibration_seconds,
             "mean_tree_size": self.mean_tree_size,
-            "max_tree_size": max(self.tree_sizes, default=0),
+            "max_tree_size": max(self.draft_lengths, default=0),
             "tree_steps": self.tree_steps,
             "mean_accepted_depth": self.mean_accepted_depth,
             "accepted_sources": dict(self.accepted_sources),
@@ -115,120 +113,6 @@ class GenerationOutput:
     text: str
     stats: GenerationStats
     stop_reason: str = ""  # "eos", "stop_string", "max_new_tokens"
-
-
-def prepare_prompt(tokenizer, prompt, *, chat: bool = False) -> list[int]:
-    """list[int] / LongTensor (T,) or (1, T) / str (tokenized; chat=True applies the chat template) -> list[int].
-
-    ValueError for anything that is not a non-empty sequence of integer token ids (floats, bools, strings of digits,
-    float or bool tensors) or a non-empty text; the ids' range is checked against the model in `check_prompt_ids`.
-    """
-    if isinstance(prompt, str):
-        return _tokenize(tokenizer, prompt, chat)
-    if isinstance(prompt, (bytes, bytearray)):
-        raise ValueError("the prompt is bytes: decode it to str, or pass token ids")
-    if hasattr(prompt, "dtype") and hasattr(prompt, "shape"):  # a torch tensor or a numpy array
-        ids = _tensor_ids(torch.as_tensor(prompt) if not isinstance(prompt, torch.Tensor) else prompt)
-    elif isinstance(prompt, (list, tuple, range)):
-        ids = [_token_id(t, i) for i, t in enumerate(prompt)]
-    else:
-        raise TypeError(f"the prompt must be a str, a list of token ids or a LongTensor, got {type(prompt).__name__}")
-    if not ids:
-        raise ValueError("the prompt has no tokens")
-    return ids
-
-
-def _tokenize(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if not prompt.strip():
-        raise ValueError("the prompt is empty")
-    if tokenizer is None:
-        raise ValueError("a text prompt needs the tokenizer (or pass token ids)")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as err:  # lone surrogates, e.g. from undecodable command-line bytes
-        raise ValueError(f"the prompt is not valid Unicode text (a lone surrogate at character {err.start})") from None
-    if chat:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        if hasattr(ids, "keys"):  # some versions return a BatchEncoding
-            ids = ids["input_ids"]
-        ids = [int(t) for t in ids]
-    else:
-        ids = list(tokenizer.encode(prompt))
-    if not ids:
-        raise ValueError("the prompt has no tokens after tokenization")
-    return ids
-
-
-def _tensor_ids(prompt: torch.Tensor) -> list[int]:
-    """(T,) or (1, T) integer tensor -> list[int]; float and bool tensors are refused rather than truncated."""
-    if prompt.dtype == torch.bool or prompt.is_floating_point() or prompt.is_complex():
-        raise ValueError(f"a prompt tensor must hold integer token ids, got dtype {prompt.dtype}")
-    if prompt.dim() == 2:
-        if prompt.shape[0] != 1:
-            raise ValueError(f"batch size {prompt.shape[0]} is not supported: pass one sequence (1, T)")
-        prompt = prompt[0]
-    if prompt.dim() != 1:
-        raise ValueError(f"prompt tensor must be (T,) or (1, T), got shape {tuple(prompt.shape)}")
-    return [int(t) for t in prompt.tolist()]
-
-
-def _token_id(value, position: int) -> int:
-    """One prompt element as an int: ints (Python, numpy, 0-d integer tensors) pass; bools, floats, str do not."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        raise ValueError(f"prompt token {position} is a bool ({value!r}), not a token id")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"prompt token {position} is not an integer token id: {value!r:.40}") from None
-
-
-def vocab_size(model) -> int | None:
-    """The model's vocabulary size: config.vocab_size, else the rows of its output embedding (None if neither)."""
-    size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(size, int) and size > 0:
-        return size
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if weight is not None else None
-
-
-def check_prompt_ids(model, prompt_ids: list[int]) -> None:
-    """ValueError unless every id is in 0 .. V - 1 (V the model's vocabulary) and the prompt fits the context."""
-    if not prompt_ids:
-        raise ValueError("the prompt has no tokens")
-    vocab = vocab_size(model)
-    low, high = min(prompt_ids), max(prompt_ids)
-    if low < 0 or (vocab is not None and high >= vocab):
-        bad = low if low < 0 else high
-        where = prompt_ids.index(bad)
-        raise ValueError(
-            f"prompt token {where} is {bad}: token ids must be in 0 .. {vocab - 1 if vocab else '?'} "
-            f"(the model's vocabulary size, model.config.vocab_size, is {vocab})"
-        )
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and limit and len(prompt_ids) >= limit:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
-
-
-def check_max_new_tokens(max_new_tokens) -> int:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r:.40}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    return max_new_tokens
-
-
-def stop_list(stop) -> list[str]:
-    """None / a str / a sequence of str -> list[str]; ValueError for anything else (a bare int, bytes, ...)."""
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in stop):
-        return list(stop)
-    raise ValueError(f"stop must be a str or a list of str, got {stop!r:.60}")
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -251,134 +135,9 @@ def _check_finite(logits: torch.Tensor, where: str) -> None:
         )
 
 
-class _StopChecker:
-    """Finds the first new token that ends generation: EOS, a token whose text completes a stop string, or one after
-    which a transformers StoppingCriteria (called with the prompt and output up to that token) says stop."""
-
-    def __init__(self, tokenizer, eos_ids: set[int], stop_strings: Sequence[str], criteria=None, prompt_ids=()):
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self.criteria = criteria
-        self.prompt_ids = list(prompt_ids)
-        self.stop_strings = [s for s in stop_strings if s]
-        if self.stop_strings and tokenizer is None:
-            raise ValueError("stop strings need the tokenizer")
-        self.longest = max((len(s) for s in self.stop_strings), default=0)
-        # Tokens decoded before token i: starts at one per character, doubles while the text is too short (emoji and
-        # CJK take several byte-level tokens per character) and remembers what sufficed, up to a cap.
-        self.width = self.longest + 8
-        self.max_width = 4 * (self.longest + _WINDOW_SLACK) + 8  # 4 UTF-8 bytes per character at most
-
-    def first_stop(self, output: list[int], start: int) -> tuple[int, str] | None:
-        """(index in output, reason) of the first stopping token among output[start:], else None."""
-        for i in range(start, len(output)):
-            if output[i] in self.eos_ids:
-                return i, "eos"
-            if self.stop_strings and self._completes_stop_string(output, i):
-                return i, "stop_string"
-            if self.criteria and self._criteria_stop(output[: i + 1]):
-                return i, "stopping_criteria"
-        return None
-
-    def _criteria_stop(self, output: list[int]) -> bool:
-        ids = torch.tensor([self.prompt_ids + output], dtype=torch.long)
-        return bool(torch.as_tensor(self.criteria(ids, None)).any())
-
-    def _completes_stop_string(self, output: list[int], i: int) -> bool:
-        """A stop string counts once its last character comes from token i. The window of tokens decoded before i
-        must hold at least the longest stop string's characters (plus slack for a partial character at its start,
-        decoded as U+FFFD), however many tokens that takes; its width is found by doubling, not by decoding the
-        whole output, so a step costs O(tokens per stop string)."""
-        width = self.width
-        while True:
-            start = max(0, i - width)
-            before = self.tokenizer.decode(output[start:i])
-            if start == 0 or len(before) >= self.longest + _WINDOW_SLACK:
-                break
-            width *= 2
-        self.width = max(self.width, min(width, self.max_width))
-        after = self.tokenizer.decode(output[start : i + 1])
-        return any(s in after and (s not in before or after.rfind(s) + len(s) > len(before)) for s in self.stop_strings)
-
-
-_WINDOW_SLACK = 4  # characters: up to 3 U+FFFD for a UTF-8 character cut at the window's start, 1 for a lead space
-
-
-def _forward(model, cache, token_ids: list[int], device, *, route: bool | None = None) -> torch.Tensor:
-    """One forward of `token_ids` after the cached context; returns float32 logits [len(token_ids), V]. A forward of
-    several tokens takes the faster CPU kernels where the calibration chose them (kernels.routed; `route` forces the
-    choice, for the calibration itself)."""
-    ids = torch.tensor([token_ids], dtype=torch.long, device=device)
-    with routed(model, len(token_ids), force=route):
-        out = model(input_ids=ids, cache=cache, use_cache=True)
-    return out.logits[0].float()
-
-
 def _crop(cache, tokens_to_remove: int) -> None:
     if tokens_to_remove > 0:
         cache.crop(-tokens_to_remove)
-
-
-_COST_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): table}
-_LAST_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: DraftPolicy}
-
-
-def warm_policy(model, max_draft: int, *, kind: str) -> DraftPolicy:
-    """The default policy of a call: fresh, but starting from what the last call on this model with the same kind
-    of drafting (drafter class and mode) learned about acceptance, at a quarter of its weight (DraftPolicy.inherit).
-    Requests to one model tend to resemble each other (a RAG service, an editor) and a fresh policy spends its
-    first steps relearning how often long matches are copied; a first request starts from the prior. The learned
-    state only sizes drafts: outputs never depend on it. Remembered by `remember_policy`."""
-    policy = DraftPolicy(max_draft=max_draft)
-    earlier = _LAST_POLICIES.get(model, {}).get(kind)
-    if earlier is not None:
-        policy.inherit(earlier)
-    return policy
-
-
-def remember_policy(model, policy: DraftPolicy, *, kind: str) -> None:
-    """Keep a finished call's policy for the next call's warm start (see warm_policy)."""
-    _LAST_POLICIES.setdefault(model, {})[kind] = policy
-
-
-def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), rounds: int | None = None) -> dict:
-    """Seconds of one forward per width, timed on the live cache (each forward rolled back); cached per model.
-
-    The widths are timed in interleaved rounds and the minimum kept, so a burst of load from another process while
-    one width is timed does not make that width look expensive for the rest of the process. On the CPU each width
-    of 2 or more tokens is also timed with the transposed kernels (kernels.routed), and whichever was faster is
-    what that width runs from then on (kernels.set_route): its time is the one in the table. rounds: 5, or 3 when
-    both kernels are timed (the first call of a process pays the calibration: 39 forwards rather than 65).
-    """
-    can_route = routable(model)
-    key = (str(model.device), str(model.dtype), can_route)
-    per_model = _COST_TABLES.setdefault(model, {})
-    if key in per_model:
-        return per_model[key]
-    device = model.device
-    trials = [(w, False) for w in widths] + ([(w, True) for w in widths if w >= 2] if can_route else [])
-    if rounds is None:
-        rounds = 5 if len(trials) == len(widths) else 3
-    best = {trial: float("inf") for trial in trials}
-    for _ in range(rounds):
-        for width, route in trials:
-            _sync(device)
-            t0 = time.perf_counter()
-            _forward(model, cache, [pending] * width, device, route=route)
-            _sync(device)
-            best[width, route] = min(best[width, route], time.perf_counter() - t0)
-            _crop(cache, width)
-    decisions = {w: best[w, True] < best[w, False] for w in widths if (w, True) in best}
-    if decisions:
-        set_route(model, decisions)
-    table = {w: min(best[w, False], best.get((w, True), float("inf"))) for w in widths}
-    per_model[key] = table
-    return table
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -401,7 +160,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     chat: bool = False,
     streamer=None,
-    drafter: Drafter | None = None,
+    drafter=None,
     policy: DraftPolicy | None = None,
     max_draft: int = 64,
     calibrate: bool = True,
@@ -428,18 +187,20 @@ def generate(
             torch.Generator seeded from `seed` (or pass `generator`).
         stop: stop strings; eos_token_id defaults to the model's generation config.
         streamer: an object with put(LongTensor) / end(), e.g. transformers.TextStreamer.
-        drafter: a custom Drafter (default: ReferenceDrafter over prompt, output, store and index).
+        drafter: None (default): the references alone (ReferenceDrafter over prompt, output, store, index and
+            memory). A model drafter joining the references in the same tree (refdecode.drafters): a causal LM
+            that shares the tokenizer, a known model name or checkpoint folder, "self:int8" (the target quantized
+            to int8, CPU), "self:layers=N" (the target's first N layers), "self:heads" (Medusa heads trained with
+            `refdecode heads train`) or "self:recycle" (the target's own earlier predictions, no training); it runs
+            only where references leave room and its cost pays. Or a Drafter object, which drafts alone.
         policy: a DraftPolicy (default: adaptive, calibrated on this model); max_draft caps the draft length.
         tie_margin: greedy only; top-2 score gap below which a wide forward's argmax is recomputed one token wide
             (default: 1e-3 for float32 models, 0 for half precision, where wide and narrow forwards differ anyway).
         tree: True (default): each step merges the candidates of every source into a token tree and verifies the
             part that pays in one forward; False: one voted chain per step, as before.
         memory: a refdecode.OutputMemory: past outputs draft for this request, and this output is recorded in it.
-        draft_model: a model prophet joining the references in the same tree (refdecode.prophets): a causal LM that
-            shares the tokenizer, a known model name or checkpoint folder, "self:int8" (the target quantized to
-            int8, CPU), "self:layers=N" (the target's first N layers), "self:heads" (Medusa heads trained with
-            `refdecode heads train`) or "self:recycle" (the target's own earlier predictions, no training), or a
-            prophet object (refdecode.prophets). It runs only where references leave room and its cost pays.
+        draft_model: the deprecated name of `drafter` for a model drafter (DeprecationWarning); its value always
+            joins the references, even a model drafter object.
     Returns:
         GenerationOutput(token_ids, text, stats, stop_reason).
     """
@@ -447,39 +208,33 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed
     )
     check_max_new_tokens(max_new_tokens)
-    if isinstance(max_draft, bool) or not isinstance(max_draft, int) or max_draft < 0:
-        raise ValueError(f"max_draft must be an int >= 0 (0 = no drafting), got {max_draft!r:.40}")
+    check_max_draft(max_draft)
+    drafter, renamed = drafter_argument(drafter, draft_model, stacklevel=4)  # 4: past torch.no_grad's wrapper
     stop_strings = stop_list(stop)
     prompt_ids = prepare_prompt(tokenizer, prompt, chat=chat)
     check_prompt_ids(model, prompt_ids)
-    if not isinstance(tree, bool):
-        raise ValueError(f"tree must be True or False, got {tree!r:.40}")
-    if memory is not None:
-        memory.bind(tokenizer)
+    check_tree(tree)
     if config.sampling and generator is None:
         generator = torch.Generator(device=model.device)
         if seed is not None:
             generator.manual_seed(seed)
         else:
             generator.seed()  # a fresh seed without touching torch's global generator
-    spans = None
-    if index is not None:
-        if rerank < 0:
-            raise ValueError(f"rerank must be >= 0 (0 = off), got {rerank}")
-        reranker = None
-        if rerank:
-            from .corpus.rerank import LMReranker
-
-            reranker = LMReranker(model, tokenizer)
-        store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k, reranker, max(rerank, 1))
-    if drafter is not None and draft_model is not None:
-        raise ValueError("pass either drafter= or draft_model=, not both (wrap a prophet yourself with HybridDrafter)")
-    if drafter is None:
-        reference_drafter = ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
-        drafter = with_prophet(reference_drafter, draft_model, model, tokenizer)
-    kind = _policy_kind(drafter, tree)
-    own_policy = policy is None
-    policy = policy or warm_policy(model, max_draft, kind=kind)
+    drafting = build_drafting(
+        model,
+        tokenizer,
+        prompt_ids,
+        store=store,
+        index=index,
+        memory=memory,
+        drafter=drafter,
+        alone=False if renamed else None,  # draft_model= always joined the references, even a drafter object
+        policy=policy,
+        tree=tree,
+        max_draft=max_draft,
+        retrieve_k=retrieve_k,
+        rerank=rerank,
+    )
     out = decode(
         model,
         tokenizer,
@@ -488,24 +243,17 @@ def generate(
         sampling=config.sampling,
         generator=generator,
         max_new_tokens=max_new_tokens,
-        eos_ids=_eos_ids(model, eos_token_id),
+        eos_ids=eos_token_ids(model, eos_token_id),
         stop_strings=stop_strings,
         streamer=streamer,
-        drafter=drafter,
-        policy=policy,
+        drafter=drafting.drafter,
+        policy=drafting.policy,
         calibrate=calibrate,
         tie_margin=tie_margin,
         memory=memory,
     )
-    if own_policy:
-        remember_policy(model, policy, kind=kind)
+    drafting.remember(model)
     return out
-
-
-def _policy_kind(drafter, tree: bool) -> str:
-    """What a warm-started policy is keyed by: the drafter's class (or its own `policy_kind`, e.g. a prophet's name)
-    and the mode (their acceptance differs)."""
-    return getattr(drafter, "policy_kind", None) or f"{type(drafter).__name__}/{'tree' if tree else 'chain'}"
 
 
 @torch.no_grad()  # also when called directly (tests, adapters): no autograd graph over the steps
@@ -546,7 +294,7 @@ def decode(
     device = model.device
     if tie_margin is None:  # float32: well above the ~1e-5 differences between wide and narrow forwards
         tie_margin = 1e-3 if model.dtype == torch.float32 else 0.0
-    stopper = _StopChecker(tokenizer, eos_ids, stop_strings, stopping_criteria, prompt_ids)
+    stopper = StopChecker(tokenizer, eos_ids, stop_strings, stopping_criteria, prompt_ids)
     stats = GenerationStats()
     if streamer is not None:  # like transformers: the prompt first (TextStreamer(skip_prompt=True) drops it)
         streamer.put(torch.tensor([prompt_ids], dtype=torch.long))
@@ -561,13 +309,13 @@ def decode(
     _check_finite(logits, "the prefill (output token 0)")
     scores = process_rows(processors, context, [], logits)
     noise = PositionNoise(generator, logits.shape[-1], device) if sampling and generator is not None else None
-    first = _choose(scores, noise)
+    first = choose_first(scores, noise)
     cache.activate_past_recording()  # sliding-window layers must keep past states to be croppable
     output: list[int] = []
     stop_reason = _commit(output, [first], stopper, max_new_tokens, streamer)
     drafter.observe(output[-1:])
     context = torch.cat([context, context.new_tensor(output[-1:])])
-    _sync(device)
+    synchronize(device)
     stats.prefill_seconds = time.perf_counter() - t_start
     if not stop_reason and calibrate and not policy.costs:
         policy.costs = ForwardCostModel(calibrate_costs(model, cache, output[-1]))
@@ -622,7 +370,7 @@ def decode(
     if streamer is not None:
         streamer.end()
 
-    _sync(device)
+    synchronize(device)
     t_end = time.perf_counter()
     stats.decode_seconds = t_end - t_decode
     stats.seconds = t_end - t_start
@@ -667,7 +415,6 @@ def _count_step(stats: GenerationStats, step: _Step) -> None:
     stats.steps += 1
     stats.drafted_tokens += step.verified
     stats.draft_lengths.append(step.verified)
-    stats.tree_sizes.append(step.verified)
     stats.tree_steps += int(step.branched)
     stats.accepted_tokens += len(step.accepted)
     for name in step.accepted_sources:
@@ -679,12 +426,15 @@ def _chain_step(draft: Draft | None, s: _StepInputs) -> _Step:
     tokens = draft.tokens if draft is not None else []
     k = len(tokens)
     t0 = time.perf_counter()
-    logits = _forward(s.model, s.cache, [s.pending] + tokens, s.model.device)  # [k + 1, V]
+    logits = forward_tokens(s.model, s.cache, [s.pending] + tokens)  # [k + 1, V]
     _check_finite(logits, f"{s.where} (output tokens {s.position}..{s.position + k})")
     scores = process_rows(s.processors, s.context, tokens, logits)
     tie_margin = s.tie_margin if k > 0 else 0.0
-    verdict, accept_probs = _verify(scores, tokens, draft, s.noise, s.position, s.generator, tie_margin)
-    _sync(s.model.device)
+    draft_probs = draft.probs if draft is not None else None
+    verdict, accept_probs = verify_chain(
+        scores, tokens, s.noise, s.position, s.generator, draft_probs=draft_probs, tie_margin=tie_margin
+    )
+    synchronize(s.model.device)
     s.policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0, accept_probs)
     # keep the pending token and the accepted ones; on a too-close call the last accepted one is re-fed next step
     _crop(s.cache, k - verdict.accepted + (1 if verdict.next_token is None else 0))
@@ -700,7 +450,7 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
     past = s.cache.get_seq_length()
     t0 = time.perf_counter()
     if tree.is_chain():  # the fast path: no mask to build, the cache is cropped
-        logits = _forward(s.model, s.cache, [s.pending] + tree.tokens, s.model.device)
+        logits = forward_tokens(s.model, s.cache, [s.pending] + tree.tokens)
     else:
         with routed(s.model, n + 1):
             logits = tree_forward(s.model, s.cache, s.pending, tree)  # [n + 1, V]: row i + 1 scores after node i
@@ -708,17 +458,19 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
     tie_margin = s.tie_margin if n > 0 else 0.0
     if tree.is_chain():
         scores = process_rows(s.processors, s.context, tree.tokens, logits)
-        draft = Draft(tree.tokens, 0, "", tree.q) if n else None
-        chain, accept_probs = _verify(scores, tree.tokens, draft, s.noise, s.position, s.generator, tie_margin)
+        draft_probs = tree.q if n else None
+        chain, accept_probs = verify_chain(
+            scores, tree.tokens, s.noise, s.position, s.generator, draft_probs=draft_probs, tie_margin=tie_margin
+        )
         path, next_token = list(range(chain.accepted)), chain.next_token
     else:
         paths: list[list[int]] | None = None
         if s.processors:  # row i + 1 sees the context plus its path (penalties read it); nothing reads it otherwise
             paths = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(n)]
         scores = process_rows(s.processors, s.context, tree.tokens, logits, row_prefixes=paths)
-        verdict, accept_probs = _verify_tree(scores, tree, s.noise, s.position, s.generator, tie_margin)
+        verdict, accept_probs = verify_tree(scores, tree, s.noise, s.position, s.generator, tie_margin=tie_margin)
         path, next_token = verdict.path, verdict.next_token
-    _sync(s.model.device)
+    synchronize(s.model.device)
     if n:
         s.policy.update_tree(tree, path, n + 1, time.perf_counter() - t0, accept_probs)
     else:
@@ -749,48 +501,7 @@ def _favourite_chain(tree: DraftTree) -> DraftTree:
     return tree.subtree(range(n))
 
 
-def _verify_tree(scores, tree: DraftTree, noise, position: int, generator, tie_margin: float):
-    """scores [n + 1, V] -> (TreeVerdict, accept_probs): under sampling, each node's probability of acceptance
-    given its parent was reached (for the policy)."""
-    if noise is None:
-        return verify_tree_greedy(scores, tree, tie_margin=tie_margin), None
-    probs = torch.softmax(scores, dim=-1)
-    if tree.q is not None:  # a model drafter's distributions: SpecInfer's multi-step rule
-        return verify_tree_sampling(probs, tree, generator), None
-    depth = max(tree.depths(), default=0)
-    log_probs = torch.log_softmax(scores, dim=-1)
-    verdict = verify_tree_point_mass(log_probs, tree, noise.rows_for(position, depth + 1), tie_margin=tie_margin)
-    return verdict, tree_accept_probs(probs, tree)
-
-
-def _choose(scores: torch.Tensor, noise: PositionNoise | None) -> int:
-    """The model's own first token from the prefill's scores [1, V]: argmax, or the Gumbel argmax of position 0."""
-    if noise is not None:
-        scores = torch.log_softmax(scores, dim=-1) + noise.rows_for(0, 1)
-    return int(scores[0].argmax())
-
-
-def _verify(
-    scores, tokens, draft: Draft | None, noise, position: int, generator, tie_margin: float
-) -> tuple[Verdict, list[float] | None]:
-    """scores: [k + 1, V] for output positions position .. position + k. -> (verdict, accept_probs): under
-    sampling, the probability each draft token had of being accepted given the ones before it (for the policy)."""
-    if noise is None:
-        return verify_greedy(scores, tokens, tie_margin=tie_margin), None
-    k = len(tokens)
-    ids = torch.as_tensor(tokens, dtype=torch.long, device=scores.device)
-    if draft is not None and draft.probs is not None:  # a model drafter's distributions: min(1, p/q) rule
-        probs = torch.softmax(scores, dim=-1)
-        q = draft.probs[torch.arange(k), ids].clamp_min(1e-30)
-        accept_probs = (probs[torch.arange(k), ids] / q).clamp(max=1.0).tolist()
-        return verify_sampling(probs, tokens, generator, draft_probs=draft.probs), accept_probs
-    log_probs = torch.log_softmax(scores, dim=-1)
-    accept_probs = log_probs[torch.arange(k), ids].exp().tolist()
-    verdict = verify_point_mass(log_probs, tokens, noise.rows_for(position, k + 1), tie_margin=tie_margin)
-    return verdict, accept_probs
-
-
-def _commit(output: list[int], new: list[int], stopper: _StopChecker, max_new_tokens: int, streamer) -> str:
+def _commit(output: list[int], new: list[int], stopper: StopChecker, max_new_tokens: int, streamer) -> str:
     """Append `new`, cut at the first stop (kept, like transformers) or at max_new_tokens; returns the stop reason."""
     start = len(output)
     output.extend(new)
@@ -805,35 +516,3 @@ def _commit(output: list[int], new: list[int], stopper: _StopChecker, max_new_to
     if streamer is not None and len(output) > start:
         streamer.put(torch.tensor(output[start:], dtype=torch.long))
     return reason
-
-
-def _eos_ids(model, eos_token_id) -> set[int]:
-    if eos_token_id is None:
-        eos_token_id = getattr(model.generation_config, "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    if isinstance(eos_token_id, int):
-        return {eos_token_id}
-    return {int(t) for t in eos_token_id}
-
-
-def _attach_index(index, tokenizer, prompt_ids: list[int], store, retrieve_k: int, reranker=None, candidates: int = 20):
-    """Retrieve the index's top passages for the prompt into a small store of their own; return (stores, span
-    source): the passages' store, then the caller's `store` (a store, a sequence of them, or None) untouched; the
-    drafter takes several stores, so nothing is copied per call. The passages come first, as in the merged store
-    this replaces, where they were the most recent documents."""
-    from .corpus import CorpusIndex
-    from .store import ReferenceStore
-
-    if tokenizer is None:
-        raise ValueError("drafting from a corpus index needs the tokenizer the index was built with")
-    if isinstance(index, CorpusIndex):
-        index.check_tokenizer(tokenizer)  # a loaded index is checked like a path: its ids must be this tokenizer's
-    else:
-        index = CorpusIndex.load(index, tokenizer=tokenizer)
-    retrieved = ReferenceStore(tokenizer)
-    retrieved.kind = "retrieved"  # the policy learns how often retrieved passages are copied, apart from stores
-    query = tokenizer.decode(prompt_ids[-512:], skip_special_tokens=True)
-    for passage in index.retrieve(query, k=retrieve_k, reranker=reranker, candidates=candidates):
-        retrieved.add(passage.token_ids, source=f"{passage.source}#{passage.id}")
-    return [retrieved, *_as_sources(store)], index

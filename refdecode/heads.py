@@ -4,7 +4,7 @@ Knows: the heads' shape (head k = 1..K maps the hidden state that the target's o
 to logits for the token at t + k + 1 over a restricted vocabulary; the target's own logits give t + 1), how to
 train them teacher-forced on conversations with the base model frozen, how to measure them against the base's
 greedy choices, and how to save and load them safely (safetensors + a JSON manifest). Does not know: drafting,
-token trees, verification or the decode loop (prophets.py turns head logits into drafts).
+token trees, verification or the decode loop (drafters/heads.py turns head logits into drafts).
 
 Why a restricted vocabulary: one head forward over the full 49k-entry output layer costs about as much as the
 rest of a small model's step on a CPU; the V' most frequent base outputs cover nearly all of what the model says,

@@ -2,7 +2,8 @@
 
 Knows: the calling convention transformers 5 uses for a callable `custom_generate` (it prepares the generation
 config, the logits processors including the sampling warpers, and the stopping criteria, then calls us), and how
-to map that onto refdecode's decode loop. Does not know: drafting or verification details.
+to map that onto refdecode's decode loop. Does not know: drafting or verification details (the drafter and policy
+come from drafters.build_drafting, as for refdecode.generate).
 
 transformers does not forward its own `tokenizer=` and `streamer=` arguments to a callable custom_generate, so
 this one takes `ref_tokenizer=` (to tokenize text references) and `ref_streamer=` instead; for the same reason
@@ -10,17 +11,24 @@ transformers refuses `stop_strings=` here (it cannot find a tokenizer), so pass 
 Every stopping criterion transformers prepared (max length, EOS, custom ones) is applied after each committed
 token. Limits, checked with clear errors: batch size 1, no beam search, an attention_mask that is all ones or left
 padding (stripped before decoding and kept in front of the returned ids).
+
+Statistics: generate() returns token ids only, so pass `ref_stats=refdecode.GenerationStats()` and hf_generate
+fills it with the call's statistics (steps, drafted and accepted tokens, seconds, ...); nothing is written onto the
+model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
-from .decoding import _policy_kind, decode, remember_policy, stop_list, warm_policy
-from .drafting import DraftPolicy, ReferenceDrafter
-from .prophets import with_prophet
+from .decoding import GenerationStats, decode
+from .drafters import build_drafting
+from .inputs import drafter_argument
+from .policy import DraftPolicy
+from .stopping import stop_list
 from .store import ReferenceStore
 
 __all__ = ["hf_generate"]
@@ -39,25 +47,32 @@ def hf_generate(
     index=None,
     ref_tokenizer=None,
     ref_streamer=None,
+    ref_stats: GenerationStats | None = None,
     stop: Sequence[str] | None = None,
     max_draft: int = 64,
     policy: DraftPolicy | None = None,
     seed: int | None = None,
     memory=None,
     tree: bool = True,
+    drafter=None,
+    calibrate: bool = True,
+    tie_margin: float | None = None,
+    retrieve_k: int = 4,
+    rerank: int = 0,
     draft_model=None,
     **model_kwargs,
 ) -> torch.Tensor:
     """Drop-in decoding method for `model.generate(custom_generate=hf_generate, ...)`.
 
-    Extra generate() arguments it understands: references (texts, which need ref_tokenizer=, or token-id lists; a
-    single string is one reference), store (a ReferenceStore or a list of them, never copied), index (a corpus
-    index or its path; needs ref_tokenizer=), max_draft or a DraftPolicy (policy=), seed (sampling), ref_streamer
-    (e.g. a TextStreamer), stop (stop strings; needs ref_tokenizer=), memory (a refdecode.OutputMemory: past
-    outputs draft for this call and its output is recorded; bound to ref_tokenizer= when given), tree (False: one
-    voted chain per step instead of a token tree), draft_model (a model prophet beside the references, as in
-    refdecode.generate: a causal LM sharing the tokenizer, a model name, "self:int8", "self:layers=N", "self:heads",
-    "self:recycle").
+    Extra generate() arguments it understands, as refdecode.generate takes them: references (texts, which need
+    ref_tokenizer=, or token-id lists; a single string is one reference), store (a ReferenceStore or a list of
+    them, never copied), index (a corpus index or its path; needs ref_tokenizer=) with retrieve_k and rerank,
+    max_draft or a DraftPolicy (policy=), calibrate, tie_margin, seed (sampling), ref_streamer (e.g. a
+    TextStreamer), stop (stop strings; needs ref_tokenizer=), memory (a refdecode.OutputMemory: past outputs draft
+    for this call and its output is recorded), tree (False: one voted chain per step instead of a token tree),
+    drafter (a model drafter beside the references: a causal LM sharing the tokenizer, a model name, "self:int8",
+    "self:layers=N", "self:heads", "self:recycle"; or a Drafter object, alone), draft_model (drafter's deprecated
+    name), ref_stats (a refdecode.GenerationStats that is filled with this call's statistics).
     attention_mask: all ones or left padding. Returns the prompt (with its padding) followed by the new tokens, like
     generate(): [1, T + new].
     """
@@ -72,6 +87,9 @@ def hf_generate(
             f"refdecode.hf_generate decodes one sequence at a time; got input of shape "
             f"{tuple(input_ids.shape)} (batch size {input_ids.shape[0] if input_ids.dim() else 0})"
         )
+    if ref_stats is not None and not isinstance(ref_stats, GenerationStats):
+        raise ValueError(f"ref_stats must be a refdecode.GenerationStats, got {type(ref_stats).__name__}")
+    drafter, renamed = drafter_argument(drafter, draft_model)
     max_new_tokens = generation_config.max_length - input_ids.shape[1]
     padding = _left_padding(model_kwargs.get("attention_mask"), input_ids.shape[1])
     prompt_ids = input_ids[0, padding:].tolist()
@@ -86,29 +104,30 @@ def hf_generate(
         for i, text in enumerate(references):
             extra.add(text, source=f"reference-{i}")
         store = [extra, *([] if store is None else [store] if isinstance(store, ReferenceStore) else store)]
-    spans = None
-    if index is not None:
-        from .decoding import _attach_index
-
-        store, spans = _attach_index(index, tokenizer, prompt_ids, store, retrieve_k=4)
-    if memory is not None:
-        memory.bind(ref_tokenizer)  # None (token ids only): nothing to check
     sampling = bool(generation_config.do_sample)
     generator = None
     if sampling:
         generator = torch.Generator(device=model.device)
         # like transformers: without seed=, torch.manual_seed(...) before generate() reproduces the run
         generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+    drafting = build_drafting(
+        model,
+        tokenizer,
+        prompt_ids,
+        store=store,
+        index=index,
+        memory=memory,
+        drafter=drafter,
+        alone=False if renamed else None,  # draft_model= always joined the references
+        policy=policy,
+        tree=tree,
+        max_draft=max_draft,
+        retrieve_k=retrieve_k,
+        rerank=rerank,
+    )
     eos = generation_config.eos_token_id
     eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(t) for t in eos})
     # 3) decode
-    if not isinstance(tree, bool):
-        raise ValueError(f"tree must be True or False, got {tree!r:.40}")
-    reference_drafter = ReferenceDrafter(prompt_ids, store=store, spans=spans, memory=memory, tree=tree)
-    drafter = with_prophet(reference_drafter, draft_model, model, tokenizer)
-    kind = _policy_kind(drafter, tree)
-    own_policy = policy is None
-    policy = policy or warm_policy(model, max_draft, kind=kind)
     out = decode(
         model,
         tokenizer,
@@ -121,14 +140,17 @@ def hf_generate(
         stop_strings=stop_list(stop),
         stopping_criteria=stopping_criteria,
         streamer=ref_streamer,
-        drafter=drafter,
-        policy=policy,
+        drafter=drafting.drafter,
+        policy=drafting.policy,
+        calibrate=calibrate,
+        tie_margin=tie_margin,
         memory=memory,
     )
-    if own_policy:
-        remember_policy(model, policy, kind=kind)
+    drafting.remember(model)
+    if ref_stats is not None:  # the caller's object, filled in place (transformers returns the ids only)
+        for f in dataclasses.fields(GenerationStats):
+            setattr(ref_stats, f.name, getattr(out.stats, f.name))
     new = torch.tensor([out.token_ids], dtype=input_ids.dtype, device=input_ids.device)
-    model.refdecode_stats = out.stats  # the last call's statistics, for callers who want them
     return torch.cat([input_ids, new], dim=1)  # the left padding, if any, stays in front, as transformers returns it
 
 

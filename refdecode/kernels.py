@@ -37,10 +37,12 @@ __all__ = [
     "SWITCH_VARIABLE",
     "enabled",
     "forget_route",
+    "forward_tokens",
     "routable",
     "route_widths",
     "routed",
     "set_route",
+    "synchronize",
     "takes_route",
     "transformers_kernels",
 ]
@@ -138,6 +140,22 @@ def routed(model, width: int, *, force: bool | None = None) -> Iterator[bool]:
             module.__dict__.pop("forward", None)
         if set_gqa:
             os.environ.pop(FORCE_GQA_VARIABLE, None)
+
+
+def forward_tokens(model, cache, token_ids: list[int], *, route: bool | None = None) -> torch.Tensor:
+    """One forward of `token_ids` after the cached context; returns float32 logits [len(token_ids), V]. A forward of
+    several tokens takes the faster CPU kernels where the calibration chose them (`routed`; `route` forces the
+    choice, for the calibration itself)."""
+    ids = torch.tensor([token_ids], dtype=torch.long, device=model.device)
+    with routed(model, len(token_ids), force=route):
+        out = model(input_ids=ids, cache=cache, use_cache=True)
+    return out.logits[0].float()
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer read afterwards measures it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _routable_linears(model) -> list:

@@ -418,7 +418,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise _unknown(name, f"transformers could not open it offline: {str(err).splitlines()[0]}") from None
-    # what self-prophets look their trained heads up by (refdecode.prophets); setattr: mypy types attributes of an
+    # what self-drafters look their trained heads up by (refdecode.drafters); setattr: mypy types attributes of an
     # nn.Module as tensors or modules
     setattr(model, "refdecode_name", name)  # noqa: B010
     # transformers types PreTrainedModel.to through a decorator that mypy cannot see through (its `_Wrapped`)

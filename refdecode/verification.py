@@ -1,7 +1,9 @@
 """Verification: which draft tokens the target model keeps, and which token it adds after them.
 
 Knows: the greedy rule (longest prefix equal to the argmax) and the lossless sampling rule for drafts with or
-without a draft distribution, for one chain and for a token tree (walked root to leaf, one child per level).
+without a draft distribution, for one chain and for a token tree (walked root to leaf, one child per level), and
+the probability with which each draft token was accepted (what the draft policy learns from under sampling): scores
+in, verdict out (`verify_chain`, `verify_tree`, `choose_first` pick the rule for the decode loop).
 Does not know: models, caches, drafters or where the scores came from.
 
 Shapes: for a chain, `scores` and `probs` are [k + 1, V]: row i is the target's next-token scores after the context
@@ -22,10 +24,13 @@ __all__ = [
     "PositionNoise",
     "TreeVerdict",
     "Verdict",
+    "choose_first",
     "tree_accept_probs",
+    "verify_chain",
     "verify_greedy",
     "verify_point_mass",
     "verify_sampling",
+    "verify_tree",
     "verify_tree_greedy",
     "verify_tree_point_mass",
     "verify_tree_sampling",
@@ -310,3 +315,68 @@ def tree_accept_probs(probs: torch.Tensor, tree: DraftTree) -> list[float]:
             reach *= 1.0 - accept
             p = residual / total
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rule for a step: greedy (noise None), copied tokens under sampling (point masses, coupled noise), or a model
+# drafter's tokens with their distributions (min(1, p/q))
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def choose_first(scores: torch.Tensor, noise: PositionNoise | None) -> int:
+    """The model's own first token from the prefill's scores [1, V]: argmax, or the Gumbel argmax of position 0."""
+    if noise is not None:
+        scores = torch.log_softmax(scores, dim=-1) + noise.rows_for(0, 1)
+    return int(scores[0].argmax())
+
+
+def verify_chain(
+    scores: torch.Tensor,
+    tokens: Sequence[int],
+    noise: PositionNoise | None,
+    position: int,
+    generator: torch.Generator | None,
+    *,
+    draft_probs: torch.Tensor | None = None,
+    tie_margin: float = 0.0,
+) -> tuple[Verdict, list[float] | None]:
+    """scores: [k + 1, V] for output positions position .. position + k; draft_probs: [k, V] the distributions a
+    model drafter sampled the tokens from, or None (copied tokens). -> (verdict, accept_probs): under sampling, the
+    probability each draft token had of being accepted given the ones before it (for the policy); None when greedy."""
+    if noise is None:
+        return verify_greedy(scores, tokens, tie_margin=tie_margin), None
+    k = len(tokens)
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=scores.device)
+    if draft_probs is not None:  # a model drafter's distributions: min(1, p/q) rule
+        assert generator is not None
+        probs = torch.softmax(scores, dim=-1)
+        q = draft_probs[torch.arange(k), ids].clamp_min(1e-30)
+        accept_probs = (probs[torch.arange(k), ids] / q).clamp(max=1.0).tolist()
+        return verify_sampling(probs, tokens, generator, draft_probs=draft_probs), accept_probs
+    log_probs = torch.log_softmax(scores, dim=-1)
+    accept_probs = log_probs[torch.arange(k), ids].exp().tolist()
+    verdict = verify_point_mass(log_probs, tokens, noise.rows_for(position, k + 1), tie_margin=tie_margin)
+    return verdict, accept_probs
+
+
+def verify_tree(
+    scores: torch.Tensor,
+    tree: DraftTree,
+    noise: PositionNoise | None,
+    position: int,
+    generator: torch.Generator | None,
+    *,
+    tie_margin: float = 0.0,
+) -> tuple[TreeVerdict, list[float] | None]:
+    """scores [n + 1, V] -> (TreeVerdict, accept_probs): under sampling with copied tokens, each node's probability
+    of acceptance given its parent was reached (for the policy); None when greedy or when tree.q is given."""
+    if noise is None:
+        return verify_tree_greedy(scores, tree, tie_margin=tie_margin), None
+    probs = torch.softmax(scores, dim=-1)
+    if tree.q is not None:  # a model drafter's distributions: SpecInfer's multi-step rule
+        assert generator is not None
+        return verify_tree_sampling(probs, tree, generator), None
+    depth = max(tree.depths(), default=0)
+    log_probs = torch.log_softmax(scores, dim=-1)
+    verdict = verify_tree_point_mass(log_probs, tree, noise.rows_for(position, depth + 1), tie_margin=tie_margin)
+    return verdict, tree_accept_probs(probs, tree)

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from refdecode import load_model
     from refdecode.corpus import CorpusIndex
-    from refdecode.decoding import prepare_prompt
+    from refdecode.inputs import prepare_prompt
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from scipy import stats as scipy_stats
 
-from refdecode.drafting import DraftPolicy
+from refdecode.policy import DraftPolicy
 
 VOCAB = 8  # 8^3 = 512 joint outcomes of three tokens: enumerable, and few enough cells for a chi-square test
 

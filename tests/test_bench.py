@@ -11,7 +11,7 @@ from refdecode.bench import cli, report, runner
 from refdecode.bench.runner import BenchConfig, OracleDrafter
 from refdecode.bench.suffix import suffix_available
 from refdecode.bench.workloads import Request
-from refdecode.drafting import ForwardCostModel
+from refdecode.policy import ForwardCostModel
 
 
 class WordTokenizer:
@@ -284,7 +284,7 @@ def test_tokens_per_step_tree_sizes_and_the_oracles_gain_per_method():
     assert report.comparisons_table({"rag": block})[2] == "| rag | 1.33x, 1.25x |"
 
 
-def test_prophet_rows_run_alone_and_with_references_and_reach_the_report(tiny_llama, tmp_path):
+def test_model_drafter_rows_run_alone_and_with_references_and_reach_the_report(tiny_llama, tmp_path):
     """--prophets X adds prophet:X (the model alone) and refdecode+X (in the references' tree): both greedy, both
     checked against greedy token for token, both set against greedy, prompt lookup and the references alone."""
     tok = WordTokenizer()
@@ -302,23 +302,23 @@ def test_prophet_rows_run_alone_and_with_references_and_reach_the_report(tiny_ll
         assert {f"{m}/greedy", f"{m}/pld", f"{m}/refdecode"} <= set(block["ratios"])
         assert block["methods"][m]["mismatches"] == 0 and block["methods"][m]["draft_ms_per_step"] is not None
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "Model prophets" in table and "| code-edit-ref | refdecode+self:layers=1 |" in table
+    assert "Model drafters" in table and "| code-edit-ref | refdecode+self:layers=1 |" in table
 
 
 def test_recycle_rows_keep_one_table_per_method_over_the_timed_requests(tiny_llama, monkeypatch):
     """self:recycle learns across calls. The benchmark gives each recycle row a table of its own, grown over the
     timed requests in order; the warm-up drafts from a table it throws away, so no request drafts from an earlier
     run of itself (the same prompt, by the warm-up or by another method)."""
-    import refdecode.prophets
+    import refdecode.drafters
 
-    seen: list = []  # (method's prophet, table, rows recorded in it before the run)
-    real_init = refdecode.prophets.RecycleDrafter.__init__
+    seen: list = []  # (method's model drafter table, rows recorded in it before the run)
+    real_init = refdecode.drafters.RecycleDrafter.__init__
 
     def spy(self, table=None, **kwargs):
         real_init(self, table, **kwargs)
         seen.append((self.table, self.table.rows))
 
-    monkeypatch.setattr(refdecode.prophets.RecycleDrafter, "__init__", spy)
+    monkeypatch.setattr(refdecode.drafters.RecycleDrafter, "__init__", spy)
     tok = WordTokenizer()
     reqs = runner.prepare_requests(["code-edit-ref"], 2, 0, tok, loader=fake_loader)
     config = small_config(n=2, methods=("refdecode",), prophets=("self:recycle",))
@@ -335,7 +335,7 @@ def test_recycle_rows_keep_one_table_per_method_over_the_timed_requests(tiny_lla
     assert alone_2[1] > 0 and refs_2[1] > 0  # and the second request drafts from what the first recorded
 
 
-def test_unknown_prophets_are_refused_up_front():
+def test_unknown_model_drafters_are_refused_up_front():
     with pytest.raises(ValueError, match="self:int8, self:layers=N, self:heads"):
         small_config(prophets=("self:int4",))
 

@@ -10,7 +10,8 @@ import torch
 import refdecode
 from refdecode.bench import runner
 from refdecode.bench.suffix import SuffixDrafter, require_suffix, suffix_available, to_draft_tree
-from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel
+from refdecode.drafters import Draft
+from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.tree import ROOT, DraftTree
 
 needs_arctic = pytest.mark.skipif(

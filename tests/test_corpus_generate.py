@@ -6,7 +6,7 @@ import torch
 import refdecode
 from refdecode.corpus import CorpusIndex, build_index
 from refdecode.corpus.testing import WordTokenizer
-from refdecode.drafting import DraftPolicy, ForwardCostModel
+from refdecode.policy import DraftPolicy, ForwardCostModel
 
 
 def words_for(tokenizer, ids):

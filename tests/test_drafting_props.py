@@ -12,7 +12,8 @@ from stats_helpers import IdTokenizer, tiny_llama  # noqa: E402
 
 import refdecode  # noqa: E402
 from refdecode.corpus.spans import MAX_CONTINUATION, SpanIndex  # noqa: E402
-from refdecode.drafting import MAX_DRAFT_TOKENS, DraftPolicy, ForwardCostModel, ReferenceDrafter  # noqa: E402
+from refdecode.drafters import MAX_DRAFT_TOKENS, ReferenceDrafter  # noqa: E402
+from refdecode.policy import DraftPolicy, ForwardCostModel  # noqa: E402
 from refdecode.store import ReferenceStore  # noqa: E402
 
 VOCAB = 6  # few tokens: long repeats, many equal matches that vote

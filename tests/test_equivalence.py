@@ -7,8 +7,9 @@ import torch
 from stats_helpers import AlwaysDraft, IdTokenizer
 
 import refdecode
-from refdecode.decoding import _eos_ids, decode
-from refdecode.drafting import ReferenceDrafter
+from refdecode.decoding import decode
+from refdecode.drafters import ReferenceDrafter
+from refdecode.inputs import eos_token_ids
 from refdecode.store import ReferenceStore
 
 
@@ -90,7 +91,7 @@ def test_forced_long_drafts_stay_exact(tiny_llama):
         sampling=False,
         generator=None,
         max_new_tokens=60,
-        eos_ids=_eos_ids(tiny_llama, None),
+        eos_ids=eos_token_ids(tiny_llama, None),
         stop_strings=[],
         streamer=None,
         drafter=drafter,

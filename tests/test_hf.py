@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
 
 import refdecode
-from refdecode.drafting import DraftPolicy, ForwardCostModel
+from refdecode.policy import DraftPolicy, ForwardCostModel
 
 
 def flat_costs():
@@ -52,9 +52,12 @@ def test_custom_generate_equals_plain_generate(model_with_vocab, tokenizer):
         references=["unrelated text " + continuation],
         ref_tokenizer=tokenizer,
         policy=flat_costs(),
+        ref_stats=(stats := refdecode.GenerationStats()),
     )
     assert torch.equal(ours, plain)
-    assert model_with_vocab.refdecode_stats.accepted_tokens > 0
+    assert stats.accepted_tokens > 0
+    assert stats.steps > 0 and stats.new_tokens == 40 and len(stats.draft_lengths) == stats.steps
+    assert not hasattr(model_with_vocab, "refdecode_stats")  # nothing is written onto the caller's model
 
 
 def test_stop_strings_match_transformers(model_with_vocab, tokenizer):
@@ -210,12 +213,51 @@ def test_memory_records_and_drafts_a_repeated_call(model_with_vocab, tokenizer):
             ref_tokenizer=tokenizer,
             memory=memory,
             policy=flat_costs(),
+            ref_stats=(stats := refdecode.GenerationStats()),
         )
         assert torch.equal(ours, plain)
-        runs.append(model_with_vocab.refdecode_stats)
+        runs.append(stats)
     assert len(memory) == 2 and memory.outputs()[0] == plain[0, x.shape[1] :].tolist()
     assert runs[1].accepted_tokens > runs[0].accepted_tokens and runs[1].steps < runs[0].steps
     with pytest.raises(ValueError, match="another tokenizer"):  # bound to ref_tokenizer: ids of another refused
         model_with_vocab.generate(
             x, max_new_tokens=3, custom_generate=refdecode.hf_generate, ref_tokenizer=WordTokenizer(), memory=memory
         )
+
+
+def test_hf_generate_takes_every_option_generate_takes():
+    """One setup path: every refdecode option of generate() reaches hf_generate too; transformers' own arguments
+    (its generation config, logits processors, streamer) stand for the rest."""
+    import inspect
+
+    ours = set(inspect.signature(refdecode.hf_generate).parameters)
+    theirs = set(inspect.signature(refdecode.generate).parameters)
+    native = {"model", "tokenizer", "prompt", "max_new_tokens", "temperature", "top_k", "top_p"}
+    native |= {"repetition_penalty", "generator", "logits_processor", "eos_token_id", "chat", "streamer"}
+    assert theirs - native <= ours, theirs - native - ours
+
+
+def test_hf_generate_passes_calibrate_and_fills_only_the_callers_stats(model_with_vocab, tokenizer, monkeypatch):
+    import refdecode.decoding
+
+    calls = []
+    monkeypatch.setattr(refdecode.decoding, "calibrate_costs", lambda *a, **k: calls.append(1) or {1: 1.0, 64: 1.0})
+    x = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
+    plain = model_with_vocab.generate(x, max_new_tokens=12, do_sample=False)
+    for calibrate in (False, True):
+        stats = refdecode.GenerationStats()
+        ours = model_with_vocab.generate(
+            x,
+            max_new_tokens=12,
+            do_sample=False,
+            custom_generate=refdecode.hf_generate,
+            calibrate=calibrate,
+            tie_margin=1e-3,
+            retrieve_k=2,
+            rerank=0,
+            ref_stats=stats,
+        )
+        assert torch.equal(ours, plain) and stats.new_tokens == 12
+    assert calls == [1]  # only the call with calibrate=True calibrated
+    with pytest.raises(ValueError, match="ref_stats must be a refdecode.GenerationStats"):
+        model_with_vocab.generate(x, max_new_tokens=2, custom_generate=refdecode.hf_generate, ref_stats={})

@@ -9,7 +9,7 @@ import torch
 from stats_helpers import IdTokenizer, tiny_llama
 
 import refdecode
-from refdecode.decoding import _StopChecker
+from refdecode.stopping import StopChecker
 
 VOCAB = 96
 
@@ -63,7 +63,7 @@ def test_numpy_and_tensor_ids_of_any_integer_type_work(model):
 
 
 def test_vocabulary_size_falls_back_to_the_output_embedding(model):
-    from refdecode.decoding import vocab_size
+    from refdecode.inputs import vocab_size
 
     class NoConfigSize(torch.nn.Module):
         config = type("Config", (), {})()
@@ -184,7 +184,7 @@ def test_stop_check_decodes_a_bounded_window_per_token(tokenizer):
             return tokenizer.decode(ids, **kwargs)
 
     output = tokenizer.encode("😀 漢字 text " * 200)  # ~1600 tokens mixing 3-token emoji, CJK and words
-    checker = _StopChecker(Counting(), set(), ["never appears here"], None, [])
+    checker = StopChecker(Counting(), set(), ["never appears here"], None, [])
     assert checker.first_stop(output, 0) is None
     assert max(decoded) <= checker.max_width + 1 < 200
 

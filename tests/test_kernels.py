@@ -11,7 +11,8 @@ from transformers import DynamicCache
 
 import refdecode
 from refdecode import kernels
-from refdecode.decoding import _forward, calibrate_costs
+from refdecode.kernels import forward_tokens
+from refdecode.policy import calibrate_costs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,13 +48,13 @@ def test_routed_forward_matches_transformers_kernels(model, width):
     cache = prefilled(model)
     tokens = list(range(5, 5 + width))
     with torch.no_grad():
-        plain = _forward(model, cache, tokens, model.device, route=False)
+        plain = forward_tokens(model, cache, tokens, route=False)
         cache.crop(-width)
         with kernels.routed(model, width, force=True) as used:
             assert used
             assert all("forward" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
             assert os.environ.get(kernels.FORCE_GQA_VARIABLE) == "1"
-        fast = _forward(model, cache, tokens, model.device, route=True)
+        fast = forward_tokens(model, cache, tokens, route=True)
     assert fast.shape == plain.shape == (width, model.config.vocab_size)
     assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-4)
     assert not torch.equal(fast, torch.zeros_like(fast))
@@ -107,7 +108,7 @@ def test_a_replaced_forward_is_left_alone(model):
     try:
         cache = prefilled(model)
         with torch.no_grad():
-            _forward(model, cache, [5, 6, 7], model.device, route=True)
+            forward_tokens(model, cache, [5, 6, 7], route=True)
         assert calls and calls[-1][-2] == 3, "the user's forward ran"
         assert head.__dict__["forward"] is hooked
     finally:
@@ -134,17 +135,17 @@ def test_switch_variable(model, monkeypatch):
 def test_calibration_chooses_per_width_and_prices_the_faster(model, monkeypatch):
     """The cost of a width is the faster of its two timings, and the route follows: here the routed trial is made
     to look slow at 8 tokens and up."""
-    import refdecode.decoding as decoding
+    import refdecode.policy as policy
 
-    real = decoding._forward
+    real = policy.forward_tokens
 
-    def timed(model_, cache, tokens, device, *, route=None):
+    def timed(model_, cache, tokens, *, route=None):
         if route and len(tokens) >= 8:  # a little real work: routed looks slower at these widths
             for _ in range(20):
                 torch.ones(300, 300) @ torch.ones(300, 300)
-        return real(model_, cache, tokens, device, route=route)
+        return real(model_, cache, tokens, route=route)
 
-    monkeypatch.setattr(decoding, "_forward", timed)
+    monkeypatch.setattr(policy, "forward_tokens", timed)
     cache = prefilled(model)
     length = cache.get_seq_length()
     table = calibrate_costs(model, cache, 5, rounds=2)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from refdecode.drafting import ReferenceDrafter
+from refdecode.drafters import ReferenceDrafter
 from refdecode.matching import SuffixIndex, brute_force_longest_suffix
 
 

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refdecode.drafting import _MATCH_BUCKETS, AcceptanceModel, Draft, DraftPolicy, ForwardCostModel
+from refdecode.drafters import Draft
+from refdecode.policy import MATCH_BUCKETS, AcceptanceModel, DraftPolicy, ForwardCostModel
 
 CPU_LIKE = {1: 0.090, 2: 0.095, 4: 0.110, 8: 0.160, 16: 0.200, 32: 0.260, 64: 0.420}
 
@@ -51,7 +52,7 @@ def brute_rate(model: AcceptanceModel, match_len: int) -> float:
     bucket up to match_len's (non-decreasing in match length)."""
     w = model.prior_weight
     pooled = (sum(model.successes) + model.prior * w) / (sum(model.trials) + w)
-    last = max(b for b, lo in enumerate(_MATCH_BUCKETS) if lo <= max(1, match_len))
+    last = max(b for b, lo in enumerate(MATCH_BUCKETS) if lo <= max(1, match_len))
     return max((model.successes[b] + pooled * w) / (model.trials[b] + w) for b in range(last + 1))
 
 
@@ -61,7 +62,7 @@ _trial = st.tuples(st.integers(0, 80), st.floats(0, 1), st.floats(0, 1))
 @settings(max_examples=60, deadline=None)
 @given(
     steps=st.lists(st.lists(_trial, max_size=5), max_size=8),
-    edit=st.one_of(st.none(), st.tuples(st.integers(0, len(_MATCH_BUCKETS) - 1), st.floats(0, 5))),
+    edit=st.one_of(st.none(), st.tuples(st.integers(0, len(MATCH_BUCKETS) - 1), st.floats(0, 5))),
 )
 def test_cached_rates_equal_the_definition_after_any_evidence(steps, edit):
     # rates are cached between changes of evidence: every change (an update, or a caller editing the lists) shows

@@ -26,7 +26,8 @@ from stats_helpers import (
 
 import refdecode
 from refdecode.decoding import decode
-from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel
+from refdecode.drafters import Draft
+from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.sampling import SamplingConfig, build_processors
 from refdecode.store import ReferenceStore
 from refdecode.verification import Verdict, verify_sampling
@@ -191,7 +192,7 @@ WRONG_RULE_RNG = torch.Generator().manual_seed(1234)
 def test_the_statistic_rejects_a_wrong_rule(model, monkeypatch):
     """The same goodness-of-fit test, on fewer runs, fails REST's re-sampling rule: the test has teeth."""
     tables, references, _, _ = setting_case(model, "temperature")
-    monkeypatch.setattr(refdecode.decoding, "verify_point_mass", resample_from_full_p_coupled)
+    monkeypatch.setattr(refdecode.verification, "verify_point_mass", resample_from_full_p_coupled)
     samples, totals = refdecode_samples(model, "temperature", store_of(references), 500, first_seed=10**6, tree=False)
     assert totals.drafted > totals.accepted > 0
     probability = joint_probabilities(tables)
@@ -310,7 +311,7 @@ def test_transformers_sampling_agrees(model, setting):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def hf_sample(model, store, seed, max_new=MAX_NEW):
+def hf_sample(model, store, seed, max_new=MAX_NEW, stats=None):
     out = model.generate(
         torch.tensor([PROMPT]),
         custom_generate=refdecode.hf_generate,
@@ -320,6 +321,7 @@ def hf_sample(model, store, seed, max_new=MAX_NEW):
         max_new_tokens=max_new,
         store=store,
         seed=seed,
+        ref_stats=stats,
     )
     return out[0, len(PROMPT) :].tolist()
 
@@ -334,9 +336,10 @@ def test_hf_generate_sampling_fits_and_repeats(model, monkeypatch):
     assert len(first) == 40 and hf_sample(model, store, 5, max_new=40) == first
     samples, drafted, accepted = [], 0, 0
     for seed in range(400):
-        samples.append(tuple(hf_sample(model, store, seed)[:3]))
-        drafted += model.refdecode_stats.drafted_tokens
-        accepted += model.refdecode_stats.accepted_tokens
+        stats = refdecode.GenerationStats()
+        samples.append(tuple(hf_sample(model, store, seed, stats=stats)[:3]))
+        drafted += stats.drafted_tokens
+        accepted += stats.accepted_tokens
     assert drafted > accepted > 0
     probability = joint_probabilities(tables)
     assert_support(samples, probability)

@@ -12,7 +12,8 @@ from stats_helpers import IdTokenizer, tiny_llama
 
 import refdecode
 import refdecode.store as store_module
-from refdecode.drafting import DraftPolicy, ForwardCostModel, ReferenceDrafter
+from refdecode.drafters import ReferenceDrafter
+from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.store import ReferenceStore
 
 
@@ -148,7 +149,7 @@ def test_drafting_from_several_stores_copies_nothing(monkeypatch):
 
 def test_attach_index_keeps_the_callers_store(monkeypatch):
     from refdecode.corpus import CorpusIndex, Passage
-    from refdecode.decoding import _attach_index
+    from refdecode.drafters import attach_index
 
     monkeypatch.setattr(ReferenceStore, "copy", lambda self: pytest.fail("a store was copied"))
     index = object.__new__(CorpusIndex)  # retrieval only: two fixed passages
@@ -156,7 +157,7 @@ def test_attach_index_keeps_the_callers_store(monkeypatch):
     index.check_tokenizer = lambda tokenizer: None  # a stand-in index has no manifest to check against
     store = ReferenceStore(IdTokenizer(50))
     store.add([1, 2, 3])
-    stores, spans = _attach_index(index, IdTokenizer(50), [1, 2], store, retrieve_k=1)
+    stores, spans = attach_index(index, IdTokenizer(50), [1, 2], store, retrieve_k=1)
     assert spans is index and stores[1] is store and len(store) == 1
     assert stores[0].tokens(0) == [5, 6, 7] and stores[0].source_of(0) == "src#7"
 
@@ -168,10 +169,12 @@ def _flat_policy():
 
 
 def test_hf_generate_takes_a_plain_string_as_one_reference(monkeypatch):
+    import refdecode.drafters.build as build_module  # where hf_generate's drafter is built (build_drafting)
+
     seen = {}
-    real = refdecode.hf.ReferenceDrafter
+    real = build_module.ReferenceDrafter
     monkeypatch.setattr(
-        refdecode.hf,
+        build_module,
         "ReferenceDrafter",
         lambda prompt, store=None, spans=None, **kw: seen.setdefault("d", real(prompt, store=store, **kw)),
     )
@@ -196,7 +199,7 @@ def test_one_character_references_do_not_end_the_process():
     code = (
         "import sys, torch, refdecode\n"
         "sys.path.insert(0, 'tests')\n"
-        "from refdecode.drafting import DraftPolicy, ForwardCostModel\n"
+        "from refdecode.policy import DraftPolicy, ForwardCostModel\n"
         "from stats_helpers import IdTokenizer, tiny_llama\n"
         "model = tiny_llama(vocab_size=50, seed=0)\n"
         "for refs in ('7', ['7', '8'], [[7], [8]]):\n"

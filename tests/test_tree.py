@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refdecode.drafting import Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
+import refdecode
+from refdecode.drafters import Draft, ReferenceDrafter
+from refdecode.policy import DraftPolicy, ForwardCostModel
 from refdecode.tree import ROOT, Candidate, DraftTree, build_tree, sibling_ranks
 
 CPU_LIKE = {1: 0.090, 2: 0.095, 4: 0.110, 8: 0.160, 16: 0.200, 32: 0.260, 64: 0.420}
@@ -278,7 +280,7 @@ def test_a_policy_inherits_rates_at_lower_weight():
 
 
 def test_default_policies_warm_start_per_model_and_kind():
-    from refdecode.decoding import remember_policy, warm_policy
+    from refdecode.policy import remember_policy, warm_policy
 
     class Model:  # any weak-referenceable object stands for a model
         pass
@@ -316,3 +318,13 @@ def test_branching_trees_with_logits_processors_equal_transformers(tiny_model, p
     )
     assert out.token_ids == expected
     assert out.stats.tree_steps > 0
+
+
+def test_tree_sizes_is_a_deprecated_alias_of_draft_lengths():
+    """One list of draft tokens (tree nodes) verified per step: draft_lengths; tree_sizes reads it with a warning."""
+    stats = refdecode.GenerationStats(draft_lengths=[3, 1])
+    with pytest.warns(DeprecationWarning, match="draft_lengths"):
+        assert stats.tree_sizes == [3, 1]
+    assert stats.as_dict()["mean_tree_size"] == 2.0 and stats.as_dict()["max_tree_size"] == 3
+    with pytest.raises(AttributeError):
+        stats.tree_sizes = [1]  # type: ignore[misc]

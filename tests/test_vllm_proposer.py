@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from stats_helpers import IdTokenizer
 
-from refdecode.drafting import AcceptanceModel
+from refdecode.policy import AcceptanceModel
 from refdecode.vllm import BatchDrafter, Proposer, plugin
 from refdecode.vllm.proposer import BatchCosts, ProposerOptions
 

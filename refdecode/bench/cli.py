@@ -64,12 +64,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "chain and tree mode) need arctic-inference: `make suffix-setup`",
     )
     parser.add_argument(
+        "--drafters",
         "--prophets",
+        dest="prophets",
         nargs="+",
         metavar="SPEC",
         default=[],
-        help="model prophets to add rows for, each alone (prophet:SPEC) and with the references (refdecode+SPEC): "
-        "self:heads, self:int8, self:layers=N, self:recycle, or a draft model name sharing the tokenizer",
+        help="model drafters to add rows for, each alone (prophet:SPEC, the rows' saved name) and with the "
+        "references (refdecode+SPEC): self:heads, self:int8, self:layers=N, self:recycle, or a draft model name "
+        "sharing the tokenizer; --prophets is the same option under its older name",
     )
     parser.add_argument(
         "--sampling",

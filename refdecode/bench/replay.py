@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from refdecode import Draft, DraftPolicy, DraftTree, ReferenceDrafter, ReferenceStore
-from refdecode.drafting import ForwardCostModel
+from refdecode.policy import ForwardCostModel
 from refdecode.tree import ROOT
 from refdecode.vllm.proposer import common_prefix
 
@@ -383,7 +383,7 @@ def replay_bound(
 ) -> tuple[int, int]:
     """(tokens committed after the first, steps) of one request (bound's outputs format) and one of BOUND_METHODS,
     every draft verified for free."""
-    from refdecode.prophets import RecycleDrafter, SuccessorTable, merge_trees
+    from refdecode.drafters import RecycleDrafter, SuccessorTable, merge_trees
 
     prompt, output = request["prompt"], request["output"]
     references = [ids for _, ids in request["references"]]

@@ -138,7 +138,7 @@ def _step_fraction(per_step: float | None, oracle_per_step: float | None) -> flo
     return (per_step - 1) / (oracle_per_step - 1)
 
 
-PROPHET_BASES = ("greedy", "pld", "refdecode")  # what each model-prophet row is set against
+PROPHET_BASES = ("greedy", "pld", "refdecode")  # what each model-drafter row is set against
 
 
 def summarize_group(records: list[dict], methods: list[str]) -> dict:
@@ -336,8 +336,8 @@ def sampling_table(groups: dict[str, dict]) -> list[str]:
     return lines
 
 
-def prophets_table(groups: dict[str, dict]) -> list[str]:
-    """One row per workload and model-prophet method (alone, or with the references): speed against greedy,
+def model_drafters_table(groups: dict[str, dict]) -> list[str]:
+    """One row per workload and model-drafter method (alone, or with the references): speed against greedy,
     prompt lookup and the references alone, tokens per step, acceptance and what drafting cost."""
     lines = [
         "| workload | method | tok/s | / greedy | / prompt lookup | / references alone | tokens per step "
@@ -392,11 +392,11 @@ def format_report(results: dict, summary: dict) -> str:
     if comparisons:
         out += ["", "Head to head, in one run (ratios of decoding throughput and of tokens per step):", ""]
         out += comparisons
-    prophets = prophets_table(groups)
+    prophets = model_drafters_table(groups)
     if prophets:
         out += [
             "",
-            "Model prophets (refdecode.prophets): prophet:X drafts with X alone, refdecode+X puts X's drafts in the "
+            "Model drafters (refdecode.drafters): prophet:X drafts with X alone, refdecode+X puts X's drafts in the "
             "references' tree; draft acceptance = accepted / verified draft tokens (tree nodes included); draft ms "
             "per step = time in the drafter (model forwards, matching) per verification step:",
             "",

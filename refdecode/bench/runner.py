@@ -24,10 +24,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from refdecode.drafting import Draft
+from refdecode.drafters import Draft
 
 __all__ = [
     "METHODS",
@@ -68,9 +69,11 @@ DEFAULT_WORKLOADS = ("code-edit", "code-edit-ref", "rag", "summarize", "chat", "
 PLD_TOKENS = 10  # transformers' prompt_lookup_num_tokens, the value its docs suggest
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.7, 0.9
 REQUESTS_FORMAT = "refdecode-bench-requests/1"
-PROPHET_ALONE = "prophet:"  # + a draft model spec: the model prophet drafting alone (no references)
-WITH_REFERENCES = "refdecode+"  # + a draft model spec: refdecode's references and the prophet in one tree
-RECYCLE = "self:recycle"  # the prophet that learns across calls (its table is kept per method, see run_refdecode)
+# + a drafter spec: the model drafter drafting alone (no references); the method name keeps its first spelling,
+# which the saved results and their reports use
+PROPHET_ALONE = "prophet:"
+WITH_REFERENCES = "refdecode+"  # + a drafter spec: refdecode's references and the model drafter in one tree
+RECYCLE = "self:recycle"  # the model drafter that learns across calls (its table is kept per method, see run_refdecode)
 
 
 def is_checked(method: str) -> bool:
@@ -98,7 +101,7 @@ class BenchConfig:
     requests_file: str | None = None
     quick: bool = False
     index: str | None = None  # a corpus index: rag-index prompts retrieve from it, and refdecode drafts from it
-    prophets: tuple[str, ...] = ()  # model prophets (refdecode.prophets): each adds a row alone and one with references
+    prophets: tuple[str, ...] = ()  # model drafters (refdecode.drafters): each adds a row alone and one with references
 
     def __post_init__(self):
         from refdecode.bench.workloads import WORKLOADS
@@ -130,11 +133,11 @@ class BenchConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        from refdecode.prophets import check_prophet_spec
+        from refdecode.drafters import check_drafter_spec
 
         self.prophets = tuple(self.prophets)
         for spec in self.prophets:
-            check_prophet_spec(spec)
+            check_drafter_spec(spec)
 
     @property
     def all_methods(self) -> tuple[str, ...]:
@@ -373,23 +376,24 @@ def run_refdecode(
     methods), with SuffixDecoding's drafter over the same references, or with the oracle drafter. The corpus index
     (if any) is refdecode's own source: the suffix and oracle methods do not see it.
 
-    learned: method -> what a prophet learns across calls (self:recycle's successor table), kept by the caller
+    learned: method -> what a model drafter learns across calls (self:recycle's successor table), kept by the caller
     over the timed requests, so each method's table grows over earlier, other prompts as on a server and never
     holds a run of the same prompt by another method; None (the warm-up): a fresh table, thrown away."""
-    from refdecode import generate, kernels
+    from refdecode import build_drafting, generate, kernels
 
     kwargs: dict = {}
     suffix = None
-    prophet = None
+    model_drafter: Any = None  # a ModelDrafterBase
+    joined: dict | None = None  # build_drafting's arguments when a model drafter joins the references
     if method.startswith((WITH_REFERENCES, PROPHET_ALONE)):
-        from refdecode.prophets import RecycleDrafter, SuccessorTable, build_prophet
+        from refdecode.drafters import RecycleDrafter, SuccessorTable, build_model_drafter
 
         spec = method[len(PROPHET_ALONE) :] if method.startswith(PROPHET_ALONE) else method[len(WITH_REFERENCES) :]
         if spec == RECYCLE:  # its table learns across calls: one per method, never shared between methods
             table = SuccessorTable() if learned is None else learned.setdefault(method, SuccessorTable())
-            prophet = RecycleDrafter(table)
+            model_drafter = RecycleDrafter(table)
         else:
-            prophet = build_prophet(spec, model, tokenizer)
+            model_drafter = build_model_drafter(spec, model, tokenizer)
     if method in REFDECODE_METHODS:
         kwargs.update(store=_store(tokenizer, request), tree="-chain" not in method)
         if method.endswith("-sample"):
@@ -403,11 +407,9 @@ def run_refdecode(
         suffix = SuffixDrafter(request.prompt_ids, references=references, tree=method == "suffix-tree")
         kwargs.update(drafter=suffix)  # and generate's default DraftPolicy, as for refdecode
     elif method.startswith(WITH_REFERENCES):
-        kwargs.update(store=_store(tokenizer, request), draft_model=prophet)
-        if index is not None:
-            kwargs.update(index=index)
+        joined = dict(store=_store(tokenizer, request), index=index, drafter=model_drafter, alone=False)
     elif method.startswith(PROPHET_ALONE):
-        kwargs.update(drafter=prophet)
+        kwargs.update(drafter=model_drafter)
     elif method == "oracle":
         if greedy_ids is None:
             raise ValueError("the oracle needs the greedy output of the same prompt")
@@ -418,7 +420,13 @@ def run_refdecode(
     t0 = time.perf_counter()
     try:
         with kernels.transformers_kernels(method == "refdecode-hf-kernels"):
+            drafting = None
+            if joined is not None:  # a drafter object of its own (a per-method table) beside the references
+                drafting = build_drafting(model, tokenizer, request.prompt_ids, **joined)
+                kwargs.update(drafter=drafting.drafter, policy=drafting.policy)
             out = generate(model, tokenizer, request.prompt_ids, max_new_tokens=max_new_tokens, **kwargs)
+            if drafting is not None:
+                drafting.remember(model)
     finally:
         if suffix is not None:
             suffix.close()
@@ -434,8 +442,9 @@ def run_refdecode(
         draft_seconds=getattr(s, "draft_seconds", 0.0),
     )
     # the tree statistics, from a refdecode that keeps them: nodes verified per step, accepted tokens per source
-    if getattr(s, "tree_sizes", None) is not None:
-        record["tree_sizes"] = list(s.tree_sizes)
+    # (saved under its former name "tree_sizes": the report reads results written before)
+    if getattr(s, "draft_lengths", None) is not None:
+        record["tree_sizes"] = list(s.draft_lengths)
     if getattr(s, "accepted_sources", None) is not None:
         record["accepted_sources"] = dict(s.accepted_sources)
     return record
@@ -657,7 +666,7 @@ def run_benchmark(
 
     # 4) measure: every method on a prompt before the next prompt
     records = []
-    learned: dict = {}  # method -> its prophet's table, grown over the earlier timed requests (run_refdecode)
+    learned: dict = {}  # method -> its model drafter's table, grown over the earlier timed requests (run_refdecode)
     for i, request in enumerate(requests):
         greedy_ids = None
         line = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Hashable, Sequence
 
-from refdecode.drafting import Draft
+from refdecode.drafters import Draft
 from refdecode.tree import ROOT, DraftTree
 
 __all__ = ["SOURCE", "SuffixDrafter", "suffix_available", "require_suffix"]

@@ -2,9 +2,10 @@
 
 Knows: vLLM's proposer contract as plain data (a batch of rows, each a request's prompt + output so far in
 `token_ids_cpu[row, :num_tokens_no_spec[row]]`, one draft list out per row, at most K tokens each); which request a
-row belongs to and its `extra_args`, as bound by the plugin before each call; one ReferenceDrafter and one
-DraftPolicy per request, with the request's own references in a ReferenceStore of its own; the engine's corpus
-index; the step time of the whole batch, which prices a draft token for every row of it.
+row belongs to and its `extra_args`, as bound by the plugin before each call; one reference drafter and one
+DraftPolicy per request (set up by drafters.build_drafting, as for generate), with the request's own references in
+a ReferenceStore of its own; the engine's corpus index; the step time of the whole batch, which prices a draft
+token for every row of it.
 Does not know: vLLM itself (nothing here imports it; the plugin binds rows to requests), models, KV caches or
 acceptance rules (vLLM verifies the drafts and keeps the longest accepted prefix).
 """
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ..drafting import AcceptanceModel, Draft, DraftPolicy, ForwardCostModel, ReferenceDrafter
+from ..drafters import Draft, Drafter, build_drafting
 from ..memory import OutputMemory
+from ..policy import AcceptanceModel, DraftPolicy, ForwardCostModel
 from ..store import ReferenceStore
 
 __all__ = ["BatchDrafter", "ProposerOptions", "BatchCosts"]
@@ -131,7 +133,7 @@ class _RowCosts:
 class _Session:
     """One request's drafting state: its drafter, its policy, and the last draft it returned."""
 
-    drafter: ReferenceDrafter
+    drafter: Drafter
     policy: DraftPolicy
     seen: int  # tokens of the request's context the drafter has observed
     tail: list[int]  # the last _CHECK_TAIL of them
@@ -300,13 +302,24 @@ class BatchDrafter:
     def _new_session(self, req_id: str, context: np.ndarray, extra_args: Mapping | None) -> _Session:
         tokens = context.tolist()
         store = self._reference_store(req_id, extra_args)
-        drafter = ReferenceDrafter(
-            tokens, store=store, spans=self.spans, memory=self.memory, max_ngram=self.options.max_ngram
-        )
         policy = DraftPolicy(
             max_draft=self.k, explore_every=self.options.explore_every, acceptance=copy.deepcopy(self.acceptance)
         )
-        return _Session(drafter, policy, len(tokens), tokens[-_CHECK_TAIL:], store=store, output=tokens[-1:])
+        # vLLM verifies chains: the references draft one voted chain per step (tree=False); no model of ours runs
+        drafting = build_drafting(
+            None,
+            None,
+            tokens,
+            store=store,
+            spans=self.spans,
+            memory=self.memory,
+            policy=policy,
+            tree=False,
+            max_ngram=self.options.max_ngram,
+        )
+        return _Session(
+            drafting.drafter, drafting.policy, len(tokens), tokens[-_CHECK_TAIL:], store=store, output=tokens[-1:]
+        )
 
     def _reference_store(self, req_id: str, extra_args: Mapping | None) -> ReferenceStore | None:
         """The request's own references (extra_args["references"]: a text or a list of texts); None without any.

@@ -1,252 +1,40 @@
-"""Drafting: propose the next tokens by copying from references, and decide how many of them are worth verifying.
+"""The draft policy: how many draft tokens (or which tree nodes) are worth verifying at each step.
 
-Knows: the Drafter extension point (propose / observe), the reference drafter that follows copied spans across
-steps, and the draft-length policy (predicted acceptance per match length x measured cost of a wider forward).
-Does not know: models, caches, logits or acceptance rules; it only sees token ids and timings.
+Knows: predicted acceptance per evidence bucket (match length, or a model drafter's confidence), learned online
+with forgetting, per draft source; the measured cost of a forward by width (calibrated once per model, refined every
+step); the choice that maximises expected tokens per second of verification, for a chain and for a tree; and the
+registry that warm-starts a call's policy from the last call on the same model. Does not know: how drafts are
+found (drafters/), acceptance rules (verification.py) or the decode loop (decoding.py); it sees drafts' tokens,
+sources and evidence, verified outcomes and timings.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import Counter
+import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-import torch
+from .kernels import forward_tokens, routable, set_route, synchronize
+from .tree import DraftTree, sibling_ranks
 
-from .matching import SuffixIndex, SuffixSource
-from .tree import Candidate, DraftTree, build_tree, sibling_ranks
+if TYPE_CHECKING:
+    from .drafters.base import Draft
 
 __all__ = [
-    "Draft",
-    "Drafter",
-    "ReferenceDrafter",
+    "MATCH_BUCKETS",
     "AcceptanceModel",
-    "ForwardCostModel",
     "DraftPolicy",
+    "ForwardCostModel",
+    "calibrate_costs",
+    "policy_kind",
+    "remember_policy",
+    "warm_policy",
 ]
 
-
-@dataclass
-class Draft:
-    """Tokens proposed to follow the context.
-
-    tokens: the chain of draft tokens.
-    match_len: evidence behind it (tokens of context matched at the source; grows while a copied span is followed).
-    source: where the tokens were copied from, for stats and debugging.
-    probs: optional [len(tokens), V] distributions the tokens were sampled from (a model drafter); None = point
-        masses (copied text). Sampling verification uses them in the min(1, p/q) rule.
-    """
-
-    tokens: list[int]
-    match_len: int = 0
-    source: str = ""
-    probs: torch.Tensor | None = None
-
-    def truncated(self, length: int) -> Draft:
-        probs = None if self.probs is None else self.probs[:length]
-        return Draft(self.tokens[:length], self.match_len, self.source, probs)
-
-
-class Drafter(Protocol):
-    """Extension point: anything that proposes draft tokens (like transformers' CandidateGenerator)."""
-
-    def propose(self, context: Sequence[int], max_tokens: int) -> Draft | DraftTree | None:
-        """Draft up to max_tokens tokens to follow `context` (the prompt and all committed tokens): a chain (Draft),
-        or a token tree (DraftTree, at most max_tokens deep) whose nodes the policy picks from."""
-
-    def observe(self, new_tokens: Sequence[int]) -> None:
-        """Tokens just committed to the context (accepted draft tokens and the model's own token)."""
-
-
-class SpanSource(Protocol):
-    """A corpus-wide span index (see refdecode.corpus): continuations of the longest matching context suffix."""
-
-    def span_continuations(
-        self, context_tail: Sequence[int], max_tokens: int, *, max_candidates: int = 8, min_match: int = 2
-    ) -> tuple[int, list[list[int]]]: ...
-
-
-MAX_DRAFT_TOKENS = 256  # propose() drafts at most this many tokens whatever it is asked: the work stays bounded
-
-
-@dataclass
-class _Followed:
-    """A copied span being followed: the next token expected is the one at `pos` of sequence `seq` of `source`
-    (the first token of source.continuation((seq, pos - 1), ...))."""
-
-    source: SuffixSource
-    seq: int
-    pos: int
-    name: str = ""  # the source's kind for the tree policy: "context", "store", "memory"
-    length: int = 0  # evidence: context tokens matched when found, plus the tokens it predicted right since
-
-
-class ReferenceDrafter:
-    """Drafts by copying what followed the longest matching context suffix in the prompt, the output so far, the
-    stores' documents and (optionally) a corpus span index.
-
-    Spans are *followed*: once a span's tokens are accepted, the next draft continues from where it left off, with
-    evidence (`match_len`) that grows with every token it predicted right. Several equally good spans vote token
-    by token, so a draft stops where the references disagree.
-
-    store: a ReferenceStore, or several (a sequence), e.g. the caller's store and a small one of the call's own
-    references; none is copied or changed. Earlier stores win ties in the vote, after the prompt and output.
-    """
-
-    def __init__(
-        self,
-        context: Sequence[int],
-        *,
-        store=None,
-        spans: SpanSource | None = None,
-        memory: SuffixSource | None = None,
-        max_ngram: int = 12,
-        tree: bool = False,
-    ):
-        self.session = SuffixIndex(max_ngram=max_ngram)
-        self.session.add(list(context))
-        stores = _as_sources(store)
-        self.sources: list[SuffixSource] = [self.session, *stores, *([memory] if memory is not None else [])]
-        # a source's kind names its nodes for the tree policy (a store may say, e.g. "retrieved" passages)
-        kinds = [getattr(s, "kind", "store") for s in stores]
-        self.names = ["context", *kinds, *(["memory"] if memory is not None else [])]
-        # the longest match any source can report (a source that does not say: no bound)
-        self._longest_possible = max(getattr(s, "max_ngram", None) or float("inf") for s in self.sources)
-        self.spans = spans
-        self.tree = tree
-        self.followed: list[_Followed] = []
-        self.run = 0  # tokens in a row that the followed spans predicted
-
-    def observe(self, new_tokens: Sequence[int]) -> None:
-        self.session.extend(0, new_tokens)
-        for token in new_tokens:
-            self.followed = [f for f in self.followed if self._expects(f, token)]
-            for f in self.followed:
-                f.pos += 1
-                f.length += 1
-            self.run = self.run + 1 if self.followed else 0
-
-    @staticmethod
-    def _expects(f: _Followed, token: int) -> bool:
-        return f.source.continuation((f.seq, f.pos - 1), 1) == [token]
-
-    def propose(self, context: Sequence[int], max_tokens: int) -> Draft | DraftTree | None:
-        """A draft of 1 .. min(max_tokens, MAX_DRAFT_TOKENS) tokens (tree mode: a DraftTree at most that deep), or
-        None; never more work than that bound."""
-        max_tokens = min(max_tokens, MAX_DRAFT_TOKENS)
-        if max_tokens <= 0:
-            return None
-        if self.tree:
-            return self._propose_tree(context, max_tokens)
-        # 1) the freshest evidence: the longest context suffix in the output/prompt and in the stores (skipped
-        #    while the followed spans' run is at least every source's longest possible match: they would win in 2)
-        best_len = 0
-        candidates: list[_Followed] = []
-        for source in self.sources if not (self.followed and self.run >= self._longest_possible) else ():
-            match = source.longest_suffix(context)
-            if match.length > best_len:
-                best_len, candidates = match.length, []
-            if match.length == best_len and match.length > 0:
-                candidates += [_Followed(source, s, end + 1) for s, end in match.positions]
-        # 2) spans already being followed win while their run is at least as long as the fresh match
-        if self.followed and self.run >= best_len:
-            best_len, candidates = self.run, self.followed
-        if candidates:
-            tokens, agreeing = _vote(candidates, max_tokens, live=self.session)
-            if tokens:
-                self.followed, self.run = agreeing, best_len
-                return Draft(tokens, best_len, "reference")
-        # 3) nothing local matched: ask the corpus-wide span index
-        if self.spans is not None:
-            length, continuations = self.spans.span_continuations(context[-32:], max_tokens)
-            if continuations:
-                return Draft(_vote_lists(continuations), length, "corpus")
-        return None
-
-    def _propose_tree(self, context: Sequence[int], max_tokens: int) -> DraftTree | None:
-        """Every candidate at once, merged into one trie: the longest context suffix in each source (the live
-        context with LZ77 overlap, each store, the output memory), the spans followed since earlier steps, and the
-        corpus span index's continuations. Each keeps its source and match length as evidence; the policy decides
-        which nodes are worth verifying."""
-        found: dict[tuple[int, int, int], _Followed] = {}
-        for f in self.followed:  # still predicting right: evidence = matched + predicted since
-            found[(id(f.source), f.seq, f.pos)] = f
-        for source, name in zip(self.sources, self.names, strict=True):
-            match = source.longest_suffix(context)
-            for seq, end in match.positions if match.length > 0 else ():
-                key = (id(source), seq, end + 1)
-                if key not in found or found[key].length < match.length:
-                    found[key] = _Followed(source, seq, end + 1, name, match.length)
-        ranked = sorted(found.values(), key=lambda f: -f.length)  # stable: fresher positions first within a length
-        candidates = [Candidate(_continuation(f, max_tokens, self.session), f.name, f.length) for f in ranked]
-        if self.spans is not None:
-            length, continuations = self.spans.span_continuations(context[-32:], max_tokens)
-            candidates += [Candidate(list(c), "corpus", length) for c in continuations]
-        self.followed = ranked  # observe() keeps those the committed tokens agree with
-        tree = build_tree([c for c in candidates if c.tokens], max_depth=max_tokens, max_nodes=_MAX_TREE_NODES)
-        return tree if len(tree) else None
-
-
-_MAX_TREE_NODES = 1024  # a trie of all candidates is built before the policy picks from it: bound that work
-
-
-def _as_sources(store) -> list[SuffixSource]:
-    """None, one store, or a sequence of stores (None entries skipped) -> the stores, in order."""
-    if store is None:
-        return []
-    stores = [store] if hasattr(store, "longest_suffix") else list(store)
-    for s in stores:
-        if s is not None and not (hasattr(s, "longest_suffix") and hasattr(s, "continuation")):
-            raise ValueError(f"store must be a ReferenceStore or a sequence of them, got {type(s).__name__}")
-    return [s for s in stores if s is not None]
-
-
-def _continuation(c: _Followed, max_tokens: int, live: SuffixIndex) -> list[int]:
-    """The tokens that follow a candidate. In the live context (prompt + output: sequence 0 of `live`) a copy may
-    overlap its own output, as in LZ77: a span that repeats with period p keeps being drafted past the context's
-    end."""
-    cont = c.source.continuation((c.seq, c.pos - 1), max_tokens)
-    if c.source is live and c.seq == 0:
-        period = live.length(0) - c.pos
-        if period > 0:
-            while len(cont) < max_tokens:
-                cont.append(cont[len(cont) - period])
-    return cont
-
-
-def _vote(candidates: list[_Followed], max_tokens: int, live: SuffixIndex) -> tuple[list[int], list[_Followed]]:
-    """The voted draft of the candidates' continuations (see _vote_lists) and the spans that agree with its first
-    token, positioned at the draft's start (observe() drops those that disagree later)."""
-    conts = [_continuation(c, max_tokens, live) for c in candidates]
-    tokens = _vote_lists(conts)
-    agreeing = [c for c, cont in zip(candidates, conts, strict=True) if cont[:1] == tokens[:1]]
-    return tokens, [_Followed(c.source, c.seq, c.pos) for c in agreeing]
-
-
-def _vote_lists(continuations: list[list[int]]) -> list[int]:
-    """Build a draft token by token: take the most common next token among the continuations still in agreement
-    (ties: the earliest continuation's, i.e. the most recent occurrence), drop those that disagree, stop where none
-    is left."""
-    tokens: list[int] = []
-    alive = [c for c in continuations if c]
-    while alive:
-        step = len(tokens)
-        alive = [c for c in alive if step < len(c)]
-        if not alive:
-            break
-        token = Counter(c[step] for c in alive).most_common(1)[0][0]  # ties: first seen, i.e. earliest
-        tokens.append(token)
-        alive = [c for c in alive if c[step] == token]
-    return tokens
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Draft length policy
-# ---------------------------------------------------------------------------------------------------------------
-
-_MATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+MATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 @dataclass
@@ -263,14 +51,14 @@ class AcceptanceModel:
     prior: float = 0.5
     prior_weight: float = 2.0
     decay: float = 0.9
-    successes: list[float] = field(default_factory=lambda: [0.0] * len(_MATCH_BUCKETS))
-    trials: list[float] = field(default_factory=lambda: [0.0] * len(_MATCH_BUCKETS))
+    successes: list[float] = field(default_factory=lambda: [0.0] * len(MATCH_BUCKETS))
+    trials: list[float] = field(default_factory=lambda: [0.0] * len(MATCH_BUCKETS))
     # (the evidence they were computed from, the rates): see rates()
     _rates_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @staticmethod
     def bucket(match_len: int) -> int:
-        return max(0, bisect.bisect_right(_MATCH_BUCKETS, max(1, match_len)) - 1)
+        return max(0, bisect.bisect_right(MATCH_BUCKETS, max(1, match_len)) - 1)
 
     def _bucket_rate(self, b: int, pooled: float) -> float:
         return (self.successes[b] + pooled * self.prior_weight) / (self.trials[b] + self.prior_weight)
@@ -285,7 +73,7 @@ class AcceptanceModel:
         if self._rates_cache is None or self._rates_cache[0] != key:
             pooled = (sum(self.successes) + self.prior * self.prior_weight) / (sum(self.trials) + self.prior_weight)
             out, best = [], 0.0
-            for b in range(len(_MATCH_BUCKETS)):
+            for b in range(len(MATCH_BUCKETS)):
                 best = max(best, self._bucket_rate(b, pooled))
                 out.append(best)
             self._rates_cache = (key, out)
@@ -593,3 +381,70 @@ class DraftPolicy:
         self.costs.observe(width, seconds)
         if draft is not None and drafted > 0:
             self.acceptance_for(draft.source).update(draft.match_len, drafted, accepted, accept_probs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration and the warm-start registry
+# ---------------------------------------------------------------------------------------------------------------
+
+_COST_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): table}
+_LAST_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: DraftPolicy}
+
+
+def warm_policy(model, max_draft: int, *, kind: str) -> DraftPolicy:
+    """The default policy of a call: fresh, but starting from what the last call on this model with the same kind
+    of drafting (drafter class and mode) learned about acceptance, at a quarter of its weight (DraftPolicy.inherit).
+    Requests to one model tend to resemble each other (a RAG service, an editor) and a fresh policy spends its
+    first steps relearning how often long matches are copied; a first request starts from the prior. The learned
+    state only sizes drafts: outputs never depend on it. Remembered by `remember_policy`."""
+    policy = DraftPolicy(max_draft=max_draft)
+    earlier = _LAST_POLICIES.get(model, {}).get(kind)
+    if earlier is not None:
+        policy.inherit(earlier)
+    return policy
+
+
+def remember_policy(model, policy: DraftPolicy, *, kind: str) -> None:
+    """Keep a finished call's policy for the next call's warm start (see warm_policy)."""
+    _LAST_POLICIES.setdefault(model, {})[kind] = policy
+
+
+def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 64), rounds: int | None = None) -> dict:
+    """Seconds of one forward per width, timed on the live cache (each forward rolled back); cached per model.
+
+    The widths are timed in interleaved rounds and the minimum kept, so a burst of load from another process while
+    one width is timed does not make that width look expensive for the rest of the process. On the CPU each width
+    of 2 or more tokens is also timed with the transposed kernels (kernels.routed), and whichever was faster is
+    what that width runs from then on (kernels.set_route): its time is the one in the table. rounds: 5, or 3 when
+    both kernels are timed (the first call of a process pays the calibration: 39 forwards rather than 65).
+    """
+    can_route = routable(model)
+    key = (str(model.device), str(model.dtype), can_route)
+    per_model = _COST_TABLES.setdefault(model, {})
+    if key in per_model:
+        return per_model[key]
+    device = model.device
+    trials = [(w, False) for w in widths] + ([(w, True) for w in widths if w >= 2] if can_route else [])
+    if rounds is None:
+        rounds = 5 if len(trials) == len(widths) else 3
+    best = {trial: float("inf") for trial in trials}
+    for _ in range(rounds):
+        for width, route in trials:
+            synchronize(device)
+            t0 = time.perf_counter()
+            forward_tokens(model, cache, [pending] * width, route=route)
+            synchronize(device)
+            best[width, route] = min(best[width, route], time.perf_counter() - t0)
+            cache.crop(-width)
+    decisions = {w: best[w, True] < best[w, False] for w in widths if (w, True) in best}
+    if decisions:
+        set_route(model, decisions)
+    table = {w: min(best[w, False], best.get((w, True), float("inf"))) for w in widths}
+    per_model[key] = table
+    return table
+
+
+def policy_kind(drafter, tree: bool) -> str:
+    """What a warm-started policy is keyed by: the drafter's class (or its own `policy_kind`, e.g. a model
+    drafter's name) and the mode (their acceptance differs)."""
+    return getattr(drafter, "policy_kind", None) or f"{type(drafter).__name__}/{'tree' if tree else 'chain'}"

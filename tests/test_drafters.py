@@ -1,15 +1,15 @@
-"""Model prophets (refdecode.prophets, issue 12): drafts from a model join the token tree and decoding stays lossless.
+"""Model drafters (refdecode.drafters): drafts from a model join the token tree and decoding stays lossless.
 
-Greedy: token for token equal to transformers' greedy generate with any prophet (a weak random model, the target
-itself, its int8 copy, its first layers), with and without references, trees and chains, alone or hybrid, also
-through hf_generate. Sampling: the first tokens follow the exact distribution with the prophet's q (alone) and with
-point masses (hybrid), and the same statistic rejects a wrong residual. The shared-cache prophet leaves the target's
-cache as it found it; the own-cache prophet rolls back rejected drafts; bad input is refused with ValueError (exit
-2 at the command line); merge_trees keeps every path of both trees; the hybrid skips the prophet where references
-cover the next token.
+Greedy: token for token equal to transformers' greedy generate with any model drafter (a weak random model, the
+target itself, its int8 copy, its first layers), with and without references, trees and chains, alone or hybrid,
+also through hf_generate. Sampling: the first tokens follow the exact distribution with the model drafter's q
+(alone) and with point masses (hybrid), and the same statistic rejects a wrong residual. The shared-cache model
+drafter leaves the target's cache as it found it; the own-cache model drafter rolls back rejected drafts; bad input
+is refused with ValueError (exit 2 at the command line); merge_trees keeps every path of both trees; the hybrid
+skips the model drafter where references cover the next token.
 
-Costs are fixed (FixedCosts: one forward = 1 s, whatever its width, never re-timed), so whether a prophet drafts and
-how far never depends on this machine's load: every run below is deterministic.
+Costs are fixed (FixedCosts: one forward = 1 s, whatever its width, never re-timed), so whether a model drafter
+drafts and how far never depends on this machine's load: every run below is deterministic.
 """
 
 from __future__ import annotations
@@ -33,22 +33,22 @@ from stats_helpers import AlwaysDraft as FullDrafts
 from test_sampling import uncertain_references
 
 import refdecode
-import refdecode.decoding
-from refdecode.drafting import AcceptanceModel, DraftPolicy, ForwardCostModel
-from refdecode.prophets import (
+import refdecode.verification
+from refdecode.drafters import (
     DraftSession,
     HeadsDrafter,
     HybridDrafter,
     ModelDrafter,
+    ModelDrafterBase,
     RecycleDrafter,
     SuccessorTable,
-    _Prophet,
-    build_prophet,
+    build_model_drafter,
     check_draft_model,
-    check_prophet_spec,
+    check_drafter_spec,
     early_exit_model,
     merge_trees,
 )
+from refdecode.policy import AcceptanceModel, DraftPolicy, ForwardCostModel
 from refdecode.sampling import SamplingConfig, build_processors
 from refdecode.store import ReferenceStore
 from refdecode.tree import ROOT, Candidate, DraftTree, build_tree
@@ -59,7 +59,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 class FixedCosts(ForwardCostModel):
     """Every forward costs 1 s whatever its width, and measurements never change that: drafting decisions depend on
-    acceptance only (a prophet's own draft cost, measured in milliseconds, is then always worth it)."""
+    acceptance only (a model drafter's own draft cost, measured in milliseconds, is then always worth it)."""
 
     def __init__(self):
         super().__init__({1: 1.0, 64: 1.0})
@@ -92,39 +92,39 @@ _MODELS: dict = {}
 
 
 def family_models(family: str):
-    """(target, weak prophet): two random models of the same family and vocabulary, built once per module."""
+    """(target, weak model drafter): two random models of the same family and vocabulary, built once per module."""
     if family not in _MODELS:
         _MODELS[family] = FAMILIES[family](), FAMILIES[family](seed=5)
     return _MODELS[family]
 
 
-def prophet_spec(name: str, target, weak):
+def drafter_spec(name: str, target, weak):
     return {"weak": weak, "self": target}.get(name, name)
 
 
 MODES = ("refs-tree", "refs-chain", "no-refs", "alone")
 GREEDY_CASES = [
-    (family, prophet, mode, i % len(PROMPTS))
-    for i, (family, prophet, mode) in enumerate(
-        (family, prophet, mode)
+    (family, model_drafter, mode, i % len(PROMPTS))
+    for i, (family, model_drafter, mode) in enumerate(
+        (family, model_drafter, mode)
         for family in FAMILIES
-        for prophet in ("weak", "self", "self:int8", "self:layers=1", "self:recycle")
+        for model_drafter in ("weak", "self", "self:int8", "self:layers=1", "self:recycle")
         for mode in MODES
     )
 ]
 
 
-@pytest.mark.parametrize("family, prophet, mode, prompt_index", GREEDY_CASES)
-def test_greedy_equals_transformers(family, prophet, mode, prompt_index):
+@pytest.mark.parametrize("family, model_drafter, mode, prompt_index", GREEDY_CASES)
+def test_greedy_equals_transformers(family, model_drafter, mode, prompt_index):
     model, weak = family_models(family)
     prompt = PROMPTS[prompt_index]
     expected = plain_greedy(model, prompt, MAX_NEW)
-    spec = prophet_spec(prophet, model, weak)
+    spec = drafter_spec(model_drafter, model, weak)
     kwargs: dict = dict(max_new_tokens=MAX_NEW, policy=fixed_policy(), calibrate=False)
     if mode == "alone":
-        kwargs["drafter"] = drafter = build_prophet(spec, model)
+        kwargs["drafter"] = drafter = build_model_drafter(spec, model)
     else:
-        kwargs["draft_model"] = spec
+        kwargs["drafter"] = spec
         kwargs["tree"] = mode != "refs-chain"
         if mode.startswith("refs"):  # a reference that holds part of the answer after a detour: both kinds draft
             kwargs["store"] = store = ReferenceStore(IdTokenizer(model.config.vocab_size))
@@ -137,12 +137,12 @@ def test_greedy_equals_transformers(family, prophet, mode, prompt_index):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("mode", ["hybrid", "alone"])
-def test_perfect_prophet_is_mostly_accepted(family, mode):
+def test_perfect_model_drafter_is_mostly_accepted(family, mode):
     """The target drafting for itself: its drafts are the answer, so most steps commit several tokens."""
     model, _ = family_models(family)
     prompt = PROMPTS[0]
     expected = plain_greedy(model, prompt, MAX_NEW)
-    kwargs: dict = {"drafter": build_prophet(model, model)} if mode == "alone" else {"draft_model": model}
+    kwargs: dict = {"drafter": build_model_drafter(model, model)} if mode == "alone" else {"drafter": model}
     out = refdecode.generate(
         model, None, prompt, max_new_tokens=MAX_NEW, policy=fixed_policy(), calibrate=False, **kwargs
     )
@@ -152,8 +152,8 @@ def test_perfect_prophet_is_mostly_accepted(family, mode):
     assert out.stats.draft_seconds > 0
 
 
-@pytest.mark.parametrize("prophet", ["weak", "self", "self:layers=1", "self:recycle"])
-def test_hf_generate_with_a_prophet_equals_plain_generate(prophet):
+@pytest.mark.parametrize("model_drafter", ["weak", "self", "self:layers=1", "self:recycle"])
+def test_hf_generate_with_a_model_drafter_equals_plain_generate(model_drafter):
     model, weak = family_models("llama")
     prompt = PROMPTS[1]
     x = torch.tensor([prompt])
@@ -163,16 +163,17 @@ def test_hf_generate_with_a_prophet_equals_plain_generate(prophet):
         max_new_tokens=MAX_NEW,
         do_sample=False,
         custom_generate=refdecode.hf_generate,
-        draft_model=prophet_spec(prophet, model, weak),
+        drafter=drafter_spec(model_drafter, model, weak),
         policy=fixed_policy(),
+        ref_stats=(stats := refdecode.GenerationStats()),
     )
     assert torch.equal(ours, plain)
-    if prophet != "weak":
-        assert model.refdecode_stats.accepted_tokens > 0
+    if model_drafter != "weak":
+        assert stats.accepted_tokens > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2-3. The prophet's cache: the shared one is left as found, the own one rolls back
+# 2-3. The model drafter's cache: the shared one is left as found, the own one rolls back
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -213,12 +214,12 @@ def cache_snapshot(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     "family, layers",
     [("llama4", 1), ("llama4", 3), ("gemma3", 1), ("gemma3", 2)],  # N = 1 and N = L - 1
 )
-def test_shared_cache_prophet_leaves_the_targets_cache_as_found(family, layers, accepted):
+def test_shared_cache_model_drafter_leaves_the_targets_cache_as_found(family, layers, accepted):
     model = four_layer_llama() if family == "llama4" else family_models("gemma3")[0]
     context = [0] + [(7 * i + 3) % 90 + 2 for i in range(30)]  # 31 tokens: past Gemma 3's 16-token window
     session = prefilled_session(model, context, accepted=accepted)
     before = cache_snapshot(session.cache)
-    drafter = build_prophet(f"self:layers={layers}", model)
+    drafter = build_model_drafter(f"self:layers={layers}", model)
     assert drafter.shared_cache
     drafter.start(session)
     tree = drafter.propose(context, 6)
@@ -235,7 +236,7 @@ def test_shared_cache_prophet_leaves_the_targets_cache_as_found(family, layers, 
     drafter.close()
 
 
-def test_shared_cache_prophet_then_the_target_decodes_as_before():
+def test_shared_cache_model_drafter_then_the_target_decodes_as_before():
     """The target's next forward after a shared-cache proposal gives the logits it gives without one."""
     model = family_models("gemma3")[0]
     context = [0] + [(11 * i + 5) % 90 + 2 for i in range(25)]
@@ -243,20 +244,20 @@ def test_shared_cache_prophet_then_the_target_decodes_as_before():
         plain = prefilled_session(model, context, accepted=2)
         expected = model(input_ids=torch.tensor([context[-1:]]), cache=plain.cache, use_cache=True).logits[0, -1]
         session = prefilled_session(model, context, accepted=2)
-        drafter = build_prophet("self:layers=1", model)
+        drafter = build_model_drafter("self:layers=1", model)
         drafter.start(session)
         assert drafter.propose(context, 5) is not None
         got = model(input_ids=torch.tensor([context[-1:]]), cache=session.cache, use_cache=True).logits[0, -1]
     assert torch.equal(got, expected)
 
 
-def test_shared_cache_prophet_declines_a_cache_out_of_step():
+def test_shared_cache_model_drafter_declines_a_cache_out_of_step():
     """Between steps the cache holds the context minus the pending token; anything else: no draft, no change."""
     model = four_layer_llama()
     context = list(range(2, 20))
     session = prefilled_session(model, context)
     before = cache_snapshot(session.cache)
-    drafter = build_prophet("self:layers=2", model)
+    drafter = build_model_drafter("self:layers=2", model)
     drafter.start(session)
     assert drafter.propose(context + [5], 4) is None
     after = cache_snapshot(session.cache)
@@ -269,7 +270,7 @@ def draft_argmax(draft_model, context) -> int:
 
 
 @pytest.mark.parametrize("diverge_at", [0, 1, 2])
-def test_own_cache_prophet_rolls_back_a_rejected_draft(diverge_at):
+def test_own_cache_model_drafter_rolls_back_a_rejected_draft(diverge_at):
     """After the target rejects the draft at depth `diverge_at` (it keeps the first diverge_at draft tokens, then
     commits a token of its own), the next proposal starts with what the draft model predicts from scratch."""
     model, weak = family_models("llama")
@@ -289,7 +290,7 @@ def test_own_cache_prophet_rolls_back_a_rejected_draft(diverge_at):
     drafter.close()
 
 
-def test_own_cache_prophet_rolls_back_on_a_sliding_window_model():
+def test_own_cache_model_drafter_rolls_back_on_a_sliding_window_model():
     """Gemma 3's sliding layers (window 16): a rejected draft past the window must roll back as well."""
     model, weak = family_models("gemma3")
     context = [0] + [(5 * i + 2) % 90 + 2 for i in range(24)]
@@ -303,20 +304,20 @@ def test_own_cache_prophet_rolls_back_on_a_sliding_window_model():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Sampling stays lossless with a model prophet
+# 4. Sampling stays lossless with a model model drafter
 # ---------------------------------------------------------------------------------------------------------------
 
 ALPHA = 1e-3  # as tests/test_sampling.py: a correct sampler fails each test with probability 0.001
 S_PROMPT = [2, 7, 4, 3, 6, 5]
 S_TEMPERATURE = 0.8
-S_MAX_NEW = 3  # the step after the prefill drafts 1 token: the second token is the prophet's or a residual's
+S_MAX_NEW = 3  # the step after the prefill drafts 1 token: the second token is the model drafter's or a residual's
 SAMPLING_RUNS = {False: 400, True: 400}  # generate calls per goodness-of-fit test: alone, hybrid
 WRONG_RUNS = 300
 _SAMPLING: dict = {}
 
 
 class AlwaysDraft(FullDrafts):
-    """Verify whatever is proposed (WholeTree), chains at full length, at fixed costs: the prophet drafts as far
+    """Verify whatever is proposed (WholeTree), chains at full length, at fixed costs: the model drafter drafts as far
     as the budget allows (its draft costs milliseconds against a 1 s forward)."""
 
     def __init__(self):
@@ -324,13 +325,13 @@ class AlwaysDraft(FullDrafts):
 
 
 def sampling_case():
-    """{"target", "prophet", "tables"}: tiny 8-token Llamas; the prophet is peaked (its q puts most mass on one
-    token), which the target accepts at the drafted position about half the time: both verdicts are common, and a
+    """{"target", "model_drafter", "tables"}: tiny 8-token Llamas; the model drafter is peaked (its q puts most mass
+    on one token), which the target accepts at the drafted position about half the time: both verdicts are common, and a
     wrong residual is far from the right one (a biased rule shows in a few hundred runs)."""
     if not _SAMPLING:
-        target, prophet = tiny_sampling_llama(), tiny_sampling_llama(seed=13, logit_scale=30.0)
+        target, model_drafter = tiny_sampling_llama(), tiny_sampling_llama(seed=13, logit_scale=30.0)
         processors = build_processors(SamplingConfig(temperature=S_TEMPERATURE))
-        _SAMPLING.update(target=target, prophet=prophet, tables=exact_tables(target, S_PROMPT, processors))
+        _SAMPLING.update(target=target, model_drafter=model_drafter, tables=exact_tables(target, S_PROMPT, processors))
     return _SAMPLING
 
 
@@ -345,20 +346,22 @@ class QSpy:
         return self.verify(probs, draft, generator, draft_probs=draft_probs)
 
 
-def prophet_samples(runs: int, *, first_seed: int = 0, hybrid: bool = False):
-    """First three tokens of `runs` seeded generate calls with the prophet (alone, with its q; or hybrid with
-    references, point masses), and (drafted, accepted, accepted from the prophet) summed over the runs."""
+def model_drafter_samples(runs: int, *, first_seed: int = 0, hybrid: bool = False):
+    """First three tokens of `runs` seeded generate calls with the model drafter (alone, with its q; or hybrid with
+    references, point masses), and (drafted, accepted, accepted from the model drafter) summed over the runs."""
     case = sampling_case()
-    model, prophet = case["target"], case["prophet"]
-    samples, drafted, accepted, from_prophet = [], 0, 0, 0
+    model, model_drafter = case["target"], case["model_drafter"]
+    samples, drafted, accepted, from_model_drafter = [], 0, 0, 0
     store = None
-    if hybrid:  # references whose next token is a coin flip for the target, beside the prophet's guesses
+    if hybrid:  # references whose next token is a coin flip for the target, beside the model drafter's guesses
         store = ReferenceStore(IdTokenizer(VOCAB))
         for i, ref in enumerate(uncertain_references(S_PROMPT, case["tables"])):
             store.add(ref, source=f"ref-{i}")
     for seed in range(first_seed, first_seed + runs):
         kwargs: dict = (
-            {"draft_model": prophet, "store": store} if hybrid else {"drafter": build_prophet(prophet, model)}
+            {"drafter": model_drafter, "store": store}
+            if hybrid
+            else {"drafter": build_model_drafter(model_drafter, model)}
         )
         out = refdecode.generate(
             model,
@@ -374,25 +377,25 @@ def prophet_samples(runs: int, *, first_seed: int = 0, hybrid: bool = False):
         samples.append(tuple(out.token_ids[:3]))
         drafted += out.stats.drafted_tokens
         accepted += out.stats.accepted_tokens
-        from_prophet += out.stats.accepted_sources.get("draft", 0)
-    return samples, (drafted, accepted, from_prophet)
+        from_model_drafter += out.stats.accepted_sources.get("draft", 0)
+    return samples, (drafted, accepted, from_model_drafter)
 
 
 @pytest.mark.parametrize("hybrid", [False, True], ids=["alone-with-q", "hybrid-point-masses"])
-def test_sampling_with_a_prophet_matches_exact_distribution(hybrid, monkeypatch):
+def test_sampling_with_a_model_drafter_matches_exact_distribution(hybrid, monkeypatch):
     sampling_case()
-    spy = QSpy(refdecode.decoding.verify_sampling)
-    monkeypatch.setattr(refdecode.decoding, "verify_sampling", spy)
+    spy = QSpy(refdecode.verification.verify_sampling)
+    monkeypatch.setattr(refdecode.verification, "verify_sampling", spy)
     runs = SAMPLING_RUNS[hybrid]
-    samples, (drafted, accepted, from_prophet) = prophet_samples(runs, hybrid=hybrid)
+    samples, (drafted, accepted, from_model_drafter) = model_drafter_samples(runs, hybrid=hybrid)
     probability = joint_probabilities(_SAMPLING["tables"])
     rate = accepted / drafted
     assert 0.1 < rate < 0.9, rate  # both verdicts were common
-    assert from_prophet > runs // 10  # the prophet's tokens were accepted, not only the references'
+    assert from_model_drafter > runs // 10  # the model drafter's tokens were accepted, not only the references'
     if hybrid:
-        assert spy.with_q == 0  # the hybrid verifies the prophet's tokens as point masses
+        assert spy.with_q == 0  # the hybrid verifies the model drafter's tokens as point masses
     else:
-        assert spy.with_q >= runs // 2  # the q rule verified the prophet's chains
+        assert spy.with_q >= runs // 2  # the q rule verified the model drafter's chains
     result = chi_square_gof(samples, probability)
     tv = total_variation(samples, probability)
     print(f"\n{'hybrid' if hybrid else 'alone'}: {runs} runs, acceptance {rate:.2f}, {result}, TV {tv:.3f}")
@@ -403,20 +406,20 @@ def test_sampling_with_a_prophet_matches_exact_distribution(hybrid, monkeypatch)
         assert pairs.pvalue > ALPHA, f"the first 2 tokens do not follow the model: {pairs}"
 
 
-def test_a_hybrid_prophet_does_not_change_what_a_seed_samples():
+def test_a_hybrid_model_drafter_does_not_change_what_a_seed_samples():
     """Point masses are verified by position-keyed Gumbel noise, so the sample of a seed does not depend on the
-    drafts (tests/test_sampling.py: same seed, same output whatever the draft lengths); a hybrid prophet only adds
-    drafts, so generate(seed=s, draft_model=X) must equal generate(seed=s)."""
+    drafts (tests/test_sampling.py: same seed, same output whatever the draft lengths); a hybrid model drafter only adds
+    drafts, so generate(seed=s, drafter=X) must equal generate(seed=s)."""
     case = sampling_case()
-    model, prophet = case["target"], case["prophet"]
-    from_prophet = 0
+    model, model_drafter = case["target"], case["model_drafter"]
+    from_model_drafter = 0
     for seed in range(4):
         kwargs: dict = dict(max_new_tokens=12, temperature=S_TEMPERATURE, seed=seed, calibrate=False)
         plain = refdecode.generate(model, None, S_PROMPT, policy=AlwaysDraft(), **kwargs)
-        hybrid = refdecode.generate(model, None, S_PROMPT, policy=AlwaysDraft(), draft_model=prophet, **kwargs)
-        from_prophet += hybrid.stats.accepted_sources.get("draft", 0)
+        hybrid = refdecode.generate(model, None, S_PROMPT, policy=AlwaysDraft(), drafter=model_drafter, **kwargs)
+        from_model_drafter += hybrid.stats.accepted_sources.get("draft", 0)
         assert hybrid.token_ids == plain.token_ids, f"seed {seed}"
-    assert from_prophet > 0
+    assert from_model_drafter > 0
 
 
 def pair_probabilities(tables) -> dict[tuple[int, int], float]:
@@ -441,11 +444,11 @@ def renormalised_p_residual(probs, draft, generator, *, draft_probs=None):
 
 def test_the_statistic_rejects_a_wrong_residual(monkeypatch):
     """The same goodness-of-fit test, on the first two tokens (the second is the one the q rule emits), fails the
-    prophet's q path with a wrong residual: it has teeth."""
+    model drafter's q path with a wrong residual: it has teeth."""
     tables = sampling_case()["tables"]
     spy = QSpy(renormalised_p_residual)
-    monkeypatch.setattr(refdecode.decoding, "verify_sampling", spy)
-    samples, (drafted, accepted, _) = prophet_samples(WRONG_RUNS, first_seed=10**6)
+    monkeypatch.setattr(refdecode.verification, "verify_sampling", spy)
+    samples, (drafted, accepted, _) = model_drafter_samples(WRONG_RUNS, first_seed=10**6)
     assert spy.with_q >= WRONG_RUNS // 2 and drafted > accepted > 0  # the q path was taken, with rejections
     probability = pair_probabilities(tables)
     pairs = [s[:2] for s in samples]
@@ -465,52 +468,95 @@ def test_a_draft_model_with_another_vocabulary_is_refused():
     with pytest.raises(ValueError, match=r"100.*96|96.*100"):
         check_draft_model(model, other)
     with pytest.raises(ValueError, match=r"100.*96|96.*100"):
-        refdecode.generate(model, None, PROMPTS[0], max_new_tokens=4, draft_model=other)
+        refdecode.generate(model, None, PROMPTS[0], max_new_tokens=4, drafter=other)
 
 
 def test_a_draft_model_with_another_eos_is_refused():
     model, _ = family_models("llama")
     other = tiny_llama(vocab_size=96, seed=1, eos_token_id=2)
     with pytest.raises(ValueError, match="eos_token_id"):
-        build_prophet(other, model)
+        build_model_drafter(other, model)
 
 
 @pytest.mark.parametrize("spec", ["self:int4", "self:layers=x", "self:layers=0", "self:layers=-1", "", "   "])
-def test_check_prophet_spec_refuses(spec):
+def test_check_model_drafter_spec_refuses(spec):
     with pytest.raises(ValueError):
-        check_prophet_spec(spec)
+        check_drafter_spec(spec)
 
 
 @pytest.mark.parametrize(
     "spec", ["self:int8", "self:layers=1", "self:heads", "self:recycle", "smollm2-135m", "/some/checkpoint"]
 )
-def test_check_prophet_spec_accepts(spec):
-    check_prophet_spec(spec)
+def test_check_model_drafter_spec_accepts(spec):
+    check_drafter_spec(spec)
 
 
 @pytest.mark.parametrize("layers", [2, 3])  # the tiny Llama has 2 layers: N must be below that
 def test_layers_at_or_beyond_the_target_are_refused(layers):
     model, _ = family_models("llama")
     with pytest.raises(ValueError, match="1 <= N < 2"):
-        build_prophet(f"self:layers={layers}", model)
+        build_model_drafter(f"self:layers={layers}", model)
 
 
 def test_drafter_and_draft_model_together_are_refused():
     model, weak = family_models("llama")
     with pytest.raises(ValueError, match="either drafter= or draft_model="):
         refdecode.generate(
-            model, None, PROMPTS[0], max_new_tokens=4, drafter=build_prophet(weak, model), draft_model=weak
+            model, None, PROMPTS[0], max_new_tokens=4, drafter=build_model_drafter(weak, model), draft_model=weak
         )
 
 
-def test_cli_refuses_an_unknown_prophet_before_loading_a_model(capsys, monkeypatch):
+def test_draft_model_is_the_deprecated_name_of_drafter():
+    """draft_model= still works, warns (pointing at the caller's line) and decodes exactly as drafter= does."""
+    model, weak = family_models("llama")
+    new = refdecode.generate(model, None, PROMPTS[0], max_new_tokens=MAX_NEW, drafter=weak, policy=fixed_policy())
+    with pytest.warns(DeprecationWarning, match="drafter=") as caught:
+        old = refdecode.generate(
+            model, None, PROMPTS[0], max_new_tokens=MAX_NEW, draft_model=weak, policy=fixed_policy()
+        )
+    assert caught[0].filename == __file__
+    assert old.token_ids == new.token_ids and old.stats.accepted_sources == new.stats.accepted_sources
+
+
+def test_draft_model_with_a_drafter_object_still_joins_the_references():
+    """A model drafter object given as draft_model= joins the references (a HybridDrafter), as it always did; given
+    as drafter= it drafts alone."""
+    model, _ = family_models("llama")
+    prompt = PROMPTS[0]
+    expected = plain_greedy(model, prompt, MAX_NEW)
+    kwargs: dict = dict(max_new_tokens=MAX_NEW, calibrate=False)
+    with pytest.warns(DeprecationWarning):
+        joined = refdecode.generate(
+            model, None, prompt, policy=fixed_policy(), draft_model=CountingDrafter(()), **kwargs
+        )
+    alone = refdecode.generate(model, None, prompt, policy=fixed_policy(), drafter=CountingDrafter(()), **kwargs)
+    assert joined.token_ids == alone.token_ids == expected
+    assert alone.stats.drafted_tokens == 0  # only the stub, which proposes nothing
+    assert joined.stats.drafted_tokens > 0  # the references drafted beside it
+
+
+def test_hf_generate_takes_drafter_and_warns_on_draft_model():
+    model, weak = family_models("llama")
+    x = torch.tensor([PROMPTS[1]])
+    common = dict(max_new_tokens=MAX_NEW, do_sample=False, custom_generate=refdecode.hf_generate)
+    new = model.generate(x, drafter=weak, policy=fixed_policy(), **common)
+    with pytest.warns(DeprecationWarning, match="drafter="):
+        old = model.generate(x, draft_model=weak, policy=fixed_policy(), **common)
+    assert torch.equal(old, new)
+    with pytest.raises(ValueError, match="either drafter= or draft_model="):
+        model.generate(x, drafter=weak, draft_model=weak, **common)
+
+
+@pytest.mark.parametrize("flag", ["--drafter", "--draft-model"])
+def test_cli_refuses_an_unknown_model_drafter_before_loading_a_model(capsys, monkeypatch, flag):
+    """--drafter is the option's name; --draft-model, its older name, is the same option."""
     from refdecode.cli import main
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the draft model name was checked")
 
     monkeypatch.setattr(refdecode, "load_model", no_loading)
-    code = main(["generate", "--prompt", "hi", "--draft-model", "self:bogus"])
+    code = main(["generate", "--prompt", "hi", flag, "self:bogus"])
     err = capsys.readouterr().err
     assert code == 2
     assert "self:bogus" in err and "Traceback" not in err and err.count("\n") == 1
@@ -583,7 +629,7 @@ def test_heads_drafter_greedy_equals_plain_and_removes_its_hook(family, heads_ki
         )
         assert out.token_ids == expected
         assert final_norm_hooks(model) == hooks  # the capture hook went with the call
-    assert kwargs["drafter"].prophet.proposals > 0  # the heads drafted
+    assert kwargs["drafter"].model_drafter.proposals > 0  # the heads drafted
 
 
 class OracleHeads(torch.nn.Module):
@@ -719,12 +765,12 @@ def test_merge_trees_keeps_every_path_of_both(base_paths, extra_paths):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. The hybrid skips the prophet where references cover the next token
+# 7. The hybrid skips the model drafter where references cover the next token
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class CountingProphet(_Prophet):
-    """A prophet stub: counts its proposals, drafts a fixed chain, costs 10 ms a token (decides whether it pays
+class CountingDrafter(ModelDrafterBase):
+    """A model drafter stub: counts its proposals, drafts a fixed chain, costs 10 ms a token (decides whether it pays
     with the real rule)."""
 
     name = "stub"
@@ -768,60 +814,61 @@ def sure_policy() -> DraftPolicy:
 
 
 def hybrid_with(reference_tree, policy):
-    prophet = CountingProphet()
-    hybrid = HybridDrafter(FixedReference(reference_tree), prophet)
-    assert prophet.use_q is False  # the hybrid verifies point masses
+    model_drafter = CountingDrafter()
+    hybrid = HybridDrafter(FixedReference(reference_tree), model_drafter)
+    assert model_drafter.use_q is False  # the hybrid verifies point masses
     hybrid.start(DraftSession(None, None, policy, None, None))
-    return hybrid, prophet
+    return hybrid, model_drafter
 
 
-def test_hybrid_skips_the_prophet_where_references_cover_the_next_token():
-    hybrid, prophet = hybrid_with(DraftTree.chain([7, 8, 9], source="context", match_len=6), sure_policy())
+def test_hybrid_skips_the_model_drafter_where_references_cover_the_next_token():
+    hybrid, model_drafter = hybrid_with(DraftTree.chain([7, 8, 9], source="context", match_len=6), sure_policy())
     for step in range(3):
         tree = hybrid.propose([1, 2, 3], 4)
         assert tree is not None and tree.tokens == [7, 8, 9]
         assert hybrid.skipped == step + 1
-    assert prophet.calls == 0
+    assert model_drafter.calls == 0
 
 
-def test_hybrid_runs_the_prophet_where_nothing_matches():
-    hybrid, prophet = hybrid_with(None, sure_policy())
+def test_hybrid_runs_the_model_drafter_where_nothing_matches():
+    hybrid, model_drafter = hybrid_with(None, sure_policy())
     tree = hybrid.propose([1, 2, 3], 4)
-    assert prophet.calls == 1 and hybrid.skipped == 0
+    assert model_drafter.calls == 1 and hybrid.skipped == 0
     assert tree is not None and tree.tokens == [4, 5] and tree.sources == ["stub", "stub"]
 
 
-def test_hybrid_merges_the_prophet_where_references_are_unsure():
-    """References at an acceptance of 0.3 leave room: the prophet runs and its chain joins the references' tree."""
+def test_hybrid_merges_the_model_drafter_where_references_are_unsure():
+    """References at an acceptance of 0.3 leave room: the model drafter runs and its chain joins the references'
+    tree."""
     policy = fixed_policy(acceptance=AcceptanceModel(prior=0.3, prior_weight=1e6))
-    hybrid, prophet = hybrid_with(DraftTree.chain([7, 8], source="context", match_len=2), policy)
+    hybrid, model_drafter = hybrid_with(DraftTree.chain([7, 8], source="context", match_len=2), policy)
     tree = hybrid.propose([1, 2, 3], 4)
-    assert prophet.calls == 1 and hybrid.skipped == 0
+    assert model_drafter.calls == 1 and hybrid.skipped == 0
     assert set(token_paths(tree)) == {(7,), (7, 8), (4,), (4, 5)}
 
 
-def test_a_gaps_only_prophet_runs_only_where_references_propose_nothing():
-    """self:recycle is gaps_only: even beside unsure references (where an ordinary prophet is merged, test above)
+def test_a_gaps_only_model_drafter_runs_only_where_references_propose_nothing():
+    """self:recycle is gaps_only: even beside unsure references (where an ordinary model drafter is merged, test above)
     it is not run; where they propose nothing it drafts alone."""
     policy = fixed_policy(acceptance=AcceptanceModel(prior=0.3, prior_weight=1e6))
-    hybrid, prophet = hybrid_with(DraftTree.chain([7, 8], source="context", match_len=2), policy)
-    prophet.gaps_only = True
+    hybrid, model_drafter = hybrid_with(DraftTree.chain([7, 8], source="context", match_len=2), policy)
+    model_drafter.gaps_only = True
     assert hybrid.propose([1, 2, 3], 4).tokens == [7, 8]
-    assert prophet.calls == 0 and hybrid.skipped == 1
-    hybrid, prophet = hybrid_with(None, policy)
-    prophet.gaps_only = True
+    assert model_drafter.calls == 0 and hybrid.skipped == 1
+    hybrid, model_drafter = hybrid_with(None, policy)
+    model_drafter.gaps_only = True
     assert hybrid.propose([1, 2, 3], 4).tokens == [4, 5]
-    assert prophet.calls == 1 and RecycleDrafter.gaps_only
+    assert model_drafter.calls == 1 and RecycleDrafter.gaps_only
 
 
-def test_hybrid_starts_and_closes_its_prophet_through_generate():
+def test_hybrid_starts_and_closes_its_model_drafter_through_generate():
     model, _ = family_models("llama")
-    prophet = CountingProphet(tokens=())
-    hybrid = HybridDrafter(refdecode.ReferenceDrafter(PROMPTS[0]), prophet)
+    model_drafter = CountingDrafter(tokens=())
+    hybrid = HybridDrafter(refdecode.ReferenceDrafter(PROMPTS[0]), model_drafter)
     refdecode.generate(
         model, None, PROMPTS[0], max_new_tokens=6, drafter=hybrid, policy=fixed_policy(), calibrate=False
     )
-    assert (prophet.started, prophet.closed) == (1, 1) and hybrid.session is None
+    assert (model_drafter.started, model_drafter.closed) == (1, 1) and hybrid.session is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -833,7 +880,7 @@ def test_hybrid_starts_and_closes_its_prophet_through_generate():
 @pytest.mark.parametrize(
     "spec, alone", [("self:layers=10", False), ("self:int8", False), ("self:recycle", False), ("self:recycle", True)]
 )
-def test_smollm2_greedy_with_a_self_prophet_equals_transformers(smollm2, spec, alone):
+def test_smollm2_greedy_with_a_self_model_drafter_equals_transformers(smollm2, spec, alone):
     """Hybrid (beside the prompt's references) and, for self:recycle, alone too: beside references it runs only where
     they propose nothing, which on this prompt may be never."""
     model, tokenizer = smollm2
@@ -844,53 +891,53 @@ def test_smollm2_greedy_with_a_self_prophet_equals_transformers(smollm2, spec, a
     )
     ids = ids["input_ids"] if hasattr(ids, "keys") else list(ids)
     expected = plain_greedy(model, ids, 24)
-    prophet = {"drafter": build_prophet(spec, model)} if alone else {"draft_model": spec}
+    model_drafter = {"drafter": build_model_drafter(spec, model)} if alone else {"drafter": spec}
     kwargs: dict = dict(max_new_tokens=24, policy=fixed_policy(), calibrate=False)
-    out = refdecode.generate(model, tokenizer, ids, **kwargs, **prophet)
+    out = refdecode.generate(model, tokenizer, ids, **kwargs, **model_drafter)
     assert out.token_ids == expected
-    if alone or not build_prophet(spec, model).gaps_only:
-        assert out.stats.accepted_sources.get(build_prophet(spec, model).name, 0) > 0, out.stats.accepted_sources
+    if alone or not build_model_drafter(spec, model).gaps_only:
+        assert out.stats.accepted_sources.get(build_model_drafter(spec, model).name, 0) > 0, out.stats.accepted_sources
 
 
-def test_a_prophet_runs_where_its_gain_beats_draft_time_plus_the_wider_verification():
-    """_Prophet.pays: a prophet right half the time pays on a flat cost curve (a GPU), not where a 2-token forward
-    costs 1.8 one-token forwards (this CPU), unless its acceptance is high; refused explore_every times in a row,
-    it runs once anyway so its estimates can still change."""
-    from refdecode.drafting import ForwardCostModel
+def test_a_model_drafter_runs_where_its_gain_beats_draft_time_plus_the_wider_verification():
+    """ModelDrafterBase.pays: a model drafter right half the time pays on a flat cost curve (a GPU), not where a
+    2-token forward costs 1.8 one-token forwards (this CPU), unless its acceptance is high; refused explore_every
+    times in a row, it runs once anyway so its estimates can still change."""
+    from refdecode.policy import ForwardCostModel
 
-    def prophet_on(costs, rate):
-        prophet = CountingProphet()
+    def model_drafter_on(costs, rate):
+        model_drafter = CountingDrafter()
         policy = DraftPolicy(costs=ForwardCostModel(costs), explore_every=4)
         policy.node_model("stub", 0).prior, policy.node_model("stub", 0).prior_weight = rate, 1e6
-        prophet.start(DraftSession(None, None, policy, None, None))
-        prophet.seconds_per_token = 0.001
-        return prophet
+        model_drafter.start(DraftSession(None, None, policy, None, None))
+        model_drafter.seconds_per_token = 0.001
+        return model_drafter
 
     flat, steep = {1: 0.1, 2: 0.102, 4: 0.104}, {1: 0.1, 2: 0.18, 4: 0.2}
-    assert prophet_on(flat, 0.5).pays(0.0, 1)
-    assert not prophet_on(flat, 0.5).pays(0.99, 1)  # the references cover the next token
-    assert prophet_on(steep, 0.9).pays(0.0, 1)
-    cpu = prophet_on(steep, 0.5)
+    assert model_drafter_on(flat, 0.5).pays(0.0, 1)
+    assert not model_drafter_on(flat, 0.5).pays(0.99, 1)  # the references cover the next token
+    assert model_drafter_on(steep, 0.9).pays(0.0, 1)
+    cpu = model_drafter_on(steep, 0.5)
     assert [cpu.pays(0.0, 1) for _ in range(8)] == [False, False, False, True] * 2
 
 
-def test_an_own_cache_prophet_never_feeds_more_than_its_window():
+def test_an_own_cache_model_drafter_never_feeds_more_than_its_window():
     """A long context (a prompt, or steps the hybrid skipped) is caught up from its last `window` tokens only; the
     cache then grows with the context up to twice the window and starts again. Greedy output is still plain
     decoding's (the window only changes what the draft sees)."""
     model, weak = family_models("llama")
-    prophet = ModelDrafter(weak, window=8)
+    model_drafter = ModelDrafter(weak, window=8)
     fed: list[int] = []
-    forward = prophet._forward
-    prophet._forward = lambda cache, ids: (fed.append(len(ids)), forward(cache, ids))[1]
-    prophet.start(DraftSession(model, None, fixed_policy(), None, None))
+    forward = model_drafter._forward
+    model_drafter._forward = lambda cache, ids: (fed.append(len(ids)), forward(cache, ids))[1]
+    model_drafter.start(DraftSession(model, None, fixed_policy(), None, None))
     context = list(range(2, 40))
-    prophet.propose(context, 3)
-    assert fed[0] == 8 and prophet.offset == len(context) - 8
+    model_drafter.propose(context, 3)
+    assert fed[0] == 8 and model_drafter.offset == len(context) - 8
     for grow in range(1, 20):
         fed.clear()
-        prophet.propose(context + list(range(3, 3 + grow)), 3)
-        assert fed[0] <= 8 and len(prophet.cached) <= 16 + 2  # up to twice the window, plus its own drafts
+        model_drafter.propose(context + list(range(3, 3 + grow)), 3)
+        assert fed[0] <= 8 and len(model_drafter.cached) <= 16 + 2  # up to twice the window, plus its own drafts
     prompt = PROMPTS[1]
     expected = plain_greedy(model, prompt, MAX_NEW)
     drafter = ModelDrafter(weak, window=4)
@@ -899,7 +946,7 @@ def test_an_own_cache_prophet_never_feeds_more_than_its_window():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 9. Recycled predictions (self:recycle): the target's own earlier logits as a prophet
+# 9. Recycled predictions (self:recycle): the target's own earlier logits as a model drafter
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -1016,21 +1063,21 @@ def test_recycle_records_every_row_of_the_targets_forwards_and_unhooks_on_close(
 
 
 def test_recycle_table_belongs_to_the_target_and_learns_across_calls():
-    """build_prophet hands out one table per target: a second call drafts from what the first recorded, and on a
+    """build_model_drafter hands out one table per target: a second call drafts from what the first recorded, and on a
     repeated request it commits more tokens per step."""
     model = _tiny_llama()
     prompt = PROMPTS[0]
     expected = plain_greedy(model, prompt, MAX_NEW)
     steps = []
     for _ in range(2):
-        drafter = build_prophet("self:recycle", model)
+        drafter = build_model_drafter("self:recycle", model)
         out = refdecode.generate(
             model, None, prompt, max_new_tokens=MAX_NEW, drafter=drafter, policy=fixed_policy(), calibrate=False
         )
         assert out.token_ids == expected
         steps.append(out.stats.steps)
-    assert build_prophet("self:recycle", model).table is drafter.table
-    assert build_prophet("self:recycle", _tiny_llama()).table is not drafter.table
+    assert build_model_drafter("self:recycle", model).table is drafter.table
+    assert build_model_drafter("self:recycle", _tiny_llama()).table is not drafter.table
     assert steps[1] < steps[0], steps
 
 
@@ -1045,9 +1092,9 @@ def test_recycle_does_not_change_what_a_seed_samples(hybrid):
         kwargs: dict = dict(max_new_tokens=16, temperature=S_TEMPERATURE, seed=seed, calibrate=False)
         plain = refdecode.generate(model, None, S_PROMPT, policy=AlwaysDraft(), **kwargs)
         if hybrid:
-            kwargs["draft_model"] = "self:recycle"
+            kwargs["drafter"] = "self:recycle"
         else:
-            kwargs["drafter"] = build_prophet("self:recycle", model)
+            kwargs["drafter"] = build_model_drafter("self:recycle", model)
         out = refdecode.generate(model, None, S_PROMPT, policy=AlwaysDraft(), **kwargs)
         accepted += out.stats.accepted_sources.get("recycle", 0)
         assert out.token_ids == plain.token_ids, f"seed {seed}"
@@ -1056,9 +1103,9 @@ def test_recycle_does_not_change_what_a_seed_samples(hybrid):
 
 def test_forget_learned_starts_the_next_recycle_call_cold():
     model = _tiny_llama()
-    table = build_prophet("self:recycle", model).table
+    table = build_model_drafter("self:recycle", model).table
     table.update([1], torch.randn(1, model.config.vocab_size))
-    refdecode.prophets.forget_learned(model)
-    fresh = build_prophet("self:recycle", model).table
+    refdecode.drafters.forget_learned(model)
+    fresh = build_model_drafter("self:recycle", model).table
     assert fresh is not table and fresh.rows == 0 and fresh.successors(1, 3) == []
-    refdecode.prophets.forget_learned(_tiny_llama())  # a target that never had a prophet: nothing to forget
+    refdecode.drafters.forget_learned(_tiny_llama())  # a target that never had a model drafter: nothing to forget
