@@ -153,8 +153,8 @@ def test_stop_strings_from_the_prompt(model, prompt, data, max_draft):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return refdecode.load_tokenizer("smollm2-135m")
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -84,14 +84,12 @@ def test_stream_prints_the_text(capsys, smollm2):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     """A tiny random Llama over SmolLM2's vocabulary, saved with its tokenizer, so the CLI loads it by path."""
     import torch
     from stats_helpers import tiny_llama
 
-    import refdecode
-
-    tokenizer = refdecode.load_tokenizer("smollm2-135m")
+    tokenizer = smollm2_tokenizer
     model = tiny_llama(vocab_size=len(tokenizer), seed=3, max_positions=256, eos_token_id=None)
     with torch.no_grad():
         model.lm_head.weight.mul_(40)  # words rather than ties
