@@ -216,6 +216,7 @@ def model_dir(tmp_path_factory, vocab_model, tokenizer):
     return folder
 
 
+@pytest.mark.slow
 @fraction(20)  # each example starts a Python process: ~5-10 s of imports on a small machine
 @given(text=TEXT, max_new=st.integers(1, 12), max_draft=MAX_DRAFTS, with_ref=st.booleans())
 def test_cli_equals_transformers(

@@ -47,6 +47,7 @@ def test_non_utf8_and_empty_files(capsys, tmp_path):
     assert code == 2 and "directory" in err
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_generate_json_with_reference_longer_than_context(capsys, tmp_path, smollm2):
     ref = tmp_path / "long.txt"
@@ -71,6 +72,7 @@ def test_generate_json_with_reference_longer_than_context(capsys, tmp_path, smol
     assert len(record["token_ids"]) <= 12
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_stream_prints_the_text(capsys, smollm2):
     code, out, err = run(capsys, "generate", "--prompt", "Say hello.", "--chat", "--max-new-tokens", "8", "--stream")
