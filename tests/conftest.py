@@ -78,6 +78,16 @@ def tiny_model(request):
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer, loaded once for the whole run (a few seconds each time): tests only encode, decode and
+    save it, never change it. Raises refdecode.ModelNotFoundError when it is not installed; tests that skip then
+    take it through `request.getfixturevalue` and catch that."""
+    import refdecode
+
+    return refdecode.load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     try:
         import refdecode

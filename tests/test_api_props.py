@@ -153,8 +153,8 @@ def test_stop_strings_from_the_prompt(model, prompt, data, max_draft):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return refdecode.load_tokenizer("smollm2-135m")
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +216,7 @@ def model_dir(tmp_path_factory, vocab_model, tokenizer):
     return folder
 
 
+@pytest.mark.slow
 @fraction(20)  # each example starts a Python process: ~5-10 s of imports on a small machine
 @given(text=TEXT, max_new=st.integers(1, 12), max_draft=MAX_DRAFTS, with_ref=st.booleans())
 def test_cli_equals_transformers(

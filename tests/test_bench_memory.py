@@ -24,13 +24,13 @@ def test_paraphrases_are_deterministic_rewordings():
     assert len(seen) >= 5  # prefixes and next turns vary with k
 
 
-def test_runs_on_a_tiny_model(monkeypatch, tmp_path, capsys):
+def test_runs_on_a_tiny_model(monkeypatch, tmp_path, capsys, smollm2_tokenizer):
     from stats_helpers import tiny_llama
 
     import refdecode
     import refdecode.decoding
 
-    tokenizer = refdecode.load_tokenizer("smollm2-135m")
+    tokenizer = smollm2_tokenizer
     model = tiny_llama(vocab_size=len(tokenizer), seed=3, max_positions=512, eos_token_id=None)
     with torch.no_grad():
         model.lm_head.weight.mul_(40)

@@ -27,9 +27,9 @@ DOC_B = "The server restarts every night at two o'clock and mails a summary to t
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok(request):
     try:
-        return refdecode.load_tokenizer("smollm2-135m")
+        return request.getfixturevalue("smollm2_tokenizer")
     except refdecode.ModelNotFoundError as err:
         pytest.skip(f"SmolLM2's tokenizer is not installed: {err}")
 

@@ -47,6 +47,7 @@ def test_non_utf8_and_empty_files(capsys, tmp_path):
     assert code == 2 and "directory" in err
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_generate_json_with_reference_longer_than_context(capsys, tmp_path, smollm2):
     ref = tmp_path / "long.txt"
@@ -71,6 +72,7 @@ def test_generate_json_with_reference_longer_than_context(capsys, tmp_path, smol
     assert len(record["token_ids"]) <= 12
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_stream_prints_the_text(capsys, smollm2):
     code, out, err = run(capsys, "generate", "--prompt", "Say hello.", "--chat", "--max-new-tokens", "8", "--stream")
@@ -84,14 +86,12 @@ def test_stream_prints_the_text(capsys, smollm2):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     """A tiny random Llama over SmolLM2's vocabulary, saved with its tokenizer, so the CLI loads it by path."""
     import torch
     from stats_helpers import tiny_llama
 
-    import refdecode
-
-    tokenizer = refdecode.load_tokenizer("smollm2-135m")
+    tokenizer = smollm2_tokenizer
     model = tiny_llama(vocab_size=len(tokenizer), seed=3, max_positions=256, eos_token_id=None)
     with torch.no_grad():
         model.lm_head.weight.mul_(40)  # words rather than ties

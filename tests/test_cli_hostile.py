@@ -42,6 +42,7 @@ def test_prompt_and_stop_with_undecodable_bytes(capsys):
     assert_one_line(code, err, "--stop is not valid UTF-8")
 
 
+@pytest.mark.slow
 def test_undecodable_argv_bytes_in_a_real_process(tmp_path):
     """The same through a real command line: the bytes reach the process as the OS gives them."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", LC_ALL="C.UTF-8")

@@ -562,6 +562,7 @@ def test_cli_refuses_an_unknown_model_drafter_before_loading_a_model(capsys, mon
     assert "self:bogus" in err and "Traceback" not in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("refdecode.heads") is None, reason="refdecode.heads is not here yet")
 def test_cli_self_heads_without_trained_heads_is_one_line(capsys, monkeypatch, tmp_path, smollm2):
@@ -876,6 +877,7 @@ def test_hybrid_starts_and_closes_its_model_drafter_through_generate():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 @pytest.mark.parametrize(
     "spec, alone", [("self:layers=10", False), ("self:int8", False), ("self:recycle", False), ("self:recycle", True)]

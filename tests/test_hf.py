@@ -14,8 +14,8 @@ def flat_costs():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return refdecode.load_tokenizer("smollm2-135m")
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

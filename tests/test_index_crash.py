@@ -82,6 +82,7 @@ def _build_in_child(src: Path, out: Path, kill_at: int, log: Path | None = None)
     return status
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize("existing", [True, False], ids=["replace", "fresh"])
 def test_build_killed_at_every_step(tmp_path, existing):
@@ -155,16 +156,16 @@ def _cli(src: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.fuzz
-def test_cli_build_killed_at_spread_times(tmp_path):
+def test_cli_build_killed_at_spread_times(tmp_path, request):
     """SIGKILL a real CLI build at 10 moments in CI (62 under `make fuzz`): 8 (60) spread from process start to
     the build's end, and 2 after its end. Each time the index loads and answers as the old corpus or as the new
     one, never otherwise, nothing partial is loadable, and the next build cleans up."""
     from refdecode.corpus import build_index
-    from refdecode.models import load_tokenizer
 
     try:
-        tok = load_tokenizer("smollm2-135m")
+        tok = request.getfixturevalue("smollm2_tokenizer")
     except Exception as e:  # noqa: BLE001 - no cached tokenizer: nothing to kill
         pytest.skip(f"smollm2-135m tokenizer not available: {e}")
     src_a, src_b = write_corpus(tmp_path / "src_a", seed=0), write_corpus(tmp_path / "src_b", seed=1, docs=4)
@@ -271,6 +272,7 @@ for i in range({rounds}):
 """
 
 
+@pytest.mark.slow
 def test_readers_see_one_index_or_the_other_while_it_is_rebuilt(tmp_path):
     src_a, src_b = write_corpus(tmp_path / "src_a", seed=0), write_corpus(tmp_path / "src_b", seed=1, docs=4)
     ctx = span_contexts(src_a, 3) + span_contexts(src_b, 3)

@@ -597,6 +597,7 @@ _C_EXTENSION_CASES = (
 )
 
 
+@pytest.mark.slow
 def test_hostile_files_never_reach_faiss_or_numpy_in_a_child(pristine, tmp_path):
     """The folders that would make faiss or numpy abort, allocate terabytes or unpickle: a child process loads
     each (checksums off, the weakest setting) and gets IndexFormatError; an empty index answers nothing. The

@@ -125,8 +125,8 @@ def test_bad_options_raise_clear_value_errors(model, options, message):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return refdecode.load_tokenizer("smollm2-135m")
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,7 @@ def test_drafter_extends_a_repeating_output_past_the_context_end():
     assert draft.tokens == [3, 1, 2, 3, 1, 2, 3, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_lookup_in_an_index_without_ngrams_does_not_end_the_process():
     # Regression: pyahocorasick aborts the interpreter on longest_prefix of an automaton with no words. Run the
     # lookups in a child process so that a regression fails this test instead of killing the test run.

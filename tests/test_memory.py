@@ -370,7 +370,7 @@ def test_manifest_names_the_format(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_generate_with_memory_is_lossless_and_drafts_a_repeat(monkeypatch):
+def test_generate_with_memory_is_lossless_and_drafts_a_repeat(monkeypatch, smollm2_tokenizer):
     import torch
     from stats_helpers import tiny_llama
 
@@ -379,7 +379,7 @@ def test_generate_with_memory_is_lossless_and_drafts_a_repeat(monkeypatch):
 
     # wide forwards cost as much as narrow ones: no calibration forwards, drafting independent of this machine
     monkeypatch.setattr(refdecode.decoding, "calibrate_costs", lambda *args, **kwargs: {1: 1.0, 64: 1.0})
-    tokenizer = refdecode.load_tokenizer("smollm2-135m")
+    tokenizer = smollm2_tokenizer
     model = tiny_llama(vocab_size=len(tokenizer), seed=3, max_positions=256, eos_token_id=None)
     with torch.no_grad():
         model.lm_head.weight.mul_(40)  # words rather than ties between near-equal logits

@@ -29,6 +29,7 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 @pytest.mark.parametrize("case", range(len(PROMPTS)))
 def test_smollm2_greedy_identical_to_transformers(smollm2, case):
@@ -46,6 +47,7 @@ def test_smollm2_greedy_identical_to_transformers(smollm2, case):
     assert out.stats.steps <= len(expected)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_smollm2_str_prompt_with_chat_template(smollm2):
     model, tokenizer = smollm2
@@ -55,6 +57,7 @@ def test_smollm2_str_prompt_with_chat_template(smollm2):
     assert by_ids.token_ids == by_text.token_ids
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_model_cache_second_load_is_fast_and_identical(smollm2):
     model, _ = smollm2  # the fixture converted the GGUF (or found the cache)
@@ -75,6 +78,7 @@ def test_unknown_model_lists_known_names(tmp_path):
         refdecode.load_model(str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_smollm2_greedy_identical_with_every_width_routed(smollm2):
     """The transposed CPU kernels (refdecode.kernels) at every width, whatever this machine's calibration chose:

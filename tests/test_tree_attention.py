@@ -357,6 +357,7 @@ def test_keep_rows_rejects_rows_the_forward_did_not_make():
         keep_rows(cache, 3, [0, 3])
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_smollm2_ten_node_tree_rows_match_plain_decoding(smollm2):
     model, tokenizer = smollm2

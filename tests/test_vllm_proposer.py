@@ -343,6 +343,7 @@ def test_an_untested_vllm_version_is_refused_with_a_clear_message(version):
         plugin.check_version(version)
 
 
+@pytest.mark.slow
 def test_importing_refdecode_vllm_does_not_import_vllm():
     import subprocess
     import sys
