@@ -196,7 +196,8 @@ def read_manifest(folder: Path, fmt: FolderFormat, *, files: bool = True) -> dic
         raise FolderFormatError(f"no {fmt.label} at {folder}: not a folder")
     path = folder / MANIFEST_FILE
     if path.is_symlink() or not path.is_file():
-        raise FolderFormatError(f"no {fmt.label} at {folder}: {MANIFEST_FILE} is missing (an unfinished write?)")
+        why = "an unfinished write?" if not any(folder.iterdir()) else f"it is not a refdecode {fmt.label}"
+        raise FolderFormatError(f"no {fmt.label} at {folder}: {MANIFEST_FILE} is missing ({why})")
     manifest = _load_json(path, folder, fmt)
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.name:
         raise FolderFormatError(f"{fmt.label} {folder}: {MANIFEST_FILE} is not a refdecode {fmt.label} manifest")

@@ -27,7 +27,7 @@ from index_helpers import answers, build, gen_dir, span_contexts, write_corpus
 from refdecode.corpus import CorpusIndex, IndexFormatError
 
 FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _manifests_load(root: Path, allowed: list, ctx: list) -> None:
@@ -289,7 +289,7 @@ def test_readers_see_one_index_or_the_other_while_it_is_rebuilt(tmp_path):
     readers = []
     for r in range(2):
         script = _READER.format(
-            tests=str(REPO / "tests"),
+            tests=str(REPO / "tests" / "corpus"),
             out=str(out),
             ctx=ctx,
             stop=str(stop),
