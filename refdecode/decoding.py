@@ -29,7 +29,14 @@ from .inputs import (
     prepare_prompt,
 )
 from .kernels import forward_tokens, routed, synchronize
-from .policy import DraftPolicy, ForwardCostModel, calibrate_costs
+from .policy import (
+    DraftPolicy,
+    ForwardCostModel,
+    calibrate_costs,
+    measure_rounding,
+    measured_rounding,
+    tie_margin_for,
+)
 from .sampling import SamplingConfig, build_processors, process_rows
 from .stopping import StopChecker, stop_list
 from .tree import DraftTree
@@ -195,6 +202,7 @@ def generate(
             only where references leave room and its cost pays. Or a Drafter object, which drafts alone.
         policy: a DraftPolicy (default: adaptive, calibrated on this model); max_draft caps the draft length.
         tie_margin: greedy only; top-2 score gap below which a wide forward's argmax is recomputed one token wide
+            (default: twice the largest logit change a wide forward of this model showed, see policy.tie_margin_for)
             (default: 1e-3 for float32 models, 0 for half precision, where wide and narrow forwards differ anyway).
         tree: True (default): each step merges the candidates of every source into a token tree and verifies the
             part that pays in one forward; False: one voted chain per step, as before.
@@ -292,8 +300,6 @@ def decode(
         raise ValueError("sampling needs a torch.Generator")
     check_prompt_ids(model, prompt_ids)
     device = model.device
-    if tie_margin is None:  # float32: well above the ~1e-5 differences between wide and narrow forwards
-        tie_margin = 1e-3 if model.dtype == torch.float32 else 0.0
     stopper = StopChecker(tokenizer, eos_ids, stop_strings, stopping_criteria, prompt_ids)
     stats = GenerationStats()
     if streamer is not None:  # like transformers: the prompt first (TextStreamer(skip_prompt=True) drops it)
@@ -319,6 +325,11 @@ def decode(
     stats.prefill_seconds = time.perf_counter() - t_start
     if not stop_reason and calibrate and not policy.costs:
         policy.costs = ForwardCostModel(calibrate_costs(model, cache, output[-1]))
+    if tie_margin is None:  # from how far this model's wide forwards move a logit (measured once per model)
+        rounding = measured_rounding(model)
+        if rounding is None and model.dtype != torch.float32 and not stop_reason:
+            rounding = measure_rounding(model, cache, output[-1])
+        tie_margin = tie_margin_for(model, rounding or 0.0)
     t_decode = time.perf_counter()
     stats.calibration_seconds = t_decode - t_start - stats.prefill_seconds
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from .kernels import forward_tokens, routable, set_route, synchronize
 from .tree import DraftTree, sibling_ranks
 
@@ -389,6 +391,7 @@ class DraftPolicy:
 
 _COST_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): table}
 _LAST_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: DraftPolicy}
+_ROUNDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): largest |dlogit|}
 
 
 def warm_policy(model, max_draft: int, *, kind: str) -> DraftPolicy:
@@ -428,20 +431,61 @@ def calibrate_costs(model, cache, pending: int, *, widths=(1, 2, 4, 8, 16, 32, 6
     if rounds is None:
         rounds = 5 if len(trials) == len(widths) else 3
     best = {trial: float("inf") for trial in trials}
+    narrow = None  # [V] the pending token's logits from a one-token forward
+    rounding = 0.0
     for _ in range(rounds):
         for width, route in trials:
             synchronize(device)
             t0 = time.perf_counter()
-            forward_tokens(model, cache, [pending] * width, route=route)
+            logits = forward_tokens(model, cache, [pending] * width, route=route)  # [width, V]
             synchronize(device)
             best[width, route] = min(best[width, route], time.perf_counter() - t0)
             cache.crop(-width)
+            # row 0 is the same computation at every width, rounded differently: how far a wide forward moves it
+            if narrow is None and width == 1:
+                narrow = logits[0]
+            elif narrow is not None:
+                rounding = max(rounding, (logits[0] - narrow).abs().max().item())
+    _ROUNDING.setdefault(model, {})[(str(device), str(model.dtype))] = rounding
     decisions = {w: best[w, True] < best[w, False] for w in widths if (w, True) in best}
     if decisions:
         set_route(model, decisions)
     table = {w: min(best[w, False], best.get((w, True), float("inf"))) for w in widths}
     per_model[key] = table
     return table
+
+
+def measured_rounding(model) -> float | None:
+    """The largest change of any logit between a one-token forward and a wider one of the same row on `model`, as
+    measured by its calibration (calibrate_costs) in this process; None when it never ran."""
+    return _ROUNDING.get(model, {}).get((str(model.device), str(model.dtype)))
+
+
+def measure_rounding(model, cache, pending: int, *, widths=(1, 8, 64)) -> float:
+    """Measure (once per model, dtype and device) how far a forward of several tokens moves a row's logits against
+    a one-token forward, on the live cache, each forward rolled back; the largest |dlogit| over `widths`."""
+    known = measured_rounding(model)
+    if known is not None:
+        return known
+    rows = []
+    for width in widths:
+        rows.append(forward_tokens(model, cache, [pending] * width)[0])  # [V]: row 0, the same at every width
+        cache.crop(-width)
+    rounding = max((row - rows[0]).abs().max().item() for row in rows[1:])
+    _ROUNDING.setdefault(model, {})[(str(model.device), str(model.dtype))] = rounding
+    return rounding
+
+
+def tie_margin_for(model, rounding: float) -> float:
+    """The greedy tie guard's margin: a row whose top two scores are closer than this is recomputed one token wide.
+
+    Two scores that a wide forward moves by at most `rounding` each can swap order only if they were closer than
+    2 x rounding, so that is the margin, measured on the model at hand (bfloat16 moves a 1.5B model's logits by
+    ~0.2, float32 by ~1e-5); float32 keeps at least 1e-3, the margin its token-for-token guarantee was proven with.
+    The cache the wide forward leaves behind rounds differently too, so the guard makes bfloat16 and float16 far
+    more often identical to plain greedy, not always."""
+    floor = 1e-3 if model.dtype == torch.float32 else 0.0
+    return max(floor, 2.0 * rounding)
 
 
 def policy_kind(drafter, tree: bool) -> str:
