@@ -66,13 +66,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--drafters",
         "--prophets",
-        dest="prophets",
+        dest="drafters",
         nargs="+",
         metavar="SPEC",
         default=[],
-        help="model drafters to add rows for, each alone (prophet:SPEC, the rows' saved name) and with the "
-        "references (refdecode+SPEC): self:heads, self:int8, self:layers=N, self:recycle, or a draft model name "
-        "sharing the tokenizer; --prophets is the same option under its older name",
+        help="model drafters to add rows for, each alone (drafter:SPEC) and with the references (refdecode+SPEC): "
+        "self:heads, self:int8, self:layers=N, self:recycle, or a draft model name sharing the tokenizer; "
+        "--prophets is the same option under its older name",
+    )
+    parser.add_argument(
+        "--draft-model",
+        metavar="NAME",
+        default=None,
+        help="a model sharing the target's tokenizer (e.g. qwen2.5-coder-0.5b for --model qwen2.5-coder-1.5b), "
+        "loaded once: adds transformers' assisted generation with it (assisted) and refdecode's tree with it "
+        "joining the references (refdecode+NAME)",
     )
     parser.add_argument(
         "--sampling",
@@ -85,6 +93,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         type=int,
         default=None,
         help=f"repetitions per width of the forward-cost curve (default {DEFAULTS['cost_reps']})",
+    )
+    parser.add_argument(
+        "--cost-max-width",
+        type=int,
+        default=64,
+        help="the forward-cost curve times widths 1..this (default 64; a large model on a CPU: 32)",
     )
     parser.add_argument(
         "--out",
@@ -153,10 +167,12 @@ def _config(args):
         sampling=args.sampling,
         threads=args.threads,
         cost_reps=args.cost_reps if args.cost_reps is not None else chosen["cost_reps"],
+        cost_max_width=args.cost_max_width,
         requests_file=args.requests,
         index=args.index,
         quick=args.quick,
-        prophets=tuple(args.prophets),
+        drafters=tuple(args.drafters),
+        draft_model=args.draft_model,
     )
 
 

@@ -138,7 +138,8 @@ def _step_fraction(per_step: float | None, oracle_per_step: float | None) -> flo
     return (per_step - 1) / (oracle_per_step - 1)
 
 
-PROPHET_BASES = ("greedy", "pld", "refdecode")  # what each model-drafter row is set against
+DRAFTER_ROWS = ("drafter:", "prophet:", "refdecode+", "assisted")  # prophet: is the name in results before 2026-12
+DRAFTER_BASES = ("greedy", "pld", "refdecode")  # what each model-drafter row is set against
 
 
 def summarize_group(records: list[dict], methods: list[str]) -> dict:
@@ -147,8 +148,9 @@ def summarize_group(records: list[dict], methods: list[str]) -> dict:
     summaries = {m: summarize_method(rs) for m, rs in by_method.items() if rs}
     block: dict = {"n": len({r["request_id"] for r in records}), "methods": summaries}
     ratios = {}
-    prophets = [(m, base) for m in summaries if m.startswith(("prophet:", "refdecode+")) for base in PROPHET_BASES]
-    for a, b in [*RATIOS, *COMPARISONS, *prophets]:
+    drafters = [(m, base) for m in summaries if m.startswith(DRAFTER_ROWS) for base in DRAFTER_BASES]
+    assisted = [(m, "assisted") for m in summaries if m.startswith("refdecode+") and "assisted" in summaries]
+    for a, b in [*RATIOS, *COMPARISONS, *drafters, *assisted]:
         if a not in summaries or b not in summaries:
             continue
         sa, sb = summaries[a], summaries[b]
@@ -340,19 +342,20 @@ def model_drafters_table(groups: dict[str, dict]) -> list[str]:
     """One row per workload and model-drafter method (alone, or with the references): speed against greedy,
     prompt lookup and the references alone, tokens per step, acceptance and what drafting cost."""
     lines = [
-        "| workload | method | tok/s | / greedy | / prompt lookup | / references alone | tokens per step "
+        "| workload | method | tok/s | / greedy | / prompt lookup | / references alone | / assisted | tokens per step "
         "| draft acceptance | draft ms per step | accepted draft tokens from |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     rows = 0
     for name, b in groups.items():
         for m, s in b["methods"].items():
-            if m not in ("refdecode",) and not m.startswith(("prophet:", "refdecode+")):
+            if m not in ("refdecode",) and not m.startswith(DRAFTER_ROWS):
                 continue
             rate = s.get("acceptance_rate")
             lines.append(
                 f"| {name} | {m} | {_f(s['tokens_per_second'])} | {_pair(b, f'{m}/greedy')} | {_pair(b, f'{m}/pld')} "
-                f"| {_pair(b, f'{m}/refdecode') if m != 'refdecode' else '1.00x'} | {_f(s['mean_accepted'], 2)} | "
+                f"| {_pair(b, f'{m}/refdecode') if m != 'refdecode' else '1.00x'} | {_pair(b, f'{m}/assisted')} "
+                f"| {_f(s['mean_accepted'], 2)} | "
                 f"{f'{rate * 100:.0f}%' if rate is not None else '-'} | {_f(s.get('draft_ms_per_step'), 1)} | "
                 f"{_sources(s)} |"
             )
@@ -392,15 +395,15 @@ def format_report(results: dict, summary: dict) -> str:
     if comparisons:
         out += ["", "Head to head, in one run (ratios of decoding throughput and of tokens per step):", ""]
         out += comparisons
-    prophets = model_drafters_table(groups)
-    if prophets:
+    drafters = model_drafters_table(groups)
+    if drafters:
         out += [
             "",
-            "Model drafters (refdecode.drafters): prophet:X drafts with X alone, refdecode+X puts X's drafts in the "
+            "Model drafters (refdecode.drafters): drafter:X drafts with X alone, refdecode+X puts X's drafts in the "
             "references' tree; draft acceptance = accepted / verified draft tokens (tree nodes included); draft ms "
             "per step = time in the drafter (model forwards, matching) per verification step:",
             "",
-        ] + prophets
+        ] + drafters
     if "spec_bench" in summary:
         out += ["", "Spec-Bench (first turns), leaderboard layout:", ""] + spec_bench_table(summary["spec_bench"])
     if "refdecode-sample" in meta["methods"]:

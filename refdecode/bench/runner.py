@@ -71,14 +71,17 @@ SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.7, 0.9
 REQUESTS_FORMAT = "refdecode-bench-requests/1"
 # + a drafter spec: the model drafter drafting alone (no references); the method name keeps its first spelling,
 # which the saved results and their reports use
-PROPHET_ALONE = "prophet:"
+DRAFTER_ALONE = "drafter:"
 WITH_REFERENCES = "refdecode+"  # + a drafter spec: refdecode's references and the model drafter in one tree
 RECYCLE = "self:recycle"  # the model drafter that learns across calls (its table is kept per method, see run_refdecode)
 
 
+ASSISTED = "assisted"  # transformers' assisted generation (assistant_model=) with the config's draft model
+
+
 def is_checked(method: str) -> bool:
     """Greedy methods whose output must equal transformers greedy's token for token."""
-    return method in CHECKED_METHODS or method.startswith((PROPHET_ALONE, WITH_REFERENCES))
+    return method in CHECKED_METHODS or method == ASSISTED or method.startswith((DRAFTER_ALONE, WITH_REFERENCES))
 
 
 @dataclass
@@ -101,7 +104,9 @@ class BenchConfig:
     requests_file: str | None = None
     quick: bool = False
     index: str | None = None  # a corpus index: rag-index prompts retrieve from it, and refdecode drafts from it
-    prophets: tuple[str, ...] = ()  # model drafters (refdecode.drafters): each adds a row alone and one with references
+    drafters: tuple[str, ...] = ()  # model drafters (refdecode.drafters): each adds a row alone and one with references
+    draft_model: str | None = None  # a model sharing the tokenizer: transformers' assisted generation with it, and
+    # refdecode's tree with it joining the references (refdecode+NAME)
 
     def __post_init__(self):
         from refdecode.bench.workloads import WORKLOADS
@@ -135,14 +140,22 @@ class BenchConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         from refdecode.drafters import check_drafter_spec
 
-        self.prophets = tuple(self.prophets)
-        for spec in self.prophets:
+        self.drafters = tuple(self.drafters)
+        if self.draft_model is not None:
+            check_drafter_spec(self.draft_model)
+            if self.draft_model.strip().startswith("self:"):
+                raise ValueError(
+                    f"draft_model must be a model sharing the tokenizer, got {self.draft_model!r}: "
+                    "self: drafters go in drafters"
+                )
+        for spec in self.drafters:
             check_drafter_spec(spec)
 
     @property
     def all_methods(self) -> tuple[str, ...]:
-        prophets = tuple(m for spec in self.prophets for m in (PROPHET_ALONE + spec, WITH_REFERENCES + spec))
-        return self.methods + prophets + (SAMPLING_METHODS if self.sampling else ())
+        drafters = tuple(m for spec in self.drafters for m in (DRAFTER_ALONE + spec, WITH_REFERENCES + spec))
+        assisted = (ASSISTED, WITH_REFERENCES + self.draft_model) if self.draft_model else ()
+        return self.methods + assisted + drafters + (SAMPLING_METHODS if self.sampling else ())
 
 
 @dataclass
@@ -322,8 +335,9 @@ def _record(
     }
 
 
-def run_hf(model, prompt_ids: list[int], max_new_tokens: int, method: str, *, seed: int = 0) -> dict:
-    """transformers generate: greedy, prompt lookup, or sampling (T=0.7, top_p=0.9, no top-k)."""
+def run_hf(model, prompt_ids: list[int], max_new_tokens: int, method: str, *, seed: int = 0, draft=None) -> dict:
+    """transformers generate: greedy, prompt lookup, assisted generation with `draft` (transformers' own schedule
+    of draft lengths), or sampling (T=0.7, top_p=0.9, no top-k)."""
     device = model.device
     x = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     kwargs = dict(attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, pad_token_id=_pad_id(model))
@@ -331,6 +345,10 @@ def run_hf(model, prompt_ids: list[int], max_new_tokens: int, method: str, *, se
         kwargs.update(do_sample=False)
     elif method == "pld":
         kwargs.update(do_sample=False, prompt_lookup_num_tokens=PLD_TOKENS)
+    elif method == ASSISTED:
+        if draft is None:
+            raise ValueError("assisted generation needs a draft model (BenchConfig.draft_model)")
+        kwargs.update(do_sample=False, assistant_model=draft)
     elif method == "hf-sample":
         kwargs.update(do_sample=True, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, top_k=0)
     else:
@@ -371,6 +389,7 @@ def run_refdecode(
     seed: int = 0,
     index=None,
     learned: dict | None = None,
+    draft=None,
 ) -> dict:
     """refdecode.generate: with a ReferenceStore of the request's references (a tree, or one chain for the -chain
     methods), with SuffixDecoding's drafter over the same references, or with the oracle drafter. The corpus index
@@ -378,20 +397,23 @@ def run_refdecode(
 
     learned: method -> what a model drafter learns across calls (self:recycle's successor table), kept by the caller
     over the timed requests, so each method's table grows over earlier, other prompts as on a server and never
-    holds a run of the same prompt by another method; None (the warm-up): a fresh table, thrown away."""
+    holds a run of the same prompt by another method; None (the warm-up): a fresh table, thrown away.
+    draft: the config's draft model, loaded once: the refdecode+NAME row drafts with this object."""
     from refdecode import build_drafting, generate, kernels
 
     kwargs: dict = {}
     suffix = None
     model_drafter: Any = None  # a ModelDrafterBase
     joined: dict | None = None  # build_drafting's arguments when a model drafter joins the references
-    if method.startswith((WITH_REFERENCES, PROPHET_ALONE)):
+    if method.startswith((WITH_REFERENCES, DRAFTER_ALONE)):
         from refdecode.drafters import RecycleDrafter, SuccessorTable, build_model_drafter
 
-        spec = method[len(PROPHET_ALONE) :] if method.startswith(PROPHET_ALONE) else method[len(WITH_REFERENCES) :]
+        spec = method[len(DRAFTER_ALONE) :] if method.startswith(DRAFTER_ALONE) else method[len(WITH_REFERENCES) :]
         if spec == RECYCLE:  # its table learns across calls: one per method, never shared between methods
             table = SuccessorTable() if learned is None else learned.setdefault(method, SuccessorTable())
             model_drafter = RecycleDrafter(table)
+        elif draft is not None and spec == getattr(draft, "refdecode_name", None):
+            model_drafter = build_model_drafter(draft, model, tokenizer)
         else:
             model_drafter = build_model_drafter(spec, model, tokenizer)
     if method in REFDECODE_METHODS:
@@ -408,7 +430,7 @@ def run_refdecode(
         kwargs.update(drafter=suffix)  # and generate's default DraftPolicy, as for refdecode
     elif method.startswith(WITH_REFERENCES):
         joined = dict(store=_store(tokenizer, request), index=index, drafter=model_drafter, alone=False)
-    elif method.startswith(PROPHET_ALONE):
+    elif method.startswith(DRAFTER_ALONE):
         kwargs.update(drafter=model_drafter)
     elif method == "oracle":
         if greedy_ids is None:
@@ -473,9 +495,10 @@ def run_method(
     seed: int,
     index=None,
     learned: dict | None = None,
+    draft=None,
 ) -> dict:
-    if method in ("greedy", "pld", "hf-sample"):
-        return run_hf(model, request.prompt_ids, max_new_tokens, method, seed=seed)
+    if method in ("greedy", "pld", "hf-sample", ASSISTED):
+        return run_hf(model, request.prompt_ids, max_new_tokens, method, seed=seed, draft=draft)
     return run_refdecode(
         model,
         tokenizer,
@@ -486,6 +509,7 @@ def run_method(
         seed=seed,
         index=index,
         learned=learned,
+        draft=draft,
     )
 
 
@@ -634,6 +658,13 @@ def run_benchmark(
     requests = list(requests)
     if not requests:
         raise ValueError("no requests to run")
+    draft = None
+    if config.draft_model:
+        from refdecode import load_model
+        from refdecode.drafters import check_draft_model
+
+        draft, draft_tokenizer = load_model(config.draft_model, dtype=config.dtype, device=config.device)
+        check_draft_model(model, draft, tokenizer, draft_tokenizer)
     info = machine_info(model, config.dtype)
     log(_describe(info, config, requests))
 
@@ -652,6 +683,15 @@ def run_benchmark(
     )
     if cost["routed_widths"]:
         log("  with refdecode's CPU kernels: " + _routed_costs(cost))
+    draft_cost = None
+    if draft is not None:
+        draft_cost = forward_cost_curve(
+            draft, context=config.cost_context, max_width=config.cost_max_width, reps=config.cost_reps, seed=config.seed
+        )
+        log(
+            f"  draft model {config.draft_model}: one-token forward {draft_cost['seconds'][0] * 1e3:.0f} ms "
+            f"({draft_cost['seconds'][0] / cost['seconds'][0]:.2f} of the target's)"
+        )
 
     # 3) one untimed warm-up per method, on the first request
     methods = config.all_methods
@@ -659,7 +699,15 @@ def run_benchmark(
     greedy_warm = None
     for method in methods:
         rec = run_method(
-            model, tokenizer, warm, method, config.max_new_tokens, greedy_ids=greedy_warm, seed=config.seed, index=index
+            model,
+            tokenizer,
+            warm,
+            method,
+            config.max_new_tokens,
+            greedy_ids=greedy_warm,
+            seed=config.seed,
+            index=index,
+            draft=draft,
         )
         greedy_warm = rec["token_ids"] if method == "greedy" else greedy_warm
     log(f"warm-up done ({', '.join(methods)} on {warm.id})")
@@ -681,6 +729,7 @@ def run_benchmark(
                 seed=config.seed + i,
                 index=index,
                 learned=learned,
+                draft=draft,
             )
             if method == "greedy":
                 greedy_ids = rec["token_ids"]
@@ -717,6 +766,7 @@ def run_benchmark(
             "notes": notes,
         },
         "forward_cost": cost,
+        "draft_forward_cost": draft_cost,
         "requests": [
             {
                 "id": r.id,
