@@ -169,7 +169,8 @@ def test_runner_end_to_end_and_report_files(tiny_llama, tmp_path):
     for name in ("results.json", "table.md", "speedup.png", "accept_lengths.png", "forward_cost.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(saved) == {"meta", "forward_cost", "requests", "records", "summary"}
+    assert set(saved) == {"meta", "forward_cost", "draft_forward_cost", "requests", "records", "summary"}
+    assert saved["draft_forward_cost"] is None  # no draft model in this run
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| code-edit-ref | 2 |" in table and "Sampling" in table
     assert "| code-edit-ref | refdecode chain |" in table and "| code-edit-ref | refdecode chain sampling |" in table
@@ -333,6 +334,42 @@ def test_recycle_rows_keep_one_table_per_method_over_the_timed_requests(tiny_lla
     assert alone_2[0] is alone_1[0] and refs_2[0] is refs_1[0] and alone_1[0] is not refs_1[0]
     assert [rows for _, rows in (warm_alone, warm_refs, alone_1, refs_1)] == [0, 0, 0, 0]  # each starts empty
     assert alone_2[1] > 0 and refs_2[1] > 0  # and the second request drafts from what the first recorded
+
+
+def test_draft_model_adds_assisted_generation_and_the_tree_with_it(tiny_llama, tmp_path, monkeypatch):
+    """--draft-model NAME loads the draft model once (with the target's dtype and device), times its forward-cost
+    curve, and adds transformers' assisted generation with it and refdecode's tree with it beside the references:
+    both greedy, both checked against greedy token for token, refdecode+NAME also set against assisted."""
+    from stats_helpers import tiny_llama as make_llama
+
+    draft = make_llama(vocab_size=96, seed=5, layers=1)
+    draft.refdecode_name = "tiny-draft"
+    loads: list = []
+
+    def fake_load_model(name, *, dtype, device):
+        loads.append((name, dtype, device))
+        return draft, None
+
+    monkeypatch.setattr(refdecode, "load_model", fake_load_model)
+    tok = WordTokenizer()
+    reqs = runner.prepare_requests(["code-edit-ref"], 1, 0, tok, loader=fake_loader)
+    config = small_config(n=1, methods=("refdecode",), draft_model="tiny-draft")
+    results = runner.run_benchmark(config, model=tiny_llama, tokenizer=tok, requests=reqs, log=lambda line: None)
+    assert loads == [("tiny-draft", "float32", "cpu")]
+    methods = ["greedy", "refdecode", "assisted", "refdecode+tiny-draft"]
+    assert [r["method"] for r in results["records"]] == methods
+    for r in results["records"][1:]:
+        assert r["matches_greedy"], (r["method"], r["first_mismatch"])
+    assert results["draft_forward_cost"]["widths"] == [1, 2, 3, 4]
+    summary = report.write_report(results, tmp_path / "out", plots=False)
+    block = summary["workloads"]["code-edit-ref"]
+    assert {"assisted/greedy", "refdecode+tiny-draft/assisted", "refdecode+tiny-draft/greedy"} <= set(block["ratios"])
+    assert block["methods"]["assisted"]["mismatches"] == 0
+
+
+def test_a_self_drafter_is_not_a_draft_model():
+    with pytest.raises(ValueError, match="draft_model must be a model"):
+        small_config(draft_model="self:recycle")
 
 
 def test_unknown_model_drafters_are_refused_up_front():
