@@ -1,4 +1,4 @@
-"""Property-based tests of the public API (issue 10): greedy refdecode == transformers greedy `generate`, token for
+"""Property-based tests of the public API: greedy refdecode == transformers greedy `generate`, token for
 token, whatever the prompt, store, budget, stop strings and draft cap; through `refdecode.generate`,
 `model.generate(custom_generate=refdecode.hf_generate)` and the CLI; and junk input either works or raises
 ValueError / TypeError.

