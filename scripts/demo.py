@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_ids,
         store=store,
         max_new_tokens=args.max_new_tokens,
-        streamer=TextStreamer(tokenizer, skip_prompt=True),
+        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
     )
     s = out.stats
     ours = (s.new_tokens - 1) / s.decode_seconds if s.decode_seconds > 0 and s.new_tokens > 1 else None
