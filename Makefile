@@ -54,7 +54,7 @@ lint: setup ## ruff (rules and format check) and mypy
 test: setup lint ## lint, then the whole test suite, printing the 15 slowest tests (what .ci/run runs)
 	$(PY) -m pytest -q --durations=15 tests
 
-test-fast: setup ## the tests not marked slow (no process spawning, SIGKILL or real models): for daily work
+test-fast: setup ## the tests not marked slow (no processes, SIGKILL, real models or big statistical runs): for daily work
 	$(PY) -m pytest -q -m "not slow" tests
 
 # The property-based tests (hypothesis) with far more examples than CI runs: HYPOTHESIS_PROFILE in tests/conftest.py.

@@ -119,14 +119,22 @@ def refdecode_samples(model, setting, store, runs, *, first_seed=0, max_new=MAX_
     return samples, totals
 
 
+_TABLES: dict = {}
 _CACHE: dict = {}
 
 
-def setting_case(model, setting):
-    """(tables, references, samples, totals) for one setting, computed once per module."""
-    if setting not in _CACHE:
+def setting_tables(model, setting):
+    """(tables, references) for one setting: the exact distribution and the references, cheap, once per module."""
+    if setting not in _TABLES:
         tables = exact_tables(model, PROMPT, processors_for(setting))
-        references = uncertain_references(PROMPT, tables)
+        _TABLES[setting] = tables, uncertain_references(PROMPT, tables)
+    return _TABLES[setting]
+
+
+def setting_case(model, setting):
+    """(tables, references, samples, totals) for one setting: thousands of seeded runs, once per module."""
+    if setting not in _CACHE:
+        tables, references = setting_tables(model, setting)
         samples, totals = refdecode_samples(model, setting, store_of(references), RUNS[setting])
         _CACHE[setting] = tables, references, samples, totals
     return _CACHE[setting]
@@ -143,6 +151,7 @@ def assert_support(samples, probability):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # thousands of seeded runs: the full suite runs it, make test-fast does not
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_generate_matches_exact_distribution(model, setting):
     tables, references, samples, totals = setting_case(model, setting)
@@ -191,9 +200,10 @@ def resample_from_full_p_coupled(log_probs, draft, noise, *, tie_margin=0.0):
 WRONG_RULE_RNG = torch.Generator().manual_seed(1234)
 
 
+@pytest.mark.slow  # thousands of seeded runs: the full suite runs it, make test-fast does not
 def test_the_statistic_rejects_a_wrong_rule(model, monkeypatch):
     """The same goodness-of-fit test, on fewer runs, fails REST's re-sampling rule: the test has teeth."""
-    tables, references, _, _ = setting_case(model, "temperature")
+    tables, references = setting_tables(model, "temperature")
     monkeypatch.setattr(refdecode.verification, "verify_point_mass", resample_from_full_p_coupled)
     samples, totals = refdecode_samples(model, "temperature", store_of(references), 500, first_seed=10**6, tree=False)
     assert totals.drafted > totals.accepted > 0
@@ -293,6 +303,7 @@ def transformers_samples(model, setting, runs, seed):
     return [tuple(row) for row in out[:, len(PROMPT) :].tolist()]
 
 
+@pytest.mark.slow  # thousands of seeded runs: the full suite runs it, make test-fast does not
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_transformers_sampling_agrees(model, setting):
     """transformers' samples fit the enumeration (so the exact tables are what plain sampling draws from, processor
@@ -328,11 +339,12 @@ def hf_sample(model, store, seed, max_new=MAX_NEW, stats=None):
     return out[0, len(PROMPT) :].tolist()
 
 
+@pytest.mark.slow  # thousands of seeded runs: the full suite runs it, make test-fast does not
 def test_hf_generate_sampling_fits_and_repeats(model, monkeypatch):
     """model.generate(custom_generate=hf_generate, do_sample=True): transformers builds the warpers, refdecode
     samples; drafts forced to full length (hf_generate takes no policy, so its DraftPolicy is swapped)."""
     monkeypatch.setattr(refdecode.hf, "DraftPolicy", AlwaysDraft)
-    tables, references, _, _ = setting_case(model, "temperature")
+    tables, references = setting_tables(model, "temperature")
     store = store_of(references)
     first = hf_sample(model, store, 5, max_new=40)
     assert len(first) == 40 and hf_sample(model, store, 5, max_new=40) == first
@@ -351,7 +363,7 @@ def test_hf_generate_sampling_fits_and_repeats(model, monkeypatch):
 
 
 def test_hf_generate_same_seed_same_output(model):
-    _, references, _, _ = setting_case(model, "temperature")
+    _, references = setting_tables(model, "temperature")
     store = store_of(references)
     first = hf_sample(model, store, 5, max_new=40)
     assert len(first) == 40
@@ -360,7 +372,7 @@ def test_hf_generate_same_seed_same_output(model):
 
 
 def test_same_seed_same_output_different_seeds_differ(model):
-    _, references, _, _ = setting_case(model, "top_p")
+    _, references = setting_tables(model, "top_p")
     store = store_of(references)
 
     def run(seed, **kw):
@@ -393,7 +405,7 @@ def test_same_seed_same_output_different_seeds_differ(model):
 
 
 def test_same_seed_same_output_whatever_the_draft_lengths(model):
-    _, references, _, _ = setting_case(model, "temperature")
+    _, references = setting_tables(model, "temperature")
     store = store_of(references)
 
     def run(policy):
@@ -454,7 +466,7 @@ def test_a_draft_with_a_distribution_goes_through_decode(model):
 @pytest.mark.parametrize("case", range(3))
 def test_greedy_stays_token_for_token(model, case):
     """temperature=0 equals transformers greedy exactly, with drafts forced to full length."""
-    _, references, _, _ = setting_case(model, "temperature")
+    _, references = setting_tables(model, "temperature")
     prompt = PROMPT[: 3 + case]
     expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20)[0, len(prompt) :].tolist()
     store = store_of(references + [prompt[-2:] + expected])
@@ -475,7 +487,7 @@ def test_greedy_stays_token_for_token(model, case):
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_acceptance_statistics_add_up(model, temperature):
     """Sampling reports acceptance exactly as greedy does: each step commits its accepted draft tokens plus one."""
-    _, references, _, _ = setting_case(model, "temperature")
+    _, references = setting_tables(model, "temperature")
     store = store_of(references)
     for seed in range(5):
         out = refdecode.generate(

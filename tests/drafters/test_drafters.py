@@ -381,6 +381,7 @@ def model_drafter_samples(runs: int, *, first_seed: int = 0, hybrid: bool = Fals
     return samples, (drafted, accepted, from_model_drafter)
 
 
+@pytest.mark.slow  # thousands of seeded runs: the full suite runs it, make test-fast does not
 @pytest.mark.parametrize("hybrid", [False, True], ids=["alone-with-q", "hybrid-point-masses"])
 def test_sampling_with_a_model_drafter_matches_exact_distribution(hybrid, monkeypatch):
     sampling_case()
@@ -442,6 +443,7 @@ def renormalised_p_residual(probs, draft, generator, *, draft_probs=None):
     return Verdict(len(draft), int(torch.multinomial(probs[len(draft)], 1, generator=generator)))
 
 
+@pytest.mark.slow  # thousands of seeded runs: the full suite runs it, make test-fast does not
 def test_the_statistic_rejects_a_wrong_residual(monkeypatch):
     """The same goodness-of-fit test, on the first two tokens (the second is the one the q rule emits), fails the
     model drafter's q path with a wrong residual: it has teeth."""
