@@ -116,7 +116,9 @@ def read_documents(files: Sequence[Path], *, field: str = "text") -> Iterator[Do
             if text.strip():
                 yield Document(str(path), text)
             continue
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # JSONL records end at \n only: str.splitlines would also cut inside a string holding U+2028 or U+0085,
+        # which JSON writers leave unescaped (ensure_ascii=False)
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -122,6 +122,16 @@ def test_jsonl_field_and_gzip(tmp_path):
         build(src, tmp_path / "idx2")
 
 
+def test_jsonl_records_split_only_at_newlines(tmp_path):
+    """U+2028, U+0085 and \r inside a record's string (left unescaped by ensure_ascii=False) stay in the record."""
+    from refdecode.corpus.chunking import read_documents
+
+    texts = ["mango\u2028peach", "kiwi\x85plum", "fig\rlime"]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts), encoding="utf-8")
+    assert [d.text for d in read_documents([path])] == texts
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError):
         build(tmp_path / "missing", tmp_path / "idx")
