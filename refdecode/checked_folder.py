@@ -90,8 +90,10 @@ class FolderFormat:
     name: the manifest's "format" (e.g. "refdecode-corpus-index"); version: the version written; readable: the
     versions read (default: only `version`); flat_versions: readable versions whose files lie in the folder itself
     rather than in a generation; label: how messages name such a folder ("index", "output memory", "heads");
-    data_files: every file name a generation may hold, which is what cleanup may remove; renew: what to do about
-    an unreadable version, ending that message (e.g. "rebuild it with `refdecode index build --force`").
+    data_files: every fixed file name a generation may hold; data_patterns: regular expressions (matched whole)
+    for numbered names whose count varies (e.g. `part.NNNNN.npy`); together they are what a commit accepts
+    and what cleanup may remove; renew: what to do about an unreadable version, ending that message (e.g.
+    "rebuild it with `refdecode index build --force`").
     """
 
     name: str
@@ -101,12 +103,17 @@ class FolderFormat:
     readable: tuple[int, ...] = ()
     flat_versions: tuple[int, ...] = ()
     renew: str = ""
+    data_patterns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.readable:
             object.__setattr__(self, "readable", (self.version,))
         if self.version not in self.readable or self.version in self.flat_versions:
             raise ValueError(f"format {self.name}: the version written must be readable and use a generation")
+
+    def holds(self, name: str) -> bool:
+        """Whether a generation of this format may hold a file called `name`: a fixed name or a pattern's."""
+        return name in self.data_files or any(re.fullmatch(p, name) for p in self.data_patterns)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -361,7 +368,7 @@ class Generation:
     def commit(self, manifest: dict, files: Collection[str]) -> dict:
         """Record `files` (names inside `dir`) with sizes and checksums, plus format, version and generation, and
         make this generation the folder's: one atomic `os.replace` of `manifest.json`. -> the full manifest"""
-        unknown = sorted(set(files) - self.fmt.data_files)
+        unknown = sorted(name for name in set(files) if not self.fmt.holds(name))
         if unknown:
             raise ValueError(f"format {self.fmt.name} holds no file named {', '.join(unknown)}")
         for name in files:
@@ -413,10 +420,10 @@ def _locked(folder: Path, out: Path) -> Iterator[None]:
         os.close(fd)  # closing the only descriptor releases the lock
 
 
-def _is_ours(folder: Path, data_files: Collection[str]) -> bool:
+def _is_ours(folder: Path, fmt: FolderFormat) -> bool:
     """A generation folder as a writer writes it: plain files with the names the format uses, nothing else."""
     try:
-        return all(p.name in data_files and stat.S_ISREG(os.lstat(p).st_mode) for p in folder.iterdir())
+        return all(fmt.holds(p.name) and stat.S_ISREG(os.lstat(p).st_mode) for p in folder.iterdir())
     except OSError:
         return False
 
@@ -429,7 +436,7 @@ def _remove_leftovers(root: Path, manifest: dict, fmt: FolderFormat) -> None:
         if entry.is_symlink():
             continue
         if _GENERATION.fullmatch(entry.name) and entry.name != current and entry.is_dir():
-            if _is_ours(entry, fmt.data_files):
+            if _is_ours(entry, fmt):
                 shutil.rmtree(entry, ignore_errors=True)
         elif _MANIFEST_TMP.fullmatch(entry.name):
             _unlink(entry)
@@ -453,7 +460,7 @@ def _remove_stale_staging(out: Path, fmt: FolderFormat) -> None:
         if not all(
             p.name == MANIFEST_FILE
             or _MANIFEST_TMP.fullmatch(p.name)
-            or (_GENERATION.fullmatch(p.name) and p.is_dir() and _is_ours(p, fmt.data_files))
+            or (_GENERATION.fullmatch(p.name) and p.is_dir() and _is_ours(p, fmt))
             for p in entry.iterdir()
         ):
             continue

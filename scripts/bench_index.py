@@ -252,10 +252,10 @@ def bench_spans(tok, work: Path, quick: bool) -> dict:
         build_s = time.perf_counter() - t0
         folder = work / f"spans-{name.split()[0]}"
         folder.mkdir()
-        built.save(folder)
+        _, fields = built.save(folder)
         n_tokens = built.num_tokens
         del built, corpus
-        index = SpanIndex.load(folder)
+        index = SpanIndex.load(folder, fields)
         results[name] = {
             "tokens": n_tokens,
             "build_seconds": build_s,

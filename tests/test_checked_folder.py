@@ -251,6 +251,38 @@ def test_commit_refuses_a_file_name_the_format_does_not_know(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_numbered_names_match_a_pattern_and_nothing_else(tmp_path):
+    """A format with a pattern for numbered files (a variable count of parts) commits and cleans those names; any
+    other name is still refused, including near misses of the pattern."""
+    fmt = cf.FolderFormat(
+        name="refdecode-test-parts",
+        version=1,
+        label="parts",
+        data_files=frozenset({"a.bin"}),
+        data_patterns=(r"part\.[0-9]{5}\.npy",),
+    )
+    assert fmt.holds("a.bin") and fmt.holds("part.00000.npy") and fmt.holds("part.12345.npy")
+    for bad in ("part.0000.npy", "part.000000.npy", "part.0000a.npy", "xpart.00000.npy", "part.00000.npy.tmp", "b"):
+        assert not fmt.holds(bad), bad
+    folder = tmp_path / "f"
+    with cf.new_generation(folder, fmt, replacing=False) as gen:
+        for name in ("a.bin", "part.00000.npy", "part.00001.npy"):
+            (gen.dir / name).write_bytes(name.encode())
+        full = gen.commit({}, ["a.bin", "part.00000.npy", "part.00001.npy"])
+    assert sorted(full["files"]) == ["a.bin", "part.00000.npy", "part.00001.npy"]
+    stray = folder / "gen-00000000000000aa"  # a killed write's parts: removed by the next write
+    stray.mkdir()
+    (stray / "part.00007.npy").write_bytes(b"x")
+    users = folder / "gen-00000000000000cc"  # a near miss is not ours: kept
+    users.mkdir()
+    (users / "part.7.npy").write_bytes(b"mine")
+    with pytest.raises(ValueError, match="holds no file named part.1.npy"):
+        with cf.new_generation(folder, fmt, replacing=True) as gen:
+            (gen.dir / "part.1.npy").write_bytes(b"x")
+            gen.commit({}, ["part.1.npy"])
+    assert not stray.exists() and (users / "part.7.npy").read_bytes() == b"mine"
+
+
 def test_a_format_must_read_what_it_writes():
     with pytest.raises(ValueError, match="must be readable"):
         cf.FolderFormat(name="x", version=2, label="x", data_files=frozenset({"a"}), readable=(1,))

@@ -3,8 +3,10 @@ memory-mapped, queried every decoding step (passage retrieval and token-level sp
 
 Modules: format (the index's format name, versions and files, on refdecode.checked_folder), chunking (sources ->
 documents -> passages), dedup (MinHash-LSH near-duplicates), embedding (passage/query vectors), spans (the token
-span index), index (CorpusIndex, build_index), cli (`refdecode index build|info|search`), extra (faiss and
-datasketch, the `corpus` extra: imported only when an index is built, loaded or searched).
+span index and its partitioned files: write_span_index), passage_index (flat or IVF-PQ faiss index:
+write_passage_index), npyfile (checked .npy reads, appending writes), index (CorpusIndex, build_index), cli
+(`refdecode index build|info|search`), extra (faiss and datasketch, the `corpus` extra: imported only when an index
+is built, loaded or searched).
 """
 
 from .format import FORMAT_VERSION, IndexFormatError, tokenizer_fingerprint

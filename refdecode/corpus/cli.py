@@ -15,6 +15,7 @@ import sys
 import time
 
 from .embedding import EMBEDDERS
+from .passage_index import FLAT_LIMIT_BYTES, parse_bytes
 
 __all__ = ["add_index_commands", "cmd_index_build", "cmd_index_info", "cmd_index_search"]
 
@@ -52,15 +53,21 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             force=args.force,
             progress=not args.quiet,
             embedder=args.embedder,
+            flat_limit=args.flat_limit,
         )
         from .format import read_manifest
 
-        counts = read_manifest(out)["counts"]
+        manifest = read_manifest(out)
+        counts, passage_index = manifest["counts"], manifest["passage_index"]
         seconds = time.perf_counter() - t0
+        kind = passage_index["kind"]
+        if kind == "ivfpq":
+            kind += f" (nprobe {passage_index['nprobe']}, recall@10 {passage_index['recall_at_10']})"
         print(
             f"built {out}: {counts['documents']} documents, {counts['tokens']:,} tokens, {counts['passages']} "
             f"passages ({counts['duplicates_removed']} near-duplicates removed), span index "
-            f"{counts['span_bytes'] / max(counts['span_tokens'], 1):.1f} bytes/token, {seconds:.1f} s"
+            f"{counts['span_bytes'] / max(counts['span_tokens'], 1):.1f} bytes/token in "
+            f"{len(manifest['span_partitions'])} partition(s), {kind} passage index, {seconds:.1f} s"
         )
         return 0
     except KeyboardInterrupt:
@@ -71,6 +78,14 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI's promise: one line, never a traceback
         return _fail(err)
+
+
+def _byte_size(text: str) -> int:
+    """argparse type for --flat-limit: a size like 512M or 2G, refused in one line otherwise."""
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _load(args: argparse.Namespace):
@@ -148,6 +163,14 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
         choices=EMBEDDERS,
         default=None,
         help="passage embedding (default: minilm if installed, else hashed)",
+    )
+    build.add_argument(
+        "--flat-limit",
+        type=_byte_size,
+        default=FLAT_LIMIT_BYTES,
+        metavar="BYTES",
+        help="largest passage-vector size kept as an exact flat faiss index; above it IVF-PQ "
+        "(512M, 2G, ...; default: 1G)",
     )
     build.add_argument(
         "--force",

@@ -3,8 +3,10 @@
 An index is a checked folder `indexes/NAME/` (see refdecode/checked_folder.py for the manifest, the checksums, the
 generation subfolder switched with one os.replace, the ownership check and the cleanup of killed builds). Its
 generation holds numpy `.npy` arrays, JSON, faiss's own index file and a UTF-8 text blob; its manifest adds the
-tokenizer fingerprint, the model name, the counts, the build options and the embedder. Version 1 indexes (the same
-files flat in the folder, no generation) still load.
+tokenizer fingerprint, the model name, the counts, the build options, the embedder, the span index's partitions
+and the passage index's kind. Version 3 cuts the suffix order into numbered partitions (`span_sa.NNNNN.npy`, as
+many as the manifest lists) and may hold an IVF-PQ passage index; version 2 indexes (one `span_sa.npy`, a flat
+passage index) and version 1 (the same files flat in the folder, no generation) still load.
 
 `--force` only ever replaces a folder that holds a refdecode index manifest, never a file, another folder, or a
 folder that contains or lies inside a source.
@@ -30,7 +32,7 @@ from ..checked_folder import (
     GenerationGone,
     tokenizer_fingerprint,
 )
-from .spans import SpanIndex
+from .spans import LEGACY_FILES, PARTITION_PATTERN, span_files
 
 __all__ = [
     "ALL_FILES",
@@ -47,6 +49,7 @@ __all__ = [
     "check_target",
     "check_tokenizer",
     "data_dir",
+    "index_files",
     "new_generation",
     "read_manifest",
     "tokenizer_fingerprint",
@@ -54,8 +57,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "refdecode-corpus-index"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 PASSAGE_FILES = (
     "passage_text.bin",
     "passage_text_offsets.npy",
@@ -64,13 +67,15 @@ PASSAGE_FILES = (
     "sources.json",
     "passages.faiss",
 )
-INDEX_FILES = (*SpanIndex.FILES, *PASSAGE_FILES)  # what every index holds
-ALL_FILES = (*INDEX_FILES, "embed_idf.npy")  # and the hashed embedder's weights: every name cleanup may remove
+EMBEDDER_FILES = ("embed_idf.npy",)  # the hashed embedder's weights
+INDEX_FILES = (*LEGACY_FILES, *PASSAGE_FILES)  # what every index of versions 1 and 2 holds
+ALL_FILES = (*INDEX_FILES, *EMBEDDER_FILES)  # every fixed name cleanup may remove (and the partitions' pattern)
 INDEX_FOLDER = FolderFormat(
     name=FORMAT_NAME,
     version=FORMAT_VERSION,
     label="index",
     data_files=frozenset(ALL_FILES),
+    data_patterns=(PARTITION_PATTERN,),
     readable=READABLE_VERSIONS,
     flat_versions=(1,),
     renew="rebuild it with `refdecode index build --force`",
@@ -96,6 +101,12 @@ def data_dir(folder: Path, manifest: dict) -> Path:
 def verify_files(folder: Path, manifest: dict, required: Collection[str], *, checksums: bool = True) -> Path:
     """Exactly the files `required`, each of its recorded size and SHA-256 (see checked_folder.verify_files)."""
     return checked_folder.verify_files(folder, INDEX_FOLDER, manifest, required, checksums=checksums)
+
+
+def index_files(span_fields: dict | None, *, hashed: bool) -> tuple[str, ...]:
+    """The files an index holds, decided by this code from its span fields (None: versions 1 and 2, one suffix-order
+    file; see spans.span_files) and its embedder (hashed: plus its weights), never by the manifest's file list."""
+    return (*span_files(span_fields), *PASSAGE_FILES, *(EMBEDDER_FILES if hashed else ()))
 
 
 def check_tokenizer(folder: Path, manifest: dict, tokenizer) -> None:

@@ -3,15 +3,22 @@
 An index holds, for a corpus tokenized with one tokenizer:
 - passages (chunks of <= chunk_tokens tokens, near-duplicates removed): their exact text (a UTF-8 blob with
   offsets), their token range in the span stream, their source file;
-- a faiss inner-product index over passage embeddings, for `retrieve(query, k)`;
-- the span index over all kept passages' tokens, for `span_continuations(context_tail, ...)`.
+- a faiss inner-product index over passage embeddings, for `retrieve(query, k)`: flat, or IVF-PQ above
+  `flat_limit` bytes of vectors (passage_index.py);
+- the span index over all kept passages' tokens, for `span_continuations(context_tail, ...)` (spans.py).
 
 Files (all listed with size and SHA-256 in manifest.json, inside its generation folder `gen-<id>/`; see format.py
 and refdecode/checked_folder.py):
-    span_stream.npy span_sa.npy span_samples.npy   spans.py
+    span_stream.npy span_sa.NNNNN.npy... span_samples.npy   spans.py (version 1, 2: one span_sa.npy)
     passage_text.bin (UTF-8) passage_text_offsets.npy (P+1,) uint64
     passage_tokens.npy (P, 2) int64: [start, end) in span_stream     passage_source.npy (P,) int32
-    sources.json (list of source names)    passages.faiss    [embed_idf.npy (dim,) float32, hashed embedder only]
+    sources.json (list of source names)    passages.faiss (passage_index.py)
+    [embed_idf.npy (dim,) float32, hashed embedder only]
+
+This one-process build writes through the same writers a distributed build calls: spans.write_span_index (the
+stream and the suffix order as sorted blocks) and passage_index.write_passage_index (vectors as blocks); each
+returns its manifest fields, which the loader hands back to spans.read_span_index and
+passage_index.read_passage_index.
 
 Loading trusts nothing it has not checked: the manifest's fields (types, ranges), the set of files (from this
 code, not from the manifest), every file's size (and SHA-256), each array's header (dtype, shape, size against the
@@ -24,8 +31,6 @@ extra) is imported when an index is built or loaded, not when this module is.
 from __future__ import annotations
 
 import json
-import math
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,18 +56,27 @@ from .embedding import (
 )
 from .extra import require
 from .format import (
-    ALL_FILES,
-    INDEX_FILES,
     GenerationGone,
     IndexFormatError,
     check_target,
     check_tokenizer,
+    index_files,
     new_generation,
     read_manifest,
     tokenizer_fingerprint,
     verify_files,
 )
-from .spans import DEPTH, SpanIndex, sample_every
+from .npyfile import open_npy
+from .passage_index import FAISS_FILE, FLAT_LIMIT_BYTES, passage_fields_problem, read_passage_index, write_passage_index
+from .spans import (
+    PARTITION_ENTRIES,
+    SpanIndex,
+    build_suffix_order,
+    encode_stream,
+    read_span_index,
+    span_fields_problem,
+    write_span_index,
+)
 
 __all__ = ["CorpusIndex", "Passage", "build_index"]
 
@@ -153,19 +167,25 @@ def build_index(
     force: bool = False,
     progress: bool = True,
     embedder: str | None = None,
+    flat_limit: int = FLAT_LIMIT_BYTES,
+    partition_entries: int = PARTITION_ENTRIES,
 ) -> Path:
     """Build a corpus index from files/folders into `out` (atomically). Returns `out`. -> Path
 
     embedder: "minilm" (default when its package is installed), "mpnet" (better retrieval, ~7x the embedding
-    time), "minilm+mpnet" (both, scores summed) or "hashed"; see embedding.py.
+    time), "minilm+mpnet" (both, scores summed) or "hashed"; see embedding.py. flat_limit: the most bytes of
+    float32 passage vectors kept as an exact flat index; above it, IVF-PQ (see passage_index.py).
+    partition_entries: suffix-order entries per partition file (see spans.py).
     """
     out = Path(out)
     embedder = embedder or default_embedder()
     _validate(chunk_tokens, dedup_threshold, embedder)
+    if flat_limit < 0 or partition_entries < 1:
+        raise ValueError(f"flat_limit must be >= 0 and partition_entries >= 1, got {flat_limit}, {partition_entries}")
     if not sources:
         raise ValueError("no sources given")
     check_target(out, force=force, protect=sources)  # before reading anything: refuse early, touch nothing
-    faiss = require("faiss")
+    require("faiss")
     require("datasketch")  # dedup needs it after the tokenizing: missing, it is refused before that
     files = list_files(sources)
     if not files:
@@ -186,9 +206,11 @@ def build_index(
         t_dedup = time.perf_counter()
         # 3) span index over the kept passages, contiguous runs kept contiguous
         runs = _segments(chunks, keep)
-        run_tokens = [np.concatenate([passage_ids[i] for i in run]) for run in runs]
-        spans = SpanIndex.build(run_tokens, _vocab_size(tokenizer))
-        files_written = spans.save(tmp)
+        stream = encode_stream([np.concatenate([passage_ids[i] for i in run]) for run in runs], _vocab_size(tokenizer))
+        order = build_suffix_order(stream)
+        files_written, span_fields = write_span_index(tmp, stream, [order], partition_entries=partition_entries)
+        span_tokens, span_bytes = int(order.size), sum((tmp / name).stat().st_size for name in files_written)
+        del order
         t_span = time.perf_counter()
         # 4) passage store: token ranges in the stream, exact texts, sources
         kept = np.flatnonzero(keep)
@@ -207,10 +229,10 @@ def build_index(
         bar = _progress(progress, desc="embed", unit="passage", total=len(passage_texts) * emb.passes)
         vectors = emb.embed(passage_texts, progress=bar)  # (P, dim)
         bar.close()
-        faiss_index = faiss.IndexFlatIP(emb.dim)
-        faiss_index.add(vectors)
-        faiss.write_index(faiss_index, str(tmp / "passages.faiss"))
-        files_written += ["passages.faiss"] + emb.save(tmp)
+        faiss_files, passage_fields = write_passage_index(
+            tmp, [vectors], dim=emb.dim, n_total=len(passage_texts), flat_limit_bytes=flat_limit
+        )
+        files_written += faiss_files + emb.save(tmp)
         t_end = time.perf_counter()
         # 6) manifest last, switched atomically: a generation without one is never a usable index
         n_tokens = int(sum(a.size for a in token_arrays))
@@ -224,8 +246,8 @@ def build_index(
                     "tokens": n_tokens,
                     "passages": int(kept.size),
                     "duplicates_removed": int(dropped.size),
-                    "span_tokens": spans.num_tokens,
-                    "span_bytes": spans.nbytes(),
+                    "span_tokens": span_tokens,
+                    "span_bytes": span_bytes,
                 },
                 "build_options": {
                     "field": field,
@@ -241,6 +263,8 @@ def build_index(
                     "embed": round(t_end - t_span, 3),
                 },
                 "sources": [str(Path(s)) for s in sources],
+                **span_fields,
+                **passage_fields,
             },
             files_written,
         )
@@ -293,59 +317,22 @@ def _check_fields(path: Path, m: dict) -> None:
     want = sum(_ENCODER_DIMS[n] for n in emb["name"].split("+")) if emb["name"] != "hashed" else emb["dim"]
     if emb["dim"] != want:
         raise bad(f"'embedder.dim' is {emb['dim']}, but the {emb['name']} embedder makes {want}-dim vectors")
+    if _is_partitioned(m):
+        problem = span_fields_problem(m) or passage_fields_problem(m)
+        if problem:
+            raise bad(problem)
+
+
+def _is_partitioned(manifest: dict) -> bool:
+    """Version 3 on: span partitions and a passage index kind in the manifest (versions 1 and 2: neither)."""
+    return manifest["version"] >= 3
 
 
 def _required_files(manifest: dict) -> tuple[str, ...]:
-    """The files this code needs for the manifest's embedder: decided here, never by the manifest's list."""
-    return ALL_FILES if manifest["embedder"]["name"] == "hashed" else INDEX_FILES
-
-
-def _open_npy(path: Path, dtypes: Sequence, ndim: int, label: str) -> np.ndarray:
-    """Map a `.npy` file after checking its header: one of `dtypes` (native order, never object), `ndim`
-    dimensions, and a data size that is exactly the rest of the file. Empty arrays are made, not mapped
-    (a zero-length map is an error). -> read-only ndarray"""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_2_0 if version == (2, 0) else np.lib.format.read_array_header_1_0
-            )
-            shape, fortran, dtype = read_header(f, max_header_size=10_000)
-        except (ValueError, SyntaxError, TypeError) as e:
-            raise IndexFormatError(f"{label}: not a valid .npy file ({str(e).splitlines()[0][:200]})") from None
-        offset = f.tell()
-    if dtype not in [np.dtype(d) for d in dtypes] or len(shape) != ndim or fortran:
-        raise IndexFormatError(
-            f"{label}: array of {dtype} {shape}, expected {ndim} dimension(s) of "
-            f"{' or '.join(str(np.dtype(d)) for d in dtypes)}"
-        )
-    nbytes = math.prod(shape) * dtype.itemsize
-    if offset + nbytes != size:
-        raise IndexFormatError(f"{label}: header declares {nbytes} bytes of data, the file holds {size - offset}")
-    if nbytes == 0:
-        return np.zeros(shape, dtype=dtype)
-    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
-
-
-_FAISS_FLAT = struct.Struct("<4siqqq?iQ")  # IndexFlat header: fourcc, d, ntotal, 2 unused, trained, metric, n
-_METRIC_INNER_PRODUCT = 0  # faiss.METRIC_INNER_PRODUCT as faiss writes it: the header is read before faiss imports
-
-
-def _check_faiss_file(path: Path, dim: int, n: int, label: str) -> None:
-    """faiss reads what its header says; check the header of an `IndexFlatIP` file says exactly (dim, n) and the
-    file holds exactly that many floats before faiss opens it."""
-    with open(path, "rb") as f:
-        head = f.read(_FAISS_FLAT.size)
-    if len(head) < _FAISS_FLAT.size:
-        raise IndexFormatError(f"{label}: too short for a faiss IndexFlatIP")
-    fourcc, d, ntotal, _, _, _, metric, codes = _FAISS_FLAT.unpack(head)
-    if fourcc != b"IxFI" or metric != _METRIC_INNER_PRODUCT:
-        raise IndexFormatError(f"{label}: not a faiss IndexFlatIP file")
-    if d != dim or ntotal != n or codes != n * dim or path.stat().st_size != _FAISS_FLAT.size + 4 * n * dim:
-        raise IndexFormatError(
-            f"{label}: holds {ntotal} vectors of {d} dims ({codes} floats), the manifest says {n} of {dim}"
-        )
+    """The files this code needs for the manifest's span partitions and embedder: decided here (the partitions'
+    names from their count), never by the manifest's list."""
+    span_fields = manifest if _is_partitioned(manifest) else None
+    return index_files(span_fields, hashed=manifest["embedder"]["name"] == "hashed")
 
 
 def _read_sources(path: Path, n_passages: int, label: str) -> list[str]:
@@ -360,28 +347,16 @@ def _read_sources(path: Path, n_passages: int, label: str) -> list[str]:
     return sources
 
 
-def _load_spans(where: Path, counts: dict, label) -> SpanIndex:
-    stream = _open_npy(where / "span_stream.npy", (np.uint16, np.uint32), 1, label("span_stream.npy"))
-    sa = _open_npy(where / "span_sa.npy", (np.uint32, np.int64), 1, label("span_sa.npy"))
-    key = np.dtype(f"S{DEPTH * stream.dtype.itemsize}")
-    samples = _open_npy(where / "span_samples.npy", (key,), 1, label("span_samples.npy"))
-    if stream.size == 0 or sa.size != counts["span_tokens"] or sa.size >= stream.size:
-        raise IndexFormatError(
-            f"{label('span_sa.npy')}: {sa.size} positions for a stream of {stream.size} "
-            f"tokens (the manifest says {counts['span_tokens']})"
-        )
-    if samples.size != -(-sa.size // sample_every(stream.dtype)):
-        raise IndexFormatError(f"{label('span_samples.npy')}: {samples.size} samples do not fit {sa.size} positions")
-    if sa.size and int(sa.max()) >= stream.size:  # a bad position would index past the stream
-        raise IndexFormatError(f"{label('span_sa.npy')}: a position lies outside the stream")
-    return SpanIndex(stream, sa, samples)
+def _load_spans(where: Path, manifest: dict, label) -> SpanIndex:
+    fields = manifest if _is_partitioned(manifest) else None
+    return read_span_index(where, fields, span_tokens=manifest["counts"]["span_tokens"], label=label)
 
 
 def _load_passages(where: Path, n: int, stream_size: int, label) -> tuple:
     """-> text (B,) uint8, offsets (P+1,) uint64, token ranges (P, 2) int64, source ids (P,) int32, sources"""
-    offsets = _open_npy(where / "passage_text_offsets.npy", (np.uint64,), 1, label("passage_text_offsets.npy"))
-    ranges = _open_npy(where / "passage_tokens.npy", (np.int64,), 2, label("passage_tokens.npy"))
-    source_ids = _open_npy(where / "passage_source.npy", (np.int32,), 1, label("passage_source.npy"))
+    offsets = open_npy(where / "passage_text_offsets.npy", (np.uint64,), 1, label("passage_text_offsets.npy"))
+    ranges = open_npy(where / "passage_tokens.npy", (np.int64,), 2, label("passage_tokens.npy"))
+    source_ids = open_npy(where / "passage_source.npy", (np.int32,), 1, label("passage_source.npy"))
     text_bytes = (where / "passage_text.bin").stat().st_size
     text = (
         np.asarray(np.memmap(where / "passage_text.bin", dtype=np.uint8, mode="r"))
@@ -408,7 +383,7 @@ def _load_embedder(where: Path, config: dict, label):
     is loaded on first use, as it needs no file of the index. -> Embedder or None"""
     if config["name"] != "hashed":
         return None
-    idf = _open_npy(where / "embed_idf.npy", (np.float32,), 1, label("embed_idf.npy"))
+    idf = open_npy(where / "embed_idf.npy", (np.float32,), 1, label("embed_idf.npy"))
     if idf.shape != (config["dim"],) or not np.all(np.isfinite(idf)):
         raise IndexFormatError(f"{label('embed_idf.npy')}: not {config['dim']} finite weights")
     return HashedNgramEmbedder(config["dim"], np.array(idf))
@@ -469,18 +444,12 @@ class CorpusIndex:
             return f"index {path}: file {name}"
 
         counts = manifest["counts"]
-        spans = _load_spans(where, counts, label)
+        spans = _load_spans(where, manifest, label)
         text, offsets, ranges, source_ids, sources = _load_passages(where, counts["passages"], spans.stream.size, label)
         dim = manifest["embedder"]["dim"]
         embedder = _load_embedder(where, manifest["embedder"], label)
-        _check_faiss_file(where / "passages.faiss", dim, counts["passages"], label("passages.faiss"))
-        faiss = require("faiss")
-        try:
-            faiss_index = faiss.read_index(str(where / "passages.faiss"), faiss.IO_FLAG_READ_ONLY)
-        except RuntimeError as e:  # the header passed, so this is a vanished file or an I/O error
-            if not (where / "passages.faiss").exists():
-                raise GenerationGone(f"index {path}: file passages.faiss is missing") from None
-            raise IndexFormatError(f"{label('passages.faiss')}: faiss cannot read it ({e})") from None
+        fields = manifest["passage_index"] if _is_partitioned(manifest) else None  # versions 1, 2: flat
+        faiss_index = read_passage_index(where / FAISS_FILE, fields, dim, counts["passages"], label(FAISS_FILE))
         return cls(path, manifest, spans, faiss_index, text, offsets, ranges, source_ids, sources, embedder)
 
     def check_tokenizer(self, tokenizer) -> None:
@@ -554,5 +523,8 @@ class CorpusIndex:
             **{key: m["counts"][key] for key in _COUNTS},
             "build_options": m["build_options"],
             "embedder": m["embedder"],
+            "span_partitions": len(self.spans.sa.parts),
+            "position_dtype": str(self.spans.sa.dtype),
+            "passage_index": m.get("passage_index", {"kind": "flat"}),
             "bytes_on_disk": sum(f["bytes"] for f in m["files"].values()),
         }

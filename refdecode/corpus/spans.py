@@ -3,32 +3,68 @@
 Structure (all plain numpy arrays, memory-mapped on load):
 - `stream` (N,) uint16 or uint32: every document's token ids plus one, with 0 as a separator before, between and
   after documents. The +1 keeps 0 free, so no match and no continuation ever crosses a document boundary.
-- `sa` (M,) uint32: the non-separator positions of `stream`, sorted by their *backward* context, i.e. by the
-  reversed window stream[e], stream[e-1], ..., stream[e-DEPTH+1] (0-padded before the start). Sorting backwards
-  makes the ranges of entries matching the last 1, 2, ..., DEPTH tokens of a context nested, so one pass finds
-  the longest suffix of the context that occurs in the corpus, and the continuation of an entry e is simply
-  stream[e+1:]. Order is only defined to DEPTH tokens, which is all a lookup compares.
+- `sa` (M,) uint32 (int64 once N >= 2**32): the non-separator positions of `stream`, sorted by their *backward*
+  context, i.e. by the reversed window stream[e], stream[e-1], ..., stream[e-DEPTH+1] (0-padded before the start),
+  and by position among equal windows. Sorting backwards makes the ranges of entries matching the last 1, 2, ...,
+  DEPTH tokens of a context nested, so one pass finds the longest suffix of the context that occurs in the corpus,
+  and the continuation of an entry e is simply stream[e+1:]. The order is total and deterministic: any engine that
+  sorts by (window, position) produces the same `sa`.
 - `samples` (ceil(M/S),) fixed-width byte strings: the reversed window of every S-th `sa` entry, big-endian, so
   `np.searchsorted` compares them lexicographically in C. A lookup is one searchsorted call over the samples for
   all match lengths at once, then one small gather of the <= 3(S-1) entries in the gaps between samples that
   decide the longest match and the exact ends of its range.
 
-Size: 2 (stream, vocab < 65535) + 4 (sa) + 2 (samples) = 8 bytes per corpus token; 10 for a larger vocabulary.
+On disk (format version 3) `sa` is cut into partitions `span_sa.NNNNN.npy`, consecutive slices of the global order
+of at most PARTITION_ENTRIES entries each; `SuffixOrder` concatenates them virtually (a global row is mapped to its
+partition by one searchsorted over the partitions' start rows), so lookups cost what they did with one array.
+`write_span_index(folder, stream, sorted_blocks)` writes the files from the order given as consecutive sorted blocks
+of any sizes (the one-process build passes one block; a distributed build streams its sorted ranges), in bounded
+memory, and returns the manifest fields that `read_span_index` checks on load: each partition's file, entry count
+and first key (hex of its big-endian reversed window), and the positions' dtype.
+
+Size: 2 (stream, vocab < 65535) + 4 (sa) + 2 (samples) = 8 bytes per corpus token; 10 for a larger vocabulary,
++4 for int64 positions.
 Build: prefix doubling with numpy sorts; ~0.4 s per 1M tokens, ~2 min for 100M on 2 cores.
 
-This module knows token ids only: no text, no tokenizer, no passages.
-"""
+This module knows token ids and its own files only: no text, no tokenizer, no passages, no manifest beyond the
+fields it returns and reads back, no checksums (checked_folder.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEPTH", "SpanIndex", "encode_stream", "build_suffix_order", "build_samples"]
+from ..checked_folder import FolderFormatError
+from .npyfile import NpyAppender, open_npy
+
+__all__ = [
+    "DEPTH",
+    "LEGACY_FILES",
+    "PARTITION_ENTRIES",
+    "PARTITION_PATTERN",
+    "SpanIndex",
+    "SuffixOrder",
+    "build_samples",
+    "build_suffix_order",
+    "encode_stream",
+    "partition_name",
+    "read_span_index",
+    "span_fields_problem",
+    "span_files",
+    "write_span_index",
+]
 
 DEPTH = 16  # the longest context suffix a lookup matches, in tokens
+PARTITION_ENTRIES = 1 << 26  # suffix-order entries per partition file: 256 MiB of uint32 positions
+PARTITION_PATTERN = r"span_sa\.[0-9]{5}\.npy"  # span_sa.00000.npy, span_sa.00001.npy, ...
+MAX_PARTITIONS = 100_000  # what five digits number
+STREAM_FILE, SAMPLES_FILE = "span_stream.npy", "span_samples.npy"
+LEGACY_FILES = (STREAM_FILE, "span_sa.npy", SAMPLES_FILE)  # format versions 1 and 2: one suffix-order file
+_COPY_CHUNK = 1 << 24  # stream items copied into its file at a time
+_KEY_CHUNK = 1 << 20  # sample keys computed at a time
 MAX_CONTINUATION = 256  # continuations are cut here whatever max_tokens a caller asks (drafts need less)
 _SAMPLE_BYTES_PER_TOKEN = 2  # sample spacing S is chosen so the samples cost this many bytes per corpus token
 _BACK = np.arange(DEPTH)  # offsets of a reversed window
@@ -68,7 +104,10 @@ def _dense_rank(keys: np.ndarray) -> np.ndarray:
 
 
 def build_suffix_order(stream: np.ndarray, depth: int = DEPTH, *, followed_only: bool = False) -> np.ndarray:
-    """Non-separator positions of `stream` sorted by their reversed window of `depth` tokens. -> (M,) uint32/int64
+    """Non-separator positions of `stream` sorted by their reversed window of `depth` tokens, and by position among
+    equal windows. -> (M,) uint32 (int64 once the stream has 2**32 tokens)
+
+    The tie rule makes the order unique, so another engine that sorts by (window, position) writes the same files.
 
     followed_only: keep only positions followed by another token of their document, so that a lookup finds the
     longest suffix that has a continuation (what a drafter wants) rather than one that occurs only at a document's
@@ -94,7 +133,7 @@ def build_suffix_order(stream: np.ndarray, depth: int = DEPTH, *, followed_only:
     positions = np.flatnonzero(stream)
     if followed_only:
         positions = positions[stream[positions + 1] != 0]
-    order = np.argsort(key[positions])
+    order = np.argsort(key[positions], kind="stable")  # positions are increasing: ties stay in position order
     index_dtype = np.uint32 if stream.size < 2**32 else np.int64
     return positions[order].astype(index_dtype)
 
@@ -133,26 +172,82 @@ def build_samples(stream: np.ndarray, sa: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=key_dtype)
 
 
+class SuffixOrder:
+    """The suffix order (M,) as a virtual concatenation of partitions: consecutive slices of the global order, each a
+    1-D array of positions of one dtype (memory-mapped on load). What a lookup needs: `size`, `a[lo:hi:step]`,
+    `take(rows)` and `max()`; a global row maps to (partition, offset) by one searchsorted over `starts`."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        if not parts:
+            raise ValueError("a suffix order needs at least one partition (an empty one for an empty order)")
+        if len({p.dtype for p in parts}) != 1 or any(p.ndim != 1 or p.dtype.kind not in "iu" for p in parts):
+            raise ValueError("suffix order partitions must be 1-D integer arrays of one dtype")
+        self.parts = list(parts)
+        self.starts = np.zeros(len(parts) + 1, dtype=np.int64)  # (P+1,) global row of each partition's first entry
+        np.cumsum([p.size for p in parts], out=self.starts[1:])
+        self.size, self.dtype, self.ndim = int(self.starts[-1]), self.parts[0].dtype, 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.nbytes) for p in self.parts)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        """Rows of a slice, concatenated across partitions when it spans several. -> (K,)"""
+        if not isinstance(key, slice):
+            raise TypeError("a suffix order is sliced (a[lo:hi]) or gathered (take), not indexed")
+        lo, hi, step = key.indices(self.size)
+        if len(self.parts) == 1:
+            return self.parts[0][lo:hi:step]
+        if step != 1:
+            return self.take(np.arange(lo, hi, step))
+        if hi <= lo:
+            return np.zeros(0, dtype=self.dtype)
+        first, last = (np.searchsorted(self.starts, (lo, hi - 1), side="right") - 1).tolist()
+        pieces = [
+            self.parts[p][max(lo - int(self.starts[p]), 0) : hi - int(self.starts[p])] for p in range(first, last + 1)
+        ]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Entries at global `rows` (each in [0, size)), like np.take. (B,) -> (B,)"""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(self.parts) == 1:
+            return np.take(self.parts[0], rows)
+        part = np.searchsorted(self.starts, rows, side="right") - 1  # last partition starting at or before the row
+        out = np.empty(rows.shape, dtype=self.dtype)
+        for p in np.unique(part).tolist():
+            sel = part == p
+            out[sel] = np.take(self.parts[p], rows[sel] - self.starts[p])
+        return out
+
+    def max(self) -> int:
+        """The largest position; -1 for an empty order."""
+        return max((int(p.max()) for p in self.parts if p.size), default=-1)
+
+
 class SpanIndex:
-    """Longest-suffix lookup over a token stream; build with `SpanIndex.build`, persist with `save`/`load`."""
+    """Longest-suffix lookup over a token stream; build with `SpanIndex.build`, persist with `save`/`load`
+    (`write_span_index` / `read_span_index`)."""
 
-    FILES = ("span_stream.npy", "span_sa.npy", "span_samples.npy")
-
-    def __init__(self, stream: np.ndarray, sa: np.ndarray, samples: np.ndarray):
-        self.stream, self.sa, self.samples = stream, sa, samples
+    def __init__(self, stream: np.ndarray, sa: np.ndarray | SuffixOrder, samples: np.ndarray):
+        self.stream, self.samples = stream, samples
+        self.sa = sa if isinstance(sa, SuffixOrder) else SuffixOrder([sa])
         self.step = sample_every(stream.dtype)
         self._be, self._key_dtype, self._max = _key_dtypes(stream.dtype)
         # lower-triangular mask: row i keeps the first i+1 tokens of a reversed query
         self._tri = (np.arange(DEPTH)[None, :] < np.arange(1, DEPTH + 1)[:, None]).astype(np.int64)  # (D, D)
         self._eye = np.eye(DEPTH, dtype=np.int64)  # (D, D)
-        for name, arr in (("stream", stream), ("suffix order", sa), ("samples", samples)):
+        for name, arr in (("stream", stream), ("samples", samples)):  # the suffix order checks its partitions
             if arr.ndim != 1:
                 raise ValueError(f"span index {name} must be 1-D, got shape {arr.shape}")
         if stream.dtype not in (np.uint16, np.uint32) or stream.size == 0:
             raise ValueError(f"span index stream must be non-empty uint16 or uint32, got {stream.dtype}")
-        if sa.dtype.kind not in "iu" or samples.dtype != self._key_dtype:
-            raise ValueError(f"span index arrays have unexpected types: {sa.dtype}, {samples.dtype}")
-        if samples.size != -(-sa.size // self.step):
+        if samples.dtype != self._key_dtype:
+            raise ValueError(f"span index samples have an unexpected type: {samples.dtype}")
+        if samples.size != -(-self.sa.size // self.step):
             raise ValueError("span index arrays disagree: samples do not match the suffix order")
 
     @classmethod
@@ -171,16 +266,16 @@ class SpanIndex:
     def num_tokens(self) -> int:
         return int(self.sa.size)
 
-    def save(self, folder: Path) -> list[str]:
-        for name, arr in zip(self.FILES, (self.stream, self.sa, self.samples), strict=True):
-            np.save(Path(folder) / name, arr, allow_pickle=False)
-        return list(self.FILES)
+    def save(self, folder: Path, *, partition_entries: int = PARTITION_ENTRIES) -> tuple[list[str], dict]:
+        """Write the index's files into `folder` (see write_span_index). -> (file names, manifest fields)"""
+        return write_span_index(
+            folder, self.stream, self.sa.parts, partition_entries=partition_entries, position_dtype=self.sa.dtype
+        )
 
     @classmethod
-    def load(cls, folder: Path) -> SpanIndex:
-        """Memory-map the arrays: nothing is read until a lookup touches it. The memmaps are viewed as plain
-        ndarrays (same mapped buffer) because np.memmap's Python-level wrapping costs microseconds per call."""
-        return cls(*(_load_array(Path(folder) / name) for name in cls.FILES))
+    def load(cls, folder: Path, fields: dict) -> SpanIndex:
+        """Check and memory-map the files `save` wrote, given the fields it returned (see read_span_index)."""
+        return read_span_index(folder, fields, span_tokens=sum(p["entries"] for p in fields["span_partitions"]))
 
     def nbytes(self) -> int:
         return int(self.stream.nbytes + self.sa.nbytes + self.samples.nbytes)
@@ -188,7 +283,7 @@ class SpanIndex:
     # -- lookup --------------------------------------------------------------------------------------------------
     def _block_keys(self, rows: np.ndarray) -> np.ndarray:
         """Keys of the suffix-order entries `rows`. (B,) -> (B,) byte strings"""
-        return _as_keys(_reversed_windows(self.stream, np.take(self.sa, rows)), self.stream.dtype)
+        return _as_keys(_reversed_windows(self.stream, self.sa.take(rows)), self.stream.dtype)
 
     def _query_keys(self, tail: Sequence[int]) -> np.ndarray:
         """Keys bracketing the last 1..m tokens of `tail` (m <= DEPTH). -> (2m,) byte strings
@@ -278,7 +373,7 @@ class SpanIndex:
         if b - a <= pool:
             ends = self.sa[a:b]
         else:  # evenly spread (np.linspace is slow)
-            ends = np.take(self.sa, a + np.arange(pool) * (b - 1 - a) // max(pool - 1, 1))
+            ends = self.sa.take(a + np.arange(pool) * (b - 1 - a) // max(pool - 1, 1))
         idx = ends.astype(np.int64)[:, None] + np.arange(1, max_tokens + 1)  # (P, max_tokens)
         rows = np.take(self.stream, idx, mode="clip").tolist()  # clip: past the end reads the final 0
         # few rows: plain Python counting beats numpy's per-call overhead here
@@ -295,10 +390,216 @@ class SpanIndex:
         return L, [[t - 1 for t in key] for key, _ in ranked]
 
 
-def _load_array(path: Path) -> np.ndarray:
-    """Memory-map a saved array, viewed as a plain ndarray (see SpanIndex.load). An array without elements is read
-    instead: there is nothing to map, and a zero-length mapping is an error on some platforms and numpy versions."""
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    if arr.size == 0:
-        return np.load(path, allow_pickle=False)
-    return np.asarray(arr)
+# -- files: the partitioned suffix order, the stream and the samples -------------------------------------------
+
+
+def partition_name(i: int) -> str:
+    """File name of suffix-order partition i: span_sa.00000.npy, ..."""
+    return f"span_sa.{i:05d}.npy"
+
+
+def span_files(fields: dict | None) -> tuple[str, ...]:
+    """The span index's file names for its manifest fields (checked by span_fields_problem); None: the single
+    suffix-order file of format versions 1 and 2."""
+    if fields is None:
+        return LEGACY_FILES
+    parts = tuple(partition_name(i) for i in range(len(fields["span_partitions"])))
+    return (STREAM_FILE, *parts, SAMPLES_FILE)
+
+
+def _position_dtype(stream_size: int, requested) -> np.dtype:
+    """uint32 while every position fits, else int64; `requested` (uint32 or int64) overrides when it fits."""
+    if requested is None:
+        return np.dtype(np.uint32 if stream_size < 2**32 else np.int64)
+    dtype = np.dtype(requested)
+    if dtype not in (np.dtype(np.uint32), np.dtype(np.int64)) or (dtype == np.uint32 and stream_size >= 2**32):
+        raise ValueError(f"position_dtype must be uint32 (streams < 2**32 tokens) or int64, got {dtype}")
+    return dtype
+
+
+def _key_hex(stream: np.ndarray, e: int) -> str:
+    """The full-width key of position e as hex (byte strings would drop trailing zero bytes)."""
+    be, _, _ = _key_dtypes(stream.dtype)
+    return _reversed_windows(stream, np.array([e])).astype(be).tobytes().hex()
+
+
+class _PartitionWriter:
+    """Cuts the order into partition files of `size` entries as blocks arrive; records each one's manifest entry."""
+
+    def __init__(self, folder: Path, stream: np.ndarray, dtype: np.dtype, size: int):
+        self.folder, self.stream, self.dtype, self.size = folder, stream, dtype, size
+        self.entries: list[dict] = []
+        self._out: NpyAppender | None = None
+
+    def append(self, block: np.ndarray) -> None:
+        while block.size:
+            if self._out is None:
+                name = partition_name(len(self.entries))
+                self._out = NpyAppender(self.folder / name, self.dtype)
+                self.entries.append({"file": name, "entries": 0, "first_key": _key_hex(self.stream, int(block[0]))})
+            piece, block = block[: self.size - self._out.count], block[self.size - self._out.count :]
+            self._out.append(piece)
+            self.entries[-1]["entries"] = self._out.count
+            if self._out.count == self.size:
+                self._close()
+
+    def _close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def finish(self) -> list[dict]:
+        self._close()
+        if not self.entries:  # an empty order is one empty partition, so a reader always finds one file
+            NpyAppender(self.folder / partition_name(0), self.dtype).close()
+            self.entries.append({"file": partition_name(0), "entries": 0, "first_key": ""})
+        return self.entries
+
+
+def _check_block(stream: np.ndarray, block: np.ndarray, prev_key: str | None) -> str | None:
+    """A block of positions: 1-D integers at non-separator positions of the stream, and not ordered before the
+    previous block's last entry (the order inside a block is the caller's). -> the block's last key"""
+    if block.ndim != 1 or (block.size and block.dtype.kind not in "iu"):
+        raise ValueError(f"a block of the suffix order must be a 1-D integer array, got {block.dtype} {block.shape}")
+    if not block.size:
+        return prev_key
+    lo, hi = int(block.min()), int(block.max())
+    if lo < 1 or hi >= stream.size - 1 or not np.all(np.take(stream, block)):
+        raise ValueError("a block of the suffix order holds a position outside the stream's tokens (a separator?)")
+    if prev_key is not None and _key_hex(stream, int(block[0])) < prev_key:
+        raise ValueError("blocks of the suffix order are out of order: a block starts before the previous one ends")
+    return _key_hex(stream, int(block[-1]))
+
+
+def write_span_index(
+    folder: Path,
+    stream: np.ndarray,
+    sorted_blocks: Iterable[np.ndarray],
+    *,
+    partition_entries: int = PARTITION_ENTRIES,
+    position_dtype=None,
+) -> tuple[list[str], dict]:
+    """Write a span index into `folder`: span_stream.npy, span_sa.NNNNN.npy partitions, span_samples.npy.
+
+    stream: (N,) uint16/uint32 laid out as encode_stream's (ids + 1, 0 around every document); written through a
+    memory map in chunks, never copied whole. sorted_blocks: the global suffix order (build_suffix_order's, or any
+    engine's sorting by (reversed window, position)) as consecutive blocks of positions, any sizes, empty ones too;
+    each block is consumed once, so memory is one block plus one chunk of sample keys. Checked: positions are
+    tokens of the stream, and each block starts at or after the previous one's last key (within a block, the order
+    is trusted). partition_entries: entries per partition file (the last may hold fewer). position_dtype: uint32
+    (default while N < 2**32) or int64.
+    -> (file names written, manifest fields {"span_partitions": [{"file", "entries", "first_key"}, ...],
+        "position_dtype": "uint32" | "int64"})
+    """
+    folder = Path(folder)
+    if stream.ndim != 1 or stream.dtype not in (np.uint16, np.uint32) or stream.size < 1:
+        raise ValueError(f"the span stream must be a non-empty 1-D uint16 or uint32 array, got {stream.dtype}")
+    if stream[0] != 0 or stream[-1] != 0:
+        raise ValueError("the span stream must start and end with the separator 0 (see encode_stream)")
+    if not 1 <= partition_entries <= 1 << 40:
+        raise ValueError(f"partition_entries must be in [1, 2**40], got {partition_entries}")
+    dtype = _position_dtype(stream.size, position_dtype)
+    # 1) the stream, copied chunk by chunk into a mapped file
+    out = np.lib.format.open_memmap(folder / STREAM_FILE, mode="w+", dtype=stream.dtype, shape=stream.shape)
+    for lo in range(0, stream.size, _COPY_CHUNK):
+        out[lo : lo + _COPY_CHUNK] = stream[lo : lo + _COPY_CHUNK]
+    out.flush()
+    del out
+    # 2) partitions and samples, block by block: sample j is global row j*S
+    step = sample_every(stream.dtype)
+    parts = _PartitionWriter(folder, stream, dtype, partition_entries)
+    row, last_key = 0, None
+    with NpyAppender(folder / SAMPLES_FILE, _key_dtypes(stream.dtype)[1]) as samples:
+        for block in sorted_blocks:
+            block = np.asarray(block)
+            last_key = _check_block(stream, block, last_key)
+            parts.append(block.astype(dtype, copy=False))
+            ends = block[(-row) % step :: step]
+            for lo in range(0, ends.size, _KEY_CHUNK):
+                samples.append(_as_keys(_reversed_windows(stream, ends[lo : lo + _KEY_CHUNK]), stream.dtype))
+            row += block.size
+    entries = parts.finish()
+    if row >= stream.size:
+        raise ValueError(f"the suffix order holds {row} positions for a stream of {stream.size}: some repeat")
+    names = [STREAM_FILE, *(e["file"] for e in entries), SAMPLES_FILE]
+    return names, {"span_partitions": entries, "position_dtype": str(dtype)}
+
+
+def span_fields_problem(fields: dict) -> str | None:
+    """What is wrong with a manifest's span fields (as write_span_index returns them), or None. Names and counts
+    are decided here: partition i must be called partition_name(i)."""
+    parts, dtype = fields.get("span_partitions"), fields.get("position_dtype")
+    if dtype not in ("uint32", "int64"):
+        return f"'position_dtype' is {dtype!r}, not 'uint32' or 'int64'"
+    if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_PARTITIONS:
+        return f"'span_partitions' is not a list of 1 to {MAX_PARTITIONS} partitions"
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("file") != partition_name(i):
+            return f"'span_partitions[{i}]' does not name the file {partition_name(i)}"
+        entries, key = part.get("entries"), part.get("first_key")
+        if not isinstance(entries, int) or isinstance(entries, bool) or not 0 <= entries <= 1 << 50:
+            return f"'span_partitions[{i}].entries' is not an integer in [0, 2**50]"
+        if not (isinstance(key, str) and re.fullmatch(r"(?:[0-9a-f]{2})*", key) and (key == "") == (entries == 0)):
+            return f"'span_partitions[{i}].first_key' is not the hex key of its first entry"
+        if entries == 0 and len(parts) > 1:
+            return f"'span_partitions[{i}]' is empty (only an empty index has an empty partition)"
+    return None
+
+
+def _default_label(name: str) -> str:
+    return f"span index file {name}"
+
+
+def read_span_index(
+    folder: Path, fields: dict | None, *, span_tokens: int, label: Callable[[str], str] = _default_label
+) -> SpanIndex:
+    """Check and memory-map a span index's files: every header (dtype, shape, size against the file) before a map,
+    then the counts (partitions' entries as the manifest says, summing to `span_tokens`, fewer than the stream's
+    tokens; samples for that many entries), positions inside the stream, and the partitions in order (each
+    one's first key as recorded, never below the previous partition's last). fields: the manifest's span fields
+    (checked by span_fields_problem first); None for format versions 1 and 2 (one span_sa.npy). Raises
+    FolderFormatError (the index's IndexFormatError) in one line, `label(file name)` naming the file.
+    -> SpanIndex over read-only arrays"""
+    folder = Path(folder)
+    stream = open_npy(folder / STREAM_FILE, (np.uint16, np.uint32), 1, label(STREAM_FILE))
+    if fields is None:
+        parts = [open_npy(folder / "span_sa.npy", (np.uint32, np.int64), 1, label("span_sa.npy"))]
+        names, keys = ["span_sa.npy"], None
+    else:
+        names = [p["file"] for p in fields["span_partitions"]]
+        keys = [p["first_key"] for p in fields["span_partitions"]]
+        parts = [open_npy(folder / n, (fields["position_dtype"],), 1, label(n)) for n in names]
+        for name, part, entry in zip(names, parts, fields["span_partitions"], strict=True):
+            if part.size != entry["entries"]:
+                raise FolderFormatError(f"{label(name)}: {part.size} positions, the manifest says {entry['entries']}")
+    key_dtype = _key_dtypes(stream.dtype)[1]
+    samples = open_npy(folder / SAMPLES_FILE, (key_dtype,), 1, label(SAMPLES_FILE))
+    order = SuffixOrder(parts)
+    if stream.size == 0 or order.size != span_tokens or order.size >= stream.size:
+        raise FolderFormatError(
+            f"{label(names[0])}: {order.size} positions for a stream of {stream.size} tokens (the manifest says "
+            f"{span_tokens})"
+        )
+    if samples.size != -(-order.size // sample_every(stream.dtype)):
+        raise FolderFormatError(f"{label(SAMPLES_FILE)}: {samples.size} samples do not fit {order.size} positions")
+    for name, part in zip(names, parts, strict=True):  # a bad position would index past the stream
+        if part.size and int(part.max()) >= stream.size:
+            raise FolderFormatError(f"{label(name)}: a position lies outside the stream")
+    if keys is not None:
+        _check_partition_keys(stream, names, parts, keys, label)
+    return SpanIndex(stream, order, samples)
+
+
+def _check_partition_keys(stream, names, parts, keys, label) -> None:
+    """Each partition's first key as the manifest records it; first keys non-decreasing, and no partition's last
+    key above the next one's first: the partitions are consecutive slices of one order."""
+    prev_last = ""
+    for name, part, key in zip(names, parts, keys, strict=True):
+        if not part.size:
+            continue
+        first = _key_hex(stream, int(part[0]))
+        if first != key:
+            raise FolderFormatError(f"{label(name)}: its first key is not the manifest's first_key (a modified file?)")
+        if first < prev_last:
+            raise FolderFormatError(f"{label(name)}: partitions are out of order (its first key precedes the last)")
+        prev_last = _key_hex(stream, int(part[-1]))

@@ -100,3 +100,23 @@ def tree(folder: Path) -> dict[str, bytes | None]:
             p = os.path.join(root, f)
             out[os.path.relpath(p, folder)] = None if os.path.islink(p) else Path(p).read_bytes()
     return out
+
+
+def as_version_2(index_dir: Path) -> Path:
+    """Rewrite a one-partition, flat version 3 index in place as version 2 wrote it: one `span_sa.npy`, no
+    partition or passage-index fields. The files' bytes are the same, so it answers exactly as before."""
+    from refdecode.checked_folder import file_entry
+
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    assert manifest["version"] == 3 and len(manifest["span_partitions"]) == 1
+    assert manifest["passage_index"] == {"kind": "flat"} and manifest["position_dtype"] == "uint32"
+    gen = gen_dir(index_dir)
+    sa = np.load(gen / "span_sa.00000.npy")
+    (gen / "span_sa.00000.npy").unlink()
+    np.save(gen / "span_sa.npy", sa, allow_pickle=False)  # numpy's own header, as version 2 saved it
+    del manifest["files"]["span_sa.00000.npy"], manifest["span_partitions"], manifest["position_dtype"]
+    del manifest["passage_index"]
+    manifest["files"]["span_sa.npy"] = file_entry(gen / "span_sa.npy")
+    manifest["version"] = 2
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    return index_dir

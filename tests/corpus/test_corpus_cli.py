@@ -183,7 +183,7 @@ def test_malformed_index_is_one_line(capsys, src, tmp_path, case, pattern):
     assert build(capsys, src, out)[0] == 0
     gen = out / json.loads((out / "manifest.json").read_text())["generation"]
     edits = {
-        "missing sha256": lambda m: m["files"]["span_sa.npy"].pop("sha256"),
+        "missing sha256": lambda m: m["files"]["span_sa.00000.npy"].pop("sha256"),
         "missing counts": lambda m: m.pop("counts"),
         "missing model_name": lambda m: m.pop("model_name"),
         "missing dim": lambda m: m["embedder"].pop("dim"),

@@ -45,7 +45,7 @@ def test_round_trip(corpus, tmp_path):
     out = build(corpus, tmp_path / "idx")
     index = CorpusIndex.load(out, tokenizer=tok)
     m = index.manifest
-    assert m["version"] == 2 and m["model_name"] == "toy"
+    assert m["version"] == 3 and m["model_name"] == "toy"
     assert m["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
     assert m["counts"]["documents"] == 7 and m["counts"]["passages"] == len(index)
     assert m["build_options"]["chunk_tokens"] == 32
@@ -164,13 +164,13 @@ def test_truncated_file_refused(built):
 
 
 def test_flipped_byte_refused(built):
-    path = gen_dir(built) / "span_sa.npy"
+    path = gen_dir(built) / "span_sa.00000.npy"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(IndexFormatError, match="span_sa.npy fails its checksum"):
+    with pytest.raises(IndexFormatError, match="span_sa.00000.npy fails its checksum"):
         CorpusIndex.load(built)
-    with pytest.raises(IndexFormatError, match="span_sa.npy: a position lies outside the stream"):
+    with pytest.raises(IndexFormatError, match="span_sa.00000.npy: a position lies outside the stream"):
         CorpusIndex.load(built, checksums=False)  # no hashing, but the structure is still checked
 
 

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from index_helpers import answers, build, gen_dir, span_contexts, tree, write_corpus
+from index_helpers import answers, as_version_2, build, gen_dir, span_contexts, tree, write_corpus
 
 from refdecode.checked_folder import file_entry
 from refdecode.corpus import CorpusIndex, IndexFormatError
-from refdecode.corpus.format import ALL_FILES, new_generation
+from refdecode.corpus.format import index_files, new_generation
 from refdecode.corpus.testing import WordTokenizer
+
+SA = "span_sa.00000.npy"  # the one suffix-order partition of these small indexes
+ALL_FILES = index_files({"span_partitions": [SA]}, hashed=True)  # every file of such an index
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +122,7 @@ def test_the_next_build_removes_what_a_killed_build_left(idx):
 
 def test_version_1_flat_index_loads_and_is_replaced_cleanly(idx, pristine):
     _, expected, ctx = pristine
+    as_version_2(idx)
     manifest = json.loads((idx / "manifest.json").read_text())
     for p in gen_dir(idx).iterdir():
         p.rename(idx / p.name)
@@ -140,7 +144,7 @@ def test_force_replaces_an_index_of_another_version(idx):
     with pytest.raises(IndexFormatError, match="format version 99 is not supported"):
         CorpusIndex.load(idx)
     build(write_corpus(idx.parent / "src2", seed=2), idx, force=True)
-    assert CorpusIndex.load(idx).manifest["version"] == 2
+    assert CorpusIndex.load(idx).manifest["version"] == 3
 
 
 # -- 3) hostile index folders: refused with IndexFormatError, nothing executed -----------------------------------
@@ -209,7 +213,7 @@ def _truncate(name: str):
 
 
 def _symlink_file(idx: Path) -> None:
-    path = gen_dir(idx) / "span_sa.npy"
+    path = gen_dir(idx) / SA
     copy = idx.parent / "elsewhere.npy"
     shutil.copy(path, copy)
     path.unlink()
@@ -268,7 +272,7 @@ def _faiss_header(field: int, value: int):
 
 
 _FIELD_DELETIONS = [
-    ("files", "span_sa.npy", "sha256"),
+    ("files", SA, "sha256"),
     ("counts",),
     ("model_name",),
     ("tokenizer_fingerprint",),
@@ -297,11 +301,11 @@ HOSTILE = {
     "dropped file entry": _edit(lambda m: m["files"].pop("passage_text.bin")),
     "files: {}": _edit(lambda m: m.update(files={})),
     "files: a list": _edit(lambda m: m.update(files=list(m["files"]))),
-    "unexpected file entry": _edit(lambda m: m["files"].update({"extra.npy": m["files"]["span_sa.npy"]})),
+    "unexpected file entry": _edit(lambda m: m["files"].update({"extra.npy": m["files"][SA]})),
     # names stay inside the index
-    "../ in a name": _edit(lambda m: m["files"].update({"../span_sa.npy": m["files"].pop("span_sa.npy")})),
-    "absolute name": _edit(lambda m: m["files"].update({"/etc/passwd": m["files"].pop("span_sa.npy")})),
-    "separator in a name": _edit(lambda m: m["files"].update({"a/span_sa.npy": m["files"].pop("span_sa.npy")})),
+    "../ in a name": _edit(lambda m: m["files"].update({"../span_sa.npy": m["files"].pop(SA)})),
+    "absolute name": _edit(lambda m: m["files"].update({"/etc/passwd": m["files"].pop(SA)})),
+    "separator in a name": _edit(lambda m: m["files"].update({"a/span_sa.npy": m["files"].pop(SA)})),
     "generation ../": _edit(lambda m: m.update(generation="../" + m["generation"])),
     "generation absolute": _edit(lambda m: m.update(generation="/tmp")),
     "generation not a string": _edit(lambda m: m.update(generation=7)),
@@ -325,14 +329,14 @@ HOSTILE = {
     "passages more than stored": _edit(lambda m: m["counts"].update(passages=m["counts"]["passages"] + 1)),
     "span_tokens wrong": _edit(lambda m: m["counts"].update(span_tokens=m["counts"]["span_tokens"] + 1)),
     "model_name a number": _edit(lambda m: m.update(model_name=1)),
-    "version 3": _edit(lambda m: m.update(version=3)),
+    "version 4": _edit(lambda m: m.update(version=4)),
     "version true": _edit(lambda m: m.update(version=True)),
     "version a string": _edit(lambda m: m.update(version="2")),
     "wrong format": _edit(lambda m: m.update(format="pickle")),
-    "sha256 not hex": _edit(lambda m: m["files"]["span_sa.npy"].update(sha256="zz" * 32)),
-    "bytes a string": _edit(lambda m: m["files"]["span_sa.npy"].update(bytes="12")),
-    "bytes negative": _edit(lambda m: m["files"]["span_sa.npy"].update(bytes=-5)),
-    "bytes 1e13": _edit(lambda m: m["files"]["span_sa.npy"].update(bytes=1e13)),
+    "sha256 not hex": _edit(lambda m: m["files"][SA].update(sha256="zz" * 32)),
+    "bytes a string": _edit(lambda m: m["files"][SA].update(bytes="12")),
+    "bytes negative": _edit(lambda m: m["files"][SA].update(bytes=-5)),
+    "bytes 1e13": _edit(lambda m: m["files"][SA].update(bytes=1e13)),
     "huge declared size": _edit(lambda m: m["files"]["passages.faiss"].update(bytes=2**60)),
     "declared size off by one": _edit(
         lambda m: m["files"]["passages.faiss"].update(bytes=m["files"]["passages.faiss"]["bytes"] + 1)
@@ -355,14 +359,14 @@ HOSTILE = {
     "pickled object array": _pickled_array,
     "array of another dtype": _replace_file("passage_tokens.npy", lambda p: np.load(p).astype(np.int32)),
     "array of another shape": _replace_file("passage_tokens.npy", lambda p: np.load(p).ravel()),
-    "npy header larger than the file": _replace_file("span_sa.npy", _npy_header("<u4", (10**12,)) + b"\0" * 8),
-    "npy header garbage": _replace_file("span_sa.npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': os.sy}\n"),
+    "npy header larger than the file": _replace_file(SA, _npy_header("<u4", (10**12,)) + b"\0" * 8),
+    "npy header garbage": _replace_file(SA, b"\x93NUMPY\x01\x00\x10\x00{'descr': os.sy}\n"),
     "not an npy file": _replace_file("span_stream.npy", b"PK\x03\x04 a zip, not an array"),
     "empty npy file": _replace_file("passage_source.npy", b""),
     "offsets past the text": _replace_file("passage_text_offsets.npy", _offsets_past_text),
     "token range past the stream": _replace_file("passage_tokens.npy", lambda p: np.load(p) + 10**6),
     "source id past sources.json": _replace_file("passage_source.npy", lambda p: np.load(p) + 1000),
-    "suffix array past the stream": _replace_file("span_sa.npy", lambda p: np.load(p) + 10**6),
+    "suffix array past the stream": _replace_file(SA, lambda p: np.load(p) + 10**6),
     "fewer samples": _replace_file("span_samples.npy", lambda p: np.load(p)[:-1]),
     "stream of another dtype": _replace_file("span_stream.npy", lambda p: np.load(p).astype(np.uint32)),
     "idf with NaN": _replace_file("embed_idf.npy", lambda p: np.full_like(np.load(p), np.nan)),
@@ -420,7 +424,7 @@ def _json_values():
         st.integers(-(2**64), 2**64),
         st.floats(allow_nan=True),
         st.text(max_size=20),
-        st.sampled_from(["gen-0123456789abcdef", "../x", "/", "hashed", "minilm", "span_sa.npy", "0" * 64]),
+        st.sampled_from(["gen-0123456789abcdef", "../x", "/", "hashed", "minilm", SA, "0" * 64]),
     )
     return st.recursive(
         leaves,
@@ -505,7 +509,7 @@ def _empty_index(out: Path) -> Path:
 
     with new_generation(out, force=False) as gen:
         spans = SpanIndex.build([], 5000)
-        files = spans.save(gen.dir)
+        files, span_fields = spans.save(gen.dir)
         (gen.dir / "passage_text.bin").write_bytes(b"")
         np.save(gen.dir / "passage_text_offsets.npy", np.zeros(1, np.uint64))
         np.save(gen.dir / "passage_tokens.npy", np.zeros((0, 2), np.int64))
@@ -540,6 +544,8 @@ def _empty_index(out: Path) -> Path:
                 },
                 "build_options": {},
                 "embedder": {"name": "hashed", "dim": 64},
+                **span_fields,
+                "passage_index": {"kind": "flat"},
             },
             files,
         )

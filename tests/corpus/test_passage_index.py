@@ -1,0 +1,221 @@
+"""The passage index (passage_index.py): flat below the limit, IVF-PQ above it with recall@10 >= 0.9 against exact
+search, its manifest fields, the header check that refuses a truncated or mismatched file before faiss reads it,
+the vectors' contract (a one-shot iterator is refused for IVF-PQ), --flat-limit parsing, and a whole CorpusIndex
+over an IVF-PQ passage index."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from index_helpers import as_version_2, build, gen_dir, write_corpus
+
+from refdecode.checked_folder import file_entry
+from refdecode.corpus import CorpusIndex, IndexFormatError
+from refdecode.corpus import passage_index as pi
+
+faiss = pytest.importorskip("faiss")
+
+N, DIM = 3000, 32
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors around the same 40 random centres; `seed` draws which centre and the noise. -> (n, dim) float32"""
+    centres = np.random.default_rng(0).normal(size=(40, dim))
+    rng = np.random.default_rng(seed)
+    x = (centres[rng.integers(0, 40, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def ivf(tmp_path_factory):
+    """An IVF-PQ passage index of N clustered vectors, written block by block (blocks of uneven sizes)."""
+    folder = tmp_path_factory.mktemp("ivf")
+    x = clustered(N, DIM, seed=10)
+    blocks = [x[a:b] for a, b in zip([0, 1, 700, 701, 2500], [1, 700, 701, 2500, N], strict=True)]
+    files, fields = pi.write_passage_index(folder, lambda: iter(blocks), dim=DIM, n_total=N, flat_limit_bytes=1000)
+    return folder, x, files, fields["passage_index"]
+
+
+def test_ivfpq_above_the_limit_with_its_fields(ivf):
+    _, _, files, fields = ivf
+    assert files == ["passages.faiss"]
+    assert fields["kind"] == "ivfpq" and fields["nbits"] == 8 and DIM % fields["m"] == 0
+    assert 1 <= fields["nprobe"] <= fields["nlist"] <= 4 * np.sqrt(N) + 1
+    assert fields["recall_at_10"] >= pi.RECALL_TARGET and fields["held_out"] == pi.RECALL_QUERIES
+    assert fields["train_vectors"] <= max(64 * fields["nlist"], 39 * 256)
+    assert pi.passage_fields_problem({"passage_index": fields}) is None
+
+
+def test_ivfpq_recall_against_flat_on_fresh_queries(ivf):
+    """The loaded index (nprobe from the manifest) finds >= 90% of the exact top 10 for queries it never saw."""
+    folder, x, _, fields = ivf
+    index = pi.read_passage_index(folder / "passages.faiss", fields, DIM, N, "test")
+    assert index.nprobe == fields["nprobe"]
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(x)
+    queries = clustered(200, DIM, seed=1)  # new points of the same clusters
+    exact, found = flat.search(queries, 10)[1], index.search(queries, 10)[1]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found.tolist(), exact.tolist(), strict=True)])
+    assert recall >= 0.9
+
+
+def test_the_same_inputs_write_the_same_file(ivf, tmp_path):
+    folder, x, _, fields = ivf
+    _, again = pi.write_passage_index(tmp_path, [x], dim=DIM, n_total=N, flat_limit_bytes=1000)
+    assert again["passage_index"] == fields
+    assert (tmp_path / "passages.faiss").read_bytes() == (folder / "passages.faiss").read_bytes()
+
+
+def _patched(data: bytes, at: int, fmt: str, value) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, at, value)
+    return bytes(out)
+
+
+HEADER_CASES = {
+    "truncated": lambda d: d[:-1],
+    "truncated in the header": lambda d: d[:40],
+    "one byte more": lambda d: d + b"\0",
+    "ntotal": lambda d: _patched(d, 8, "<q", N + 1),
+    "dim": lambda d: _patched(d, 4, "<i", DIM * 2),
+    "fourcc": lambda d: b"IvPQ" + d[4:],
+    "metric L2": lambda d: _patched(d, 33, "<i", 1),
+    "nlist": lambda d: _patched(d, 37, "<Q", 7),
+    "garbage": lambda d: b"IwPQ" + b"\xff" * 200,
+    "a flat file": None,  # replaced below by a flat index of the same vectors
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_header_check_refuses_a_damaged_or_mismatched_file(ivf, tmp_path, case):
+    folder, x, _, fields = ivf
+    path = tmp_path / "passages.faiss"
+    if case == "a flat file":
+        flat = faiss.IndexFlatIP(DIM)
+        flat.add(x)
+        faiss.write_index(flat, str(path))
+    else:
+        path.write_bytes(HEADER_CASES[case]((folder / "passages.faiss").read_bytes()))
+    with pytest.raises(IndexFormatError) as err:
+        pi.check_passage_file(path, fields, DIM, N, "passages.faiss")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change", [{"nlist": 3}, {"m": DIM // 2}, {"nbits": 4}, {"nprobe": 10**6}, {"kind": "flat"}, {"m": "8"}]
+)
+def test_header_check_refuses_a_manifest_that_disagrees(ivf, change):
+    folder, _, _, fields = ivf
+    edited = {**fields, **change}
+    problem = pi.passage_fields_problem({"passage_index": edited})
+    if problem is None:  # well-formed fields: the file itself must disagree with them
+        with pytest.raises(IndexFormatError):
+            pi.check_passage_file(folder / "passages.faiss", edited, DIM, N, "passages.faiss")
+    for dim, n in ((DIM + 1, N), (DIM, N - 1)):
+        with pytest.raises(IndexFormatError):
+            pi.check_passage_file(folder / "passages.faiss", fields, dim, n, "passages.faiss")
+
+
+def test_flat_below_the_limit_and_below_the_minimum(tmp_path):
+    x = clustered(500, DIM, seed=2)
+    for limit in (500 * DIM * 4, 0):  # at the limit; and too few passages for IVF whatever the limit
+        files, fields = pi.write_passage_index(tmp_path, iter([x[:200], x[200:]]), dim=DIM, n_total=500,
+                                               flat_limit_bytes=limit)  # fmt: skip
+        assert fields == {"passage_index": {"kind": "flat"}}
+        index = pi.read_passage_index(tmp_path / "passages.faiss", fields["passage_index"], DIM, 500, "t")
+        assert index.ntotal == 500
+
+
+def test_the_vectors_contract(tmp_path):
+    x = clustered(N, DIM, seed=3)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        pi.write_passage_index(tmp_path, iter([x]), dim=DIM, n_total=N, flat_limit_bytes=0)
+    with pytest.raises(ValueError, match="number 3000, n_total says 3001"):
+        pi.write_passage_index(tmp_path, [x], dim=DIM, n_total=N + 1, flat_limit_bytes=1 << 30)
+    with pytest.raises(ValueError, match=r"\(B, 32\) blocks"):
+        pi.write_passage_index(tmp_path, [x[:, :8]], dim=DIM, n_total=N)
+    bad = x.copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        pi.write_passage_index(tmp_path, [bad], dim=DIM, n_total=N)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("0", 0), ("1073741824", 1 << 30), ("512M", 512 << 20), ("2G", 2 << 30), ("2g", 2 << 30), ("64KiB", 64 << 10),
+     ("1TB", 1 << 40), (" 3 M ", 3 << 20)],
+)  # fmt: skip
+def test_parse_bytes(text, value):
+    assert pi.parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1.5G", "-1", "12Q", "G", "1 2"])
+def test_parse_bytes_refuses_garbage(text):
+    with pytest.raises(ValueError, match="expected a size in bytes like 512M"):
+        pi.parse_bytes(text)
+
+
+def test_flat_limit_option_in_the_cli(capsys):
+    import argparse
+
+    import refdecode.corpus.cli as cli
+
+    parser = argparse.ArgumentParser(prog="refdecode")
+    cli.add_index_commands(parser.add_subparsers(dest="command", required=True))
+    base = ["index", "build", "src", "--out", "o", "--model", "m"]
+    assert parser.parse_args(base).flat_limit == pi.FLAT_LIMIT_BYTES
+    assert parser.parse_args([*base, "--flat-limit", "512M"]).flat_limit == 512 << 20
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args([*base, "--flat-limit", "lots"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--flat-limit" in err and "expected a size in bytes like 512M" in err
+
+
+# -- a whole index over an IVF-PQ passage index ------------------------------------------------------------------
+
+
+def test_corpus_index_builds_loads_and_searches_an_ivfpq_passage_index(tmp_path, monkeypatch):
+    """build_index with flat_limit=0 writes IVF-PQ (a 64-dim hashed embedder keeps it quick: the default 16384 dims
+    train slowly); the load checks its header and sets the manifest's nprobe; a passage's own text finds it."""
+    import refdecode.corpus.index as index_module
+    from refdecode.corpus.embedding import HashedNgramEmbedder
+
+    class Small(HashedNgramEmbedder):
+        def __init__(self, dim: int = 64, idf=None):
+            super().__init__(dim, idf)
+
+    monkeypatch.setattr(index_module, "HashedNgramEmbedder", Small)
+    src = write_corpus(tmp_path / "src", seed=0, docs=40, words=300)
+    idx = build(src, tmp_path / "idx", chunk_tokens=8, flat_limit=0)
+    index = CorpusIndex.load(idx)
+    fields = index.manifest["passage_index"]
+    assert len(index) >= pi.MIN_IVF_PASSAGES and fields["kind"] == "ivfpq" and index.manifest["embedder"]["dim"] == 64
+    assert index._faiss.nprobe == fields["nprobe"] and index.info()["passage_index"] == fields
+    hits = [index.retrieve(index.passage(i).text, k=3)[0].id == i for i in range(0, len(index), 37)]
+    assert np.mean(hits) >= 0.8
+    gen = gen_dir(idx)
+    (gen / "passages.faiss").write_bytes((gen / "passages.faiss").read_bytes()[:-8])  # truncated and rehashed
+    m = json.loads((idx / "manifest.json").read_text())
+    m["files"]["passages.faiss"] = file_entry(gen / "passages.faiss")
+    (idx / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexFormatError, match="passages.faiss: it has .* bytes where its lists need"):
+        CorpusIndex.load(idx)
+
+
+def test_a_version_2_index_still_loads_and_answers_the_same(tmp_path):
+    from index_helpers import answers, span_contexts
+
+    src = write_corpus(tmp_path / "src", seed=5)
+    idx = build(src, tmp_path / "idx")
+    ctx = span_contexts(src)
+    expected = answers(CorpusIndex.load(idx), ctx)
+    as_version_2(idx)
+    old = CorpusIndex.load(idx)
+    names = {p.name for p in gen_dir(idx).iterdir()}
+    assert old.manifest["version"] == 2 and "span_sa.npy" in names and "span_sa.00000.npy" not in names
+    assert answers(old, ctx) == expected
+    assert old.info()["span_partitions"] == 1 and old.info()["passage_index"] == {"kind": "flat"}
