@@ -1,16 +1,18 @@
 """Reading corpus sources into documents, tokenizing them, and cutting them into passages.
 
 Sources are directories (walked recursively), text / Markdown / reST files, JSONL files (one document per line, the
-text under a named field), and any of these gzip-compressed (`.gz`). A document is tokenized whole, once, with the
-fast tokenizer's batch encoding; passages are then cut at paragraph breaks (blank lines) into pieces of at most
-`chunk_tokens` tokens, so a passage's tokens are exactly the document's tokens over that stretch and its text is
-the exact source text.
+text under a named field), any of these gzip-compressed (`.gz`), Parquet files (one document per row, the text in a
+named string column; pyarrow reads them) and glob patterns of any of these (`data/*.jsonl`, `shards/**/*.parquet`).
+A document is tokenized whole, once, with the fast tokenizer's batch encoding; passages are then cut at paragraph
+breaks (blank lines) into pieces of at most `chunk_tokens` tokens, so a passage's tokens are exactly the document's
+tokens over that stretch and its text is the exact source text.
 
 This module knows files, text and token ids; it knows nothing about dedup, embeddings or the span index.
 """
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import re
@@ -33,6 +35,8 @@ __all__ = [
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIX = ".parquet"
+_GLOB_CHARS = re.compile(r"[*?\[]")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 _UNDERLINE = re.compile(r"([=\-~^\"'`#*+:.])\1{2,}[ \t]*")
 _MD_HEADING = re.compile(r"#{1,6}[ \t]")
@@ -61,26 +65,42 @@ def _suffixes(path: Path) -> tuple[str, bool]:
 
 
 def _is_source_file(path: Path) -> bool:
-    suffix, _ = _suffixes(path)
-    return suffix in TEXT_SUFFIXES or suffix in JSONL_SUFFIXES
+    suffix, gz = _suffixes(path)
+    return suffix in TEXT_SUFFIXES or suffix in JSONL_SUFFIXES or (suffix == PARQUET_SUFFIX and not gz)
+
+
+def _walk(folder: Path) -> list[Path]:
+    """The source files under a folder, recursively, sorted, hidden entries skipped."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and _is_source_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _expand_glob(pattern: str) -> list[Path]:
+    """The source files a glob pattern matches (`**` recurses; folders it matches are walked), sorted."""
+    found: list[Path] = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        path = Path(match)
+        found.extend(_walk(path) if path.is_dir() else [path] if path.is_file() and _is_source_file(path) else [])
+    if not found:
+        raise FileNotFoundError(f"source pattern {pattern} matches no text, markdown, reST, JSONL or Parquet file")
+    return found
 
 
 def list_files(sources: Sequence[str | Path]) -> list[Path]:
-    """Expand directories (recursively, sorted, hidden entries skipped) into the source files they hold."""
+    """Expand directories (recursively, sorted, hidden entries skipped) and glob patterns (sorted) into the source
+    files they hold; a path that does not exist and a pattern that matches nothing are errors."""
     files: list[Path] = []
     for src in sources:
         path = Path(src)
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and _is_source_file(p)
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            files.extend(found)
+            files.extend(_walk(path))
         elif path.is_file():
             files.append(path)
+        elif _GLOB_CHARS.search(str(src)):
+            files.extend(_expand_glob(str(src)))
         else:
             raise FileNotFoundError(f"source {src} does not exist")
     return files
@@ -107,10 +127,41 @@ def _check_unicode(text: str, what: str) -> None:
         ) from None
 
 
+def _read_parquet(path: Path, field: str) -> Iterator[Document]:
+    """One Document per row of a Parquet file's string column `field` (source "PATH:ROW", rows from 1); null and
+    blank values are skipped. pyarrow is imported here: only a Parquet source needs it."""
+    from .extra import require
+
+    pq = require("pyarrow.parquet")
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
+        raise ValueError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+    column = parquet.schema_arrow.field(field) if field in parquet.schema_arrow.names else None
+    if column is None:
+        raise ValueError(f"{path}: no column {field!r} (choose it with --field)")
+    if str(column.type) not in ("string", "large_string", "string_view"):
+        raise ValueError(f"{path}: column {field!r} holds {column.type}, not strings")
+    row = 0
+    for batch in parquet.iter_batches(columns=[field]):
+        try:
+            values = batch.column(0).to_pylist()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: column {field!r} is not UTF-8 text (byte {e.start} of a value)") from None
+        for value in values:
+            row += 1
+            if value is not None and value.strip():
+                yield Document(f"{path}:{row}", value)
+
+
 def read_documents(files: Sequence[Path], *, field: str = "text") -> Iterator[Document]:
-    """One Document per text file, one per JSONL line (its `field`); empty documents are skipped."""
+    """One Document per text file, one per JSONL line and per Parquet row (its `field`); empty documents are
+    skipped."""
     for path in files:
         suffix, gz = _suffixes(path)
+        if suffix == PARQUET_SUFFIX and not gz:
+            yield from _read_parquet(path, field)
+            continue
         text = _read_text(path, gz)
         if suffix not in JSONL_SUFFIXES:
             if text.strip():

@@ -7,7 +7,8 @@ Structure (all plain numpy arrays, memory-mapped on load):
   reversed window stream[e], stream[e-1], ..., stream[e-DEPTH+1] (0-padded before the start). Sorting backwards
   makes the ranges of entries matching the last 1, 2, ..., DEPTH tokens of a context nested, so one pass finds
   the longest suffix of the context that occurs in the corpus, and the continuation of an entry e is simply
-  stream[e+1:]. Order is only defined to DEPTH tokens, which is all a lookup compares.
+  stream[e+1:]. Order is defined to DEPTH tokens, which is all a lookup compares; entries with equal windows
+  are in position order, so any sort by (window, position) builds the same array.
 - `samples` (ceil(M/S),) fixed-width byte strings: the reversed window of every S-th `sa` entry, big-endian, so
   `np.searchsorted` compares them lexicographically in C. A lookup is one searchsorted call over the samples for
   all match lengths at once, then one small gather of the <= 3(S-1) entries in the gaps between samples that
@@ -94,7 +95,7 @@ def build_suffix_order(stream: np.ndarray, depth: int = DEPTH, *, followed_only:
     positions = np.flatnonzero(stream)
     if followed_only:
         positions = positions[stream[positions + 1] != 0]
-    order = np.argsort(key[positions])
+    order = np.argsort(key[positions], kind="stable")  # ties (equal windows) in position order
     index_dtype = np.uint32 if stream.size < 2**32 else np.int64
     return positions[order].astype(index_dtype)
 
