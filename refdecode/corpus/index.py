@@ -88,7 +88,8 @@ def _progress(enabled: bool, **kw):
     return tqdm(disable=not enabled, dynamic_ncols=True, **kw)
 
 
-def _vocab_size(tokenizer) -> int:
+def vocab_size(tokenizer) -> int:
+    """The ids a tokenizer can produce: what the span stream's dtype must hold."""
     vocab = tokenizer.get_vocab()
     return max(len(tokenizer), max(vocab.values()) + 1) if hasattr(tokenizer, "__len__") else max(vocab.values()) + 1
 
@@ -127,18 +128,48 @@ def _tokenize_and_chunk(files, tokenizer, field, chunk_tokens, progress):
     return texts, token_arrays, sources, chunks
 
 
-def _segments(chunks: list[Chunk], keep: np.ndarray) -> list[list[int]]:
-    """Group kept chunks into runs that are contiguous in one document: each run is one span-index document."""
+def _segments(chunks: list[Chunk]) -> list[list[int]]:
+    """Group passages (in order) into runs that are contiguous in one document: each run is one span-index
+    document. -> lists of indices into `chunks`"""
     runs: list[list[int]] = []
     prev = None
-    for i in np.flatnonzero(keep).tolist():
-        c = chunks[i]
+    for i, c in enumerate(chunks):
         if prev is not None and prev.doc == c.doc and prev.token_end == c.token_start:
             runs[-1].append(i)
         else:
             runs.append([i])
         prev = c
     return runs
+
+
+def lay_out_passages(chunks: list[Chunk], tokens: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The kept passages, in order, laid out as the span stream lays them out (encode_stream: 0 sep, run, 0 sep,
+    ..., runs of passages contiguous in one document joined). Both engines use this, so their streams are equal.
+    -> (the runs' tokens, each passage's [start, end) in the stream (P, 2) int64)"""
+    runs = _segments(chunks)
+    run_tokens = [np.concatenate([tokens[i] for i in run]) for run in runs]
+    ranges = np.zeros((len(chunks), 2), dtype=np.int64)
+    pos = 1
+    for run in runs:
+        for i in run:
+            n = int(tokens[i].size)
+            ranges[i] = (pos, pos + n)
+            pos += n
+        pos += 1
+    return run_tokens, ranges
+
+
+@dataclass
+class StageResult:
+    """What one engine's stages wrote into a generation folder, and what the manifest records about them."""
+
+    files: list[str]  # names written into the generation folder
+    counts: dict[str, int]  # the manifest's counts (_COUNTS)
+    embedder: dict  # the embedder's config
+    seconds: dict[str, float]  # wall seconds per stage
+
+
+ENGINES = ("local", "ray")
 
 
 def build_index(
@@ -153,103 +184,124 @@ def build_index(
     force: bool = False,
     progress: bool = True,
     embedder: str | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> Path:
-    """Build a corpus index from files/folders into `out` (atomically). Returns `out`. -> Path
+    """Build a corpus index from files, folders and glob patterns into `out` (atomically). Returns `out`. -> Path
 
     embedder: "minilm" (default when its package is installed), "mpnet" (better retrieval, ~7x the embedding
     time), "minilm+mpnet" (both, scores summed) or "hashed"; see embedding.py.
+    engine: "local" (this process) or "ray" (the stages as Ray Data operations, see ray_build.py: the same index,
+    on the machine's cores or a cluster's). ray_address: the cluster to join ("auto", "ray://HOST:PORT",
+    "HOST:PORT"); None starts a local Ray on this machine's cores (or uses one already started here).
     """
     out = Path(out)
     embedder = embedder or default_embedder()
     _validate(chunk_tokens, dedup_threshold, embedder)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if ray_address is not None and engine != "ray":
+        raise ValueError("ray_address is only for engine='ray'")
     if not sources:
         raise ValueError("no sources given")
     check_target(out, force=force, protect=sources)  # before reading anything: refuse early, touch nothing
-    faiss = require("faiss")
+    require("faiss")
     require("datasketch")  # dedup needs it after the tokenizing: missing, it is refused before that
+    if engine == "ray":
+        require("ray")
     files = list_files(sources)
     if not files:
-        raise ValueError(f"no text, markdown, reST or JSONL files found in {', '.join(map(str, sources))}")
+        raise ValueError(f"no text, markdown, reST, JSONL or Parquet files found in {', '.join(map(str, sources))}")
+    options: dict = dict(field=field, chunk_tokens=chunk_tokens, dedup_threshold=dedup_threshold, embedder=embedder)
     with new_generation(out, force=force, protect=sources) as gen:
-        tmp = gen.dir
-        t0 = time.perf_counter()
-        # 1) read, tokenize, chunk
-        texts, token_arrays, doc_sources, chunks = _tokenize_and_chunk(files, tokenizer, field, chunk_tokens, progress)
-        if not chunks:
-            raise ValueError("the corpus is empty: no document has any text")
-        passage_ids = [token_arrays[c.doc][c.token_start : c.token_end] for c in chunks]
-        t_tok = time.perf_counter()
-        # 2) near-duplicate passages out
-        dropped = find_near_duplicates(passage_ids, threshold=dedup_threshold)
-        keep = np.ones(len(chunks), dtype=bool)
-        keep[dropped] = False
-        t_dedup = time.perf_counter()
-        # 3) span index over the kept passages, contiguous runs kept contiguous
-        runs = _segments(chunks, keep)
-        run_tokens = [np.concatenate([passage_ids[i] for i in run]) for run in runs]
-        spans = SpanIndex.build(run_tokens, _vocab_size(tokenizer))
-        files_written = spans.save(tmp)
-        t_span = time.perf_counter()
-        # 4) passage store: token ranges in the stream, exact texts, sources
-        kept = np.flatnonzero(keep)
-        ranges = np.zeros((kept.size, 2), dtype=np.int64)
-        pos, row = 1, 0  # stream: 0 sep, run, 0 sep, run, ..., 0 sep
-        for run in runs:
-            for i in run:
-                n = passage_ids[i].size
-                ranges[row] = (pos, pos + n)
-                pos, row = pos + n, row + 1
-            pos += 1
-        passage_texts = [texts[chunks[i].doc][chunks[i].char_start : chunks[i].char_end] for i in kept.tolist()]
-        files_written += _save_passages(tmp, passage_texts, ranges, [chunks[i].doc for i in kept.tolist()], doc_sources)
-        # 5) passage embeddings into faiss
-        emb = HashedNgramEmbedder().fit(passage_texts) if embedder == "hashed" else make_embedder({"name": embedder})
-        bar = _progress(progress, desc="embed", unit="passage", total=len(passage_texts) * emb.passes)
-        vectors = emb.embed(passage_texts, progress=bar)  # (P, dim)
-        bar.close()
-        faiss_index = faiss.IndexFlatIP(emb.dim)
-        faiss_index.add(vectors)
-        faiss.write_index(faiss_index, str(tmp / "passages.faiss"))
-        files_written += ["passages.faiss"] + emb.save(tmp)
-        t_end = time.perf_counter()
-        # 6) manifest last, switched atomically: a generation without one is never a usable index
-        n_tokens = int(sum(a.size for a in token_arrays))
+        # the stages differ by engine; everything around them (generation, manifest, commit) is this one path
+        if engine == "ray":
+            from .ray_build import run_ray_stages
+
+            result = run_ray_stages(
+                gen.dir, files, tokenizer=tokenizer, progress=progress, address=ray_address, **options
+            )
+        else:
+            result = _run_local_stages(gen.dir, files, tokenizer=tokenizer, progress=progress, **options)
+        # manifest last, switched atomically: a generation without one is never a usable index
         gen.commit(
             {
                 "model_name": model_name,
                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                "counts": {
-                    "files": len(files),
-                    "documents": len(texts),
-                    "tokens": n_tokens,
-                    "passages": int(kept.size),
-                    "duplicates_removed": int(dropped.size),
-                    "span_tokens": spans.num_tokens,
-                    "span_bytes": spans.nbytes(),
-                },
-                "build_options": {
-                    "field": field,
-                    "chunk_tokens": chunk_tokens,
-                    "dedup_threshold": dedup_threshold,
-                    "embedder": embedder,
-                },
-                "embedder": emb.config(),
-                "build_seconds": {
-                    "tokenize_chunk": round(t_tok - t0, 3),
-                    "dedup": round(t_dedup - t_tok, 3),
-                    "span_index": round(t_span - t_dedup, 3),
-                    "embed": round(t_end - t_span, 3),
-                },
+                "counts": result.counts,
+                "build_options": {**options, "engine": engine},
+                "embedder": result.embedder,
+                "build_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
                 "sources": [str(Path(s)) for s in sources],
             },
-            files_written,
+            result.files,
         )
     return out
 
 
-def _save_passages(
+def _run_local_stages(
+    folder: Path,
+    files: list[Path],
+    *,
+    tokenizer,
+    field: str,
+    chunk_tokens: int,
+    dedup_threshold: float,
+    embedder: str,
+    progress: bool,
+) -> StageResult:
+    """The build's stages in this process, writing into `folder`. -> StageResult"""
+    faiss = require("faiss")
+    t0 = time.perf_counter()
+    # 1) read, tokenize, chunk
+    texts, token_arrays, doc_sources, chunks = _tokenize_and_chunk(files, tokenizer, field, chunk_tokens, progress)
+    if not chunks:
+        raise ValueError("the corpus is empty: no document has any text")
+    passage_ids = [token_arrays[c.doc][c.token_start : c.token_end] for c in chunks]
+    t_tok = time.perf_counter()
+    # 2) near-duplicate passages out
+    dropped = find_near_duplicates(passage_ids, threshold=dedup_threshold)
+    keep = np.ones(len(chunks), dtype=bool)
+    keep[dropped] = False
+    kept = np.flatnonzero(keep).tolist()
+    kept_chunks = [chunks[i] for i in kept]
+    t_dedup = time.perf_counter()
+    # 3) span index over the kept passages, contiguous runs kept contiguous
+    run_tokens, ranges = lay_out_passages(kept_chunks, [passage_ids[i] for i in kept])
+    spans = SpanIndex.build(run_tokens, vocab_size(tokenizer))
+    files_written = spans.save(folder)
+    t_span = time.perf_counter()
+    # 4) passage store: token ranges in the stream, exact texts, sources
+    passage_texts = [texts[c.doc][c.char_start : c.char_end] for c in kept_chunks]
+    files_written += save_passages(folder, passage_texts, ranges, [c.doc for c in kept_chunks], doc_sources)
+    # 5) passage embeddings into faiss
+    emb = HashedNgramEmbedder().fit(passage_texts) if embedder == "hashed" else make_embedder({"name": embedder})
+    bar = _progress(progress, desc="embed", unit="passage", total=len(passage_texts) * emb.passes)
+    vectors = emb.embed(passage_texts, progress=bar)  # (P, dim)
+    bar.close()
+    faiss_index = faiss.IndexFlatIP(emb.dim)
+    faiss_index.add(vectors)
+    faiss.write_index(faiss_index, str(folder / "passages.faiss"))
+    files_written += ["passages.faiss"] + emb.save(folder)
+    t_end = time.perf_counter()
+    counts = {
+        "files": len(files),
+        "documents": len(texts),
+        "tokens": int(sum(a.size for a in token_arrays)),
+        "passages": len(kept),
+        "duplicates_removed": int(dropped.size),
+        "span_tokens": spans.num_tokens,
+        "span_bytes": spans.nbytes(),
+    }
+    seconds = {"tokenize_chunk": t_tok - t0, "dedup": t_dedup - t_tok, "span_index": t_span - t_dedup}
+    return StageResult(files_written, counts, emb.config(), {**seconds, "embed": t_end - t_span})
+
+
+def save_passages(
     folder: Path, texts: list[str], ranges: np.ndarray, docs: list[int], doc_sources: list[str]
 ) -> list[str]:
+    """The passage store: exact texts (a UTF-8 blob and offsets), token ranges (P, 2) in the span stream, each
+    passage's document (P,) and the documents' source names. -> the file names written"""
     blobs = [t.encode("utf-8") for t in texts]
     offsets = np.zeros(len(blobs) + 1, dtype=np.uint64)
     np.cumsum([len(b) for b in blobs], out=offsets[1:])
