@@ -18,7 +18,7 @@ from .embedding import EMBEDDERS
 
 __all__ = ["add_index_commands", "cmd_index_build", "cmd_index_info", "cmd_index_search"]
 
-_EXPECTED = (ValueError, OSError, RuntimeError)
+_EXPECTED = (ValueError, OSError, RuntimeError, ImportError)  # ImportError: an extra that is not installed
 
 
 def _load_tokenizer(name: str):
@@ -52,13 +52,17 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             force=args.force,
             progress=not args.quiet,
             embedder=args.embedder,
+            engine="local" if args.ray is None else "ray",
+            ray_address=args.ray or None,
         )
         from .format import read_manifest
 
-        counts = read_manifest(out)["counts"]
+        manifest = read_manifest(out)
+        counts = manifest["counts"]
         seconds = time.perf_counter() - t0
         print(
-            f"built {out}: {counts['documents']} documents, {counts['tokens']:,} tokens, {counts['passages']} "
+            f"built {out} ({manifest['build_options'].get('engine', 'local')} engine): {counts['documents']} "
+            f"documents, {counts['tokens']:,} tokens, {counts['passages']} "
             f"passages ({counts['duplicates_removed']} near-duplicates removed), span index "
             f"{counts['span_bytes'] / max(counts['span_tokens'], 1):.1f} bytes/token, {seconds:.1f} s"
         )
@@ -131,11 +135,14 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="build a corpus index from files and folders")
     build.add_argument(
-        "sources", nargs="+", metavar="SRC", help="folders, .txt/.md/.rst files, .jsonl files, any of them .gz"
+        "sources",
+        nargs="+",
+        metavar="SRC",
+        help="folders, .txt/.md/.rst files, .jsonl files (any of them .gz), .parquet files, glob patterns of these",
     )
     build.add_argument("--out", required=True, help="index folder to create, e.g. indexes/NAME")
     build.add_argument("--model", required=True, help="model whose tokenizer the index uses")
-    build.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    build.add_argument("--field", default="text", help="JSONL field or Parquet column holding the text (default: text)")
     build.add_argument("--chunk-tokens", type=int, default=256, help="passage size in tokens (default: 256)")
     build.add_argument(
         "--dedup-threshold",
@@ -155,6 +162,15 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
         help="replace an existing index at --out (only ever a refdecode index, never other files)",
     )
     build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="build on Ray: alone, a local Ray on this machine's cores; with ADDRESS (auto, HOST:PORT, "
+        "ray://HOST:PORT) join that cluster. Put it after the sources (or write --ray=ADDRESS)",
+    )
     build.set_defaults(func=cmd_index_build)
 
     for name, helptext, func in (

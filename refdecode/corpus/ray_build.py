@@ -9,9 +9,9 @@ are index.py's, shared with the local build.
    small key columns (file, doc, chunk) in the local build's order, so every later decision is by passage number
    and none depends on how rows were partitioned.
 3) MinHash signatures (map_batches): dedup.minhash_signatures with datasketch's permutations (seed 1, 128).
-4) candidates (map_groups): one row per (passage, LSH band), b and r from the MinHashLSH the local build uses;
-   grouped by a hash of the band's values, candidates are passages whose band values are equal; each candidate
-   pair is confirmed in its group by signature agreement >= threshold (the local rule).
+4) candidates (map_groups): one row per (passage, LSH band), b and r from the MinHashLSH the local build uses,
+   bucketed by a hash of (band, its values); in a bucket, candidates are passages whose values in one band are
+   equal; each candidate pair is confirmed there by signature agreement >= threshold (the local rule).
 5) first copy wins, on the driver, in passage order over the confirmed pairs: the same dropped set as
    dedup.find_near_duplicates (which keeps a passage unless an earlier *kept* one is a confirmed candidate).
 6) span order: for every non-separator position e of the stream, the reversed window stream[e], stream[e-1], ...
@@ -120,7 +120,8 @@ def _remote_args() -> dict:
 def ray_session(address: str | None = None, *, progress: bool = True) -> Iterator:
     """Ray for one build: one already initialised in this process is used as it is and left running; otherwise
     join the cluster at `address` ("auto", "ray://HOST:PORT", "HOST:PORT"), or with None start a local Ray on
-    this machine's cores; either is shut down at the end. Ray Data's progress bars follow `progress`. -> ray"""
+    this machine's cores; either is shut down at the end. Inside, Ray Data runs as the stages need it (order
+    preserved, sort-based shuffles; progress bars as `progress` says); its settings are restored after. -> ray"""
     ray = require("ray")
     started = False
     if not ray.is_initialized():
@@ -135,18 +136,25 @@ def ray_session(address: str | None = None, *, progress: bool = True) -> Iterato
             raise RuntimeError(f"cannot {where}: {_one_line(e)}") from None
         started = True
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.print_on_execution_start)
+    fields = ("enable_progress_bars", "print_on_execution_start", "shuffle_strategy")
+    saved = {name: getattr(ctx, name) for name in fields}
+    saved_order = ctx.execution_options.preserve_order
     data_log = logging.getLogger("ray.data")
     log_level = data_log.level
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = progress
     ctx.execution_options.preserve_order = True  # batches come back in passage / sort order
+    # the sort-based shuffle (groupby, sort): Ray's default shuffle starts aggregator actors first, which costs
+    # ~10 s per shuffle on a small machine against < 1 s for this one
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     if not progress:
         data_log.setLevel(logging.WARNING)
     try:
         yield ray
     finally:
-        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.print_on_execution_start = saved
+        for name, value in saved.items():
+            setattr(ctx, name, value)
+        ctx.execution_options.preserve_order = saved_order
         data_log.setLevel(log_level)
         if started:
             ray.shutdown()
@@ -232,8 +240,9 @@ def _signatures(batch: dict, *, perm: tuple[np.ndarray, np.ndarray]) -> dict:
     return {"pid": batch["pid"], "sig": minhash_signatures(tokens, perm)}
 
 
-def _band_rows(batch: dict, *, b: int, r: int) -> dict:
-    """One row per (passage, band): key = hash of (band, its r values), to group candidates. -> key, band, pid, sig"""
+def _band_rows(batch: dict, *, b: int, r: int, buckets: int) -> dict:
+    """One row per (passage, band), in the bucket a hash of (band, its r values) picks: rows that may be LSH
+    candidates of each other share a bucket. -> bucket, band, pid, sig"""
     sig = batch["sig"]  # (B, NUM_PERM) uint32
     n = sig.shape[0]
     keys = np.empty((b, n), dtype=np.uint64)
@@ -244,30 +253,34 @@ def _band_rows(batch: dict, *, b: int, r: int) -> dict:
                 h = (h ^ v) * np.uint64(1099511628211)
             keys[i] = h
     return {
-        "key": keys.ravel(),
+        "bucket": (keys.ravel() % np.uint64(buckets)).astype(np.int64),
         "band": np.repeat(np.arange(b, dtype=np.int32), n),
         "pid": np.tile(batch["pid"], b),
         "sig": np.tile(sig, (b, 1)),
     }
 
 
-def _confirmed_pairs(group: dict, *, r: int, threshold: float) -> dict:
-    """Rows sharing a band key -> the pairs (a < b) whose band values are equal (the LSH candidates; a hash
-    collision is not one) and whose signatures agree on >= threshold of their values. -> a, b"""
-    pid, band, sig = group["pid"], group["band"], group["sig"]
+def _confirmed_pairs(bucket: dict, *, r: int, threshold: float) -> dict:
+    """One bucket's rows -> the pairs (a < b) with equal values in one band (the LSH candidates: exact, whatever
+    the hash put together) whose signatures agree on >= threshold of their values. -> a, b"""
+    pid, band, sig = bucket["pid"], bucket["band"], bucket["sig"]
     a_out, b_out = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     if pid.size > 1:
-        values = np.stack([sig[j, band[j] * r : (band[j] + 1) * r] for j in range(pid.size)])  # (G, r)
-        _, same = np.unique(np.column_stack([band.astype(np.uint32), values]), axis=0, return_inverse=True)
-        for s in np.unique(same):
-            rows = np.flatnonzero(same.ravel() == s)
+        cols = band[:, None] * r + np.arange(r)[None, :]  # (G, r) each row's band columns
+        values = np.take_along_axis(sig, cols, axis=1)  # (G, r)
+        _, same, sizes = np.unique(
+            np.column_stack([band.astype(np.uint32), values]), axis=0, return_inverse=True, return_counts=True
+        )
+        same = same.ravel()
+        for s in np.flatnonzero(sizes > 1).tolist():
+            rows = np.flatnonzero(same == s)
             for lo in range(0, rows.size, 256):  # bounded work arrays for a large group
                 part = rows[lo : lo + 256]
                 agree = (sig[part][:, None, :] == sig[rows][None, :, :]).mean(axis=-1)  # (p, G_s)
                 i, j = np.nonzero(agree >= threshold)
-                pa_, pb_ = pid[part][i], pid[rows][j]
-                a_out.append(pa_[pa_ < pb_])
-                b_out.append(pb_[pa_ < pb_])
+                first, second = pid[part][i], pid[rows][j]
+                a_out.append(first[first < second])
+                b_out.append(second[first < second])
     return {"a": np.concatenate(a_out).astype(np.int64), "b": np.concatenate(b_out).astype(np.int64)}
 
 
@@ -287,13 +300,18 @@ def dedup_on_ray(passages, n_passages: int, *, threshold: float) -> np.ndarray:
     """Near-duplicates among a dataset's passages (columns pid: 0..n_passages-1, tokens: int32 bytes), the same
     as dedup.find_near_duplicates over the passages in pid order, however the dataset is partitioned.
     -> dropped pids (D,) int64, ascending"""
+    ray = require("ray")
     b, r = lsh_bands(threshold)
     args = _remote_args()
     signatures = passages.select_columns(["pid", "tokens"]).map_batches(
         _guarded("minhash", _signatures), fn_kwargs={"perm": permutations()}, batch_format="numpy", **args
     )
-    bands = signatures.map_batches(_guarded("minhash", _band_rows), fn_kwargs={"b": b, "r": r}, batch_format="numpy")
-    pairs = bands.groupby("key").map_groups(
+    # a few large groups (buckets of band keys), not one per key: Ray Data's per-group overhead is milliseconds
+    buckets = _default_blocks(ray, n_passages * b, 1 << 20)
+    bands = signatures.map_batches(
+        _guarded("minhash", _band_rows), fn_kwargs={"b": b, "r": r, "buckets": buckets}, batch_format="numpy"
+    )
+    pairs = bands.groupby("bucket").map_groups(
         _guarded("candidates", _confirmed_pairs),
         fn_kwargs={"r": r, "threshold": threshold},
         batch_format="numpy",
