@@ -298,7 +298,8 @@ def _first_copy_wins(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def dedup_on_ray(passages, n_passages: int, *, threshold: float) -> np.ndarray:
     """Near-duplicates among a dataset's passages (columns pid: 0..n_passages-1, tokens: int32 bytes), the same
-    as dedup.find_near_duplicates over the passages in pid order, however the dataset is partitioned.
+    as dedup.find_near_duplicates over the passages in pid order, however the dataset is partitioned. Call it
+    inside ray_session with a dataset made there (a dataset keeps the Ray Data settings it was made with).
     -> dropped pids (D,) int64, ascending"""
     ray = require("ray")
     b, r = lsh_bands(threshold)
@@ -311,7 +312,7 @@ def dedup_on_ray(passages, n_passages: int, *, threshold: float) -> np.ndarray:
     bands = signatures.map_batches(
         _guarded("minhash", _band_rows), fn_kwargs={"b": b, "r": r, "buckets": buckets}, batch_format="numpy"
     )
-    pairs = bands.groupby("bucket").map_groups(
+    pairs = bands.groupby("bucket", num_partitions=buckets).map_groups(
         _guarded("candidates", _confirmed_pairs),
         fn_kwargs={"r": r, "threshold": threshold},
         batch_format="numpy",

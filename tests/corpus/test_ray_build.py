@@ -182,8 +182,8 @@ def test_dedup_on_ray_equals_the_local_dedup_for_any_partitioning(ray_local):
             step = -(-len(passages) // blocks)
             order = rng.permutation(len(passages))  # rows in any order, in any blocks
             shuffled = table.take(order)
-            ds = ray_local.data.from_arrow([shuffled.slice(lo, step) for lo in range(0, len(passages), step)])
-            with ray_session(progress=False):
+            with ray_session(progress=False):  # datasets keep the settings of where they were made: in here
+                ds = ray_local.data.from_arrow([shuffled.slice(lo, step) for lo in range(0, len(passages), step)])
                 got = dedup_on_ray(ds, len(passages), threshold=threshold)
             assert np.array_equal(got, want), (threshold, blocks)
 
