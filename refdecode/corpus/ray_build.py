@@ -34,6 +34,7 @@ ray is imported when a Ray build runs, never by `import refdecode`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -517,15 +518,20 @@ def run_ray_stages(
     """The build's stages on Ray, writing into `folder` (a generation index.py commits). blocks: how many blocks
     each stage's input is cut into (None: from the cluster's CPUs); the index does not depend on it."""
     ray_mod = require("ray")
+    failure: Exception | None = None
     try:
         with ray_session(address, progress=progress) as ray:
             return _run(ray, folder, files, tokenizer, field, chunk_tokens, dedup_threshold, embedder, blocks)
     except ray_mod.exceptions.RayError as e:
-        raise _unwrap(e) from None
+        failure = _unwrap(e)
     except Exception as e:
-        if _MARK in str(e):  # a task's error that reached us under another wrapper
-            raise _unwrap(e) from None
-        raise
+        if _MARK not in str(e):  # else a task's error that reached us under another wrapper
+            raise
+        failure = _unwrap(e)
+    # raised outside the handler: Ray's error and its traceback (whose frames hold the running datasets and so
+    # their actors and CPUs) are not kept alive as this error's context
+    gc.collect()
+    raise failure
 
 
 def _run(ray, folder, files, tokenizer, field, chunk_tokens, dedup_threshold, embedder, blocks) -> StageResult:
