@@ -26,6 +26,7 @@ from refdecode.corpus.spans import (
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need the test extra: pip install -e '.[test]'")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from test_spans_props import draw_tails  # noqa: E402
 
 
 def brute_match(docs, tail):
@@ -51,16 +52,7 @@ def corpus_and_tails(draw):
     vocab = draw(st.sampled_from([2, 3, 5, 70_000]))
     token = st.integers(0, vocab - 1) if vocab < 10 else st.integers(0, 4)
     docs = draw(st.lists(st.lists(token, max_size=40), max_size=5))
-    tails = []
-    for _ in range(draw(st.integers(1, 5))):
-        tail = draw(st.lists(token, max_size=3))
-        nonempty = [d for d in docs if d]
-        if nonempty and draw(st.booleans()):
-            doc = draw(st.sampled_from(nonempty))
-            end = draw(st.integers(0, len(doc) - 1))
-            tail += doc[max(0, end - draw(st.integers(0, 20))) : end + 1]
-        tails.append(tail)
-    return vocab, docs, tails
+    return vocab, docs, draw_tails(draw, docs, token, count=5, noise=3)
 
 
 @pytest.mark.fuzz

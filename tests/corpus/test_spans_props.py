@@ -38,16 +38,21 @@ def corpus_and_tails(draw):
     vocab = draw(vocabs)
     token = st.one_of(st.sampled_from([0, vocab - 1]), st.integers(0, vocab - 1))
     docs = draw(st.lists(st.one_of(st.lists(token, max_size=DEPTH - 1), st.lists(token, max_size=60)), max_size=5))
+    return vocab, docs, draw_tails(draw, docs, token, count=6, noise=4)
+
+
+def draw_tails(draw, docs, token, *, count: int, noise: int) -> list[list[int]]:
+    """1..count context tails: up to `noise` random tokens, then often a stretch of a document ending anywhere."""
     tails = []
-    for _ in range(draw(st.integers(1, 6))):
-        tail = draw(st.lists(token, max_size=4))
+    for _ in range(draw(st.integers(1, count))):
+        tail = draw(st.lists(token, max_size=noise))
         nonempty = [d for d in docs if d]
         if nonempty and draw(st.booleans()):
             doc = draw(st.sampled_from(nonempty))
             end = draw(st.integers(0, len(doc) - 1))
             tail += doc[max(0, end - draw(st.integers(0, 20))) : end + 1]
         tails.append(tail)
-    return vocab, docs, tails
+    return tails
 
 
 @pytest.mark.fuzz
