@@ -83,6 +83,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "joining the references (refdecode+NAME)",
     )
     parser.add_argument(
+        "--share-prefill",
+        action="store_true",
+        help="compute the target's prompt forward once per prompt and start every method from a copy of its cache "
+        "(refdecode.bench.prefill): throughput is unchanged, but prefill and end-to-end seconds then exclude that "
+        "forward; for large models on a CPU, where each prefill costs tens of seconds",
+    )
+    parser.add_argument(
         "--sampling",
         action="store_true",
         help="add rows at temperature 0.7, top_p 0.9: transformers sampling vs refdecode (tree and chain)",
@@ -173,6 +180,7 @@ def _config(args):
         quick=args.quick,
         drafters=tuple(args.drafters),
         draft_model=args.draft_model,
+        share_prefill=args.share_prefill,
     )
 
 

@@ -15,6 +15,7 @@ before any measurement.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from refdecode.bench.prefill import SharedPrefill
 from refdecode.drafters import Draft
 
 __all__ = [
@@ -107,6 +109,8 @@ class BenchConfig:
     drafters: tuple[str, ...] = ()  # model drafters (refdecode.drafters): each adds a row alone and one with references
     draft_model: str | None = None  # a model sharing the tokenizer: transformers' assisted generation with it, and
     # refdecode's tree with it joining the references (refdecode+NAME)
+    share_prefill: bool = False  # the target's prompt forward computed once per prompt and copied to every method
+    # (refdecode.bench.prefill): throughput is unchanged, prefill and end-to-end times then exclude that forward
 
     def __post_init__(self):
         from refdecode.bench.workloads import WORKLOADS
@@ -513,6 +517,15 @@ def run_method(
     )
 
 
+def _method_order(methods: Sequence[str], i: int) -> list[str]:
+    """The order of the methods on the i-th timed prompt: greedy first (the others are checked against it and the
+    oracle copies it), then the rest forwards on even prompts and backwards on odd ones (A B B A), so a machine
+    growing faster or slower during a run favours no method."""
+    rest = [m for m in methods if m != "greedy"]
+    head = ["greedy"] if "greedy" in methods else []
+    return head + (rest if i % 2 == 0 else rest[::-1])
+
+
 def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
     """The first position where two token lists differ (a length difference counts), else None."""
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
@@ -633,6 +646,7 @@ def run_benchmark(
     data cache for config.workloads.
     """
     # 1) model, requests, device description
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     notes: list[str] = []
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -693,9 +707,43 @@ def run_benchmark(
             f"({draft_cost['seconds'][0] / cost['seconds'][0]:.2f} of the target's)"
         )
 
+    # 3) and 4): the warm-up and the measurement, with the prefill shared if asked
+    methods = config.all_methods
+    if config.share_prefill:
+        notes.append(
+            "prefill shared: the target's prompt forward ran once per prompt (untimed) and every method started from "
+            "a copy of its cache; throughput is unchanged, prefill and end-to-end seconds exclude that forward"
+        )
+    with SharedPrefill(model) if config.share_prefill else contextlib.nullcontext() as shared:
+        measured = _measure(config, model, tokenizer, requests, draft, index, shared, log=log)
+    return {
+        "meta": {
+            "machine": info,
+            "config": asdict(config),
+            "methods": list(methods),
+            "started": started,
+            "timing": (
+                "decoding throughput = new tokens after the first / time after the first new token; "
+                "transformers methods are timed with a streamer (first put = prompt, second = first new "
+                "token), refdecode with its GenerationStats; one untimed warm-up per method; greedy first on "
+                "every prompt, the other methods in alternating order (A B B A)"
+            ),
+            "notes": notes,
+        },
+        "forward_cost": cost,
+        "draft_forward_cost": draft_cost,
+        **measured,
+    }
+
+
+def _measure(config: BenchConfig, model, tokenizer, requests, draft, index, shared, *, log) -> dict:
+    """Steps 3 and 4 of run_benchmark: the warm-up, then every method on every request; returns requests and
+    records. shared: a SharedPrefill (primed here for each prompt) or None."""
     # 3) one untimed warm-up per method, on the first request
     methods = config.all_methods
     warm = requests[0]
+    if shared is not None:
+        shared.prime(warm.prompt_ids)
     greedy_warm = None
     for method in methods:
         rec = run_method(
@@ -715,10 +763,12 @@ def run_benchmark(
     # 4) measure: every method on a prompt before the next prompt
     records = []
     learned: dict = {}  # method -> its model drafter's table, grown over the earlier timed requests (run_refdecode)
+    prefill_seconds: list[float | None] = []
     for i, request in enumerate(requests):
         greedy_ids = None
         line = []
-        for method in methods:
+        prefill_seconds.append(shared.prime(request.prompt_ids) if shared is not None else None)
+        for method in _method_order(methods, i):
             rec = run_method(
                 model,
                 tokenizer,
@@ -753,20 +803,6 @@ def run_benchmark(
         )
 
     return {
-        "meta": {
-            "machine": info,
-            "config": asdict(config),
-            "methods": list(methods),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "timing": (
-                "decoding throughput = new tokens after the first / time after the first new token; "
-                "transformers methods are timed with a streamer (first put = prompt, second = first new "
-                "token), refdecode with its GenerationStats; one untimed warm-up per method"
-            ),
-            "notes": notes,
-        },
-        "forward_cost": cost,
-        "draft_forward_cost": draft_cost,
         "requests": [
             {
                 "id": r.id,
@@ -774,8 +810,9 @@ def run_benchmark(
                 "category": r.category,
                 "prompt_tokens": len(r.prompt_ids),
                 "reference_tokens": sum(len(ids) for _, ids in r.references),
+                **({"shared_prefill_seconds": p} if p is not None else {}),
             }
-            for r in requests
+            for r, p in zip(requests, prefill_seconds, strict=True)
         ],
         "records": records,
     }

@@ -141,8 +141,10 @@ def test_runner_end_to_end_and_report_files(tiny_llama, tmp_path):
         small_config(sampling=True), model=tiny_llama, tokenizer=tok, requests=reqs, log=lines.append
     )
     methods = list(runner.DEFAULT_METHODS + runner.SAMPLING_METHODS)
-    # interleaved per prompt: every method on a prompt before the next prompt
-    assert [(r["request_id"], r["method"]) for r in results["records"]] == [(q.id, m) for q in reqs for m in methods]
+    # interleaved per prompt: every method on a prompt before the next prompt, greedy first, the others A B B A
+    rest = methods[1:]
+    expected = [(reqs[0].id, m) for m in ["greedy", *rest]] + [(reqs[1].id, m) for m in ["greedy", *rest[::-1]]]
+    assert methods[0] == "greedy" and [(r["request_id"], r["method"]) for r in results["records"]] == expected
     for r in results["records"]:
         if r["method"] in ("pld", "refdecode", "refdecode-chain", "oracle"):
             assert r["matches_greedy"], (r["request_id"], r["method"], r["first_mismatch"])
@@ -325,10 +327,10 @@ def test_recycle_rows_keep_one_table_per_method_over_the_timed_requests(tiny_lla
     config = small_config(n=2, methods=("refdecode",), drafters=("self:recycle",))
     results = runner.run_benchmark(config, model=tiny_llama, tokenizer=tok, requests=reqs, log=lambda line: None)
     methods = ["greedy", "refdecode", "drafter:self:recycle", "refdecode+self:recycle"]
-    assert [r["method"] for r in results["records"]] == methods * 2
+    assert [r["method"] for r in results["records"]] == methods + ["greedy", *methods[:0:-1]]  # A B B A
     assert all(r["matches_greedy"] for r in results["records"] if r["method"] != "greedy")
     assert len(seen) == 6  # two rows: a warm-up and two timed requests each
-    warm_alone, warm_refs, alone_1, refs_1, alone_2, refs_2 = seen
+    warm_alone, warm_refs, alone_1, refs_1, refs_2, alone_2 = seen
     tables = [t for t, _ in seen]
     assert len({id(t) for t in tables}) == 4  # the warm-ups' own, and one per row for the timed requests
     assert alone_2[0] is alone_1[0] and refs_2[0] is refs_1[0] and alone_1[0] is not refs_1[0]
@@ -365,6 +367,48 @@ def test_draft_model_adds_assisted_generation_and_the_tree_with_it(tiny_llama, t
     block = summary["workloads"]["code-edit-ref"]
     assert {"assisted/greedy", "refdecode+tiny-draft/assisted", "refdecode+tiny-draft/greedy"} <= set(block["ratios"])
     assert block["methods"]["assisted"]["mismatches"] == 0
+
+
+def test_shared_prefill_serves_only_the_primed_prompt_and_changes_no_output(tiny_llama):
+    from refdecode.bench.prefill import SharedPrefill
+
+    prompt, other = [5, 9, 17, 33, 9, 17, 40, 41, 5, 9], [7, 8, 9, 10, 11, 12]
+    plain = {p[0]: hf_greedy(tiny_llama, p, 12) for p in (prompt, other)}
+    tree = refdecode.generate(tiny_llama, None, prompt, max_new_tokens=12).token_ids
+    with pytest.raises(RuntimeError, match="needs the context"):
+        SharedPrefill(tiny_llama).prime(prompt)
+    with SharedPrefill(tiny_llama) as shared:
+        assert shared.prime(prompt) >= 0 and shared.hits == 0
+        assert hf_greedy(tiny_llama, prompt, 12) == plain[5] and shared.hits == 1
+        assert refdecode.generate(tiny_llama, None, prompt, max_new_tokens=12).token_ids == tree
+        assert shared.hits == 2
+        assert hf_greedy(tiny_llama, other, 12) == plain[7] and shared.hits == 2  # another prompt: a real forward
+        full = tiny_llama(input_ids=torch.tensor([prompt])).logits  # every row asked for: a real forward
+        assert full.shape[1] == len(prompt) and shared.hits == 2
+    assert "forward" not in vars(tiny_llama)  # the class's forward again
+
+
+def test_benchmark_with_a_shared_prefill_gives_the_same_outputs(tiny_llama):
+    tok = WordTokenizer()
+    reqs = runner.prepare_requests(["code-edit-ref"], 2, 0, tok, loader=fake_loader)
+    methods = ("pld", "refdecode", "refdecode-chain", "oracle")
+    runs = [
+        runner.run_benchmark(
+            small_config(methods=methods, share_prefill=shared),
+            model=tiny_llama,
+            tokenizer=tok,
+            requests=reqs,
+            log=lambda line: None,
+        )
+        for shared in (False, True)
+    ]
+    outputs = [{(r["request_id"], r["method"]): r["token_ids"] for r in run["records"]} for run in runs]
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2 * 5
+    assert all(r["matches_greedy"] for r in runs[1]["records"] if r["method"] != "greedy")
+    assert all(q["shared_prefill_seconds"] > 0 for q in runs[1]["requests"])
+    assert "shared_prefill_seconds" not in runs[0]["requests"][0]
+    assert any("prefill shared" in n for n in runs[1]["meta"]["notes"])
+    assert "forward" not in vars(tiny_llama)
 
 
 def test_a_self_drafter_is_not_a_draft_model():
