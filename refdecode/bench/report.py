@@ -36,6 +36,7 @@ RATIOS = (
 # head to head, in one run: refdecode's tree vs its chain, and vs SuffixDecoding's drafter in the same loop
 COMPARISONS = (
     ("refdecode", "refdecode-hf-kernels"),
+    ("refdecode", "refdecode-no-guard"),
     ("refdecode", "refdecode-chain"),
     ("refdecode", "suffix-tree"),
     ("refdecode", "suffix"),
@@ -48,6 +49,7 @@ LABELS = {
     "refdecode": "refdecode",
     "refdecode-chain": "refdecode chain",
     "refdecode-hf-kernels": "refdecode, transformers kernels",
+    "refdecode-no-guard": "refdecode without the tie guard",
     "suffix": "SuffixDecoding",
     "suffix-tree": "SuffixDecoding tree",
     "oracle": "oracle",
@@ -56,7 +58,14 @@ LABELS = {
     "refdecode-chain-sample": "refdecode chain sampling",
 }
 # greedy methods whose tokens per step are set against the oracle's (same loop, same policy)
-STEP_FRACTION_METHODS = ("refdecode", "refdecode-hf-kernels", "refdecode-chain", "suffix", "suffix-tree")
+STEP_FRACTION_METHODS = (
+    "refdecode",
+    "refdecode-hf-kernels",
+    "refdecode-no-guard",
+    "refdecode-chain",
+    "suffix",
+    "suffix-tree",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------

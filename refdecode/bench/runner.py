@@ -54,15 +54,28 @@ __all__ = [
 # token tree per step); refdecode-chain: generate(tree=False), one chain per step; suffix / suffix-tree:
 # SuffixDecoding's drafter (arctic-inference, refdecode.bench.suffix) in refdecode's loop, chain / tree mode;
 # refdecode-hf-kernels: refdecode with transformers' own CPU kernels for its wide forwards (REFDECODE_CPU_KERNELS=
-# transformers, see refdecode.kernels), to measure what the routed kernels add.
-METHODS = ("greedy", "pld", "refdecode", "refdecode-hf-kernels", "refdecode-chain", "suffix", "suffix-tree", "oracle")
+# transformers, see refdecode.kernels), to measure what the routed kernels add; refdecode-no-guard: the tree with
+# tie_margin=0, no row recomputed one token wide, to measure what the greedy tie guard costs and what it keeps
+# identical (in bfloat16 a wide forward moves logits by ~0.2).
+METHODS = (
+    "greedy",
+    "pld",
+    "refdecode",
+    "refdecode-hf-kernels",
+    "refdecode-no-guard",
+    "refdecode-chain",
+    "suffix",
+    "suffix-tree",
+    "oracle",
+)
 SUFFIX_METHODS = ("suffix", "suffix-tree")  # optional: need arctic-inference (`make suffix-setup`)
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in SUFFIX_METHODS and m != "refdecode-hf-kernels")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in SUFFIX_METHODS + ("refdecode-hf-kernels", "refdecode-no-guard"))
 SAMPLING_METHODS = ("hf-sample", "refdecode-sample", "refdecode-chain-sample")
 CHECKED_METHODS = tuple(m for m in METHODS if m != "greedy")  # lossless under greedy: output == greedy's
 REFDECODE_METHODS = (  # its own drafter
     "refdecode",
     "refdecode-hf-kernels",
+    "refdecode-no-guard",
     "refdecode-chain",
     "refdecode-sample",
     "refdecode-chain-sample",
@@ -422,6 +435,8 @@ def run_refdecode(
             model_drafter = build_model_drafter(spec, model, tokenizer)
     if method in REFDECODE_METHODS:
         kwargs.update(store=_store(tokenizer, request), tree="-chain" not in method)
+        if method == "refdecode-no-guard":
+            kwargs.update(tie_margin=0.0)
         if method.endswith("-sample"):
             kwargs.update(temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=seed)
         if index is not None:

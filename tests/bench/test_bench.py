@@ -439,3 +439,28 @@ def test_transformers_kernels_row_is_checked_and_set_against_refdecode(tiny_llam
     summary = report.write_report(results, tmp_path / "out", plots=False)
     assert "refdecode/refdecode-hf-kernels" in summary["workloads"]["code-edit-ref"]["ratios"]
     assert "refdecode, transformers kernels" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_no_guard_row_turns_the_tie_guard_off_and_is_set_against_refdecode(tiny_llama, tmp_path, monkeypatch):
+    """refdecode-no-guard: the tree with tie_margin=0 (no row recomputed one token wide), checked against greedy and
+    set head to head against refdecode, whose margin stays generate's default (measured on the model)."""
+    margins: dict = {}
+    real_generate = refdecode.generate
+
+    def spy(*args, **kwargs):
+        margins.setdefault(kwargs.get("tie_margin", "default"), 0)
+        margins[kwargs.get("tie_margin", "default")] += 1
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(refdecode, "generate", spy)
+    tok = WordTokenizer()
+    reqs = runner.prepare_requests(["code-edit-ref"], 1, 0, tok, loader=fake_loader)
+    config = small_config(n=1, methods=("refdecode", "refdecode-no-guard"))
+    assert "refdecode-no-guard" not in runner.DEFAULT_METHODS
+    results = runner.run_benchmark(config, model=tiny_llama, tokenizer=tok, requests=reqs, log=lambda line: None)
+    assert [r["method"] for r in results["records"]] == ["greedy", "refdecode", "refdecode-no-guard"]
+    assert margins == {"default": 2, 0.0: 2}  # the warm-up and the timed request of each
+    assert all(r["matches_greedy"] for r in results["records"] if r["method"] != "greedy")
+    summary = report.write_report(results, tmp_path / "out", plots=False)
+    assert "refdecode/refdecode-no-guard" in summary["workloads"]["code-edit-ref"]["ratios"]
+    assert "refdecode without the tie guard" in (tmp_path / "out" / "table.md").read_text()
