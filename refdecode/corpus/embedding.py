@@ -257,10 +257,19 @@ class HashedNgramEmbedder(Embedder):
         return out
 
     def fit(self, texts: Sequence[str]) -> HashedNgramEmbedder:
+        return self.fit_counts(self.document_frequencies(texts), len(texts))
+
+    def document_frequencies(self, texts: Sequence[str]) -> np.ndarray:
+        """In how many of `texts` each bucket occurs. -> (dim,) float64 of whole numbers, so sums over any split of
+        the corpus are exact and a fit from summed parts equals fit on the whole"""
         df = np.zeros(self.dim, dtype=np.float64)
         for text in texts:
             df[np.unique(self._buckets(text))] += 1
-        self.idf = np.log((1 + len(texts)) / (1 + df)).astype(np.float32) + 1.0
+        return df
+
+    def fit_counts(self, df: np.ndarray, n_texts: int) -> HashedNgramEmbedder:
+        """IDF weights from document frequencies (dim,) over `n_texts` texts."""
+        self.idf = np.log((1 + n_texts) / (1 + df)).astype(np.float32) + 1.0
         return self
 
     def embed(self, texts: Sequence[str], *, progress=None) -> np.ndarray:
