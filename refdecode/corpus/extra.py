@@ -14,12 +14,12 @@ __all__ = ["INSTALL_HINT", "RAY_INSTALL_HINT", "require"]
 
 INSTALL_HINT = "pip install 'refdecode[corpus]'"
 RAY_INSTALL_HINT = "pip install 'refdecode[ray]'"
-# module -> (the package that brings it, what needs it, the install command)
+# module -> (what needs which package, the install command)
 _PACKAGES = {
-    "faiss": ("faiss-cpu", "corpus indexes", INSTALL_HINT),
-    "datasketch": ("datasketch", "corpus indexes", INSTALL_HINT),
-    "pyarrow.parquet": ("pyarrow", "Parquet sources", "pip install pyarrow (the ray extra brings it too)"),
-    "ray": ("ray[data]", "building on Ray (engine='ray', --ray)", RAY_INSTALL_HINT),
+    "faiss": ("corpus indexes need faiss-cpu", INSTALL_HINT),
+    "datasketch": ("corpus indexes need datasketch", INSTALL_HINT),
+    "pyarrow.parquet": ("Parquet sources need pyarrow", "pip install pyarrow (the ray extra brings it too)"),
+    "ray": ("building on Ray (engine='ray', --ray) needs ray[data]", RAY_INSTALL_HINT),
 }
 
 
@@ -29,5 +29,5 @@ def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        package, needs, hint = _PACKAGES[module]
-        raise ImportError(f"{needs} need {package}, which is not installed: {hint}") from None
+        needs, hint = _PACKAGES[module]
+        raise ImportError(f"{needs}, which is not installed: {hint}") from None

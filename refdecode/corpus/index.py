@@ -278,10 +278,12 @@ def build_index(
     files = list_files(sources)
     if not files:
         raise ValueError(f"no text, markdown, reST, JSONL or Parquet files found in {', '.join(map(str, sources))}")
-    options = {"field": field, "chunk_tokens": chunk_tokens, "dedup_threshold": dedup_threshold, "embedder": embedder}
-    layout = {"flat_limit": flat_limit, "partition_entries": partition_entries}
+    options: dict = {"field": field, "chunk_tokens": chunk_tokens, "dedup_threshold": dedup_threshold}
+    options["embedder"] = embedder
+    layout: dict = {"flat_limit": flat_limit, "partition_entries": partition_entries}
     with new_generation(out, force=force, protect=sources) as gen:
         # the stages differ by engine; the generation, the writers, the manifest and the commit are one path
+        result: StageResult
         if engine == "ray":
             from .ray_build import run_ray_stages  # ray is imported by a Ray build only
 
