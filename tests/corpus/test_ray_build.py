@@ -200,12 +200,13 @@ def test_sorted_span_blocks_are_the_local_suffix_order(vocab):
 
 def test_embedding_actors_are_released_after_success_and_failure(ray_local, monkeypatch):
     """The actor pool (what a sentence encoder uses) with the hashed embedder: the vectors are the local ones, and
-    both CPUs are free again once the vectors are computed, whether the batches succeeded or failed."""
+    both CPUs are free again once the vectors are computed, whether the batches succeeded or failed. One batch, so
+    one actor: each actor is a fresh worker process, the costliest thing in this file."""
     from refdecode.corpus.embedding import HashedNgramEmbedder
     from refdecode.corpus.ray_build import FAIL_ENV, embedding_blocks, ray_session
 
     rng = np.random.default_rng(0)
-    texts = [random_words(rng, 30) for _ in range(150)]
+    texts = [random_words(rng, 30) for _ in range(60)]
     embedder = HashedNgramEmbedder(256).fit(texts)
 
     def cpus_free_soon() -> bool:
@@ -317,17 +318,10 @@ def test_a_ray_the_caller_started_is_used_and_left_running_and_options_reach_the
 # -- faults ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "stage",
-    [
-        "embed",
-        pytest.param("read", marks=pytest.mark.slow),
-        pytest.param("candidates", marks=pytest.mark.slow),
-        pytest.param("span_keys", marks=pytest.mark.slow),
-    ],
-)
-def test_a_failed_task_fails_the_build_and_keeps_the_old_index(tmp_path, monkeypatch, stage):
+def test_a_failed_task_fails_the_build_and_keeps_the_old_index(tmp_path, monkeypatch):
     from refdecode.corpus.ray_build import FAIL_ENV
+
+    stage = "embed"
 
     src = write_corpus(tmp_path / "src", 6, docs=3)
     out = build(src, tmp_path / "idx")  # the old index (a local build)
@@ -346,10 +340,21 @@ def test_a_failed_task_fails_the_build_and_keeps_the_old_index(tmp_path, monkeyp
     assert answers(CorpusIndex.load(out), contexts) == before  # the same corpus: the same index
 
 
+@pytest.mark.parametrize("stage", ["minhash", "candidates", "span_keys"])
+def test_a_failed_task_in_any_stage_fails_the_build_in_one_line(tmp_path, monkeypatch, stage):
+    """The other stages' failures (the read stage's are the bad files' errors above): no index, the task's line."""
+    from refdecode.corpus.ray_build import FAIL_ENV
+
+    monkeypatch.setenv(FAIL_ENV, stage)
+    with pytest.raises(RuntimeError, match=f"^injected failure in the Ray stage '{stage}' [^\\n]*$"):
+        build(write_corpus(tmp_path / "src", 6, docs=2), tmp_path / "idx", engine="ray")
+    assert not (tmp_path / "idx").exists()
+
+
 @pytest.mark.slow
 def test_driver_killed_mid_build_leaves_the_old_index_and_a_rerun_succeeds(tmp_path, ray_local):
     """SIGKILL a driver (a process that joined this session's Ray) while it builds over an existing index."""
-    src = write_corpus(tmp_path / "src", 8, docs=40)
+    src = write_corpus(tmp_path / "src", 8, docs=8)
     out = build(src, tmp_path / "idx")
     contexts = span_contexts(src, 4)
     before = answers(CorpusIndex.load(out), contexts)
