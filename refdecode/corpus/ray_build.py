@@ -485,6 +485,7 @@ def run_ray_stages(
     progress: bool,
     flat_limit: int,
     partition_entries: int,
+    hashed_dim: int,
     address: str | None = None,
     blocks: int | None = None,
 ) -> StageResult:
@@ -505,6 +506,7 @@ def run_ray_stages(
                 dedup_threshold=dedup_threshold,
                 embedder=embedder,
                 layout={"flat_limit": flat_limit, "partition_entries": partition_entries},
+                hashed_dim=hashed_dim,
                 blocks=blocks,
             )
     except ray_module.exceptions.RayError as e:
@@ -519,7 +521,7 @@ def run_ray_stages(
     raise failure
 
 
-def _run(ray, folder, files, *, tokenizer, field, chunk_tokens, dedup_threshold, embedder, layout, blocks):
+def _run(ray, folder, files, *, tokenizer, field, chunk_tokens, dedup_threshold, embedder, layout, hashed_dim, blocks):
     import pyarrow as pa
 
     clock = _Clock()
@@ -569,7 +571,7 @@ def _run(ray, folder, files, *, tokenizer, field, chunk_tokens, dedup_threshold,
     # 3) the span order (streamed into the writer below) and 4) the embeddings (materialized first)
     emb: Embedder
     if embedder == "hashed":
-        emb = HashedNgramEmbedder()
+        emb = HashedNgramEmbedder(hashed_dim)
         emb.idf = _fit_hashed(ray, texts, emb.dim)
     else:
         emb = make_embedder({"name": embedder})  # on the driver for its config and dim only: the actors embed

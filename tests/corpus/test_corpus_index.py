@@ -178,6 +178,16 @@ def test_bad_parquet_sources(tmp_path):
         assert not (tmp_path / "idx").exists()
 
 
+def test_hashed_dim_sets_the_hashed_embedders_size(corpus, tmp_path):
+    index = CorpusIndex.load(build(corpus, tmp_path / "idx", hashed_dim=64))
+    assert index.manifest["embedder"] == {"name": "hashed", "dim": 64} and index._faiss.d == 64
+    assert "zyxwv" in index.retrieve("zyxwv compressor marmalade", k=1)[0].text
+    with pytest.raises(ValueError, match="hashed_dim is for embedder='hashed' only"):
+        build(corpus, tmp_path / "idx2", embedder="minilm", hashed_dim=64)
+    with pytest.raises(ValueError, match=r"hashed_dim must be in \[1, 65536\]"):
+        build(corpus, tmp_path / "idx2", hashed_dim=0)
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError):
         build(tmp_path / "missing", tmp_path / "idx")

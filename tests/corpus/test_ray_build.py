@@ -58,7 +58,7 @@ def corpus_mixed(src: Path) -> dict:
     (src / "a.jsonl").write_text("\n".join(lines) + "\n")
     with gzip.open(src / "b.md.gz", "wt", encoding="utf-8") as f:
         f.write("compressed markdown about peach\n\n# Heading\n\nmore peach\n")
-    return {"field": "body"}
+    return {"field": "body", "hashed_dim": 64}
 
 
 def corpus_planted_duplicates(src: Path) -> dict:
@@ -143,6 +143,8 @@ def test_ray_build_writes_the_local_builds_files(tmp_path, name):
         assert ray.manifest["counts"]["duplicates_removed"] == 3
     if name == "wide_vocab":
         assert ray.spans.stream.dtype == np.uint32
+    if name == "mixed":
+        assert ray.manifest["embedder"] == {"name": "hashed", "dim": 64}
 
 
 # -- the stages on their own: partitioning never changes the answer --------------------------------------------------
