@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
 PHONY_EXTRA := models demo-small bench-qwen
-.PHONY: help setup demo $(PHONY_EXTRA) test test-fast lint fuzz bench data heads mpnet clean vllm-setup vllm-test vllm-bench suffix-setup
+.PHONY: help setup demo $(PHONY_EXTRA) test test-fast ray-test lint fuzz bench data heads mpnet clean vllm-setup vllm-test vllm-bench suffix-setup
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -54,8 +54,13 @@ lint: setup ## ruff (rules and format check) and mypy
 test: setup lint ## lint, then the whole test suite, printing the 15 slowest tests (what .ci/run runs)
 	$(PY) -m pytest -q --durations=15 tests
 
-test-fast: setup ## the tests not marked slow (no processes, SIGKILL, real models or big statistical runs): for daily work
-	$(PY) -m pytest -q -m "not slow" tests
+test-fast: setup ## the tests not marked slow or ray (no processes, SIGKILL, Ray, real models, big statistical runs)
+	$(PY) -m pytest -q -m "not slow and not ray" tests
+
+# Corpus index builds on Ray against the local build, on one local Ray of 2 CPUs per test session (`make test` runs
+# them too; the driver-SIGKILL test is also marked slow).
+ray-test: setup ## only the Ray build tests (the Ray engine writes the local engine's files; errors, faults)
+	$(PY) -m pytest -q -m ray tests
 
 # The property-based tests (hypothesis) with far more examples than CI runs: HYPOTHESIS_PROFILE in tests/conftest.py.
 fuzz: setup ## the property tests with 25x more examples

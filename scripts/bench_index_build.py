@@ -1,7 +1,13 @@
 """Corpus index builds at scale on this machine: the one-process build against the Ray Data build.
 
     python -m scripts.bench_index_build [--tokens 10M 100M] [--engines local ray] [--embedder hashed]
-                                        [--model smollm2-135m] [--work DIR] [--out scripts/results/cpu-index-build]
+                                        [--embed-dim 256] [--model smollm2-135m] [--work DIR]
+                                        [--out scripts/results/cpu-index-build]
+
+--embed-dim N gives the hashed embedder N dimensions instead of 16,384 (`--hashed-dim` of the CLI): a scale-test
+embedder, cheap enough that the build's other stages show, not one for retrieval quality. At 16,384 dimensions it
+writes 64 KB per passage (2.6 GB of vectors at 10M tokens, above the flat limit, and IVF-PQ training over 16,384
+dimensions does not finish in minutes).
 
 For each corpus size: a JSONL corpus of real text (the Python docs, ACLSum papers and ShareGPT conversations, then
 copies of them with 10% of the words replaced by other words of the corpus, seeded, so that near-duplicate removal
@@ -133,7 +139,9 @@ class PeakRSS:
         return self.peak
 
 
-def run_build(corpus: Path, out: Path, engine: str, model: str, embedder: str, log: Path) -> dict:
+def run_build(
+    corpus: Path, out: Path, engine: str, model: str, embedder: str, log: Path, embed_dim: int | None = None
+) -> dict:
     """One build with the CLI in a fresh process. -> wall seconds, peak RSS, exit code"""
     cmd = [
         sys.executable,
@@ -150,6 +158,8 @@ def run_build(corpus: Path, out: Path, engine: str, model: str, embedder: str, l
         embedder,
         "--force",
     ]
+    if embed_dim is not None:
+        cmd += ["--hashed-dim", str(embed_dim)]
     if engine == "ray":
         cmd.append("--ray")
     t0 = time.perf_counter()
@@ -228,6 +238,12 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=parse_count, default=[10**7, 10**8])
     parser.add_argument("--engines", nargs="+", choices=("local", "ray"), default=["local", "ray"])
     parser.add_argument("--embedder", default="hashed", help="passage embedder of the builds (default: hashed)")
+    parser.add_argument(
+        "--embed-dim",
+        type=int,
+        default=None,
+        help="dimensions of the hashed embedder (default: its 16384); a small one (256) for scale tests only",
+    )
     parser.add_argument("--model", default="smollm2-135m", help="tokenizer of the index (default: smollm2-135m)")
     parser.add_argument("--work", type=Path, default=data.data_root().parent / "index-build-bench")
     parser.add_argument("--out", type=Path, default=Path("scripts/results/cpu-index-build"))
@@ -243,6 +259,7 @@ def main() -> None:
     search_texts = [t[:300] for t in held_out[:100]]
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"chars_per_token": cpt, "model": args.model, "embedder": args.embedder, "sizes": {}}
+    results["embed_dim"] = args.embed_dim
     for n in args.tokens:
         label = f"{n / 1e6:g}M"
         corpus = args.work / f"corpus-{label}"
@@ -253,7 +270,8 @@ def main() -> None:
         for engine in args.engines:
             out = args.work / f"index-{label}-{engine}"
             print(f"[{label}] {engine} build ...", flush=True)
-            r = run_build(corpus, out, engine, args.model, args.embedder, args.out / f"build-{label}-{engine}.log")
+            log = args.out / f"build-{label}-{engine}.log"
+            r = run_build(corpus, out, engine, args.model, args.embedder, log, args.embed_dim)
             if r["rc"] == 0:
                 r.update(measure_index(out, queries, search_texts))
                 answers[engine] = r.pop("_answers")

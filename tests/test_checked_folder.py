@@ -401,12 +401,13 @@ def test_two_writers_of_one_folder_are_refused_not_mixed(tmp_path):
 # -- 6) the corpus extra -----------------------------------------------------------------------------------------
 
 
-def test_import_refdecode_loads_neither_faiss_nor_datasketch():
+def test_import_refdecode_loads_no_optional_dependency():
     code = (
         "import sys, refdecode, refdecode.corpus, refdecode.memory, refdecode.heads\n"
         "from refdecode.corpus import SpanIndex\n"
         "refdecode.OutputMemory(100).record([1, 2, 3])\n"
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('faiss', 'datasketch'))\n"
+        "import refdecode.corpus.cli, refdecode.corpus.index\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('faiss', 'datasketch', 'ray', 'pyarrow'))\n"
         "assert not loaded, loaded\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

@@ -1,7 +1,9 @@
 """Reading corpus sources into documents, tokenizing them, and cutting them into passages.
 
 Sources are directories (walked recursively), text / Markdown / reST files, JSONL files (one document per line, the
-text under a named field), and any of these gzip-compressed (`.gz`). A document is tokenized whole, once, with the
+text under a named field), any of these gzip-compressed (`.gz`), Parquet files (one document per row, the text in a
+named string column; read with pyarrow), and glob patterns of any of these (`data/*.jsonl`, `shards/**/*.parquet`).
+A document is tokenized whole, once, with the
 fast tokenizer's batch encoding; passages are then cut at paragraph breaks (blank lines) into pieces of at most
 `chunk_tokens` tokens, so a passage's tokens are exactly the document's tokens over that stretch and its text is
 the exact source text.
@@ -11,6 +13,7 @@ This module knows files, text and token ids; it knows nothing about dedup, embed
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import re
@@ -33,6 +36,8 @@ __all__ = [
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIX = ".parquet"  # never gzipped: Parquet compresses its own pages
+_GLOB = re.compile(r"[*?\[]")  # a source naming no existing path but holding one of these is a pattern
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 _UNDERLINE = re.compile(r"([=\-~^\"'`#*+:.])\1{2,}[ \t]*")
 _MD_HEADING = re.compile(r"#{1,6}[ \t]")
@@ -40,7 +45,7 @@ _MD_HEADING = re.compile(r"#{1,6}[ \t]")
 
 @dataclass
 class Document:
-    source: str  # file path, with ":LINE" for a JSONL record
+    source: str  # file path, with ":LINE" for a JSONL record, ":ROW" (from 1) for a Parquet row
     text: str
 
 
@@ -61,26 +66,46 @@ def _suffixes(path: Path) -> tuple[str, bool]:
 
 
 def _is_source_file(path: Path) -> bool:
-    suffix, _ = _suffixes(path)
-    return suffix in TEXT_SUFFIXES or suffix in JSONL_SUFFIXES
+    suffix, gz = _suffixes(path)
+    return suffix in TEXT_SUFFIXES or suffix in JSONL_SUFFIXES or (suffix == PARQUET_SUFFIX and not gz)
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """The source files below a folder, recursively, sorted; hidden entries (below it) skipped."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and _is_source_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _files_matching(pattern: str) -> list[Path]:
+    """The source files a glob pattern names (`**` recurses), sorted; a folder it matches is walked. A pattern
+    that names no source file is an error, as a missing path is."""
+    found: list[Path] = []
+    for name in sorted(glob.glob(pattern, recursive=True)):
+        path = Path(name)
+        if path.is_dir():
+            found.extend(_files_under(path))
+        elif path.is_file() and _is_source_file(path):
+            found.append(path)
+    if not found:
+        raise FileNotFoundError(f"source pattern {pattern} matches no text, markdown, reST, JSONL or Parquet file")
+    return found
 
 
 def list_files(sources: Sequence[str | Path]) -> list[Path]:
-    """Expand directories (recursively, sorted, hidden entries skipped) into the source files they hold."""
+    """Expand directories (recursively, sorted, hidden entries skipped) and glob patterns (sorted) into the source
+    files they hold. A path that does not exist, and a pattern that matches no source file, are errors."""
     files: list[Path] = []
     for src in sources:
         path = Path(src)
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and _is_source_file(p)
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            files.extend(found)
+            files.extend(_files_under(path))
         elif path.is_file():
             files.append(path)
+        elif _GLOB.search(str(src)):
+            files.extend(_files_matching(str(src)))
         else:
             raise FileNotFoundError(f"source {src} does not exist")
     return files
@@ -107,10 +132,44 @@ def _check_unicode(text: str, what: str) -> None:
         ) from None
 
 
+def _read_parquet(path: Path, field: str) -> Iterator[Document]:
+    """One Document per row of a Parquet file's string column `field`, read batch by batch; nulls and blank values
+    are skipped (rows still count). pyarrow is imported here, as only a Parquet source needs it."""
+    from .extra import require
+
+    pq = require("pyarrow.parquet")
+    try:
+        reader = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable Parquet file ({first})") from None
+    schema = reader.schema_arrow
+    if field not in schema.names:
+        raise ValueError(f"{path}: no column {field!r} (choose it with --field)")
+    kind = schema.field(field).type
+    if str(kind) not in ("string", "large_string", "string_view"):
+        raise ValueError(f"{path}: column {field!r} holds {kind}, not strings")
+    row = 0
+    for batch in reader.iter_batches(columns=[field]):
+        try:
+            values = batch.column(0).to_pylist()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: column {field!r} is not UTF-8 text (byte {e.start} of a value)") from None
+        for value in values:
+            row += 1
+            if value is not None and value.strip():
+                _check_unicode(value, f"{path}:{row}: column {field!r}")
+                yield Document(f"{path}:{row}", value)
+
+
 def read_documents(files: Sequence[Path], *, field: str = "text") -> Iterator[Document]:
-    """One Document per text file, one per JSONL line (its `field`); empty documents are skipped."""
+    """One Document per text file, one per JSONL line and per Parquet row (its `field`); empty documents are
+    skipped."""
     for path in files:
         suffix, gz = _suffixes(path)
+        if suffix == PARQUET_SUFFIX and not gz:
+            yield from _read_parquet(path, field)
+            continue
         text = _read_text(path, gz)
         if suffix not in JSONL_SUFFIXES:
             if text.strip():

@@ -14,12 +14,12 @@ import json
 import sys
 import time
 
-from .embedding import EMBEDDERS
+from .embedding import EMBEDDERS, HASHED_DIM
 from .passage_index import FLAT_LIMIT_BYTES, parse_bytes
 
 __all__ = ["add_index_commands", "cmd_index_build", "cmd_index_info", "cmd_index_search"]
 
-_EXPECTED = (ValueError, OSError, RuntimeError)
+_EXPECTED = (ValueError, OSError, RuntimeError, ImportError)  # ImportError: an extra that is not installed
 
 
 def _load_tokenizer(name: str):
@@ -54,6 +54,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             embedder=args.embedder,
             flat_limit=args.flat_limit,
+            hashed_dim=args.hashed_dim,
+            engine="local" if args.ray is None else "ray",
+            ray_address=args.ray or None,
         )
         from .format import read_manifest
 
@@ -63,9 +66,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         kind = passage_index["kind"]
         if kind == "ivfpq":
             kind += f" (nprobe {passage_index['nprobe']}, recall@10 {passage_index['recall_at_10']})"
+        engine = manifest["build_options"].get("engine", "local")
         print(
-            f"built {out}: {counts['documents']} documents, {counts['tokens']:,} tokens, {counts['passages']} "
-            f"passages ({counts['duplicates_removed']} near-duplicates removed), span index "
+            f"built {out} ({engine} engine): {counts['documents']} documents, {counts['tokens']:,} tokens, "
+            f"{counts['passages']} passages ({counts['duplicates_removed']} near-duplicates removed), span index "
             f"{counts['span_bytes'] / max(counts['span_tokens'], 1):.1f} bytes/token in "
             f"{len(manifest['span_partitions'])} partition(s), {kind} passage index, {seconds:.1f} s"
         )
@@ -146,11 +150,14 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="build a corpus index from files and folders")
     build.add_argument(
-        "sources", nargs="+", metavar="SRC", help="folders, .txt/.md/.rst files, .jsonl files, any of them .gz"
+        "sources",
+        nargs="+",
+        metavar="SRC",
+        help="folders, .txt/.md/.rst files, .jsonl files (any of them .gz), .parquet files, quoted glob patterns",
     )
     build.add_argument("--out", required=True, help="index folder to create, e.g. indexes/NAME")
     build.add_argument("--model", required=True, help="model whose tokenizer the index uses")
-    build.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    build.add_argument("--field", default="text", help="JSONL field or Parquet column holding the text (default: text)")
     build.add_argument("--chunk-tokens", type=int, default=256, help="passage size in tokens (default: 256)")
     build.add_argument(
         "--dedup-threshold",
@@ -173,11 +180,28 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
         "(512M, 2G, ...; default: 1G)",
     )
     build.add_argument(
+        "--hashed-dim",
+        type=int,
+        default=HASHED_DIM,
+        metavar="N",
+        help=f"dimensions of --embedder hashed (default: {HASHED_DIM}); a small N such as 256 makes it a cheap "
+        "embedder for testing builds at scale, not one for retrieval quality",
+    )
+    build.add_argument(
         "--force",
         action="store_true",
         help="replace an existing index at --out (only ever a refdecode index, never other files)",
     )
     build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="build on Ray (pip install 'refdecode[ray]'): alone, on a local Ray on this machine's cores; with "
+        "ADDRESS (auto, HOST:PORT, ray://HOST:PORT), on that cluster. Put it after the sources, or write --ray=ADDRESS",
+    )
     build.set_defaults(func=cmd_index_build)
 
     for name, helptext, func in (

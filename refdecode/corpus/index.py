@@ -15,10 +15,11 @@ and refdecode/checked_folder.py):
     sources.json (list of source names)    passages.faiss (passage_index.py)
     [embed_idf.npy (dim,) float32, hashed embedder only]
 
-This one-process build writes through the same writers a distributed build calls: spans.write_span_index (the
-stream and the suffix order as sorted blocks) and passage_index.write_passage_index (vectors as blocks); each
-returns its manifest fields, which the loader hands back to spans.read_span_index and
-passage_index.read_passage_index.
+Two engines build the same index: the local one in this process, the Ray one (`engine="ray"`, ray_build.py) as Ray
+Data operations. Both write through the same writers, spans.write_span_index (the stream and the suffix order as
+sorted blocks) and passage_index.write_passage_index (vectors as blocks), and through one generation, manifest and
+commit path here; each writer returns its manifest fields, which the loader hands back to spans.read_span_index
+and passage_index.read_passage_index.
 
 Loading trusts nothing it has not checked: the manifest's fields (types, ranges), the set of files (from this
 code, not from the manifest), every file's size (and SHA-256), each array's header (dtype, shape, size against the
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,8 @@ from .chunking import (
 from .dedup import find_near_duplicates
 from .embedding import (
     EMBEDDERS,
+    HASHED_DIM,
+    Embedder,
     HashedNgramEmbedder,
     MiniLMEmbedder,
     MPNetEmbedder,
@@ -78,7 +81,18 @@ from .spans import (
     write_span_index,
 )
 
-__all__ = ["CorpusIndex", "Passage", "build_index"]
+__all__ = [
+    "ENGINES",
+    "CorpusIndex",
+    "Passage",
+    "StageResult",
+    "build_index",
+    "lay_out_passages",
+    "save_passages",
+    "vocab_size",
+    "write_index_files",
+    "write_span_files",
+]
 
 _TOKENIZE_BATCH = 64  # documents per tokenizer call (the Rust side runs a batch in parallel)
 _LOAD_ATTEMPTS = 8  # a load that loses its generation to a concurrent rebuild re-reads the manifest
@@ -102,7 +116,8 @@ def _progress(enabled: bool, **kw):
     return tqdm(disable=not enabled, dynamic_ncols=True, **kw)
 
 
-def _vocab_size(tokenizer) -> int:
+def vocab_size(tokenizer) -> int:
+    """The ids a tokenizer can produce: what the span stream's dtype must hold."""
     vocab = tokenizer.get_vocab()
     return max(len(tokenizer), max(vocab.values()) + 1) if hasattr(tokenizer, "__len__") else max(vocab.values()) + 1
 
@@ -141,18 +156,82 @@ def _tokenize_and_chunk(files, tokenizer, field, chunk_tokens, progress):
     return texts, token_arrays, sources, chunks
 
 
-def _segments(chunks: list[Chunk], keep: np.ndarray) -> list[list[int]]:
-    """Group kept chunks into runs that are contiguous in one document: each run is one span-index document."""
+def _segments(chunks: Sequence[Chunk]) -> list[list[int]]:
+    """Group passages (in order) into runs that are contiguous in one document: each run is one span-index
+    document. -> lists of indices into `chunks`"""
     runs: list[list[int]] = []
     prev = None
-    for i in np.flatnonzero(keep).tolist():
-        c = chunks[i]
+    for i, c in enumerate(chunks):
         if prev is not None and prev.doc == c.doc and prev.token_end == c.token_start:
             runs[-1].append(i)
         else:
             runs.append([i])
         prev = c
     return runs
+
+
+def lay_out_passages(chunks: Sequence[Chunk], tokens: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The kept passages, in order, laid out as the span stream holds them (encode_stream: 0, run, 0, run, ..., 0;
+    passages contiguous in one document joined into one run). Both engines call this, so their streams are equal.
+    -> (each run's tokens, each passage's [start, end) in the stream (P, 2) int64)"""
+    runs = _segments(chunks)
+    run_tokens = [np.concatenate([tokens[i] for i in run]) for run in runs]
+    ranges = np.zeros((len(chunks), 2), dtype=np.int64)
+    pos = 1
+    for run in runs:
+        for i in run:
+            n = int(tokens[i].size)
+            ranges[i] = (pos, pos + n)
+            pos += n
+        pos += 1  # the separator after the run
+    return run_tokens, ranges
+
+
+def write_span_files(
+    folder: Path, stream: np.ndarray, span_blocks: Iterable[np.ndarray], *, partition_entries: int = PARTITION_ENTRIES
+) -> tuple[list[str], dict[str, int], dict]:
+    """The span index (spans.write_span_index) from the stream (N,) and the suffix order as consecutive sorted
+    blocks of positions. -> (file names, counts {span_tokens, span_bytes}, manifest fields)"""
+    names, fields = write_span_index(folder, stream, span_blocks, partition_entries=partition_entries)
+    span_tokens = sum(int(part["entries"]) for part in fields["span_partitions"])
+    span_bytes = sum((folder / name).stat().st_size for name in names)
+    return names, {"span_tokens": span_tokens, "span_bytes": span_bytes}, fields
+
+
+def write_index_files(
+    folder: Path,
+    stream: np.ndarray,
+    span_blocks: Iterable[np.ndarray],
+    vector_blocks: Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]],
+    *,
+    dim: int,
+    n_passages: int,
+    flat_limit: int = FLAT_LIMIT_BYTES,
+    partition_entries: int = PARTITION_ENTRIES,
+) -> tuple[list[str], dict[str, int], dict]:
+    """The span index and the passage index of a build whose stages hand over blocks (the Ray engine; the local
+    one calls the same two writers in turn): the suffix order as sorted blocks of positions, the passage vectors
+    as (B, dim) float32 blocks in passage order, or a callable returning them afresh (IVF-PQ reads them twice).
+    -> (file names, counts {span_tokens, span_bytes}, manifest fields of both writers)"""
+    names, counts, fields = write_span_files(folder, stream, span_blocks, partition_entries=partition_entries)
+    faiss_names, passage_fields = write_passage_index(
+        folder, vector_blocks, dim=dim, n_total=n_passages, flat_limit_bytes=flat_limit
+    )
+    return [*names, *faiss_names], counts, {**fields, **passage_fields}
+
+
+@dataclass
+class StageResult:
+    """What one engine's stages wrote into a generation folder, and what the manifest records about it."""
+
+    files: list[str]  # names written into the generation folder
+    counts: dict[str, int]  # the manifest's counts (_COUNTS)
+    embedder: dict  # the embedder's config
+    seconds: dict[str, float]  # wall seconds per stage
+    fields: dict  # the writers' manifest fields (span partitions, position dtype, passage index)
+
+
+ENGINES = ("local", "ray")
 
 
 def build_index(
@@ -169,111 +248,146 @@ def build_index(
     embedder: str | None = None,
     flat_limit: int = FLAT_LIMIT_BYTES,
     partition_entries: int = PARTITION_ENTRIES,
+    engine: str = "local",
+    ray_address: str | None = None,
+    hashed_dim: int = HASHED_DIM,
 ) -> Path:
-    """Build a corpus index from files/folders into `out` (atomically). Returns `out`. -> Path
+    """Build a corpus index from files, folders and glob patterns into `out` (atomically). Returns `out`. -> Path
 
     embedder: "minilm" (default when its package is installed), "mpnet" (better retrieval, ~7x the embedding
     time), "minilm+mpnet" (both, scores summed) or "hashed"; see embedding.py. flat_limit: the most bytes of
     float32 passage vectors kept as an exact flat index; above it, IVF-PQ (see passage_index.py).
-    partition_entries: suffix-order entries per partition file (see spans.py).
+    partition_entries: suffix-order entries per partition file (see spans.py). hashed_dim: the hashed embedder's
+    dimensions (16384 by default; a small one such as 256 makes it a cheap embedder for scale tests of the build,
+    not one for retrieval quality).
+    engine: "local" (this process) or "ray" (the stages as Ray Data operations, ray_build.py: the same files, on
+    this machine's cores or a cluster's). ray_address: the Ray cluster to join ("auto", "HOST:PORT",
+    "ray://HOST:PORT"); None uses a Ray this process already started, else starts a local one for the build.
     """
     out = Path(out)
     embedder = embedder or default_embedder()
     _validate(chunk_tokens, dedup_threshold, embedder)
     if flat_limit < 0 or partition_entries < 1:
         raise ValueError(f"flat_limit must be >= 0 and partition_entries >= 1, got {flat_limit}, {partition_entries}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not 1 <= hashed_dim <= _MAX_DIM:
+        raise ValueError(f"hashed_dim must be in [1, {_MAX_DIM}], got {hashed_dim}")
+    if hashed_dim != HASHED_DIM and embedder != "hashed":
+        raise ValueError(f"hashed_dim is for embedder='hashed' only, not {embedder!r}")
+    if ray_address is not None and engine != "ray":
+        raise ValueError("ray_address is only for engine='ray'")
     if not sources:
         raise ValueError("no sources given")
     check_target(out, force=force, protect=sources)  # before reading anything: refuse early, touch nothing
     require("faiss")
     require("datasketch")  # dedup needs it after the tokenizing: missing, it is refused before that
+    if engine == "ray":
+        require("ray")
     files = list_files(sources)
     if not files:
-        raise ValueError(f"no text, markdown, reST or JSONL files found in {', '.join(map(str, sources))}")
+        raise ValueError(f"no text, markdown, reST, JSONL or Parquet files found in {', '.join(map(str, sources))}")
+    options: dict = {"field": field, "chunk_tokens": chunk_tokens, "dedup_threshold": dedup_threshold}
+    options["embedder"] = embedder
+    layout: dict = {"flat_limit": flat_limit, "partition_entries": partition_entries, "hashed_dim": hashed_dim}
     with new_generation(out, force=force, protect=sources) as gen:
-        tmp = gen.dir
-        t0 = time.perf_counter()
-        # 1) read, tokenize, chunk
-        texts, token_arrays, doc_sources, chunks = _tokenize_and_chunk(files, tokenizer, field, chunk_tokens, progress)
-        if not chunks:
-            raise ValueError("the corpus is empty: no document has any text")
-        passage_ids = [token_arrays[c.doc][c.token_start : c.token_end] for c in chunks]
-        t_tok = time.perf_counter()
-        # 2) near-duplicate passages out
-        dropped = find_near_duplicates(passage_ids, threshold=dedup_threshold)
-        keep = np.ones(len(chunks), dtype=bool)
-        keep[dropped] = False
-        t_dedup = time.perf_counter()
-        # 3) span index over the kept passages, contiguous runs kept contiguous
-        runs = _segments(chunks, keep)
-        stream = encode_stream([np.concatenate([passage_ids[i] for i in run]) for run in runs], _vocab_size(tokenizer))
-        order = build_suffix_order(stream)
-        files_written, span_fields = write_span_index(tmp, stream, [order], partition_entries=partition_entries)
-        span_tokens, span_bytes = int(order.size), sum((tmp / name).stat().st_size for name in files_written)
-        del order
-        t_span = time.perf_counter()
-        # 4) passage store: token ranges in the stream, exact texts, sources
-        kept = np.flatnonzero(keep)
-        ranges = np.zeros((kept.size, 2), dtype=np.int64)
-        pos, row = 1, 0  # stream: 0 sep, run, 0 sep, run, ..., 0 sep
-        for run in runs:
-            for i in run:
-                n = passage_ids[i].size
-                ranges[row] = (pos, pos + n)
-                pos, row = pos + n, row + 1
-            pos += 1
-        passage_texts = [texts[chunks[i].doc][chunks[i].char_start : chunks[i].char_end] for i in kept.tolist()]
-        files_written += _save_passages(tmp, passage_texts, ranges, [chunks[i].doc for i in kept.tolist()], doc_sources)
-        # 5) passage embeddings into faiss
-        emb = HashedNgramEmbedder().fit(passage_texts) if embedder == "hashed" else make_embedder({"name": embedder})
-        bar = _progress(progress, desc="embed", unit="passage", total=len(passage_texts) * emb.passes)
-        vectors = emb.embed(passage_texts, progress=bar)  # (P, dim)
-        bar.close()
-        faiss_files, passage_fields = write_passage_index(
-            tmp, [vectors], dim=emb.dim, n_total=len(passage_texts), flat_limit_bytes=flat_limit
-        )
-        files_written += faiss_files + emb.save(tmp)
-        t_end = time.perf_counter()
-        # 6) manifest last, switched atomically: a generation without one is never a usable index
-        n_tokens = int(sum(a.size for a in token_arrays))
+        # the stages differ by engine; the generation, the writers, the manifest and the commit are one path
+        result: StageResult
+        if engine == "ray":
+            from .ray_build import run_ray_stages  # ray is imported by a Ray build only
+
+            result = run_ray_stages(
+                gen.dir, files, tokenizer=tokenizer, progress=progress, address=ray_address, **options, **layout
+            )
+        else:
+            result = _run_local_stages(gen.dir, files, tokenizer=tokenizer, progress=progress, **options, **layout)
+        # manifest last, switched atomically: a generation without one is never a usable index
         gen.commit(
             {
                 "model_name": model_name,
                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                "counts": {
-                    "files": len(files),
-                    "documents": len(texts),
-                    "tokens": n_tokens,
-                    "passages": int(kept.size),
-                    "duplicates_removed": int(dropped.size),
-                    "span_tokens": span_tokens,
-                    "span_bytes": span_bytes,
-                },
-                "build_options": {
-                    "field": field,
-                    "chunk_tokens": chunk_tokens,
-                    "dedup_threshold": dedup_threshold,
-                    "embedder": embedder,
-                },
-                "embedder": emb.config(),
-                "build_seconds": {
-                    "tokenize_chunk": round(t_tok - t0, 3),
-                    "dedup": round(t_dedup - t_tok, 3),
-                    "span_index": round(t_span - t_dedup, 3),
-                    "embed": round(t_end - t_span, 3),
-                },
+                "counts": result.counts,
+                "build_options": {**options, "engine": engine},
+                "embedder": result.embedder,
+                "build_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
                 "sources": [str(Path(s)) for s in sources],
-                **span_fields,
-                **passage_fields,
+                **result.fields,
             },
-            files_written,
+            result.files,
         )
     return out
 
 
-def _save_passages(
+def _run_local_stages(
+    folder: Path,
+    files: list[Path],
+    *,
+    tokenizer,
+    field: str,
+    chunk_tokens: int,
+    dedup_threshold: float,
+    embedder: str,
+    progress: bool,
+    flat_limit: int,
+    partition_entries: int,
+    hashed_dim: int,
+) -> StageResult:
+    """The build's stages in this process, writing into `folder`. -> StageResult"""
+    t0 = time.perf_counter()
+    # 1) read, tokenize, chunk
+    texts, token_arrays, doc_sources, chunks = _tokenize_and_chunk(files, tokenizer, field, chunk_tokens, progress)
+    if not chunks:
+        raise ValueError("the corpus is empty: no document has any text")
+    passage_ids = [token_arrays[c.doc][c.token_start : c.token_end] for c in chunks]
+    t_tok = time.perf_counter()
+    # 2) near-duplicate passages out
+    dropped = find_near_duplicates(passage_ids, threshold=dedup_threshold)
+    keep = np.ones(len(chunks), dtype=bool)
+    keep[dropped] = False
+    kept = np.flatnonzero(keep).tolist()
+    kept_chunks = [chunks[i] for i in kept]
+    t_dedup = time.perf_counter()
+    # 3) span index over the kept passages, contiguous runs kept contiguous
+    run_tokens, ranges = lay_out_passages(kept_chunks, [passage_ids[i] for i in kept])
+    stream = encode_stream(run_tokens, vocab_size(tokenizer))
+    order = build_suffix_order(stream)
+    files_written, span_counts, fields = write_span_files(folder, stream, [order], partition_entries=partition_entries)
+    del order
+    t_span = time.perf_counter()
+    # 4) passage store: token ranges in the stream, exact texts, sources
+    passage_texts = [texts[c.doc][c.char_start : c.char_end] for c in kept_chunks]
+    files_written += save_passages(folder, passage_texts, ranges, [c.doc for c in kept_chunks], doc_sources)
+    # 5) passage embeddings into faiss
+    if embedder == "hashed":
+        emb: Embedder = HashedNgramEmbedder(hashed_dim).fit(passage_texts)
+    else:
+        emb = make_embedder({"name": embedder})
+    bar = _progress(progress, desc="embed", unit="passage", total=len(passage_texts) * emb.passes)
+    vectors = emb.embed(passage_texts, progress=bar)  # (P, dim)
+    bar.close()
+    faiss_files, passage_fields = write_passage_index(
+        folder, [vectors], dim=emb.dim, n_total=len(passage_texts), flat_limit_bytes=flat_limit
+    )
+    files_written += faiss_files + emb.save(folder)
+    t_end = time.perf_counter()
+    counts = {
+        "files": len(files),
+        "documents": len(texts),
+        "tokens": int(sum(a.size for a in token_arrays)),
+        "passages": len(kept),
+        "duplicates_removed": int(dropped.size),
+        **span_counts,
+    }
+    seconds = {"tokenize_chunk": t_tok - t0, "dedup": t_dedup - t_tok, "span_index": t_span - t_dedup}
+    seconds["embed"] = t_end - t_span
+    return StageResult(files_written, counts, emb.config(), seconds, {**fields, **passage_fields})
+
+
+def save_passages(
     folder: Path, texts: list[str], ranges: np.ndarray, docs: list[int], doc_sources: list[str]
 ) -> list[str]:
+    """The passage store: exact texts (a UTF-8 blob and its offsets), token ranges (P, 2) in the span stream, each
+    passage's document (P,) and the documents' source names. -> the file names written"""
     blobs = [t.encode("utf-8") for t in texts]
     offsets = np.zeros(len(blobs) + 1, dtype=np.uint64)
     np.cumsum([len(b) for b in blobs], out=offsets[1:])

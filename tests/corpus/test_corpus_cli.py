@@ -211,3 +211,13 @@ def test_an_unexpected_error_is_still_one_line(capsys, src, tmp_path, monkeypatc
     monkeypatch.setattr(index_module, "build_index", bug)
     code, _, err = build(capsys, src, tmp_path / "idx")
     assert_one_line_error(code, err, "unexpected TypeError (please report this): a bug")
+
+
+def test_ray_build_without_ray_is_one_line_naming_the_extra(capsys, src, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import raises ImportError, as when it is not installed
+    code, _, err = build(capsys, src, tmp_path / "idx", "--ray")
+    assert_one_line_error(code, err, "building on Ray (engine='ray', --ray) needs ray[data], which is not installed")
+    assert "pip install 'refdecode[ray]'" in err
+    assert not (tmp_path / "idx").exists()

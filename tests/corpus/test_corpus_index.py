@@ -132,6 +132,62 @@ def test_jsonl_records_split_only_at_newlines(tmp_path):
     assert [d.text for d in read_documents([path])] == texts
 
 
+def write_parquet_shards(folder, rng, shards=3):
+    """Parquet shards with a string column `text` (two blank rows each: skipped, but counted) and an int column."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(shards):
+        texts = [random_text(rng, 45) for _ in range(4)] + ["  ", None]
+        pq.write_table(pa.table({"text": texts, "n": list(range(6))}), folder / f"part{i}.parquet")
+    return folder
+
+
+def test_parquet_rows_and_glob_patterns(tmp_path):
+    rng = np.random.default_rng(5)
+    shards = write_parquet_shards(tmp_path / "src" / "shards", rng)
+    (shards / "extra.jsonl").write_text(json.dumps({"text": random_text(rng, 40)}) + "\n")
+    (shards / "skip.md").write_text("not matched by the pattern")
+    (shards / "deeper").mkdir()
+    (shards / "deeper" / "part9.parquet").write_bytes((shards / "part0.parquet").read_bytes())
+    index = CorpusIndex.load(build(str(shards / "*.[pj]*"), tmp_path / "idx"))
+    assert index.manifest["counts"]["files"] == 4 and index.manifest["counts"]["documents"] == 13
+    sources = {index.passage(i).source for i in range(len(index))}
+    assert f"{shards / 'extra.jsonl'}:1" in sources and f"{shards / 'part2.parquet'}:4" in sources
+    assert not any("skip.md" in s or ":5" in s or ":6" in s for s in sources)  # blank and null rows skipped
+    recursive = CorpusIndex.load(build(str(tmp_path / "src" / "**" / "*.parquet"), tmp_path / "idx2"))
+    assert recursive.manifest["counts"]["files"] == 4  # part0..2 and deeper/part9
+    with pytest.raises(FileNotFoundError, match="matches no text, markdown, reST, JSONL or Parquet file"):
+        build(str(tmp_path / "src" / "*.nothing"), tmp_path / "idx3")
+    assert not (tmp_path / "idx3").exists()
+
+
+def test_bad_parquet_sources(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nofield.parquet")
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 not really")
+    for name, message in (
+        ("ints.parquet", "column 'text' holds int64, not strings"),
+        ("nofield.parquet", "no column 'text' (choose it with --field)"),
+        ("garbage.parquet", "is not a readable Parquet file"),
+    ):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            build(tmp_path / name, tmp_path / "idx")
+        assert not (tmp_path / "idx").exists()
+
+
+def test_hashed_dim_sets_the_hashed_embedders_size(corpus, tmp_path):
+    index = CorpusIndex.load(build(corpus, tmp_path / "idx", hashed_dim=64))
+    assert index.manifest["embedder"] == {"name": "hashed", "dim": 64} and index._faiss.d == 64
+    assert "zyxwv" in index.retrieve("zyxwv compressor marmalade", k=1)[0].text
+    with pytest.raises(ValueError, match="hashed_dim is for embedder='hashed' only"):
+        build(corpus, tmp_path / "idx2", embedder="minilm", hashed_dim=64)
+    with pytest.raises(ValueError, match=r"hashed_dim must be in \[1, 65536\]"):
+        build(corpus, tmp_path / "idx2", hashed_dim=0)
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError):
         build(tmp_path / "missing", tmp_path / "idx")

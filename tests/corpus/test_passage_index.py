@@ -179,18 +179,11 @@ def test_flat_limit_option_in_the_cli(capsys):
 
 
 def test_corpus_index_builds_loads_and_searches_an_ivfpq_passage_index(tmp_path, monkeypatch):
-    """build_index with flat_limit=0 writes IVF-PQ (a 64-dim hashed embedder keeps it quick: the default 16384 dims
-    train slowly); the load checks its header and sets the manifest's nprobe; a passage's own text finds it."""
-    import refdecode.corpus.index as index_module
-    from refdecode.corpus.embedding import HashedNgramEmbedder
-
-    class Small(HashedNgramEmbedder):
-        def __init__(self, dim: int = 64, idf=None):
-            super().__init__(dim, idf)
-
-    monkeypatch.setattr(index_module, "HashedNgramEmbedder", Small)
+    """build_index with flat_limit=0 writes IVF-PQ (a 64-dim hashed embedder, hashed_dim=64, keeps it quick: the
+    default 16384 dims train slowly); the load checks its header and sets the manifest's nprobe; a passage's own text
+    finds it."""
     src = write_corpus(tmp_path / "src", seed=0, docs=40, words=300)
-    idx = build(src, tmp_path / "idx", chunk_tokens=8, flat_limit=0)
+    idx = build(src, tmp_path / "idx", chunk_tokens=8, flat_limit=0, hashed_dim=64)
     index = CorpusIndex.load(idx)
     fields = index.manifest["passage_index"]
     assert len(index) >= pi.MIN_IVF_PASSAGES and fields["kind"] == "ivfpq" and index.manifest["embedder"]["dim"] == 64

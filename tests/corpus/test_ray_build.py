@@ -1,0 +1,386 @@
+"""build_index(engine="ray") writes the files the local build writes (format version 3, byte for byte) on the
+corpora of the corpus tests; dedup and the span order do not depend on partitioning; Parquet and glob sources; the
+local build's one-line errors, from Python and from the CLI; embedding actors are released after each build; a
+failed task or a killed driver leaves the old index, and a rerun succeeds.
+
+All of them share one local Ray of 2 CPUs (the session fixture `ray_local`), so each build here costs about a
+second once its workers have started."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from index_helpers import QUERIES, WORDS, answers, build, gen_dir, span_contexts, tree, write_corpus
+
+import refdecode.corpus.cli as cli
+import refdecode.corpus.index as index_module
+from refdecode.corpus import CorpusIndex, build_index
+from refdecode.corpus.dedup import find_near_duplicates
+from refdecode.corpus.spans import build_suffix_order, encode_stream
+from refdecode.corpus.testing import WordTokenizer
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
+
+
+# -- corpora: those of test_corpus_index.py and index_helpers.py ------------------------------------------------------
+
+
+def random_words(rng, n: int) -> str:
+    return " ".join(rng.choice(WORDS, size=n))
+
+
+def corpus_random(src: Path) -> dict:
+    """index_helpers' corpus with one document copied (exact duplicates) and one edited (near-duplicates), its
+    suffix order cut into partitions of 64 entries."""
+    write_corpus(src, 0)
+    text = (src / "doc1.md").read_text()
+    (src / "copy.md").write_text(text)
+    (src / "near.md").write_text(text.replace("\n\n", " zzz\n\n", 1))
+    return {"partition_entries": 64}
+
+
+def corpus_mixed(src: Path) -> dict:
+    """Markdown, a text file in a subfolder, a file that is not a source, JSONL (text under "body"), gzip."""
+    rng = np.random.default_rng(0)
+    (src / "sub").mkdir(parents=True)
+    for i in range(4):
+        (src / f"doc{i}.md").write_text("\n\n".join(random_words(rng, 60) for _ in range(3)) + "\n")
+    (src / "sub" / "planted.txt").write_text("The zyxwv compressor folds quantum marmalade into origami.\n")
+    (src / "notes.bin").write_bytes(b"\xff\xfe ignored: not a source suffix")
+    lines = [json.dumps({"body": f"record {i} talks about mango and {WORDS[i]}"}) for i in range(5)]
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    with gzip.open(src / "b.md.gz", "wt", encoding="utf-8") as f:
+        f.write("compressed markdown about peach\n\n# Heading\n\nmore peach\n")
+    return {"field": "body", "hashed_dim": 64}
+
+
+def corpus_planted_duplicates(src: Path) -> dict:
+    """One passage four times with one word changed in each, and unrelated ones."""
+    rng = np.random.default_rng(1)
+    src.mkdir(parents=True)
+    base = random_words(rng, 120).split()
+    for i in range(4):
+        words = list(base)
+        words[5 + 30 * i] = "changed"
+        (src / f"copy{i}.txt").write_text(" ".join(words))
+    for i in range(3):
+        (src / f"other{i}.txt").write_text(random_words(rng, 30) + f" unique{i}")
+    return {"dedup_threshold": 0.8, "chunk_tokens": 256}
+
+
+def corpus_wide_vocab(src: Path) -> dict:
+    """A vocabulary over 65535 ids: a uint32 stream (two tokens per sort-key column), many repeated windows."""
+    write_corpus(src, 3, docs=4, words=240)
+    return {"tokenizer": WordTokenizer(vocab_size=70_000)}
+
+
+CORPORA = {
+    "random": corpus_random,
+    "mixed": corpus_mixed,
+    "planted_duplicates": corpus_planted_duplicates,
+    "wide_vocab": corpus_wide_vocab,
+}
+
+
+def build_both(sources: list, tmp_path: Path, **kw) -> tuple[CorpusIndex, CorpusIndex]:
+    tok = kw.pop("tokenizer", WordTokenizer())
+    kw = {"embedder": "hashed", "chunk_tokens": 32, **kw}
+    common = dict(tokenizer=tok, model_name="toy", progress=False, **kw)
+    local = build_index(sources, tmp_path / "local", **common)
+    ray = build_index(sources, tmp_path / "ray", engine="ray", **common)
+    return CorpusIndex.load(local, tokenizer=tok), CorpusIndex.load(ray, tokenizer=tok)
+
+
+def probes(index: CorpusIndex, rng, n_passages: int = 8, n_random: int = 100) -> list[list[int]]:
+    """1..16-token tails ending at every position of sampled passages, and random sequences of the corpus' ids."""
+    out = []
+    for i in rng.choice(len(index), size=min(n_passages, len(index)), replace=False).tolist():
+        ids = index.passage(i).token_ids
+        out += [ids[max(0, j - n + 1) : j + 1] for j in range(len(ids)) for n in (1, 2, 4, 16)]
+    stream = np.asarray(index.spans.stream)
+    vocab = np.unique(stream[stream > 0]) - 1
+    out += [rng.choice(vocab, size=rng.integers(1, 17)).tolist() for _ in range(n_random)]
+    return out
+
+
+def assert_same_index(local: CorpusIndex, ray: CorpusIndex, rng) -> None:
+    """Byte-identical data files, the same manifest apart from the engine and timings, the same answers."""
+    local_files, ray_files = tree(gen_dir(local.path)), tree(gen_dir(ray.path))
+    assert sorted(ray_files) == sorted(local_files)
+    for name, data in local_files.items():
+        assert ray_files[name] == data, name
+    ignore = ("generation", "build_seconds", "build_options", "files")
+    assert {k: v for k, v in ray.manifest.items() if k not in ignore} == {
+        k: v for k, v in local.manifest.items() if k not in ignore
+    }
+    assert ray.manifest["files"] == local.manifest["files"]  # sizes and SHA-256
+    assert ray.manifest["build_options"] == {**local.manifest["build_options"], "engine": "ray"}
+    assert ray.manifest["version"] == 3
+    for tail in probes(local, rng):
+        want = local.span_continuations(tail, 8, max_candidates=8, min_match=1)
+        assert ray.span_continuations(tail, 8, max_candidates=8, min_match=1) == want, tail
+    for q in [*QUERIES, *(local.passage(i).text for i in range(0, len(local), 3))]:
+        assert [(p.id, p.score) for p in ray.retrieve(q, k=5)] == [(p.id, p.score) for p in local.retrieve(q, k=5)]
+
+
+@pytest.mark.parametrize("name", sorted(CORPORA))
+def test_ray_build_writes_the_local_builds_files(tmp_path, name):
+    options = CORPORA[name](tmp_path / "src")
+    local, ray = build_both([tmp_path / "src"], tmp_path, **options)
+    assert_same_index(local, ray, np.random.default_rng(7))
+    assert set(ray.manifest["build_seconds"]) >= {"tokenize_chunk", "dedup", "span_index", "embed"}
+    if name == "random":
+        assert local.manifest["counts"]["duplicates_removed"] >= 3  # the copy's and the near copy's passages
+        assert len(ray.manifest["span_partitions"]) > 2
+    if name == "planted_duplicates":
+        assert ray.manifest["counts"]["duplicates_removed"] == 3
+    if name == "wide_vocab":
+        assert ray.spans.stream.dtype == np.uint32
+    if name == "mixed":
+        assert ray.manifest["embedder"] == {"name": "hashed", "dim": 64}
+
+
+# -- the stages on their own: partitioning never changes the answer --------------------------------------------------
+
+
+def planted_passages(rng, n: int = 120) -> list[np.ndarray]:
+    """Random passages, half of them copies of earlier ones with a few tokens changed (chains of near-copies)."""
+    out: list[np.ndarray] = []
+    for _ in range(n):
+        if out and rng.random() < 0.5:
+            p = out[rng.integers(len(out))].copy()
+            p[rng.integers(p.size, size=rng.integers(0, 4))] = rng.integers(50)
+        else:
+            p = rng.integers(50, size=rng.integers(8, 60))
+        out.append(p)
+    return out
+
+
+def test_dedup_on_ray_decides_as_the_local_dedup_for_any_partitioning(ray_local):
+    import pyarrow as pa
+
+    from refdecode.corpus.ray_build import dedup_on_ray, ray_session
+
+    rng = np.random.default_rng(3)
+    passages = planted_passages(rng)
+    table = pa.table({"pid": np.arange(len(passages)), "tokens": [p.astype(np.int32).tobytes() for p in passages]})
+    for threshold, blocks in ((0.5, 1), (0.8, 5)):
+        want = find_near_duplicates(passages, threshold=threshold)
+        assert want.size > 10
+        shuffled = table.take(rng.permutation(len(passages)))  # rows in any order, in any blocks
+        step = -(-len(passages) // blocks)
+        with ray_session(progress=False):  # a dataset keeps the Ray Data settings of where it was made: in here
+            ds = ray_local.data.from_arrow([shuffled.slice(lo, step) for lo in range(0, len(passages), step)])
+            got = dedup_on_ray(ds, len(passages), threshold=threshold)
+        assert np.array_equal(got, want), (threshold, blocks)
+
+
+@pytest.mark.parametrize("vocab", [60_000, 70_000])
+def test_sorted_span_blocks_are_the_local_suffix_order(vocab):
+    from refdecode.corpus.ray_build import ray_session, sorted_span_blocks
+
+    rng = np.random.default_rng(vocab)
+    base = rng.integers(vocab, size=40)
+    docs = [
+        np.concatenate([base[: rng.integers(10, 40)], rng.integers(vocab, size=rng.integers(0, 30))]) for _ in range(30)
+    ]
+    stream = encode_stream(docs, vocab)  # shared prefixes: many equal windows, ties broken by position
+    stream[1:9] = vocab  # the largest id: for uint16, sort keys with the top bit set
+    for followed_only, blocks in ((False, 1), (True, 4)):
+        want = build_suffix_order(stream, followed_only=followed_only)
+        with ray_session(progress=False):
+            got = np.concatenate(list(sorted_span_blocks(stream, followed_only=followed_only, blocks=blocks)))
+        assert got.dtype == want.dtype and np.array_equal(got, want), (followed_only, blocks)
+
+
+def test_embedding_actors_are_released_after_success_and_failure(ray_local, monkeypatch):
+    """The actor pool (what a sentence encoder uses) with the hashed embedder: the vectors are the local ones, and
+    both CPUs are free again once the vectors are computed, whether the batches succeeded or failed. One batch, so
+    one actor: each actor is a fresh worker process, the costliest thing in this file."""
+    from refdecode.corpus.embedding import HashedNgramEmbedder
+    from refdecode.corpus.ray_build import FAIL_ENV, embedding_blocks, ray_session
+
+    rng = np.random.default_rng(0)
+    texts = [random_words(rng, 30) for _ in range(60)]
+    embedder = HashedNgramEmbedder(256).fit(texts)
+
+    def cpus_free_soon() -> bool:
+        deadline = time.monotonic() + 10  # ray.kill is asynchronous: the raylet frees the CPUs a moment later
+        while time.monotonic() < deadline:
+            if ray_local.available_resources().get("CPU", 0) >= 2:
+                return True
+            time.sleep(0.1)
+        return False
+
+    with ray_session(progress=False):
+        blocks = embedding_blocks(texts, embedder.config(), idf=embedder.idf, actors=True)
+        assert cpus_free_soon()
+        assert np.array_equal(np.concatenate(list(blocks())), embedder.embed(texts))
+        monkeypatch.setenv(FAIL_ENV, "embed")
+        failed = embedding_blocks(texts, embedder.config(), idf=embedder.idf, actors=True)
+        assert cpus_free_soon()
+        with pytest.raises(ray_local.exceptions.RayError, match="injected failure"):
+            list(failed())
+
+
+# -- sources, errors, the CLI, Ray's lifecycle ------------------------------------------------------------------------
+
+
+def test_parquet_and_glob_sources(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    shards = tmp_path / "src" / "shards"
+    shards.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        texts = [random_words(rng, 50) for _ in range(4)] + ["", None]
+        pq.write_table(pa.table({"text": texts, "n": list(range(6))}), shards / f"part{i}.parquet")
+    (shards / "extra.jsonl").write_text(json.dumps({"text": random_words(rng, 40)}) + "\n")
+    (shards / "skip.md").write_text("not matched by the pattern")
+    local, ray = build_both([str(shards / "*.[pj]*")], tmp_path)
+    assert local.manifest["counts"]["files"] == 4 and local.manifest["counts"]["documents"] == 13
+    assert local.passage(0).source == f"{shards / 'extra.jsonl'}:1"  # sorted: extra.jsonl, part0..2
+    assert_same_index(local, ray, np.random.default_rng(1))
+    with pytest.raises(FileNotFoundError, match=r"matches no text, markdown, reST, JSONL or Parquet file"):
+        build_index([str(tmp_path / "*.nothing")], tmp_path / "none", tokenizer=WordTokenizer(), model_name="toy")
+    assert not (tmp_path / "none").exists()
+
+
+def bad_sources(folder: Path) -> dict[str, Path]:
+    """Files each build refuses: not UTF-8, invalid JSON, no such field, a non-string column, not Parquet."""
+    folder.mkdir()
+    (folder / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (folder / "broken.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (folder / "nofield.jsonl").write_text('{"body": "x"}\n')
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), folder / "ints.parquet")
+    (folder / "garbage.parquet").write_bytes(b"PAR1 not really")
+    return {p.name: p for p in folder.iterdir()}
+
+
+def test_bad_files_fail_the_ray_build_with_the_local_builds_error(tmp_path):
+    for name, path in bad_sources(tmp_path / "bad").items():
+        with pytest.raises((ValueError, OSError)) as local:
+            build(path, tmp_path / "local")
+        with pytest.raises(type(local.value)) as ray:
+            build(path, tmp_path / "ray", engine="ray")
+        assert str(ray.value) == str(local.value) and str(path) in str(ray.value), name
+        assert not (tmp_path / "ray").exists() and not (tmp_path / "local").exists()
+
+
+def test_cli_builds_on_ray_and_reports_bad_files_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_tokenizer", lambda name: WordTokenizer())
+    src = write_corpus(tmp_path / "src", 2, docs=3)
+    argv = ["index", "build", str(src), "--out", str(tmp_path / "idx"), "--model", "toy", "--embedder", "hashed"]
+    assert cli.main([*argv, "--quiet", "--ray"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith(f"built {tmp_path / 'idx'} (ray engine): 3 documents")
+    assert CorpusIndex.load(tmp_path / "idx").manifest["build_options"]["engine"] == "ray"
+    bad = bad_sources(tmp_path / "bad")
+    for name, message in (
+        ("broken.jsonl", f"{bad['broken.jsonl']}:2: not valid JSON (Expecting value)"),
+        ("latin1.txt", f"{bad['latin1.txt']} is not UTF-8 text (byte 3); convert it or leave it out"),
+    ):
+        out_dir = tmp_path / f"bad_{name}"
+        code = cli.main(["index", "build", str(bad[name]), "--out", str(out_dir), "--model", "toy", "--quiet", "--ray"])
+        _, err = capsys.readouterr()
+        assert code == 1 and err.strip() == f"refdecode index: error: {message}", err
+        assert not out_dir.exists()
+
+
+def test_a_ray_the_caller_started_is_used_and_left_running_and_options_reach_the_writers(
+    tmp_path, ray_local, monkeypatch
+):
+    seen = []
+    write = index_module.write_passage_index
+
+    def recording(*args, **kw):
+        seen.append(kw["flat_limit_bytes"])
+        return write(*args, **kw)
+
+    monkeypatch.setattr(index_module, "write_passage_index", recording)
+    out = build(write_corpus(tmp_path / "src", 4, docs=2), tmp_path / "idx", engine="ray", flat_limit=12345)
+    assert seen == [12345]
+    assert ray_local.is_initialized() and ray_local.data.range(3).count() == 3
+    assert CorpusIndex.load(out).manifest["passage_index"] == {"kind": "flat"}  # too few passages for IVF-PQ
+    with pytest.raises(ValueError, match="ray_address is only for engine='ray'"):
+        build(tmp_path / "src", tmp_path / "idx2", ray_address="auto")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        build(tmp_path / "src", tmp_path / "idx2", engine="spark")
+
+
+# -- faults ------------------------------------------------------------------------------------------------------------
+
+
+def test_a_failed_task_fails_the_build_and_keeps_the_old_index(tmp_path, monkeypatch):
+    from refdecode.corpus.ray_build import FAIL_ENV
+
+    stage = "embed"
+
+    src = write_corpus(tmp_path / "src", 6, docs=3)
+    out = build(src, tmp_path / "idx")  # the old index (a local build)
+    contexts = span_contexts(src, 3)
+    before, files_before = answers(CorpusIndex.load(out), contexts), tree(out)
+    monkeypatch.setenv(FAIL_ENV, stage)
+    with pytest.raises(RuntimeError, match=f"^injected failure in the Ray stage '{stage}'"):
+        build(src, out, engine="ray", force=True)
+    with pytest.raises(RuntimeError, match="^injected failure"):
+        build(src, tmp_path / "fresh", engine="ray")
+    assert tree(out) == files_before and answers(CorpusIndex.load(out), contexts) == before
+    assert not (tmp_path / "fresh").exists()
+    monkeypatch.delenv(FAIL_ENV)
+    build(src, out, engine="ray", force=True)  # a rerun succeeds
+    assert CorpusIndex.load(out).manifest["build_options"]["engine"] == "ray"
+    assert answers(CorpusIndex.load(out), contexts) == before  # the same corpus: the same index
+
+
+@pytest.mark.parametrize("stage", ["minhash", "candidates", "span_keys"])
+def test_a_failed_task_in_any_stage_fails_the_build_in_one_line(tmp_path, monkeypatch, stage):
+    """The other stages' failures (the read stage's are the bad files' errors above): no index, the task's line."""
+    from refdecode.corpus.ray_build import FAIL_ENV
+
+    monkeypatch.setenv(FAIL_ENV, stage)
+    with pytest.raises(RuntimeError, match=f"^injected failure in the Ray stage '{stage}' [^\\n]*$"):
+        build(write_corpus(tmp_path / "src", 6, docs=2), tmp_path / "idx", engine="ray")
+    assert not (tmp_path / "idx").exists()
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_build_leaves_the_old_index_and_a_rerun_succeeds(tmp_path, ray_local):
+    """SIGKILL a driver (a process that joined this session's Ray) while it builds over an existing index."""
+    src = write_corpus(tmp_path / "src", 8, docs=8)
+    out = build(src, tmp_path / "idx")
+    contexts = span_contexts(src, 4)
+    before = answers(CorpusIndex.load(out), contexts)
+    address = ray_local.get_runtime_context().gcs_address
+    script = (
+        "from refdecode.corpus import build_index\nfrom refdecode.corpus.testing import WordTokenizer\n"
+        f"build_index([{str(src)!r}], {str(out)!r}, tokenizer=WordTokenizer(), model_name='toy', progress=False,"
+        f" embedder='hashed', chunk_tokens=32, force=True, engine='ray', ray_address={address!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    old = gen_dir(out).name
+
+    def new_passage_store() -> bool:
+        return any(p.parent.name != old for p in out.glob("gen-*/sources.json"))
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not new_passage_store():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+        time.sleep(0.05)  # until the new generation holds its passage store: the span sort and embedding follow
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert answers(CorpusIndex.load(out), contexts) == before
+    build(src, out, engine="ray", force=True)
+    assert answers(CorpusIndex.load(out), contexts) == before
+    assert CorpusIndex.load(out).manifest["build_options"]["engine"] == "ray"
