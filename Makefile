@@ -52,10 +52,10 @@ lint: setup ## ruff (rules and format check) and mypy
 	$(VENV)/bin/mypy
 
 test: setup lint ## lint, then the whole test suite, printing the 15 slowest tests (what .ci/run runs)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15 tests
 
 test-fast: setup ## the tests not marked slow or ray (no processes, SIGKILL, Ray, real models, big statistical runs)
-	$(PY) -m pytest -q -m "not slow and not ray" tests
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow and not ray" tests
 
 # Corpus index builds on Ray against the local build, on one local Ray of 2 CPUs per test session (`make test` runs
 # them too; the driver-SIGKILL test is also marked slow).

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, subprocesses too
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # Property-based tests: a fixed, modest number of examples per property in CI (`make test`), far more in
 # `make fuzz` (HYPOTHESIS_PROFILE=fuzz). Deadlines are off: a forward on 2 shared cores varies too much to time.

@@ -26,7 +26,8 @@ from refdecode.corpus.dedup import find_near_duplicates
 from refdecode.corpus.spans import build_suffix_order, encode_stream
 from refdecode.corpus.testing import WordTokenizer
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
+# one xdist group: every Ray test runs in the same worker, so a parallel suite starts one Ray, not one per worker
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray"), pytest.mark.usefixtures("ray_local")]
 
 
 # -- corpora: those of test_corpus_index.py and index_helpers.py ------------------------------------------------------
