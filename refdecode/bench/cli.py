@@ -11,6 +11,7 @@ itself (`refdecode.bench.runner`, `refdecode.bench.report`).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -184,6 +185,10 @@ def _config(args):
     )
 
 
+# the timed records of a run still going (or stopped early), one JSON object a line; gone once results.json is written
+PARTIAL_RECORDS = "records.partial.jsonl"
+
+
 def run_bench(args) -> int:
     """Run the benchmark (or only export its requests); returns the exit code: 0, or 2 on bad options."""
     from refdecode.bench import report, runner
@@ -199,12 +204,25 @@ def run_bench(args) -> int:
         args.out
         or f"results/bench-{Path(config.model).name}-{config.device.replace(':', '')}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL_RECORDS
+    partial.unlink(missing_ok=True)
+
+    def keep(record: dict) -> None:  # one JSON line per timed record, written as soon as it is measured
+        with partial.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
     try:
-        results = runner.run_benchmark(config, log=lambda line: print(line, flush=True))
+        results = runner.run_benchmark(config, log=lambda line: print(line, flush=True), on_record=keep)
     except ValueError as err:
         print(f"bench: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = len(partial.read_text(encoding="utf-8").splitlines()) if partial.exists() else 0
+        print(f"bench: stopped; the {kept} records measured so far are in {partial}", file=sys.stderr)
+        return 130
     summary = report.write_report(results, out, plots=not args.no_plots)
+    partial.unlink(missing_ok=True)  # results.json holds every record now
     print()
     print(report.format_report(results, summary))
     print(f"wrote {out}/results.json, {out}/table.md" + ("" if args.no_plots else " and plots"))

@@ -58,14 +58,7 @@ LABELS = {
     "refdecode-chain-sample": "refdecode chain sampling",
 }
 # greedy methods whose tokens per step are set against the oracle's (same loop, same policy)
-STEP_FRACTION_METHODS = (
-    "refdecode",
-    "refdecode-hf-kernels",
-    "refdecode-no-guard",
-    "refdecode-chain",
-    "suffix",
-    "suffix-tree",
-)
+STEP_FRACTION_METHODS = tuple(m for m in LABELS if m.startswith(("refdecode", "suffix")) and not m.endswith("-sample"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

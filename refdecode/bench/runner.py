@@ -654,11 +654,13 @@ def run_benchmark(
     tokenizer=None,
     requests: Sequence[PreparedRequest] | None = None,
     log: Callable[[str], None] = print,
+    on_record: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run every method on every request, interleaved per prompt; returns the raw results (see report.summarize).
 
     model/tokenizer: loaded from config.model when None. requests: from config.requests_file, else sampled from the
-    data cache for config.workloads.
+    data cache for config.workloads. on_record: called with every timed record as soon as it is measured (the CLI
+    appends them to a file, so a long run stopped early keeps what it measured).
     """
     # 1) model, requests, device description
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -730,7 +732,7 @@ def run_benchmark(
             "a copy of its cache; throughput is unchanged, prefill and end-to-end seconds exclude that forward"
         )
     with SharedPrefill(model) if config.share_prefill else contextlib.nullcontext() as shared:
-        measured = _measure(config, model, tokenizer, requests, draft, index, shared, log=log)
+        measured = _measure(config, model, tokenizer, requests, draft, index, shared, log=log, on_record=on_record)
     return {
         "meta": {
             "machine": info,
@@ -751,7 +753,7 @@ def run_benchmark(
     }
 
 
-def _measure(config: BenchConfig, model, tokenizer, requests, draft, index, shared, *, log) -> dict:
+def _measure(config: BenchConfig, model, tokenizer, requests, draft, index, shared, *, log, on_record=None) -> dict:
     """Steps 3 and 4 of run_benchmark: the warm-up, then every method on every request; returns requests and
     records. shared: a SharedPrefill (primed here for each prompt) or None."""
     # 3) one untimed warm-up per method, on the first request
@@ -808,6 +810,8 @@ def _measure(config: BenchConfig, model, tokenizer, requests, draft, index, shar
                 prompt_tokens=len(request.prompt_ids),
             )
             records.append(rec)
+            if on_record is not None:
+                on_record(rec)
             tps = rec["tokens_per_second"]
             flag = "" if rec.get("matches_greedy", True) else f" MISMATCH@{rec['first_mismatch']}"
             line.append(f"{method} {tps:.1f}{flag}" if tps else f"{method} -{flag}")

@@ -133,6 +133,32 @@ def test_quick_fills_the_defaults_it_was_not_given():
     assert (cfg.n, cfg.max_new_tokens) == (cli.DEFAULTS["n"], 128)
 
 
+@pytest.mark.parametrize("stopped", [False, True])
+def test_cli_keeps_every_record_as_it_is_measured(tmp_path, monkeypatch, capsys, stopped):
+    """A long run writes each timed record to records.partial.jsonl as soon as it is measured: stopped early
+    (Ctrl-C) it keeps them and says where, exit 130; finished, results.json holds them and the partial file goes."""
+    from refdecode.bench import report
+
+    def fake_run(config, *, log, on_record):
+        for i in range(2):
+            on_record({"method": "greedy", "request_id": f"r{i}"})
+        if stopped:
+            raise KeyboardInterrupt
+        return {"records": []}
+
+    monkeypatch.setattr(runner, "run_benchmark", fake_run)
+    monkeypatch.setattr(report, "write_report", lambda results, out, plots: {})
+    monkeypatch.setattr(report, "format_report", lambda results, summary: "")
+    out = tmp_path / "out"
+    code = cli.main(["--n", "1", "--out", str(out)])
+    partial = out / cli.PARTIAL_RECORDS
+    if stopped:
+        assert code == 130 and "the 2 records measured so far" in capsys.readouterr().err
+        assert [json.loads(line)["request_id"] for line in partial.read_text().splitlines()] == ["r0", "r1"]
+    else:
+        assert code == 0 and not partial.exists()
+
+
 def test_runner_end_to_end_and_report_files(tiny_llama, tmp_path):
     tok = WordTokenizer()
     reqs = runner.prepare_requests(["code-edit-ref"], 2, 0, tok, loader=fake_loader)
@@ -402,7 +428,19 @@ def test_benchmark_with_a_shared_prefill_gives_the_same_outputs(tiny_llama):
         )
         for shared in (False, True)
     ]
-    outputs = [{(r["request_id"], r["method"]): r["token_ids"] for r in run["records"]} for run in runs]
+    streamed: list = []
+    runs.append(
+        runner.run_benchmark(
+            small_config(methods=methods, share_prefill=True),
+            model=tiny_llama,
+            tokenizer=tok,
+            requests=reqs,
+            log=lambda line: None,
+            on_record=streamed.append,
+        )
+    )
+    assert streamed == runs[2]["records"]  # every timed record, in order, as it was measured
+    outputs = [{(r["request_id"], r["method"]): r["token_ids"] for r in run["records"]} for run in runs[:2]]
     assert outputs[0] == outputs[1] and len(outputs[0]) == 2 * 5
     assert all(r["matches_greedy"] for r in runs[1]["records"] if r["method"] != "greedy")
     assert all(q["shared_prefill_seconds"] > 0 for q in runs[1]["requests"])
@@ -421,46 +459,40 @@ def test_unknown_model_drafters_are_refused_up_front():
         small_config(drafters=("self:int4",))
 
 
-def test_transformers_kernels_row_is_checked_and_set_against_refdecode(tiny_llama, tmp_path):
-    """refdecode-hf-kernels: refdecode's own loop with transformers' kernels for every forward, checked against
-    greedy and set head to head against refdecode (what the routed CPU kernels add); the switch does not leak."""
+@pytest.mark.parametrize(
+    ("method", "label"),
+    [
+        ("refdecode-hf-kernels", "refdecode, transformers kernels"),
+        ("refdecode-no-guard", "refdecode without the tie guard"),
+    ],
+)
+def test_variant_rows_are_checked_and_set_against_refdecode(tiny_llama, tmp_path, monkeypatch, method, label):
+    """Rows that are refdecode's tree with one thing changed, checked against greedy and set head to head against
+    refdecode, neither in the default methods: refdecode-hf-kernels runs transformers' kernels for every forward
+    (what the routed CPU kernels add; the switch does not leak), refdecode-no-guard passes tie_margin=0 (what the
+    greedy tie guard costs; refdecode keeps generate's default margin, measured on the model)."""
     import os
 
     from refdecode import kernels
 
-    tok = WordTokenizer()
-    reqs = runner.prepare_requests(["code-edit-ref"], 1, 0, tok, loader=fake_loader)
-    config = small_config(n=1, methods=("refdecode", "refdecode-hf-kernels"))
-    assert "refdecode-hf-kernels" not in runner.DEFAULT_METHODS
-    results = runner.run_benchmark(config, model=tiny_llama, tokenizer=tok, requests=reqs, log=lambda line: None)
-    assert [r["method"] for r in results["records"]] == ["greedy", "refdecode", "refdecode-hf-kernels"]
-    assert all(r["matches_greedy"] for r in results["records"] if r["method"] != "greedy")
-    assert kernels.SWITCH_VARIABLE not in os.environ
-    summary = report.write_report(results, tmp_path / "out", plots=False)
-    assert "refdecode/refdecode-hf-kernels" in summary["workloads"]["code-edit-ref"]["ratios"]
-    assert "refdecode, transformers kernels" in (tmp_path / "out" / "table.md").read_text()
-
-
-def test_no_guard_row_turns_the_tie_guard_off_and_is_set_against_refdecode(tiny_llama, tmp_path, monkeypatch):
-    """refdecode-no-guard: the tree with tie_margin=0 (no row recomputed one token wide), checked against greedy and
-    set head to head against refdecode, whose margin stays generate's default (measured on the model)."""
-    margins: dict = {}
+    margins: list = []
     real_generate = refdecode.generate
 
     def spy(*args, **kwargs):
-        margins.setdefault(kwargs.get("tie_margin", "default"), 0)
-        margins[kwargs.get("tie_margin", "default")] += 1
+        margins.append(kwargs.get("tie_margin", "default"))
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(refdecode, "generate", spy)
     tok = WordTokenizer()
     reqs = runner.prepare_requests(["code-edit-ref"], 1, 0, tok, loader=fake_loader)
-    config = small_config(n=1, methods=("refdecode", "refdecode-no-guard"))
-    assert "refdecode-no-guard" not in runner.DEFAULT_METHODS
+    config = small_config(n=1, methods=("refdecode", method))
+    assert method not in runner.DEFAULT_METHODS
     results = runner.run_benchmark(config, model=tiny_llama, tokenizer=tok, requests=reqs, log=lambda line: None)
-    assert [r["method"] for r in results["records"]] == ["greedy", "refdecode", "refdecode-no-guard"]
-    assert margins == {"default": 2, 0.0: 2}  # the warm-up and the timed request of each
+    assert [r["method"] for r in results["records"]] == ["greedy", "refdecode", method]
     assert all(r["matches_greedy"] for r in results["records"] if r["method"] != "greedy")
+    assert kernels.SWITCH_VARIABLE not in os.environ
+    no_guard = [0.0, 0.0] if method == "refdecode-no-guard" else ["default", "default"]
+    assert margins == ["default", *no_guard[:1], "default", *no_guard[1:]]  # warm-up, then the timed request
     summary = report.write_report(results, tmp_path / "out", plots=False)
-    assert "refdecode/refdecode-no-guard" in summary["workloads"]["code-edit-ref"]["ratios"]
-    assert "refdecode without the tie guard" in (tmp_path / "out" / "table.md").read_text()
+    assert f"refdecode/{method}" in summary["workloads"]["code-edit-ref"]["ratios"]
+    assert label in (tmp_path / "out" / "table.md").read_text()
