@@ -73,12 +73,12 @@ bench: data ## the benchmark with its defaults (docs/benchmarks.md)
 	$(PY) -m scripts.bench
 
 # The real-model benchmark: every method on 3 prompts of each workload, one run; QWEN_DTYPE=float32 for the other
-# table. About an hour on 2 cores in bfloat16, three in float32.
+# table. Several hours on 2 cores (every method decodes 64 tokens of 18 prompts; the prompt forward is shared).
 QWEN_DTYPE ?= bfloat16
 bench-qwen: data models suffix-setup ## Qwen2.5-Coder-1.5B with the 0.5B as draft model (QWEN_DTYPE=bfloat16|float32)
 	$(PY) -m scripts.bench --model qwen2.5-coder-1.5b --draft-model qwen2.5-coder-0.5b --dtype $(QWEN_DTYPE) \
 		--workloads code-edit code-edit-ref rag summarize chat spec-bench --n 3 --max-new-tokens 64 \
-		--threads 2 --cost-max-width 32 --cost-reps 2 --drafters self:recycle \
+		--threads 2 --cost-max-width 32 --cost-reps 2 --drafters self:recycle --share-prefill \
 		--methods greedy pld refdecode refdecode-chain suffix-tree oracle --out results/cpu-qwen-1.5b-$(QWEN_DTYPE)
 
 # Medusa-style heads for drafter="self:heads": trained on the training half of the ShareGPT conversations (the
