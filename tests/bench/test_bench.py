@@ -404,13 +404,16 @@ def test_shared_prefill_serves_only_the_primed_prompt_and_changes_no_output(tiny
     with pytest.raises(RuntimeError, match="needs the context"):
         SharedPrefill(tiny_llama).prime(prompt)
     with SharedPrefill(tiny_llama) as shared:
-        assert shared.prime(prompt) >= 0 and shared.hits == 0
+        first = shared.prime(prompt)
+        assert first >= 0 and shared.hits == 0
         assert hf_greedy(tiny_llama, prompt, 12) == plain[5] and shared.hits == 1
         assert refdecode.generate(tiny_llama, None, prompt, max_new_tokens=12).token_ids == tree
         assert shared.hits == 2
         assert hf_greedy(tiny_llama, other, 12) == plain[7] and shared.hits == 2  # another prompt: a real forward
         full = tiny_llama(input_ids=torch.tensor([prompt])).logits  # every row asked for: a real forward
         assert full.shape[1] == len(prompt) and shared.hits == 2
+        assert shared.prime(prompt) == first and shared.hits == 0  # primed already: the kept copy, no new forward
+        assert hf_greedy(tiny_llama, prompt, 12) == plain[5] and shared.hits == 1
     assert "forward" not in vars(tiny_llama)  # the class's forward again
 
 
@@ -418,6 +421,7 @@ def test_benchmark_with_a_shared_prefill_gives_the_same_outputs(tiny_llama):
     tok = WordTokenizer()
     reqs = runner.prepare_requests(["code-edit-ref"], 2, 0, tok, loader=fake_loader)
     methods = ("pld", "refdecode", "refdecode-chain", "oracle")
+    streamed: list = []
     runs = [
         runner.run_benchmark(
             small_config(methods=methods, share_prefill=shared),
@@ -425,22 +429,12 @@ def test_benchmark_with_a_shared_prefill_gives_the_same_outputs(tiny_llama):
             tokenizer=tok,
             requests=reqs,
             log=lambda line: None,
+            on_record=streamed.append if shared else None,
         )
         for shared in (False, True)
     ]
-    streamed: list = []
-    runs.append(
-        runner.run_benchmark(
-            small_config(methods=methods, share_prefill=True),
-            model=tiny_llama,
-            tokenizer=tok,
-            requests=reqs,
-            log=lambda line: None,
-            on_record=streamed.append,
-        )
-    )
-    assert streamed == runs[2]["records"]  # every timed record, in order, as it was measured
-    outputs = [{(r["request_id"], r["method"]): r["token_ids"] for r in run["records"]} for run in runs[:2]]
+    assert streamed == runs[1]["records"]  # every timed record, in order, as it was measured
+    outputs = [{(r["request_id"], r["method"]): r["token_ids"] for r in run["records"]} for run in runs]
     assert outputs[0] == outputs[1] and len(outputs[0]) == 2 * 5
     assert all(r["matches_greedy"] for r in runs[1]["records"] if r["method"] != "greedy")
     assert all(q["shared_prefill_seconds"] > 0 for q in runs[1]["requests"])
