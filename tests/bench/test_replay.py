@@ -5,6 +5,8 @@ import argparse
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from stats_helpers import IdTokenizer
 
 from refdecode import DraftTree
@@ -17,9 +19,15 @@ from refdecode.bench.replay import (
     StepCost,
     agreeing_path,
     bound_table,
+    cheapest_schedule,
+    copy_runs,
+    cost_bound_table,
+    cost_bounds,
+    draft_runs,
     longest_copy,
     ngram_draft,
     parse_args,
+    parse_costs,
     replay,
     replay_bound,
     replay_policy,
@@ -267,5 +275,96 @@ def test_the_command_line_names_four_commands():
     assert parse_args(["policy", "r.json", "--costs", "cpu-routed", "--carry"]).carry
     assert parse_args(["fixed-cost", "out.json"]).n == 4
     for argv in (["policy", "r.json", "--costs", "tpu"], ["fixed-cost", "out.json", "--n", "0"], [], ["simulate"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+
+
+# the bound at a cost curve: cheapest schedules
+
+
+def brute_force_schedule(n, options, cost, j=1):
+    """Every schedule from position j, recursively: the least cost."""
+    if j >= n:
+        return 0.0
+    best = cost(1) + brute_force_schedule(n, options, cost, j + 1)
+    for most, free, per_token in options(j):
+        for d in range(1, min(most, n - 1 - j) + 1):
+            best = min(
+                best, cost(d + 1) + max(0, d - free) * per_token + brute_force_schedule(n, options, cost, j + d + 1)
+            )
+    return best
+
+
+@given(
+    runs=st.lists(st.integers(0, 6), min_size=1, max_size=9),
+    draft=st.lists(st.integers(0, 6), min_size=9, max_size=9),
+    per_token=st.sampled_from([0.0, 0.2, 0.5]),
+    costs=st.sampled_from(["cpu", "cpu-routed", "gpu"]),
+)
+def test_the_cheapest_schedule_is_the_least_cost_of_every_schedule(runs, draft, per_token, costs):
+    n = len(runs)
+    cost = FixedCosts(dict(COSTS[costs])).cost
+
+    def options(j):
+        return [(runs[j], runs[j], 0.0), (draft[j], 0, per_token)]
+
+    assert math.isclose(cheapest_schedule(n, options, cost), brute_force_schedule(n, options, cost))
+
+
+def test_without_drafts_the_cheapest_schedule_is_greedy():
+    cost = FixedCosts(dict(COSTS["cpu"])).cost
+    assert cheapest_schedule(10, lambda j: [], cost) == 9.0
+    assert cheapest_schedule(1, lambda j: [(5, 5, 0.0)], cost) == 0.0
+
+
+def test_draft_runs_count_the_draft_models_agreement_ahead_teacher_forced():
+    r = {"output": [5, 6, 7, 8, 9], "draft_next": [0, 6, 7, 1, 9]}
+    assert draft_runs(r, k=16) == [0, 2, 1, 0, 1]
+    assert draft_runs(r, k=1) == [0, 1, 1, 0, 1]
+    assert draft_runs({"output": [1, 2]}, k=4) is None
+
+
+def test_copy_runs_see_the_prompt_the_output_so_far_and_the_references():
+    r = request([1, 10, 11, 12], [10, 11, 12, 40, 41, 10, 11])
+    r["references"] = [["ref", [40, 41, 10]]]
+    assert copy_runs(r, k=16) == [0, 2, 1, 3, 2, 2, 1]
+
+
+def test_the_cost_bounds_of_a_verbatim_copy_at_flat_costs():
+    output = list(range(10, 42))
+    r = request([5, *output], output)
+    r["draft_next"] = list(output)  # a draft model that is always right
+    flat = FixedCosts(dict(COSTS["gpu"])).cost
+    found = cost_bounds(r, flat, k=64, draft_cost=0.5)
+    assert found["greedy"] == 31.0
+    assert math.isclose(found["copy"], flat(31))  # one step: 30 tokens copied and the model's own
+    assert math.isclose(found["copy+draft-model"], found["copy"])  # the copy needs no draft model
+    assert found["draft-model"] > found["copy"]  # its drafts cost
+    found = cost_bounds(r, flat, k=8, draft_cost=0.5)
+    assert math.isclose(found["copy"], 3 * flat(9) + flat(4))  # 9 + 9 + 9 + 4 tokens
+
+
+def test_the_cost_bound_table_has_a_row_per_workload_and_the_bounds_beat_the_policy():
+    reference = list(range(300, 380))
+    r = request([1, 2, 3, *reference[:10]], reference[10:60])
+    r["references"] = [["ref", reference]]
+    r["draft_next"] = [t if i % 3 else 0 for i, t in enumerate(r["output"])]
+    args = argparse.Namespace(costs="cpu-routed", k=64, draft_cost=0.2)
+    text = cost_bound_table([r], args)
+    row = next(line for line in text.splitlines() if line.startswith("| w |"))
+    figures = [float(cell.strip().rstrip("x")) for cell in row.split("|")[2:-1]]
+    copy_bound, _draft_bound, both_bound, chain, tree = figures[:5]
+    assert copy_bound > 1.5 and both_bound >= copy_bound
+    assert chain <= copy_bound + 1e-9 and tree <= copy_bound + 1e-9
+
+
+def test_cost_curves_are_named_or_given_as_pairs():
+    assert parse_costs("gpu") == COSTS["gpu"]
+    assert parse_costs("1:1,2:1.05,8:1.8") == {1: 1.0, 2: 1.05, 8: 1.8}
+    for bad in ("fast", "1:1,2", "2:1.1,4:1.2", "1:0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_costs(bad)
+    assert parse_args(["bound", "--costs", "1:1,16:1.4", "--draft-cost", "0.3"]).draft_cost == 0.3
+    for argv in (["bound", "--costs", "nope"], ["bound", "--draft-cost", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
