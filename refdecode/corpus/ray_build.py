@@ -415,7 +415,9 @@ def sorted_span_blocks(
         if batch["pos"].size:
             yield batch["pos"].astype(dtype)
     if stats is not None:
-        stats.update(dataset_figures(ordered))
+        # ray.data.range is a read operator: its inputs are its read tasks, not rows; what the key tasks read is
+        # every position of the stream
+        stats.update({**dataset_figures(ordered), "rows_in": int(stream.size), "bytes_in": int(stream.nbytes)})
 
 
 # -- 4) embeddings ----------------------------------------------------------------------------------------------------
