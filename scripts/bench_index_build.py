@@ -13,9 +13,10 @@ For each corpus size: a JSONL corpus of real text (the Python docs, ACLSum paper
 copies of them with 10% of the words replaced by other words of the corpus, seeded, so that near-duplicate removal
 keeps them) is written once under --work; then each engine builds it with the CLI a user runs
 (`refdecode index build CORPUS --out DIR [--ray]`), in a fresh process, one after the other, never side by side.
-Recorded per build: wall time (process start to exit, Ray's start-up included), the manifest's stage times,
-tokens per second, the peak of the summed RSS of the build process and all its descendants (Ray's workers included;
-shared pages are counted once per process, so this is an upper bound), the index's bytes on disk. Then the built
+Recorded per build: wall time (process start to exit, Ray's start-up included), the manifest's stage times (and,
+for Ray builds, its per-stage rows, bytes, task seconds and shuffle bytes: build_stats), tokens per second, the peak
+of the summed RSS of the build process and all its descendants (Ray's workers included; shared pages are counted
+once per process, so this is an upper bound), the index's bytes on disk. Then the built
 index is loaded and timed: span lookups (16-token tails, half from the corpus and half held out) and passage search
 (top 10). Where both engines built a size, their span continuations and retrieved ids are compared probe by probe.
 
@@ -197,7 +198,7 @@ def measure_index(folder: Path, queries: list[list[int]], texts: list[str]) -> d
     info = index.info()
     return {
         "info": info,
-        "manifest": {k: index.manifest.get(k) for k in ("build_seconds", "build_options", "counts")},
+        "manifest": {k: index.manifest.get(k) for k in ("build_seconds", "build_stats", "build_options", "counts")},
         "load_seconds": load_s,
         **spans,
         "retrieve_median_ms": float(np.median(times) * 1e3),
@@ -230,7 +231,35 @@ def table(results: dict) -> str:
                 f"{r['lookup_median_us']:.0f} | {r['continuations_median_us']:.0f} | "
                 f"{r['retrieve_median_ms']:.1f} | {runs.get('same_answers', '-')} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + stage_table(results)
+
+
+def stage_table(results: dict) -> str:
+    """The Ray builds' per-stage figures (the manifest's build_stats): what docs/corpus.md projects a cluster from."""
+    lines = [
+        "",
+        "Per stage (Ray builds): wall seconds on the driver's clock, the stage's tasks' summed wall seconds, rows and "
+        "MB in and out, MB shuffled.",
+        "",
+        "| tokens | stage | wall s | task s | rows in | rows out | MB in | MB out | MB shuffled |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    found = False
+    for runs in results["sizes"].values():
+        for r in runs["engines"].values():
+            stats = (r.get("manifest") or {}).get("build_stats") if r.get("rc") == 0 else None
+            if not stats:
+                continue
+            found = True
+            seconds = r["manifest"]["build_seconds"]
+            for stage, f in stats["stages"].items():
+                lines.append(
+                    f"| {r['info']['tokens']:,} | {stage} | {seconds.get(stage, 0):.1f} | "
+                    f"{f.get('task_seconds', 0):.1f} | {f.get('rows_in', 0):,} | {f.get('rows_out', 0):,} | "
+                    f"{f.get('bytes_in', 0) / 1e6:,.1f} | "
+                    f"{f.get('bytes_out', 0) / 1e6:,.1f} | {f.get('shuffle_bytes', 0) / 1e6:,.1f} |"
+                )
+    return "\n".join(lines) + "\n" if found else ""
 
 
 def main() -> None:

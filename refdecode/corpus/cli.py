@@ -17,7 +17,7 @@ import time
 from .embedding import EMBEDDERS, HASHED_DIM
 from .passage_index import FLAT_LIMIT_BYTES, parse_bytes
 
-__all__ = ["add_index_commands", "cmd_index_build", "cmd_index_info", "cmd_index_search"]
+__all__ = ["add_index_commands", "cmd_index_build", "cmd_index_info", "cmd_index_search", "stage_lines"]
 
 _EXPECTED = (ValueError, OSError, RuntimeError, ImportError)  # ImportError: an extra that is not installed
 
@@ -73,6 +73,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             f"{counts['span_bytes'] / max(counts['span_tokens'], 1):.1f} bytes/token in "
             f"{len(manifest['span_partitions'])} partition(s), {kind} passage index, {seconds:.1f} s"
         )
+        if manifest.get("build_stats"):
+            print("\n".join(stage_lines(manifest["build_seconds"], manifest["build_stats"])))
         return 0
     except KeyboardInterrupt:
         print(
@@ -82,6 +84,24 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI's promise: one line, never a traceback
         return _fail(err)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f}"
+
+
+def stage_lines(seconds: dict[str, float], stats: dict) -> list[str]:
+    """The per-stage figures of a build's manifest (build_seconds, build_stats) as an aligned table: wall and task
+    seconds, rows and megabytes in and out, megabytes shuffled. -> lines"""
+    head = f"  {'stage':15s}{'wall s':>8s}{'task s':>9s}{'rows in':>13s}{'rows out':>13s}{'MB in':>10s}{'MB out':>10s}"
+    lines = [f"{head}{'MB shuffled':>13s}   ({stats.get('nodes', 1)} node(s), {stats.get('cpus', '?')} CPUs)"]
+    for stage, f in stats.get("stages", {}).items():
+        lines.append(
+            f"  {stage:15s}{seconds.get(stage, 0.0):8.1f}{f.get('task_seconds', 0.0):9.1f}{f.get('rows_in', 0):13,d}"
+            f"{f.get('rows_out', 0):13,d}{_mb(f.get('bytes_in', 0)):>10s}{_mb(f.get('bytes_out', 0)):>10s}"
+            f"{_mb(f.get('shuffle_bytes', 0)):>13s}"
+        )
+    return lines
 
 
 def _byte_size(text: str) -> int:

@@ -229,6 +229,7 @@ class StageResult:
     embedder: dict  # the embedder's config
     seconds: dict[str, float]  # wall seconds per stage
     fields: dict  # the writers' manifest fields (span partitions, position dtype, passage index)
+    stats: dict | None = None  # the Ray engine's per-stage figures (ray_build.py), the manifest's build_stats
 
 
 ENGINES = ("local", "ray")
@@ -310,6 +311,7 @@ def build_index(
                 "build_options": {**options, "engine": engine},
                 "embedder": result.embedder,
                 "build_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+                **({"build_stats": result.stats} if result.stats else {}),
                 "sources": [str(Path(s)) for s in sources],
                 **result.fields,
             },
@@ -641,4 +643,6 @@ class CorpusIndex:
             "position_dtype": str(self.spans.sa.dtype),
             "passage_index": m.get("passage_index", {"kind": "flat"}),
             "bytes_on_disk": sum(f["bytes"] for f in m["files"].values()),
+            "build_seconds": m.get("build_seconds"),
+            **({"build_stats": m["build_stats"]} if "build_stats" in m else {}),
         }

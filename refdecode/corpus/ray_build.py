@@ -29,6 +29,12 @@ went on holding both CPUs of a 2-CPU Ray for ~12 s after each build (long enough
 and, with several builds in one session, to hang them). Shuffles (groupby, sort) use the sort-based shuffle: Ray
 Data's default one starts aggregator actors and costs ~10 s per shuffle on a 2-core machine, this one < 1 s.
 
+Statistics: besides each stage's wall seconds, the build records per stage the rows and bytes that went in and
+out, the summed wall seconds of its tasks and, for the two shuffles (the dedup's groupby, the span sort), the bytes
+shuffled: Ray Data's own figures (its executed plan's per-operator metrics) where a stage is a Ray Data dataset,
+the driver's counts elsewhere. They reach the manifest as `build_stats`, from which docs/corpus.md projects a
+cluster.
+
 Test-only: REFDECODE_TEST_RAY_FAIL=STAGE (one of STAGES) makes that stage's task code raise, so tests can check
 that a failed task fails the build cleanly. The driver reads it when it makes a stage's task functions, which carry
 the decision (an environment for the tasks would make Ray start fresh worker processes for them).
@@ -61,6 +67,7 @@ from .spans import DEPTH, encode_stream
 __all__ = [
     "FAIL_ENV",
     "STAGES",
+    "dataset_figures",
     "dedup_on_ray",
     "embedding_blocks",
     "ray_session",
@@ -179,6 +186,44 @@ def _from_table(ray, table, blocks: int):
     return ray.data.from_arrow([table.slice(lo, step) for lo in range(0, max(table.num_rows, 1), step)])
 
 
+def _nodes(ray) -> int:
+    return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+
+
+_SHUFFLES = ("Sort", "Aggregate", "Repartition", "RandomShuffle", "HashShuffle", "HashAggregate")  # all-to-all ops
+
+
+def dataset_figures(ds) -> dict:
+    """Ray Data's own figures for a dataset iterated to its end, from its executed plan's per-operator metrics:
+    rows and bytes into its first operator and out of its last, the bytes into its all-to-all operators (a sort's
+    or a groupby's shuffle: every row crosses it, over the network on a cluster) and the summed wall seconds of
+    its tasks. Nothing is materialized for them. {} where this Ray Data keeps none.
+    -> {rows_in, bytes_in, rows_out, bytes_out, shuffle_bytes, task_seconds}"""
+    try:
+        node = ds.get_stats_summary()
+    except Exception:  # noqa: BLE001 - a developer API of Ray Data: without it the figures are left out, not the build
+        return {}
+    ops = []
+    while node is not None:
+        if node.extra_metrics:  # an executed operator (the chain starts with the input's own, empty, stats)
+            ops.append(node)
+        node = node.parents[0] if node.parents else None
+    if not ops:
+        return {}
+    ops.reverse()  # in execution order
+    first, last = ops[0].extra_metrics, ops[-1].extra_metrics
+    shuffles = [op for op in ops if (op.base_name or "").split("->")[-1].split("(")[0] in _SHUFFLES]
+    seconds = [s.wall_time.sum for op in ops for s in op.operators_stats if s.wall_time is not None]
+    return {
+        "rows_in": int(first.get("num_row_inputs_received", 0)),
+        "bytes_in": int(first.get("bytes_inputs_received", 0)),
+        "rows_out": int(last.get("row_outputs_taken", 0)),
+        "bytes_out": int(last.get("bytes_outputs_taken", 0)),
+        "shuffle_bytes": sum(int(op.extra_metrics.get("bytes_inputs_received", 0)) for op in shuffles),
+        "task_seconds": float(sum(seconds)),
+    }
+
+
 def _collect(ds, names: list[str]) -> dict[str, np.ndarray]:
     """Columns of a dataset on the driver, in the dataset's order, iterated to its end."""
     parts: dict[str, list] = {n: [] for n in names}
@@ -294,10 +339,11 @@ def _first_copy_wins(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~keep).astype(np.int64)
 
 
-def dedup_on_ray(passages, n_passages: int, *, threshold: float) -> np.ndarray:
+def dedup_on_ray(passages, n_passages: int, *, threshold: float, stats: dict | None = None) -> np.ndarray:
     """dedup.find_near_duplicates over a dataset of passages (columns pid (0..n-1), tokens: int32 bytes), in any
     order and any blocks. Call it inside ray_session, with a dataset made there (a dataset keeps the Ray Data
-    settings of where it was made). -> dropped pids (D,) int64, ascending"""
+    settings of where it was made). stats: filled with the stage's dataset_figures (rows out: candidate pairs).
+    -> dropped pids (D,) int64, ascending"""
     ray = require("ray")
     b, r = lsh_bands(threshold)
     buckets = _blocks_for(ray, n_passages * b, 1 << 20)  # a few large groups: Ray Data pays ms per group
@@ -312,6 +358,8 @@ def dedup_on_ray(passages, n_passages: int, *, threshold: float) -> np.ndarray:
         batch_format="numpy",
     )
     edges = _collect(pairs, ["a", "b"])
+    if stats is not None:
+        stats.update(dataset_figures(pairs))
     return _first_copy_wins(n_passages, edges["a"].astype(np.int64), edges["b"].astype(np.int64))
 
 
@@ -346,10 +394,13 @@ def _span_keys(batch: dict, *, stream_box: list, followed_only: bool) -> dict:
     return out
 
 
-def sorted_span_blocks(stream: np.ndarray, *, followed_only: bool = False, blocks: int | None = None) -> Iterator:
+def sorted_span_blocks(
+    stream: np.ndarray, *, followed_only: bool = False, blocks: int | None = None, stats: dict | None = None
+) -> Iterator:
     """spans.build_suffix_order(stream, followed_only=...) as a Ray Data sort by (window keys, position), in
-    consecutive blocks of positions; iterate it to the end (the writer does). -> Iterator of (B,) uint32 arrays
-    (int64 for a stream of 2**32 tokens or more)"""
+    consecutive blocks of positions; iterate it to the end (the writer does). stats: filled with the sort's
+    dataset_figures once the last block is out (shuffle bytes: the key rows sorted). -> Iterator of (B,) uint32
+    arrays (int64 for a stream of 2**32 tokens or more)"""
     ray = require("ray")
     _, columns = _key_layout(stream.dtype)
     dtype = np.uint32 if stream.size < 2**32 else np.int64
@@ -363,20 +414,34 @@ def sorted_span_blocks(stream: np.ndarray, *, followed_only: bool = False, block
     for batch in ordered.iter_batches(batch_size=None, batch_format="numpy"):
         if batch["pos"].size:
             yield batch["pos"].astype(dtype)
+    if stats is not None:
+        # ray.data.range is a read operator: its inputs are its read tasks, not rows; what the key tasks read is
+        # every position of the stream
+        stats.update({**dataset_figures(ordered), "rows_in": int(stream.size), "bytes_in": int(stream.nbytes)})
 
 
 # -- 4) embeddings ----------------------------------------------------------------------------------------------------
 
 
-def _fit_hashed(ray, texts: list[str], dim: int) -> np.ndarray:
+def _timed(fn: Callable, *args) -> tuple:
+    """fn(*args) and the wall seconds it took, for a task to report its own time. -> (result, seconds)"""
+    t = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - t
+
+
+def _fit_hashed(ray, texts: list[str], dim: int) -> tuple[np.ndarray, float]:
     """The hashed embedder's IDF from document frequencies counted by tasks over slices of the texts and summed:
-    whole numbers, so the sum equals what fit() counts over all of them. -> (dim,) float32"""
-    count = ray.remote(num_cpus=1)(_task("embed", lambda part: HashedNgramEmbedder(dim).document_frequencies(part)))
+    whole numbers, so the sum equals what fit() counts over all of them. -> ((dim,) float32, the tasks' seconds)"""
+    count = ray.remote(num_cpus=1)(
+        _task("embed", lambda part: _timed(HashedNgramEmbedder(dim).document_frequencies, part))
+    )
     step = max(1, -(-len(texts) // (2 * _cpus(ray))))
-    df = np.zeros(dim, dtype=np.float64)
-    for part in ray.get([count.remote(texts[lo : lo + step]) for lo in range(0, len(texts), step)]):
+    df, seconds = np.zeros(dim, dtype=np.float64), 0.0
+    for part, took in ray.get([count.remote(texts[lo : lo + step]) for lo in range(0, len(texts), step)]):
         df += part
-    return HashedNgramEmbedder(dim).fit_counts(df, len(texts)).idf
+        seconds += took
+    return HashedNgramEmbedder(dim).fit_counts(df, len(texts)).idf, seconds
 
 
 def _embedder(config: dict, idf: np.ndarray | None) -> Embedder:
@@ -388,24 +453,33 @@ def _embedder(config: dict, idf: np.ndarray | None) -> Embedder:
     return make_embedder(config)
 
 
-def _embed_batch(config: dict, idf: np.ndarray | None, texts: list[str]) -> np.ndarray:
-    """One batch embedded by a plain task: for the hashed embedder, which loads nothing. -> (B, dim) float32"""
-    return _embedder(config, idf).embed(texts).astype(np.float32)
+def _embed_batch(config: dict, idf: np.ndarray | None, texts: list[str]) -> tuple[np.ndarray, float]:
+    """One batch embedded by a plain task: for the hashed embedder, which loads nothing.
+    -> ((B, dim) float32, seconds)"""
+    return _timed(lambda: _embedder(config, idf).embed(texts).astype(np.float32))
 
 
 class _EmbedActor:
-    """An actor holding one embedder, loaded once: batches of texts -> (B, dim) float32."""
+    """An actor holding one embedder, loaded once: batches of texts -> ((B, dim) float32, seconds)."""
 
     def __init__(self, config: dict, idf: np.ndarray | None, inject: bool):
         self.embedder = _task("embed", _embedder, inject=False)(config, idf)
-        self.run = _task("embed", lambda texts: self.embedder.embed(texts).astype(np.float32), inject=inject)
+        self.run = _task("embed", lambda texts: _timed(self._vectors, texts), inject=inject)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def _vectors(self, texts: list[str]) -> np.ndarray:
+        return self.embedder.embed(texts).astype(np.float32)
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, float]:
         return self.run(texts)
 
 
 def embedding_blocks(
-    texts: list[str], config: dict, *, idf: np.ndarray | None = None, actors: bool | None = None
+    texts: list[str],
+    config: dict,
+    *,
+    idf: np.ndarray | None = None,
+    actors: bool | None = None,
+    stats: dict | None = None,
 ) -> Callable[[], Iterator[np.ndarray]]:
     """The passages' vectors, computed on Ray and left in its object store; returns when every batch is done.
 
@@ -414,7 +488,8 @@ def embedding_blocks(
     an actor costs a fresh worker process. actors: force one or the other (tests). The actors are killed before
     this returns, whether the batches succeeded or not, so that none holds a CPU after its build.
     -> a callable returning a fresh iterator of (B, dim) float32 blocks in passage order (write_passage_index
-    reads it twice for IVF-PQ); a batch's error is raised when its block is reached"""
+    reads it twice for IVF-PQ); a batch's error is raised when its block is reached. stats: given
+    task_seconds (the batches' summed wall seconds, each measured in its task) once the last block is out"""
     ray = require("ray")
     use_actors = config["name"] != "hashed" if actors is None else actors
     batches = [texts[lo : lo + _EMBED_BATCH] for lo in range(0, len(texts), _EMBED_BATCH)]
@@ -425,10 +500,11 @@ def embedding_blocks(
             actor = ray.remote(num_cpus=1)(_EmbedActor)
             inject = _injected("embed")  # on the driver: the actors' environment is not the driver's
             pool = [actor.remote(config, idf_ref, inject) for _ in range(min(_cpus(ray), max(len(batches), 1)))]
-            refs = [pool[i % len(pool)].embed.remote(batch) for i, batch in enumerate(batches)]
+            pairs = [pool[i % len(pool)].embed.options(num_returns=2).remote(b) for i, b in enumerate(batches)]
         else:
-            task = ray.remote(num_cpus=1)(_task("embed", _embed_batch))
-            refs = [task.remote(config, idf_ref, batch) for batch in batches]
+            task = ray.remote(num_cpus=1, num_returns=2)(_task("embed", _embed_batch))
+            pairs = [task.remote(config, idf_ref, batch) for batch in batches]
+        refs = [vectors for vectors, _ in pairs]  # each batch: its vectors and, apart, its seconds (a few bytes)
         ray.wait(refs, num_returns=len(refs), fetch_local=False)  # every batch done or failed: the pool can go
     finally:
         for handle in pool:
@@ -441,6 +517,8 @@ def embedding_blocks(
             if vectors.shape != (len(batch), dim):
                 raise RuntimeError(f"the Ray build embedded a batch of {len(batch)} texts as {vectors.shape}")
             yield vectors
+        if stats is not None:
+            stats["task_seconds"] = float(sum(ray.get([seconds for _, seconds in pairs])))
 
     return blocks_in_order
 
@@ -449,7 +527,8 @@ def embedding_blocks(
 
 
 class _Clock:
-    """Wall seconds per stage; `timed` charges the time spent pulling a stage's blocks to that stage."""
+    """Wall seconds per stage, every second charged to one: `timed` charges the time spent pulling a stage's blocks
+    to that stage and the consumer's time between pulls to another."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -460,16 +539,15 @@ class _Clock:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
         self._t = now
 
-    def timed(self, stage: str, blocks: Iterator) -> Iterator:
+    def timed(self, stage: str, blocks: Iterator, *, between: str) -> Iterator:
         while True:
-            t = time.perf_counter()
+            self.lap(between)
             try:
                 item = next(blocks)
             except StopIteration:
                 return
             finally:
-                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
-                self._t = time.perf_counter()
+                self.lap(stage)
             yield item
 
 
@@ -525,17 +603,19 @@ def _run(ray, folder, files, *, tokenizer, field, chunk_tokens, dedup_threshold,
     import pyarrow as pa
 
     clock = _Clock()
+    stages: dict[str, dict] = {name: {} for name in ("tokenize_chunk", "dedup", "passages", "embed", "span_index")}
     # 1) read, tokenize, chunk: one task per block of files; then number documents and passages on the driver
     listing = pa.table({"file": np.arange(len(files), dtype=np.int64), "path": [str(p) for p in files]})
-    rows = _collect(
-        _from_table(ray, listing, blocks or min(len(files), 4 * _cpus(ray))).map_batches(
-            _task("read", _read_and_chunk),
-            fn_kwargs={"field": field, "tokenizer": tokenizer, "chunk_tokens": chunk_tokens},
-            batch_size=None,
-            batch_format="numpy",
-        ),
-        [*_PASSAGE_COLUMNS, "source", "tokens", "text"],
+    read = _from_table(ray, listing, blocks or min(len(files), 4 * _cpus(ray))).map_batches(
+        _task("read", _read_and_chunk),
+        fn_kwargs={"field": field, "tokenizer": tokenizer, "chunk_tokens": chunk_tokens},
+        batch_size=None,
+        batch_format="numpy",
     )
+    rows = _collect(read, [*_PASSAGE_COLUMNS, "source", "tokens", "text"])
+    # what the tasks read is the files, not the listing Ray Data hands them
+    stages["tokenize_chunk"] = {**dataset_figures(read), "bytes_in": sum(p.stat().st_size for p in files)}
+    del read
     order = np.lexsort((rows["chunk"], rows["doc"], rows["file"]))  # the local build's reading order
     rows = {k: v[order] for k, v in rows.items()}
     first_of_doc = rows["chunk"] <= 0
@@ -552,7 +632,10 @@ def _run(ray, folder, files, *, tokenizer, field, chunk_tokens, dedup_threshold,
     tokens = pa.array(rows["tokens"].tolist(), pa.large_binary())
     passages = pa.table({"pid": np.arange(n_passages, dtype=np.int64), "tokens": tokens})
     dropped = dedup_on_ray(
-        _from_table(ray, passages, blocks or _blocks_for(ray, n_passages, 4096)), n_passages, threshold=dedup_threshold
+        _from_table(ray, passages, blocks or _blocks_for(ray, n_passages, 4096)),
+        n_passages,
+        threshold=dedup_threshold,
+        stats=stages["dedup"],
     )
     del passages, tokens
     kept = np.setdiff1d(np.arange(n_passages), dropped).tolist()
@@ -567,23 +650,30 @@ def _run(ray, folder, files, *, tokenizer, field, chunk_tokens, dedup_threshold,
     stream = encode_stream(run_tokens, vocab_size(tokenizer))
     del run_tokens, passage_tokens
     written = save_passages(folder, texts, ranges, [c.doc for c in chunks], doc_sources)
+    text_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    stages["passages"] = _driver_figures(len(texts), text_bytes, len(texts), _file_bytes(folder, written))
     clock.lap("passages")
     # 3) the span order (streamed into the writer below) and 4) the embeddings (materialized first)
     emb: Embedder
+    idf_seconds = 0.0
     if embedder == "hashed":
         emb = HashedNgramEmbedder(hashed_dim)
-        emb.idf = _fit_hashed(ray, texts, emb.dim)
+        emb.idf, idf_seconds = _fit_hashed(ray, texts, emb.dim)
     else:
         emb = make_embedder({"name": embedder})  # on the driver for its config and dim only: the actors embed
     idf = emb.idf if isinstance(emb, HashedNgramEmbedder) else None
-    vector_blocks = embedding_blocks(texts, emb.config(), idf=idf)
+    vector_blocks = embedding_blocks(texts, emb.config(), idf=idf, stats=stages["embed"])
     clock.lap("embed")
-    span_blocks = clock.timed("span_index", sorted_span_blocks(stream, blocks=blocks))
+    span_order = sorted_span_blocks(stream, blocks=blocks, stats=stages["span_index"])
+    span_blocks = clock.timed("span_index", span_order, between="write")  # the writer's own time: "write"
     names, span_counts, fields = write_index_files(
         folder, stream, span_blocks, vector_blocks, dim=emb.dim, n_passages=len(texts), **layout
     )
     written += names + emb.save(folder)
     clock.lap("write")
+    embed_seconds = stages["embed"].get("task_seconds", 0.0) + idf_seconds
+    stages["embed"] = _driver_figures(len(texts), text_bytes, len(texts), 4 * emb.dim * len(texts), embed_seconds)
+    stages["write"] = _driver_figures(0, 0, 0, _file_bytes(folder, names))
     counts = {
         "files": len(files),
         "documents": len(doc_sources),
@@ -592,4 +682,29 @@ def _run(ray, folder, files, *, tokenizer, field, chunk_tokens, dedup_threshold,
         "duplicates_removed": int(dropped.size),
         **span_counts,
     }
-    return StageResult(written, counts, emb.config(), clock.seconds, fields)
+    stats = {"engine": "ray", "nodes": _nodes(ray), "cpus": _cpus(ray), "stages": _rounded(stages)}
+    return StageResult(written, counts, emb.config(), clock.seconds, fields, stats)
+
+
+def _driver_figures(rows_in: int, bytes_in: int, rows_out: int, bytes_out: int, task_seconds: float = 0.0) -> dict:
+    """A stage's figures where the driver counts them (no Ray Data dataset to ask); task_seconds: the wall seconds
+    its Ray tasks reported, 0 for work on the driver alone."""
+    return {
+        "rows_in": rows_in,
+        "bytes_in": bytes_in,
+        "rows_out": rows_out,
+        "bytes_out": bytes_out,
+        "shuffle_bytes": 0,
+        "task_seconds": task_seconds,
+    }
+
+
+def _file_bytes(folder: Path, names: list[str]) -> int:
+    return sum((folder / name).stat().st_size for name in names)
+
+
+def _rounded(stages: dict[str, dict]) -> dict[str, dict]:
+    return {
+        stage: {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
+        for stage, figures in stages.items()
+    }

@@ -1,7 +1,8 @@
 """build_index(engine="ray") writes the files the local build writes (format version 3, byte for byte) on the
 corpora of the corpus tests; dedup and the span order do not depend on partitioning; Parquet and glob sources; the
 local build's one-line errors, from Python and from the CLI; embedding actors are released after each build; a
-failed task or a killed driver leaves the old index, and a rerun succeeds.
+failed task or a killed driver leaves the old index, and a rerun succeeds; the per-stage figures (build_stats) add
+up; the workers that ran a build never imported torch.
 
 All of them share one local Ray of 2 CPUs (the session fixture `ray_local`), so each build here costs about a
 second once its workers have started."""
@@ -117,7 +118,7 @@ def assert_same_index(local: CorpusIndex, ray: CorpusIndex, rng) -> None:
     assert sorted(ray_files) == sorted(local_files)
     for name, data in local_files.items():
         assert ray_files[name] == data, name
-    ignore = ("generation", "build_seconds", "build_options", "files")
+    ignore = ("generation", "build_seconds", "build_stats", "build_options", "files")
     assert {k: v for k, v in ray.manifest.items() if k not in ignore} == {
         k: v for k, v in local.manifest.items() if k not in ignore
     }
@@ -140,12 +141,41 @@ def test_ray_build_writes_the_local_builds_files(tmp_path, name):
     if name == "random":
         assert local.manifest["counts"]["duplicates_removed"] >= 3  # the copy's and the near copy's passages
         assert len(ray.manifest["span_partitions"]) > 2
+        assert_stage_figures(ray, tmp_path / "src")
+        assert "build_stats" not in local.manifest and "build_stats" not in local.info()
     if name == "planted_duplicates":
         assert ray.manifest["counts"]["duplicates_removed"] == 3
     if name == "wide_vocab":
         assert ray.spans.stream.dtype == np.uint32
     if name == "mixed":
         assert ray.manifest["embedder"] == {"name": "hashed", "dim": 64}
+
+
+def assert_stage_figures(index: CorpusIndex, src: Path) -> None:
+    """build_stats: each stage's rows and bytes agree with what the index holds and the sources weigh; the two
+    shuffles report at least the bytes of the rows they sort; the tasks report their time."""
+    m, dim = index.manifest, index.manifest["embedder"]["dim"]
+    stats, counts = m["build_stats"], m["counts"]
+    assert index.info()["build_stats"] == stats and index.info()["build_seconds"] == m["build_seconds"]
+    assert (stats["engine"], stats["nodes"], stats["cpus"]) == ("ray", 1, 2)
+    stages = stats["stages"]
+    assert list(stages) == ["tokenize_chunk", "dedup", "passages", "embed", "span_index", "write"]
+    assert set(m["build_seconds"]) == set(stages)
+    read, dedup, spans, embed = stages["tokenize_chunk"], stages["dedup"], stages["span_index"], stages["embed"]
+    all_passages = counts["passages"] + counts["duplicates_removed"]
+    assert read["rows_in"] == counts["files"] and read["bytes_in"] == sum(p.stat().st_size for p in src.rglob("*.*"))
+    assert read["rows_out"] == all_passages  # every document of this corpus has passages
+    assert dedup["rows_in"] == all_passages and dedup["shuffle_bytes"] > 0
+    # the sort's rows: 4 key columns and a position, 8 bytes each, for every position of the stream but separators
+    assert spans["rows_in"] == index.spans.stream.size and spans["rows_out"] == counts["span_tokens"]
+    assert spans["shuffle_bytes"] >= 40 * counts["span_tokens"]
+    assert embed["rows_in"] == embed["rows_out"] == counts["passages"]
+    assert embed["bytes_out"] == 4 * dim * counts["passages"]
+    store = ("passage_text.bin", "passage_text_offsets.npy", "passage_tokens.npy", "passage_source.npy", "sources.json")
+    assert stages["passages"]["bytes_out"] == sum(m["files"][name]["bytes"] for name in store)
+    for stage in ("tokenize_chunk", "dedup", "embed", "span_index"):
+        assert stages[stage]["task_seconds"] > 0 and stages[stage]["bytes_out"] > 0, stage
+    assert stages["passages"]["task_seconds"] == stages["write"]["task_seconds"] == 0  # the driver's own
 
 
 # -- the stages on their own: partitioning never changes the answer --------------------------------------------------
@@ -177,10 +207,12 @@ def test_dedup_on_ray_decides_as_the_local_dedup_for_any_partitioning(ray_local)
         assert want.size > 10
         shuffled = table.take(rng.permutation(len(passages)))  # rows in any order, in any blocks
         step = -(-len(passages) // blocks)
+        figures: dict = {}
         with ray_session(progress=False):  # a dataset keeps the Ray Data settings of where it was made: in here
             ds = ray_local.data.from_arrow([shuffled.slice(lo, step) for lo in range(0, len(passages), step)])
-            got = dedup_on_ray(ds, len(passages), threshold=threshold)
+            got = dedup_on_ray(ds, len(passages), threshold=threshold, stats=figures)
         assert np.array_equal(got, want), (threshold, blocks)
+        assert figures["rows_in"] == len(passages) and figures["shuffle_bytes"] > 0 and figures["rows_out"] > 0
 
 
 @pytest.mark.parametrize("vocab", [60_000, 70_000])
@@ -196,9 +228,14 @@ def test_sorted_span_blocks_are_the_local_suffix_order(vocab):
     stream[1:9] = vocab  # the largest id: for uint16, sort keys with the top bit set
     for followed_only, blocks in ((False, 1), (True, 4)):
         want = build_suffix_order(stream, followed_only=followed_only)
+        figures: dict = {}
         with ray_session(progress=False):
-            got = np.concatenate(list(sorted_span_blocks(stream, followed_only=followed_only, blocks=blocks)))
+            span_blocks = sorted_span_blocks(stream, followed_only=followed_only, blocks=blocks, stats=figures)
+            got = np.concatenate(list(span_blocks))
         assert got.dtype == want.dtype and np.array_equal(got, want), (followed_only, blocks)
+        assert figures["rows_in"] == stream.size and figures["rows_out"] == want.size
+        key_columns = 4 if stream.dtype == np.uint16 else 8
+        assert figures["shuffle_bytes"] >= 8 * (key_columns + 1) * want.size
 
 
 def test_embedding_actors_are_released_after_success_and_failure(ray_local, monkeypatch):
@@ -221,9 +258,11 @@ def test_embedding_actors_are_released_after_success_and_failure(ray_local, monk
         return False
 
     with ray_session(progress=False):
-        blocks = embedding_blocks(texts, embedder.config(), idf=embedder.idf, actors=True)
+        figures: dict = {}
+        blocks = embedding_blocks(texts, embedder.config(), idf=embedder.idf, actors=True, stats=figures)
         assert cpus_free_soon()
         assert np.array_equal(np.concatenate(list(blocks())), embedder.embed(texts))
+        assert figures["task_seconds"] > 0
         monkeypatch.setenv(FAIL_ENV, "embed")
         failed = embedding_blocks(texts, embedder.config(), idf=embedder.idf, actors=True)
         assert cpus_free_soon()
@@ -284,6 +323,10 @@ def test_cli_builds_on_ray_and_reports_bad_files_in_one_line(tmp_path, capsys, m
     assert cli.main([*argv, "--quiet", "--ray"]) == 0
     out, _ = capsys.readouterr()
     assert out.startswith(f"built {tmp_path / 'idx'} (ray engine): 3 documents")
+    table = out.splitlines()[1:]  # the per-stage figures, a line each
+    assert "MB shuffled" in table[0] and "1 node(s), 2 CPUs" in table[0]
+    stages = ["tokenize_chunk", "dedup", "passages", "embed", "span_index", "write"]
+    assert [line.split()[0] for line in table[1:]] == stages
     assert CorpusIndex.load(tmp_path / "idx").manifest["build_options"]["engine"] == "ray"
     bad = bad_sources(tmp_path / "bad")
     for name, message in (
@@ -316,6 +359,19 @@ def test_a_ray_the_caller_started_is_used_and_left_running_and_options_reach_the
         build(tmp_path / "src", tmp_path / "idx2", ray_address="auto")
     with pytest.raises(ValueError, match="engine must be one of"):
         build(tmp_path / "src", tmp_path / "idx2", engine="spark")
+
+
+def test_the_workers_that_ran_a_build_never_imported_torch(tmp_path, ray_local):
+    """The task functions live in refdecode.corpus.*, whose import runs refdecode/__init__.py: lazy, it imports no
+    torch, so neither does a worker (each would otherwise hold a few hundred MB of it)."""
+    build(write_corpus(tmp_path / "src", 9, docs=3), tmp_path / "idx", engine="ray")
+
+    def probe():
+        time.sleep(0.2)  # long enough that the probes occupy both CPUs' workers at once
+        return os.getpid(), sorted(m for m in ("torch", "transformers") if m in sys.modules)
+
+    seen = ray_local.get([ray_local.remote(num_cpus=1)(probe).remote() for _ in range(4)])
+    assert {pid for pid, _ in seen} and all(loaded == [] for _, loaded in seen), seen
 
 
 # -- faults ------------------------------------------------------------------------------------------------------------
