@@ -601,6 +601,37 @@ def draft_runs(request: dict, k: int) -> list[int] | None:
     return [min(k, r) for r in runs[: len(output)]]
 
 
+def candidate_runs(request: dict, k: int, *, tree: bool) -> list[int]:
+    """Per output position j, how many output tokens from j on refdecode's drafter has among its proposals there
+    (the deepest agreeing path of its tree in tree mode, the agreeing prefix of its chain otherwise), at most k;
+    the drafter sees the prompt, the references and output[:j], proposing at every position."""
+    from refdecode.matching import DocumentIndex
+
+    prompt, output = request["prompt"], request["output"]
+    store = None
+    if request["references"]:
+        store = DocumentIndex(1 << 17)
+        for _source, ids in request["references"]:
+            store.add(ids)
+    drafter = ReferenceDrafter(prompt, store=store, tree=tree)
+    context = list(prompt)
+    runs = [0]
+    drafter.observe(output[:1])
+    context.append(output[0])
+    for j in range(1, len(output)):
+        future = output[j : j + k]
+        proposal = drafter.propose(context, len(future))
+        if isinstance(proposal, DraftTree):
+            runs.append(len(agreeing_path(proposal, future)))
+        elif isinstance(proposal, Draft):
+            runs.append(common_prefix(list(proposal.tokens), future))
+        else:
+            runs.append(0)
+        drafter.observe(output[j : j + 1])
+        context.append(output[j])
+    return runs
+
+
 def cheapest_schedule(n: int, options, cost: Callable[[int], float]) -> float:
     """The least total cost of committing output positions 1 .. n - 1 (position 0 comes from the prefill).
 
@@ -619,7 +650,7 @@ def cheapest_schedule(n: int, options, cost: Callable[[int], float]) -> float:
     return best[1] if n > 1 else 0.0
 
 
-COST_BOUND_METHODS = ("copy", "draft-model", "copy+draft-model")
+COST_BOUND_METHODS = ("copy", "refdecode's candidates", "draft-model", "copy+draft-model")
 
 
 def cost_bounds(request: dict, cost: Callable[[int], float], *, k: int, draft_cost: float) -> dict[str, float]:
@@ -629,6 +660,8 @@ def cost_bounds(request: dict, cost: Callable[[int], float], *, k: int, draft_co
     copies = copy_runs(request, k)
     drafts = draft_runs(request, k)
     out = {"greedy": (n - 1) * cost(1), "copy": cheapest_schedule(n, lambda j: [(copies[j], copies[j], 0.0)], cost)}
+    found = candidate_runs(request, k, tree=True)
+    out["refdecode's candidates"] = cheapest_schedule(n, lambda j: [(found[j], found[j], 0.0)], cost)
     if drafts is not None:
         out["draft-model"] = cheapest_schedule(n, lambda j: [(drafts[j], 0, draft_cost)], cost)
 
@@ -648,11 +681,12 @@ def cost_bound_table(requests: list[dict], args: argparse.Namespace) -> str:
     table = parse_costs(args.costs)
     curve = FixedCosts(dict(table))
     with_draft = any("draft_next" in r for r in requests)
-    methods = [m for m in COST_BOUND_METHODS if with_draft or m == "copy"]
+    methods = [m for m in COST_BOUND_METHODS if with_draft or "draft-model" not in m]
     from refdecode.bench.suffix import SuffixDrafter, suffix_available
 
     replayed = ["refdecode chain", "refdecode tree", *(["suffix tree"] if suffix_available() else [])]
     sums: dict = {}
+    earlier: dict[str, DraftPolicy] = {}  # each replayed method's last policy: the next request warm-starts from it
     for request in requests:
         row = sums.setdefault(request["workload"], defaultdict(float))
         found = cost_bounds(request, curve.cost, k=args.k, draft_cost=args.draft_cost)
@@ -665,16 +699,25 @@ def cost_bound_table(requests: list[dict], args: argparse.Namespace) -> str:
             if name == "suffix tree":
                 drafter = SuffixDrafter(request["prompt"], references=[ids for _, ids in refs], tree=True)
             r = replay_policy(
-                request["prompt"], refs, truth, tree=name != "refdecode chain", costs=table, drafter=drafter
+                request["prompt"],
+                refs,
+                truth,
+                tree=name != "refdecode chain",
+                costs=table,
+                drafter=drafter,
+                earlier=earlier.get(name),
             )
             if drafter is not None:
                 drafter.close()
             row[name] += r["seconds"]
+            earlier[name] = r["policy"]
     curve_text = ", ".join(f"{w}: {c:g}" for w, c in sorted(table.items()))
     lines = [
         f"Decoding throughput over greedy at the cost curve {{{curve_text}}} (cost of a forward of w tokens over one "
         f"token), draft model {args.draft_cost:g} per token, drafts of at most {args.k}: bounds (the cheapest schedule "
-        "of steps that an oracle knowing each drafter's runs could pick) and refdecode's policy replayed.",
+        "of steps that an oracle knowing each drafter's runs could pick) and refdecode's policy replayed, each "
+        "request's policy warm-started from the request before it, as a process serving requests one after another "
+        "does.",
         "",
         "| workload | " + " | ".join(f"{m} bound" for m in methods) + " | " + " | ".join(replayed) + " |",
         "|---|" + "---:|" * (len(methods) + len(replayed)),

@@ -5,7 +5,7 @@ import argparse
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from stats_helpers import IdTokenizer
 
@@ -19,6 +19,7 @@ from refdecode.bench.replay import (
     StepCost,
     agreeing_path,
     bound_table,
+    candidate_runs,
     cheapest_schedule,
     copy_runs,
     cost_bound_table,
@@ -353,9 +354,34 @@ def test_the_cost_bound_table_has_a_row_per_workload_and_the_bounds_beat_the_pol
     text = cost_bound_table([r], args)
     row = next(line for line in text.splitlines() if line.startswith("| w |"))
     figures = [float(cell.strip().rstrip("x")) for cell in row.split("|")[2:-1]]
-    copy_bound, _draft_bound, both_bound, chain, tree = figures[:5]
+    copy_bound, candidates_bound, _draft_bound, both_bound, chain, tree = figures[:6]
     assert copy_bound > 1.5 and both_bound >= copy_bound
-    assert chain <= copy_bound + 1e-9 and tree <= copy_bound + 1e-9
+    assert chain <= candidates_bound + 1e-9 and tree <= candidates_bound + 1e-9
+    assert candidates_bound <= copy_bound + 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    prompt=st.lists(st.integers(1, 5), min_size=1, max_size=30),
+    output=st.lists(st.integers(1, 5), min_size=2, max_size=25),
+    reference=st.lists(st.integers(1, 5), max_size=30),
+    tree=st.booleans(),
+)
+def test_refdecodes_candidates_never_run_past_the_longest_copy(prompt, output, reference, tree):
+    r = request(prompt, output)
+    r["references"] = [["ref", reference]] if reference else []
+    found = candidate_runs(r, 16, tree=tree)
+    copies = copy_runs(r, 16)
+    assert len(found) == len(copies) == len(output) and found[0] == 0
+    assert all(0 <= f <= c for f, c in zip(found, copies, strict=True))
+
+
+def test_refdecodes_candidates_follow_a_verbatim_reference():
+    reference = list(range(300, 380))
+    r = request([1, 2, 3, *reference[:10]], reference[10:60])
+    r["references"] = [["ref", reference]]
+    found = candidate_runs(r, 64, tree=True)
+    assert found[1:] == [50 - j for j in range(1, 50)]  # the rest of the output, from every position
 
 
 def test_cost_curves_are_named_or_given_as_pairs():
