@@ -316,6 +316,9 @@ def decode(
     scores = process_rows(processors, context, [], logits)
     noise = PositionNoise(generator, logits.shape[-1], device) if sampling and generator is not None else None
     first = choose_first(scores, noise)
+    prime = getattr(drafter, "prime", None)
+    if prime is not None and max_new_tokens > 1:  # a draft model's prompt forward belongs to the prefill
+        prime(list(prompt_ids))
     cache.activate_past_recording()  # sliding-window layers must keep past states to be croppable
     output: list[int] = []
     stop_reason = _commit(output, [first], stopper, max_new_tokens, streamer)

@@ -44,11 +44,27 @@ class ModelDrafter(ModelDrafterBase):
         self.cache: Any = None
         self.cached: list[int] = []  # the tokens in self.cache (own cache only): context[offset : offset + len]
         self.offset = 0
+        self._primed = False  # prime() filled the cache for the call about to start
+
+    @torch.no_grad()
+    def prime(self, prompt_ids: Sequence[int]) -> None:
+        """Called with the target's prefill, before the first token is out: an own cache is fed the prompt's last
+        `window` tokens now, so this prompt-sized forward is prefill work (as a serving engine prefills its draft
+        model with the target) and the first draft step feeds one token instead of a window. A shared cache needs
+        nothing."""
+        if self.shared_cache or not prompt_ids:
+            return
+        self._restart(max(0, len(prompt_ids) - self.window))
+        feed = list(prompt_ids[self.offset :])
+        ids = torch.tensor([feed], dtype=torch.long, device=self.model.device)
+        self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cached, self._primed = feed, True
 
     def start(self, session: DraftSession) -> None:
         super().start(session)
-        if not self.shared_cache:
+        if not self.shared_cache and not self._primed:
             self._restart(0)
+        self._primed = False  # a later call starts afresh unless primed again
 
     def _restart(self, offset: int) -> None:
         from transformers import DynamicCache
@@ -58,7 +74,7 @@ class ModelDrafter(ModelDrafterBase):
 
     def close(self) -> None:
         super().close()
-        self.cache, self.cached = None, []
+        self.cache, self.cached, self._primed = None, [], False
 
     def _forward(self, cache, token_ids: list[int]) -> torch.Tensor:
         """Logits [V_target] after feeding `token_ids`; the draft's columns beyond the target's vocabulary dropped."""

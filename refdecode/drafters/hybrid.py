@@ -37,6 +37,12 @@ class HybridDrafter:
     def policy_kind(self) -> str:
         return f"HybridDrafter:{self.model_drafter.name}/{'tree' if getattr(self.reference, 'tree', True) else 'chain'}"
 
+    def prime(self, prompt_ids: Sequence[int]) -> None:
+        """The model drafter's prompt work, with the target's prefill (see ModelDrafter.prime)."""
+        prime = getattr(self.model_drafter, "prime", None)
+        if prime is not None:
+            prime(prompt_ids)
+
     def start(self, session: DraftSession) -> None:
         self.session = session
         self.model_drafter.start(session)

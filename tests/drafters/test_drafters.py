@@ -949,6 +949,53 @@ def test_an_own_cache_model_drafter_never_feeds_more_than_its_window():
     assert out.token_ids == expected
 
 
+def test_a_primed_model_drafter_feeds_one_token_at_its_first_step():
+    """prime (called with the target's prefill) feeds the prompt's last `window` tokens; the first draft step then
+    feeds only the pending token (its window then holds one token more than an unprimed drafter's restart). Through
+    generate, priming happens before the first token, and the output is plain greedy's."""
+    model, weak = family_models("llama")
+    context = list(range(2, 40))
+    windows, feeds = [], []
+    for primed in (True, False):
+        model_drafter = ModelDrafter(weak, window=8)
+        fed: list[int] = []
+        forward = model_drafter._forward
+        model_drafter._forward = lambda cache, ids, fed=fed, forward=forward: (
+            fed.append(len(ids)),
+            forward(cache, ids),
+        )[1]
+        if primed:
+            model_drafter.prime(context[:-1])
+            assert model_drafter.cached == context[-9:-1] and model_drafter.offset == len(context) - 9
+        model_drafter.start(DraftSession(model, None, fixed_policy(), None, None))
+        assert model_drafter.propose(context, 3) is not None
+        feeds.append(fed[0])
+        offset = model_drafter.offset
+        assert model_drafter.cached[: len(context) - offset] == context[offset:]  # the window, then its own drafts
+        windows.append(len(context) - offset)
+    assert feeds == [1, 8] and windows == [9, 8]
+    order: list[str] = []
+    model_drafter = ModelDrafter(weak, window=8)
+    prime, start = model_drafter.prime, model_drafter.start
+    model_drafter.prime = lambda ids: (order.append("prime"), prime(ids))[1]
+    model_drafter.start = lambda session: (order.append("start"), start(session))[1]
+    hybrid = HybridDrafter(refdecode.ReferenceDrafter(PROMPTS[1]), model_drafter)
+    streamed: list[str] = []
+
+    class Streamer:
+        def put(self, value):
+            streamed.append("token" if order else "prompt")
+
+        def end(self):
+            pass
+
+    out = refdecode.generate(
+        model, None, PROMPTS[1], max_new_tokens=MAX_NEW, drafter=hybrid, policy=fixed_policy(), streamer=Streamer()
+    )
+    assert out.token_ids == plain_greedy(model, PROMPTS[1], MAX_NEW)
+    assert order[:2] == ["prime", "start"] and streamed[0] == "prompt" and len(streamed) > 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 9. Recycled predictions (self:recycle): the target's own earlier logits as a model drafter
 # ---------------------------------------------------------------------------------------------------------------
