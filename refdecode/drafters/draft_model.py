@@ -51,13 +51,17 @@ class ModelDrafter(ModelDrafterBase):
         """Called with the target's prefill, before the first token is out: an own cache is fed the prompt's last
         `window` tokens now, so this prompt-sized forward is prefill work (as a serving engine prefills its draft
         model with the target) and the first draft step feeds one token instead of a window. A shared cache needs
-        nothing."""
+        nothing. A drafter never timed takes this forward's time as its cost per token until it is measured."""
         if self.shared_cache or not prompt_ids:
             return
         self._restart(max(0, len(prompt_ids) - self.window))
         feed = list(prompt_ids[self.offset :])
         ids = torch.tensor([feed], dtype=torch.long, device=self.model.device)
+        t0 = time.perf_counter()
         self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        if self.seconds_per_token == 0.0:  # never timed: no draft token costs less than a forward, and this one
+            # prices the first step's decision whether to run at all (pays), not only how far to draft
+            self.seconds_per_token = time.perf_counter() - t0
         self.cached, self._primed = feed, True
 
     def start(self, session: DraftSession) -> None:
@@ -125,6 +129,10 @@ class ModelDrafter(ModelDrafterBase):
             return None
         cache, logits, fed = caught
         first_seconds = time.perf_counter() - t0
+        if self.seconds_per_token == 0.0:  # never timed: a draft token costs at least what this forward did, and
+            # pricing it at zero would draft as long as the draft stays confident (seconds of 0.5B forwards where
+            # the target verifies 16 tokens in 0.2 s)
+            self.seconds_per_token = first_seconds
         context_t = torch.as_tensor(list(context), dtype=torch.long, device=self.session.model.device)
         chain: list[tuple[int, float, Any, list]] = []
         drafted: list[int] = []

@@ -949,6 +949,28 @@ def test_an_own_cache_model_drafter_never_feeds_more_than_its_window():
     assert out.token_ids == expected
 
 
+def test_a_model_drafter_never_timed_prices_its_tokens_from_its_first_forward():
+    """A fresh model drafter has no measured cost per token; its first forward's time stands in for it, so a slow
+    draft model beside a fast target drafts a couple of sure tokens, not as many as it is allowed."""
+    import time as _time
+
+    from refdecode.policy import ForwardCostModel
+
+    model, weak = family_models("llama")
+    model_drafter = ModelDrafter(weak, window=8)
+    forward = model_drafter._forward
+    model_drafter._forward = lambda cache, ids: (_time.sleep(0.03), forward(cache, ids))[1]
+    policy = DraftPolicy(costs=ForwardCostModel({1: 0.001, 2: 0.001, 32: 0.001}))
+    for rank in range(3):  # every draft token is "sure" to be accepted
+        policy.node_model(model_drafter.name, rank).prior, policy.node_model(model_drafter.name, rank).prior_weight = (
+            0.99,
+            1e6,
+        )
+    model_drafter.start(DraftSession(model, None, policy, None, None))
+    tree = model_drafter.propose(list(range(2, 20)), 20)
+    assert 1 <= max(tree.depths()) <= 3 and model_drafter.seconds_per_token >= 0.03  # the chain's length
+
+
 def test_a_primed_model_drafter_feeds_one_token_at_its_first_step():
     """prime (called with the target's prefill) feeds the prompt's last `window` tokens; the first draft step then
     feeds only the pending token (its window then holds one token more than an unprimed drafter's restart). Through
