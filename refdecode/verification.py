@@ -56,7 +56,8 @@ def verify_greedy(scores: torch.Tensor, draft: Sequence[int], *, tie_margin: flo
     """
     k = len(draft)
     top = scores.topk(2, dim=-1)  # values, indices: [k + 1, 2]
-    best = top.indices[:, 0].tolist()
+    best = scores.argmax(dim=-1).tolist()  # the first of equal maxima, as plain greedy takes (topk's order of ties
+    # is unspecified: on a bfloat16 row with two equal top logits it chose the later token)
     margin = (top.values[:, 0] - top.values[:, 1]).tolist()
     n = 0
     while n < k and draft[n] == best[n] and margin[n] >= tie_margin:
@@ -191,7 +192,7 @@ def verify_tree_greedy(scores: torch.Tensor, tree: DraftTree, *, tie_margin: flo
     """
     _check_rows(scores, tree, "scores")
     top = scores.topk(2, dim=-1)  # values, indices: [n + 1, 2]
-    best = top.indices[:, 0].tolist()
+    best = scores.argmax(dim=-1).tolist()  # the first of equal maxima, as in verify_greedy
     margin = (top.values[:, 0] - top.values[:, 1]).tolist()
     guard = len(tree) > 0
     children = tree.child_map()

@@ -553,3 +553,16 @@ def test_a_top_k_cut_is_never_crossed():
     joint = target.joint()
     assert all(joint.get(s, 0.0) > 0 for s in samples)
     assert len(set(samples)) > 20
+
+
+def test_an_exact_tie_goes_to_the_first_token_as_in_plain_greedy():
+    """Two equal top scores (common in bfloat16): plain greedy's argmax takes the lower token id, and so must the
+    chain and the tree verification, whatever order topk returns ties in."""
+    vocab = 4096
+    for tied in ((7, 3000), (100, 4000), (0, vocab - 1)):
+        scores = torch.zeros(2, vocab)
+        scores[:, list(tied)] = 5.0
+        verdict = verify_greedy(scores, [tied[0]])
+        assert (verdict.accepted, verdict.next_token) == (1, tied[0])
+        tree = DraftTree([tied[1]], [ROOT], ["reference"], [1], [1])
+        assert verify_tree_greedy(scores, tree).next_token == tied[0]
