@@ -46,6 +46,14 @@ class Verdict:
     next_token: int | None
 
 
+def _argmax_and_margin(scores: torch.Tensor) -> tuple[list[int], list[float]]:
+    """Per row: its argmax, the first of equal maxima as plain greedy takes it (topk's order of ties is unspecified:
+    on a bfloat16 row with two equal top logits it put the later token first), and the gap between its top two
+    scores (0 on a tie). -> (best, margin), lists of length scores.shape[0]"""
+    top = scores.topk(2, dim=-1).values
+    return scores.argmax(dim=-1).tolist(), (top[:, 0] - top[:, 1]).tolist()
+
+
 def verify_greedy(scores: torch.Tensor, draft: Sequence[int], *, tie_margin: float = 0.0) -> Verdict:
     """Keep the longest draft prefix that equals the row-wise argmax; the argmax after it is the next token.
 
@@ -55,10 +63,7 @@ def verify_greedy(scores: torch.Tensor, draft: Sequence[int], *, tie_margin: flo
     way plain decoding does.
     """
     k = len(draft)
-    top = scores.topk(2, dim=-1)  # values, indices: [k + 1, 2]
-    best = scores.argmax(dim=-1).tolist()  # the first of equal maxima, as plain greedy takes (topk's order of ties
-    # is unspecified: on a bfloat16 row with two equal top logits it chose the later token)
-    margin = (top.values[:, 0] - top.values[:, 1]).tolist()
+    best, margin = _argmax_and_margin(scores)
     n = 0
     while n < k and draft[n] == best[n] and margin[n] >= tie_margin:
         n += 1
@@ -191,9 +196,7 @@ def verify_tree_greedy(scores: torch.Tensor, tree: DraftTree, *, tie_margin: flo
     stops the walk there with next_token=None, unless the tree is empty (a one-token forward needs no guard).
     """
     _check_rows(scores, tree, "scores")
-    top = scores.topk(2, dim=-1)  # values, indices: [n + 1, 2]
-    best = scores.argmax(dim=-1).tolist()  # the first of equal maxima, as in verify_greedy
-    margin = (top.values[:, 0] - top.values[:, 1]).tolist()
+    best, margin = _argmax_and_margin(scores)
     guard = len(tree) > 0
     children = tree.child_map()
     path: list[int] = []

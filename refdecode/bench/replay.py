@@ -270,6 +270,18 @@ def write_table(text: str, out: str | None) -> None:
 # 2) policy: refdecode's drafter and policy under a fixed cost table, on a benchmark run's requests
 
 
+def reference_drafter(prompt_ids: list[int], references: Sequence, *, tree: bool) -> ReferenceDrafter:
+    """refdecode's ReferenceDrafter over the prompt, with the (source, token ids) references in a DocumentIndex."""
+    from refdecode.matching import DocumentIndex
+
+    store = None
+    if references:
+        store = DocumentIndex(1 << 17)
+        for _source, ids in references:
+            store.add(ids)
+    return ReferenceDrafter(prompt_ids, store=store, tree=tree)
+
+
 def replay_policy(
     prompt_ids: list[int],
     references: Sequence[tuple[str, list[int]]],
@@ -287,15 +299,8 @@ def replay_policy(
     prompt and references); default refdecode's ReferenceDrafter, in tree mode when `tree`.
     Returns steps, decoded tokens (after the first), seconds (summed cost), the mean draft width per step and the
     policy (a later request may inherit it, as the default policies do)."""
-    from refdecode.matching import DocumentIndex
-
     if drafter is None:
-        store = None
-        if references:
-            store = DocumentIndex(1 << 17)
-            for _source, ids in references:
-                store.add(ids)
-        drafter = ReferenceDrafter(prompt_ids, store=store, tree=tree)
+        drafter = reference_drafter(prompt_ids, references, tree=tree)
     policy = DraftPolicy(costs=FixedCosts(dict(costs)), max_draft=max_draft)
     if earlier is not None:
         policy.inherit(earlier)
@@ -605,15 +610,8 @@ def candidate_runs(request: dict, k: int, *, tree: bool) -> list[int]:
     """Per output position j, how many output tokens from j on refdecode's drafter has among its proposals there
     (the deepest agreeing path of its tree in tree mode, the agreeing prefix of its chain otherwise), at most k;
     the drafter sees the prompt, the references and output[:j], proposing at every position."""
-    from refdecode.matching import DocumentIndex
-
     prompt, output = request["prompt"], request["output"]
-    store = None
-    if request["references"]:
-        store = DocumentIndex(1 << 17)
-        for _source, ids in request["references"]:
-            store.add(ids)
-    drafter = ReferenceDrafter(prompt, store=store, tree=tree)
+    drafter = reference_drafter(prompt, request["references"], tree=tree)
     context = list(prompt)
     runs = [0]
     drafter.observe(output[:1])
