@@ -181,7 +181,10 @@ def _transposed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if rows < 2 or x.dtype != self.weight.dtype:
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()  # [rows, out]
-    if self.bias is not None:
-        out += self.bias
+    columns = x.reshape(rows, x.shape[-1]).t()
+    if self.bias is None:
+        out = torch.mm(self.weight, columns)  # [out, rows]
+    else:  # the bias inside the product, rounded once as F.linear does (adding it after rounds bfloat16 twice)
+        out = torch.addmm(self.bias.unsqueeze(1), self.weight, columns)
+    out = out.t().contiguous()  # [rows, out]
     return out.reshape(*x.shape[:-1], out.shape[-1])
