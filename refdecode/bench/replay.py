@@ -500,12 +500,19 @@ def bound_outputs(args: argparse.Namespace) -> list[dict]:
     import refdecode
     from refdecode.bench.runner import prepare_requests
 
-    model, tokenizer = refdecode.load_model(args.model)
-    draft_model = refdecode.load_model(args.draft_model)[0] if getattr(args, "draft_model", None) else None
+    dtype = getattr(args, "dtype", "float32")
+    model, tokenizer = refdecode.load_model(args.model, dtype=dtype)
+    draft_name = getattr(args, "draft_model", None)
+    draft_model = refdecode.load_model(draft_name, dtype=dtype)[0] if draft_name else None
     requests = []
     for request in prepare_requests(args.workloads, args.n, args.seed, tokenizer):
-        out = refdecode.generate(model, tokenizer, request.prompt_ids, max_new_tokens=args.max_tokens)
-        ids = request.prompt_ids + list(out.token_ids)
+        if dtype == "float32":  # token for token transformers' greedy, and fast
+            output = list(
+                refdecode.generate(model, tokenizer, request.prompt_ids, max_new_tokens=args.max_tokens).token_ids
+            )
+        else:  # in bfloat16 the reference is transformers' own greedy (refdecode's may round elsewhere)
+            output = _plain_greedy(model, request.prompt_ids, args.max_tokens)
+        ids = request.prompt_ids + output
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0, len(request.prompt_ids) - 1 : -1].float()
         top = torch.topk(torch.softmax(logits, dim=-1), TOP, dim=-1)
@@ -513,7 +520,7 @@ def bound_outputs(args: argparse.Namespace) -> list[dict]:
             "id": request.id,
             "workload": request.workload,
             "prompt": request.prompt_ids,
-            "output": list(out.token_ids),
+            "output": output,
             "references": [[source, ids] for source, ids in request.references],
             "top_ids": top.indices.tolist(),
             "top_probs": top.values.tolist(),
@@ -523,8 +530,25 @@ def bound_outputs(args: argparse.Namespace) -> list[dict]:
                 rows = draft_model(input_ids=torch.tensor([ids])).logits[0, len(request.prompt_ids) - 1 : -1]
             record["draft_next"] = rows.argmax(dim=-1).tolist()
         requests.append(record)
-        print(f"  {request.id}: {len(out.token_ids)} tokens", file=sys.stderr)
+        print(f"  {request.id}: {len(output)} tokens", file=sys.stderr)
     return requests
+
+
+def _plain_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers `generate`, greedy: the new tokens."""
+    import torch
+
+    from refdecode.bench.runner import _pad_id
+
+    x = torch.tensor([prompt_ids], device=model.device)
+    out = model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=_pad_id(model),
+    )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def bound_table(totals: dict, args: argparse.Namespace) -> str:
@@ -836,6 +860,23 @@ def vllm_outputs(args: argparse.Namespace) -> list[dict]:
     return requests
 
 
+def _plain_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers `generate`, greedy: the new tokens."""
+    import torch
+
+    from refdecode.bench.runner import _pad_id
+
+    x = torch.tensor([prompt_ids], device=model.device)
+    out = model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=_pad_id(model),
+    )
+    return out[0, len(prompt_ids) :].tolist()
+
+
 def run_vllm(args: argparse.Namespace) -> int:
     from refdecode import load_tokenizer
 
@@ -913,6 +954,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"also the bound at this cost curve: a name of {sorted(COSTS)} or pairs like 1:1,2:1.05,8:1.8",
     )
     bound.add_argument("--draft-cost", type=float, default=0.2, help="a draft-model token's cost (default 0.2)")
+    bound.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="the dtype the outputs are generated in (default float32; otherwise transformers' greedy in that dtype)",
+    )
     for sub in (bound, vllm):
         sub.add_argument("--model", default="smollm2-135m")
         sub.add_argument("--outputs", help="JSON file of greedy outputs: read when it exists, else written")

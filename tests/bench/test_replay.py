@@ -394,3 +394,47 @@ def test_cost_curves_are_named_or_given_as_pairs():
     for argv in (["bound", "--costs", "nope"], ["bound", "--draft-cost", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
+
+
+def test_bound_outputs_in_bfloat16_are_transformers_greedy(monkeypatch):
+    """`bound --dtype bfloat16`: both models load in that dtype and the outputs are transformers' own greedy (the
+    reference of every identical-to-greedy figure), not refdecode's."""
+    import torch
+    from stats_helpers import tiny_llama
+
+    import refdecode
+    from refdecode.bench import replay as replay_module
+    from refdecode.bench.runner import PreparedRequest
+
+    target = tiny_llama(vocab_size=96, seed=0).to(torch.bfloat16)
+    draft = tiny_llama(vocab_size=96, seed=1).to(torch.bfloat16)
+    loaded = []
+
+    def load_model(name, dtype="float32"):
+        loaded.append((name, dtype))
+        return (target if name == "target" else draft), IdTokenizer(96)
+
+    def generate(*args, **kwargs):
+        raise AssertionError("refdecode.generate must not make the bfloat16 outputs")
+
+    monkeypatch.setattr(refdecode, "load_model", load_model)
+    monkeypatch.setattr(refdecode, "generate", generate)
+    prompt = [5, 17, 33, 2, 9, 41]
+    monkeypatch.setattr(
+        "refdecode.bench.runner.prepare_requests",
+        lambda workloads, n, seed, tokenizer: [PreparedRequest("w/0", "w", prompt, [("ref", [1, 2, 3])], "")],
+    )
+    args = parse_args(
+        ["bound", "--model", "target", "--draft-model", "draft", "--dtype", "bfloat16", "--max-tokens", "6"]
+    )
+    [record] = replay_module.bound_outputs(args)
+    assert loaded == [("target", "bfloat16"), ("draft", "bfloat16")]
+    x = torch.tensor([prompt])
+    expected = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, pad_token_id=1)
+    assert record["output"] == expected[0, len(prompt) :].tolist() and len(record["output"]) == 6
+    assert len(record["draft_next"]) == len(record["top_ids"]) == 6
+
+
+def test_bound_refuses_an_unknown_dtype():
+    with pytest.raises(SystemExit):
+        parse_args(["bound", "--dtype", "int8"])
