@@ -1,7 +1,8 @@
-"""refdecode's vLLM proposer against vLLM without speculation and vLLM's `ngram`, on SmolLM2
-(docs/benchmarks.md, "vLLM").
+"""refdecode's vLLM proposer against vLLM without speculation and vLLM's `ngram`, on SmolLM2 or another packaged
+model (docs/benchmarks.md, "vLLM").
 
-    python -m scripts.bench_vllm [--n 4] [--single-n N] [--k 8] [--max-tokens 128] [--batch 16] [--out results/vllm]
+    python -m scripts.bench_vllm [--model smollm2-135m] [--dtype float32] [--n 4] [--single-n N] [--k 8]
+                                 [--max-tokens 128] [--batch 16] [--kv-cache-gib 2] [--out results/vllm]
     (`make vllm-bench` runs it in the vLLM venv)
 
 One engine per method (none, ngram, refdecode; the same K for both speculative ones) lives in a worker process of
@@ -31,9 +32,17 @@ IDLE_SECONDS = 1.2  # vLLM's worker spins for 1 s after its last step (shm_broad
 WORKLOADS = ("code-edit", "code-edit-ref", "rag", "chat")
 
 
-def checkpoint() -> str:
-    root = Path(os.environ.get("REFDECODE_CACHE", Path.home() / ".cache" / "refdecode"))
-    return str(root / "models" / "smollm2-135m")
+def checkpoint(name: str = "smollm2-135m") -> str:
+    """The converted checkpoint folder of a packaged model (refdecode converts it once, on its first load_model)."""
+    from refdecode.models import checkpoint_dir
+
+    path = checkpoint_dir(name)
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f'{name} has no converted checkpoint in {path}: run `python -c "import refdecode; '
+            f"refdecode.load_model('{name}')\"` once (in either venv) first"
+        )
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,8 +73,8 @@ def worker(args: argparse.Namespace) -> int:
     from vllm import LLM, SamplingParams
 
     llm = LLM(
-        model=checkpoint(),
-        dtype="float32",
+        model=checkpoint(args.model),
+        dtype=args.dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=max(16, args.batch),
         seed=0,
@@ -127,6 +136,7 @@ class Engine:
     def __init__(self, method: str, args: argparse.Namespace, log: Path):
         cmd = [sys.executable, "-m", "scripts.bench_vllm", "--worker", method, "--k", str(args.k)]
         cmd += ["--max-model-len", str(args.max_model_len), "--batch", str(args.batch)]
+        cmd += ["--model", args.model, "--dtype", args.dtype]
         cmd += ["--kv-cache-gib", str(args.kv_cache_gib)] + (["--compile"] if args.compile else [])
         cmd += ["--memory"] if args.memory else []
         self.method = method
@@ -175,7 +185,7 @@ def build_prompts(args: argparse.Namespace) -> dict[str, list[tuple[str, list[st
     from refdecode import load_tokenizer
     from refdecode.bench.workloads import load_workload, render_chat
 
-    tokenizer = load_tokenizer(checkpoint())
+    tokenizer = load_tokenizer(checkpoint(args.model))
     out = {}
     for name in args.workloads:
         requests = load_workload(name, n=args.n, seed=args.seed, tokenizer=tokenizer, max_prompt_tokens=1400)
@@ -277,6 +287,12 @@ def table(tally: Tally, k: int) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=4, help="requests per workload (default 4)")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="a packaged model, converted once by load_model (default smollm2-135m)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="vLLM's dtype (default float32)"
+    )
     parser.add_argument("--k", type=int, default=8, help="num_speculative_tokens for ngram and refdecode")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
     parser.add_argument("--single-n", type=int, help="requests per workload run one at a time (default: --n)")
@@ -317,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    try:
+        checkpoint(args.model)
+    except ValueError as err:  # not converted yet: one line saying how
+        print(f"bench_vllm: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = build_prompts(args)

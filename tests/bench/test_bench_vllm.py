@@ -2,6 +2,7 @@
 
 import pytest
 
+from scripts import bench_vllm
 from scripts.bench_vllm import Tally, parse_args, table
 
 
@@ -41,3 +42,20 @@ def test_in_process_engines_turn_vllms_multiprocessing_off(monkeypatch):
     assert engine_env(in_process=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env()
     assert parse_args(["--in-process"]).in_process and not parse_args([]).in_process
+
+
+def test_a_model_never_converted_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("REFDECODE_CACHE", str(tmp_path))
+    assert bench_vllm.main(["--model", "qwen2.5-coder-1.5b", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no converted checkpoint" in err[0] and "load_model('qwen2.5-coder-1.5b')" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_and_dtype_reach_the_workers(monkeypatch, tmp_path):
+    args = bench_vllm.parse_args(["--model", "qwen2.5-coder-1.5b", "--dtype", "bfloat16"])
+    started = []
+    monkeypatch.setattr(bench_vllm.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    bench_vllm.Engine("ngram", args, tmp_path / "engine.log")
+    cmd = started[0]
+    assert cmd[cmd.index("--model") + 1] == "qwen2.5-coder-1.5b" and cmd[cmd.index("--dtype") + 1] == "bfloat16"
