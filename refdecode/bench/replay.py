@@ -860,23 +860,6 @@ def vllm_outputs(args: argparse.Namespace) -> list[dict]:
     return requests
 
 
-def _plain_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers `generate`, greedy: the new tokens."""
-    import torch
-
-    from refdecode.bench.runner import _pad_id
-
-    x = torch.tensor([prompt_ids], device=model.device)
-    out = model.generate(
-        x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=_pad_id(model),
-    )
-    return out[0, len(prompt_ids) :].tolist()
-
-
 def run_vllm(args: argparse.Namespace) -> int:
     from refdecode import load_tokenizer
 
