@@ -1,7 +1,7 @@
 """Corpus index builds at scale on this machine: the one-process build against the Ray Data build.
 
     python -m scripts.bench_index_build [--tokens 10M 100M] [--engines local ray] [--embedder hashed]
-                                        [--embed-dim 256] [--model smollm2-135m] [--work DIR]
+                                        [--embed-dim 256] [--flat-limit 64M] [--model smollm2-135m] [--work DIR]
                                         [--out scripts/results/cpu-index-build]
 
 --embed-dim N gives the hashed embedder N dimensions instead of 16,384 (`--hashed-dim` of the CLI): a scale-test
@@ -141,7 +141,14 @@ class PeakRSS:
 
 
 def run_build(
-    corpus: Path, out: Path, engine: str, model: str, embedder: str, log: Path, embed_dim: int | None = None
+    corpus: Path,
+    out: Path,
+    engine: str,
+    model: str,
+    embedder: str,
+    log: Path,
+    embed_dim: int | None = None,
+    flat_limit: str | None = None,
 ) -> dict:
     """One build with the CLI in a fresh process. -> wall seconds, peak RSS, exit code"""
     cmd = [
@@ -161,6 +168,8 @@ def run_build(
     ]
     if embed_dim is not None:
         cmd += ["--hashed-dim", str(embed_dim)]
+    if flat_limit is not None:
+        cmd += ["--flat-limit", flat_limit]
     if engine == "ray":
         cmd.append("--ray")
     t0 = time.perf_counter()
@@ -213,13 +222,14 @@ def measure_index(folder: Path, queries: list[list[int]], texts: list[str]) -> d
 def table(results: dict) -> str:
     lines = [
         "| tokens | engine | wall s | tokens/s | peak RSS GB | tokenize+chunk s | dedup s | span s | embed s | "
-        "bytes on disk/token | span lookup median us | continuations median us | retrieve median ms | same answers |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "bytes on disk/token | span lookup median us | continuations median us | retrieve median ms | passage index | "
+        "same answers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for size, runs in results["sizes"].items():
         for engine, r in runs["engines"].items():
             if r.get("rc") != 0:
-                lines.append(f"| {size} | {engine} | failed (rc {r.get('rc')}) | | | | | | | | | | | |")
+                lines.append(f"| {size} | {engine} | failed (rc {r.get('rc')}) | | | | | | | | | | | | |")
                 continue
             c = r["info"]
             bs = r["manifest"]["build_seconds"] or {}
@@ -229,9 +239,20 @@ def table(results: dict) -> str:
                 f"{bs.get('dedup', float('nan')):.0f} | {bs.get('span_index', float('nan')):.0f} | "
                 f"{bs.get('embed', float('nan')):.0f} | {c['bytes_on_disk'] / max(c['tokens'], 1):.1f} | "
                 f"{r['lookup_median_us']:.0f} | {r['continuations_median_us']:.0f} | "
-                f"{r['retrieve_median_ms']:.1f} | {runs.get('same_answers', '-')} |"
+                f"{r['retrieve_median_ms']:.1f} | {passage_kind(c.get('passage_index'))} | "
+                f"{runs.get('same_answers', '-')} |"
             )
     return "\n".join(lines) + "\n" + stage_table(results)
+
+
+def passage_kind(fields: dict | None) -> str:
+    """'flat', or IVF-PQ with its build-time recall@10 against exact search, nprobe and shards."""
+    if not fields or fields.get("kind") != "ivfpq":
+        return "flat"
+    return (
+        f"IVF-PQ, recall@10 {fields.get('recall_at_10')} at nprobe {fields.get('nprobe')} of {fields.get('nlist')}, "
+        f"{fields.get('shards', 1)} shard(s) {fields.get('inverted_lists', 'memory')}"
+    )
 
 
 def stage_table(results: dict) -> str:
@@ -273,6 +294,9 @@ def main() -> None:
         default=None,
         help="dimensions of the hashed embedder (default: its 16384); a small one (256) for scale tests only",
     )
+    parser.add_argument(
+        "--flat-limit", default=None, help="the builds' --flat-limit (e.g. 64M: IVF-PQ above it; default the CLI's)"
+    )
     parser.add_argument("--model", default="smollm2-135m", help="tokenizer of the index (default: smollm2-135m)")
     parser.add_argument("--work", type=Path, default=data.data_root().parent / "index-build-bench")
     parser.add_argument("--out", type=Path, default=Path("scripts/results/cpu-index-build"))
@@ -300,7 +324,7 @@ def main() -> None:
             out = args.work / f"index-{label}-{engine}"
             print(f"[{label}] {engine} build ...", flush=True)
             log = args.out / f"build-{label}-{engine}.log"
-            r = run_build(corpus, out, engine, args.model, args.embedder, log, args.embed_dim)
+            r = run_build(corpus, out, engine, args.model, args.embedder, log, args.embed_dim, args.flat_limit)
             if r["rc"] == 0:
                 r.update(measure_index(out, queries, search_texts))
                 answers[engine] = r.pop("_answers")

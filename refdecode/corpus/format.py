@@ -68,14 +68,16 @@ PASSAGE_FILES = (
     "passages.faiss",
 )
 EMBEDDER_FILES = ("embed_idf.npy",)  # the hashed embedder's weights
+IVF_FILES = ("passages.ivfdata",)  # an IVF-PQ passage index's inverted lists, merged on disk
+IVF_SHARD_PATTERN = r"passages\.faiss\.shard-[0-9]+"  # its shards, while the build merges them
 INDEX_FILES = (*LEGACY_FILES, *PASSAGE_FILES)  # what every index of versions 1 and 2 holds
-ALL_FILES = (*INDEX_FILES, *EMBEDDER_FILES)  # every fixed name cleanup may remove (and the partitions' pattern)
+ALL_FILES = (*INDEX_FILES, *EMBEDDER_FILES, *IVF_FILES)  # every fixed name cleanup may remove (and the patterns)
 INDEX_FOLDER = FolderFormat(
     name=FORMAT_NAME,
     version=FORMAT_VERSION,
     label="index",
     data_files=frozenset(ALL_FILES),
-    data_patterns=(PARTITION_PATTERN,),
+    data_patterns=(PARTITION_PATTERN, IVF_SHARD_PATTERN),
     readable=READABLE_VERSIONS,
     flat_versions=(1,),
     renew="rebuild it with `refdecode index build --force`",
@@ -103,10 +105,12 @@ def verify_files(folder: Path, manifest: dict, required: Collection[str], *, che
     return checked_folder.verify_files(folder, INDEX_FOLDER, manifest, required, checksums=checksums)
 
 
-def index_files(span_fields: dict | None, *, hashed: bool) -> tuple[str, ...]:
+def index_files(span_fields: dict | None, *, hashed: bool, lists_on_disk: bool = False) -> tuple[str, ...]:
     """The files an index holds, decided by this code from its span fields (None: versions 1 and 2, one suffix-order
-    file; see spans.span_files) and its embedder (hashed: plus its weights), never by the manifest's file list."""
-    return (*span_files(span_fields), *PASSAGE_FILES, *(EMBEDDER_FILES if hashed else ()))
+    file; see spans.span_files), its embedder (hashed: plus its weights) and its passage index (lists on disk: plus
+    their file), never by the manifest's file list."""
+    extra = (*(EMBEDDER_FILES if hashed else ()), *(IVF_FILES if lists_on_disk else ()))
+    return (*span_files(span_fields), *PASSAGE_FILES, *extra)
 
 
 def check_tokenizer(folder: Path, manifest: dict, tokenizer) -> None:

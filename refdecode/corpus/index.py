@@ -448,7 +448,9 @@ def _required_files(manifest: dict) -> tuple[str, ...]:
     """The files this code needs for the manifest's span partitions and embedder: decided here (the partitions'
     names from their count), never by the manifest's list."""
     span_fields = manifest if _is_partitioned(manifest) else None
-    return index_files(span_fields, hashed=manifest["embedder"]["name"] == "hashed")
+    passages = manifest.get("passage_index")
+    on_disk = isinstance(passages, dict) and passages.get("inverted_lists") == "ondisk"
+    return index_files(span_fields, hashed=manifest["embedder"]["name"] == "hashed", lists_on_disk=on_disk)
 
 
 def _read_sources(path: Path, n_passages: int, label: str) -> list[str]:

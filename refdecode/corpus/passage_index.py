@@ -18,8 +18,10 @@ manifest fields that `read_passage_index` checks on load:
 `vectors` is read once for a flat index and twice for IVF-PQ (a first pass draws the samples, a second adds every
 vector and finds the held-out passages' exact neighbours), so it is a callable returning a fresh iterable of blocks,
 or a re-iterable (a list of blocks); a one-shot iterator is refused for IVF-PQ. Blocks are (B, dim)
-float32 in passage order; memory is one block plus the sample, and for IVF-PQ the codes (dim + 8 bytes per passage:
-the merged index is written as one file; on-disk inverted lists are not used).
+float32 in passage order; memory is one block plus the sample, and for IVF-PQ one shard's codes (dim + 8 bytes per
+passage, SHARD_VECTORS passages a shard). IVF-PQ shards are written beside the index as they fill and their
+inverted lists merged on disk into IVFDATA_FILE (faiss' merge_ondisk), which the index names by its file name
+alone and a load reads from the index's own folder, memory-mapped.
 
 Loading checks the file's header against the manifest before faiss reads a byte: for flat the dimensions, count and
 exact file size; for IVF-PQ every size faiss would read (dims, count, lists, quantizer, codebook, list sizes
@@ -32,10 +34,13 @@ beyond the fields it returns and reads back.
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +50,8 @@ from .extra import require
 
 __all__ = [
     "FAISS_FILE",
+    "IVFDATA_FILE",
+    "SHARD_VECTORS",
     "FLAT_LIMIT_BYTES",
     "MAX_NLIST",
     "MAX_PQ_M",
@@ -59,6 +66,8 @@ __all__ = [
 ]
 
 FAISS_FILE = "passages.faiss"
+IVFDATA_FILE = "passages.ivfdata"  # an IVF-PQ index's inverted lists, merged on disk from its shards
+SHARD_VECTORS = 1 << 20  # vectors per IVF-PQ shard: the writer holds one shard's codes in memory at a time
 FLAT_LIMIT_BYTES = 1 << 30  # float32 vectors up to this size stay an exact flat index
 MIN_IVF_PASSAGES = 1024  # fewer passages: flat whatever the limit (too few to train lists and a codebook)
 MAX_NLIST = 1 << 14
@@ -152,27 +161,46 @@ def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dic
     queries, train = sample[: held_rows.size], sample[held_rows.size :]
     # 2) train the coarse quantizer and the codebook, seeded
     m = max(d for d in range(1, min(dim, MAX_PQ_M) + 1) if dim % d == 0)
-    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = seed
-    index.pq.cp.seed = seed
-    index.train(train)
-    del train, sample
-    # 3) second pass: add every vector; score the held-out queries exactly on the way
+    trained = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
+    trained.cp.seed = seed
+    trained.pq.cp.seed = seed
+    trained.train(train)
+    empty = faiss.serialize_index(trained)  # the trained, empty index every shard starts from
+    del train, sample, trained
+    # 3) second pass: add every vector to shards of SHARD_VECTORS, each written beside the index; score the
+    #    held-out queries exactly on the way
     k = min(RECALL_K, n)
     best = np.full((queries.shape[0], k), -np.inf, dtype=np.float32)  # (Q, k) exact scores so far
     best_ids = np.full((queries.shape[0], k), -1, dtype=np.int64)  # (Q, k)
+    shards: list[Path] = []
+    shard = None
     start = 0
-    for block in _blocks(vectors, dim):
-        index.add(block)
-        for lo in range(0, block.shape[0], _SEARCH_ROWS):
-            rows = block[lo : lo + _SEARCH_ROWS]
-            scores = np.concatenate((best, queries @ rows.T), axis=1)  # (Q, k + R)
-            ids = np.concatenate(
-                (best_ids, np.broadcast_to(np.arange(rows.shape[0]) + start + lo, scores[:, k:].shape)), 1
-            )
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            best, best_ids = np.take_along_axis(scores, top, 1), np.take_along_axis(ids, top, 1)
-        start += block.shape[0]
+    try:
+        for block in _blocks(vectors, dim):
+            for lo in range(0, block.shape[0], SHARD_VECTORS):
+                part = block[lo : lo + SHARD_VECTORS]
+                if shard is None:
+                    shard = faiss.deserialize_index(empty)
+                room = SHARD_VECTORS - shard.ntotal
+                head, rest = part[:room], part[room:]
+                shard.add_with_ids(head, np.arange(start + lo, start + lo + head.shape[0], dtype=np.int64))
+                if shard.ntotal == SHARD_VECTORS:
+                    shards.append(_write_shard(faiss, shard, path, len(shards)))
+                    shard = None
+                if rest.shape[0]:
+                    shard = faiss.deserialize_index(empty)
+                    first = start + lo + head.shape[0]
+                    shard.add_with_ids(rest, np.arange(first, first + rest.shape[0], dtype=np.int64))
+            best, best_ids = _score_block(queries, block, start, best, best_ids, k)
+            start += block.shape[0]
+        if shard is not None and shard.ntotal:
+            shards.append(_write_shard(faiss, shard, path, len(shards)))
+        shard = None
+        _check_count(start, n)
+        index = _merge_on_disk(faiss, empty, shards, path.with_name(IVFDATA_FILE))
+    finally:
+        for name in shards:
+            name.unlink(missing_ok=True)
     _check_count(index.ntotal, n)
     # 4) the smallest nprobe that reaches the recall target on the held-out queries
     nprobe, recall = nlist, 0.0
@@ -200,7 +228,71 @@ def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dic
         "held_out": int(queries.shape[0]),
         "train_vectors": int(train_rows.size),
         "seed": seed,
+        "inverted_lists": "ondisk",
+        "shards": len(shards),
     }
+
+
+def _score_block(queries, block, start: int, best, best_ids, k: int):
+    """The held-out queries' exact top k after one more block of the database (rows start.. of it)."""
+    for lo in range(0, block.shape[0], _SEARCH_ROWS):
+        rows = block[lo : lo + _SEARCH_ROWS]
+        scores = np.concatenate((best, queries @ rows.T), axis=1)  # (Q, k + R)
+        ids = np.concatenate((best_ids, np.broadcast_to(np.arange(rows.shape[0]) + start + lo, scores[:, k:].shape)), 1)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        best, best_ids = np.take_along_axis(scores, top, 1), np.take_along_axis(ids, top, 1)
+    return best, best_ids
+
+
+def _write_shard(faiss, shard, path: Path, number: int) -> Path:
+    """One shard of an IVF-PQ index, written beside it until the merge (then removed)."""
+    name = path.with_name(f"{path.name}.shard-{number}")
+    faiss.write_index(shard, str(name))
+    return name
+
+
+@contextmanager
+def _c_stdout_to_stderr() -> Iterator[None]:
+    """Within the block, what C code writes to file descriptor 1 goes to descriptor 2 (a CLI's stdout may be JSON)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        _libc_flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _libc_flush() -> None:
+    """Flush C stdio's buffers (faiss writes with printf), so nothing buffered leaks out after the block."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+def _merge_on_disk(faiss, empty, shards: list[Path], ivfdata: Path):
+    """The trained index whose inverted lists are the shards' merged into `ivfdata` (faiss' OnDiskInvertedLists,
+    the shards memory-mapped, never read whole). The lists' file is recorded by its name alone, so the index reads
+    it from its own folder wherever that folder is moved (read with IO_FLAG_ONDISK_SAME_DIR), and two builds of the
+    same vectors write the same bytes."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    index = faiss.deserialize_index(empty)
+    ivfdata.unlink(missing_ok=True)
+    with _c_stdout_to_stderr():  # faiss printf()s "resizing ..." as the lists file grows: keep stdout the caller's
+        merge_ondisk(index, [str(p) for p in shards], str(ivfdata))
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    lists.filename = IVFDATA_FILE
+    return index
 
 
 def write_passage_index(
@@ -227,10 +319,9 @@ def write_passage_index(
     faiss = require("faiss")
     path = Path(folder) / FAISS_FILE
     if n_total * dim * 4 <= flat_limit_bytes or n_total < MIN_IVF_PASSAGES:
-        fields = _write_flat(faiss, path, vectors, dim, n_total)
-    else:
-        fields = _write_ivfpq(faiss, path, vectors, dim, n_total, seed)
-    return [FAISS_FILE], {"passage_index": fields}
+        return [FAISS_FILE], {"passage_index": _write_flat(faiss, path, vectors, dim, n_total)}
+    fields = _write_ivfpq(faiss, path, vectors, dim, n_total, seed)
+    return [FAISS_FILE, IVFDATA_FILE], {"passage_index": fields}
 
 
 # -- reading: the header first -----------------------------------------------------------------------------------
@@ -249,6 +340,8 @@ def passage_fields_problem(fields: dict) -> str | None:
             return f"'passage_index.{key}' is not an integer in [1, {hi}]"
     if p.get("nbits") != PQ_BITS or p["nprobe"] > p["nlist"]:
         return f"'passage_index' asks for nbits {p.get('nbits')!r} (this code writes {PQ_BITS}) or nprobe > nlist"
+    if p.get("inverted_lists", "memory") not in ("memory", "ondisk"):
+        return "'passage_index.inverted_lists' is neither 'memory' (in passages.faiss) nor 'ondisk'"
     return None
 
 
@@ -315,8 +408,13 @@ def _check_ivfpq(path: Path, dim: int, n: int, fields: dict, label: str) -> None
         if (code_size, pq_d, pq_m, pq_bits, centroids) != (m, dim, m, PQ_BITS, dim << PQ_BITS):
             raise refuse(f"its product quantizer is {pq_m} x {pq_bits} bits over {pq_d} dims")
         r.skip(4 * centroids)
-        ilar, il_lists, il_code = r.read("4sQQ")
-        if (ilar, il_lists, il_code) != (b"ilar", nlist, m):
+        kind_of_lists, il_lists, il_code = r.read("4sQQ")
+        if fields.get("inverted_lists") == "ondisk":
+            if (kind_of_lists, il_lists, il_code) != (b"ilod", nlist, m):
+                raise refuse("its inverted lists are not on disk, one list per centroid")
+            _check_ondisk_lists(r, path.with_name(IVFDATA_FILE), n, nlist, m, refuse)
+            return
+        if (kind_of_lists, il_lists, il_code) != (b"ilar", nlist, m):
             raise refuse("its inverted lists are not plain arrays of its codes")
         (kind, count) = r.read("4sQ")
         if kind == b"full" and count == nlist:
@@ -333,6 +431,37 @@ def _check_ivfpq(path: Path, dim: int, n: int, fields: dict, label: str) -> None
             raise refuse(f"it has {r.size} bytes where its lists need {r.f.tell() + total * (m + 8)}")
 
 
+def _check_ondisk_lists(r: _Reader, ivfdata: Path, n: int, nlist: int, m: int, refuse) -> None:
+    """The rest of an IVF-PQ file whose lists live in `ivfdata` (faiss' OnDiskInvertedLists, as merge_ondisk
+    writes it): (size, capacity, offset) per list, the free slots, the lists file's name and size. Every list must
+    lie inside the lists file, the sizes sum to the manifest's count, and the name is the file beside it."""
+    (count,) = r.read("Q")
+    if count != nlist:
+        raise refuse(f"it describes {count} on-disk lists")
+    entries = r.read(f"{3 * nlist}Q")
+    if not ivfdata.exists():
+        raise GenerationGone(f"{ivfdata.name} is missing")
+    data_size = ivfdata.stat().st_size
+    sizes, capacities, offsets = entries[0::3], entries[1::3], entries[2::3]
+    if any(size > cap for size, cap in zip(sizes, capacities, strict=True)):
+        raise refuse("a list holds more codes than its capacity")
+    if any(off + cap * (m + 8) > data_size for off, cap in zip(offsets, capacities, strict=True)):
+        raise refuse(f"a list reaches past the end of {ivfdata.name} ({data_size} bytes)")
+    if sum(sizes) != n:
+        raise refuse(f"its lists hold {sum(sizes)} vectors")
+    (slots,) = r.read("Q")
+    r.skip(16 * slots)
+    (name_length,) = r.read("Q")
+    if name_length > 4096:
+        raise refuse("its lists file name is implausibly long")
+    (name,) = r.read(f"{name_length}s")
+    (total,) = r.read("Q")
+    if Path(name.decode("utf-8", "replace")).name != IVFDATA_FILE or total != data_size:
+        raise refuse(f"its lists file is {name!r} of {total} bytes, not {IVFDATA_FILE} of {data_size}")
+    if r.f.tell() != r.size:
+        raise refuse("it has bytes after its inverted lists")
+
+
 def check_passage_file(path: Path, fields: dict | None, dim: int, n: int, label: str) -> None:
     """Check `passages.faiss` says exactly what the manifest says before faiss opens it. fields: the manifest's
     `passage_index` (checked by passage_fields_problem), None for versions 1 and 2 (flat)."""
@@ -347,7 +476,8 @@ def read_passage_index(path: Path, fields: dict | None, dim: int, n: int, label:
     check_passage_file(path, fields, dim, n, label)
     faiss = require("faiss")
     try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY)
+        # an on-disk IVF-PQ's lists file is read from this folder, whatever name it was written under
+        index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as e:  # the header passed, so this is a vanished file or an I/O error
         if not path.exists():
             raise GenerationGone(f"{label} is missing") from None

@@ -29,20 +29,35 @@ def clustered(n: int, dim: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+SHARD = 1000  # vectors per shard in these tests: N makes 3 shards, the blocks below cross their boundaries
+
+
+def write_sharded(folder, vectors, shard=SHARD, n=N):
+    """write_passage_index with shards of `shard` vectors (the module's SHARD_VECTORS, restored afterwards)."""
+    before = pi.SHARD_VECTORS
+    pi.SHARD_VECTORS = shard
+    try:
+        return pi.write_passage_index(folder, vectors, dim=DIM, n_total=n, flat_limit_bytes=1000)
+    finally:
+        pi.SHARD_VECTORS = before
+
+
 @pytest.fixture(scope="module")
 def ivf(tmp_path_factory):
-    """An IVF-PQ passage index of N clustered vectors, written block by block (blocks of uneven sizes)."""
+    """An IVF-PQ passage index of N clustered vectors, written block by block (blocks of uneven sizes), in shards
+    of SHARD vectors merged on disk."""
     folder = tmp_path_factory.mktemp("ivf")
     x = clustered(N, DIM, seed=10)
     blocks = [x[a:b] for a, b in zip([0, 1, 700, 701, 2500], [1, 700, 701, 2500, N], strict=True)]
-    files, fields = pi.write_passage_index(folder, lambda: iter(blocks), dim=DIM, n_total=N, flat_limit_bytes=1000)
+    files, fields = write_sharded(folder, lambda: iter(blocks))
     return folder, x, files, fields["passage_index"]
 
 
 def test_ivfpq_above_the_limit_with_its_fields(ivf):
     _, _, files, fields = ivf
-    assert files == ["passages.faiss"]
+    assert files == ["passages.faiss", "passages.ivfdata"]
     assert fields["kind"] == "ivfpq" and fields["nbits"] == 8 and DIM % fields["m"] == 0
+    assert fields["inverted_lists"] == "ondisk" and fields["shards"] == 3
     assert 1 <= fields["nprobe"] <= fields["nlist"] <= 4 * np.sqrt(N) + 1
     assert fields["recall_at_10"] >= pi.RECALL_TARGET and fields["held_out"] == pi.RECALL_QUERIES
     assert fields["train_vectors"] <= max(64 * fields["nlist"], 39 * 256)
@@ -64,9 +79,65 @@ def test_ivfpq_recall_against_flat_on_fresh_queries(ivf):
 
 def test_the_same_inputs_write_the_same_file(ivf, tmp_path):
     folder, x, _, fields = ivf
-    _, again = pi.write_passage_index(tmp_path, [x], dim=DIM, n_total=N, flat_limit_bytes=1000)
+    _, again = write_sharded(tmp_path, [x])
     assert again["passage_index"] == fields
-    assert (tmp_path / "passages.faiss").read_bytes() == (folder / "passages.faiss").read_bytes()
+    for name in ("passages.faiss", "passages.ivfdata"):  # the lists file is recorded by name, not by its path
+        assert (tmp_path / name).read_bytes() == (folder / name).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["passages.faiss", "passages.ivfdata"]  # shards removed
+
+
+def test_shards_merged_on_disk_search_as_one_index_in_memory(ivf, tmp_path):
+    """Oracle: the same vectors in one shard, and the same trained index filled in memory by faiss itself, return
+    the same neighbours and scores as the 3 shards merged on disk; the folder reads from wherever it is moved."""
+    folder, x, _, fields = ivf
+    (tmp_path / "one").mkdir()
+    _, one = write_sharded(tmp_path / "one", [x], shard=1 << 20)
+    assert one["passage_index"]["shards"] == 1
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("passages.faiss", "passages.ivfdata"):
+        (moved / name).write_bytes((folder / name).read_bytes())
+    sharded = pi.read_passage_index(moved / "passages.faiss", fields, DIM, N, "test")
+    single = pi.read_passage_index(tmp_path / "one" / "passages.faiss", one["passage_index"], DIM, N, "test")
+    in_memory = faiss.read_index(str(moved / "passages.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    plain = faiss.IndexIVFPQ(in_memory.quantizer, DIM, fields["nlist"], fields["m"], 8, faiss.METRIC_INNER_PRODUCT)
+    plain.pq = in_memory.pq
+    plain.is_trained = True
+    plain.add(x)
+    queries = clustered(50, DIM, seed=3)
+    for index in (single, plain):
+        index.nprobe = fields["nprobe"]
+        d0, i0 = sharded.search(queries, 10)
+        d1, i1 = index.search(queries, 10)
+        assert np.array_equal(i0, i1) and np.allclose(d0, d1)
+
+
+def test_a_damaged_or_missing_lists_file_is_refused(ivf, tmp_path):
+    folder, _, _, fields = ivf
+    (tmp_path / "passages.faiss").write_bytes((folder / "passages.faiss").read_bytes())
+    data = (folder / "passages.ivfdata").read_bytes()
+    with pytest.raises(Exception, match="passages.ivfdata is missing"):
+        pi.check_passage_file(tmp_path / "passages.faiss", fields, DIM, N, "passages.faiss")
+    for damaged in (data[:-1], data + b"\0"):
+        (tmp_path / "passages.ivfdata").write_bytes(damaged)
+        with pytest.raises(IndexFormatError, match="passages.ivfdata"):
+            pi.check_passage_file(tmp_path / "passages.faiss", fields, DIM, N, "passages.faiss")
+
+
+def test_an_ivfpq_index_with_its_lists_in_memory_still_loads(ivf, tmp_path):
+    """Indexes written before the lists moved to disk: one passages.faiss, no `inverted_lists` field."""
+    folder, x, _, fields = ivf
+    trained = faiss.read_index(str(folder / "passages.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    legacy = faiss.IndexIVFPQ(trained.quantizer, DIM, fields["nlist"], fields["m"], 8, faiss.METRIC_INNER_PRODUCT)
+    legacy.pq = trained.pq
+    legacy.is_trained = True
+    legacy.add(x)
+    faiss.write_index(legacy, str(tmp_path / "passages.faiss"))
+    old = {k: v for k, v in fields.items() if k not in ("inverted_lists", "shards")}
+    assert pi.passage_fields_problem({"passage_index": old}) is None
+    index = pi.read_passage_index(tmp_path / "passages.faiss", old, DIM, N, "test")
+    assert index.ntotal == N and index.nprobe == fields["nprobe"]
+    assert pi.passage_fields_problem({"passage_index": {**fields, "inverted_lists": "cloud"}}) is not None
 
 
 def _patched(data: bytes, at: int, fmt: str, value) -> bytes:
@@ -99,6 +170,7 @@ def test_header_check_refuses_a_damaged_or_mismatched_file(ivf, tmp_path, case):
         faiss.write_index(flat, str(path))
     else:
         path.write_bytes(HEADER_CASES[case]((folder / "passages.faiss").read_bytes()))
+    (tmp_path / "passages.ivfdata").write_bytes((folder / "passages.ivfdata").read_bytes())
     with pytest.raises(IndexFormatError) as err:
         pi.check_passage_file(path, fields, DIM, N, "passages.faiss")
     assert "\n" not in str(err.value)
@@ -195,8 +267,10 @@ def test_corpus_index_builds_loads_and_searches_an_ivfpq_passage_index(tmp_path,
     m = json.loads((idx / "manifest.json").read_text())
     m["files"]["passages.faiss"] = file_entry(gen / "passages.faiss")
     (idx / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(IndexFormatError, match="passages.faiss: it has .* bytes where its lists need"):
+    with pytest.raises(IndexFormatError, match="passages.faiss: ends inside its faiss header"):
         CorpusIndex.load(idx)
+    assert fields["inverted_lists"] == "ondisk" and (gen / "passages.ivfdata").exists()
+    assert not any(".shard-" in p.name for p in gen.iterdir())
 
 
 def test_a_version_2_index_still_loads_and_answers_the_same(tmp_path):
@@ -212,3 +286,10 @@ def test_a_version_2_index_still_loads_and_answers_the_same(tmp_path):
     assert old.manifest["version"] == 2 and "span_sa.npy" in names and "span_sa.00000.npy" not in names
     assert answers(old, ctx) == expected
     assert old.info()["span_partitions"] == 1 and old.info()["passage_index"] == {"kind": "flat"}
+
+
+def test_the_merge_keeps_stdout_clean(tmp_path, capfd):
+    """faiss prints as its on-disk lists grow; a CLI's stdout (JSON with --json) must not see it."""
+    write_sharded(tmp_path, [clustered(N, DIM, seed=4)])
+    out, _ = capfd.readouterr()
+    assert "resizing" not in out
