@@ -293,3 +293,24 @@ def test_the_merge_keeps_stdout_clean(tmp_path, capfd):
     write_sharded(tmp_path, [clustered(N, DIM, seed=4)])
     out, _ = capfd.readouterr()
     assert "resizing" not in out
+
+
+def test_nprobe_is_the_smallest_that_reaches_the_target(ivf):
+    """Oracle: every nprobe from 1 to nlist tried in turn. The nprobe found reaches the target and the one below it
+    does not; where recall is monotone in nprobe (nearly always), it is the first that reaches it."""
+    folder, x, _, fields = ivf
+    index = pi.read_passage_index(folder / "passages.faiss", fields, DIM, N, "test")
+    queries = clustered(pi.RECALL_QUERIES, DIM, seed=7)
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(x)
+    exact = flat.search(queries, 10)[1]
+    nlist = fields["nlist"]
+    scanned = []
+    for probe in range(1, nlist + 1):
+        index.nprobe = probe
+        scanned.append(pi._recall(index.search(queries, 10)[1], exact))
+    found, recall, reached = pi._smallest_nprobe(index, queries, exact, 10, nlist)
+    assert reached and recall == scanned[found - 1] >= pi.RECALL_TARGET
+    assert found == 1 or scanned[found - 2] < pi.RECALL_TARGET  # the one below it misses
+    if all(a <= b for a, b in zip(scanned, scanned[1:], strict=False)):  # monotone: exactly the first that reaches
+        assert found == next(p for p, r in enumerate(scanned, start=1) if r >= pi.RECALL_TARGET)
