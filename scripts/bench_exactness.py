@@ -42,14 +42,6 @@ def top2_gap(rows: torch.Tensor) -> torch.Tensor:
     return top[:, 0] - top[:, 1]
 
 
-def first_difference(chosen: Sequence[int], reference: Sequence[int]) -> int | None:
-    """The first position where `chosen` differs from `reference` (None when they agree over the shorter)."""
-    for i, (a, b) in enumerate(zip(chosen, reference, strict=False)):
-        if a != b:
-            return i
-    return None
-
-
 @torch.no_grad()
 def greedy_with_logits(
     model, prompt_ids: list[int], max_new_tokens: int, pad_id: int
@@ -77,6 +69,7 @@ def wide_replay(model, prompt_ids: list[int], tokens: list[int], width: int) -> 
     the largest |logit change| of a wide row against that position's one-token row."""
     from transformers import DynamicCache
 
+    from refdecode.decoding import _crop
     from refdecode.kernels import forward_tokens
 
     if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or ()):
@@ -84,7 +77,6 @@ def wide_replay(model, prompt_ids: list[int], tokens: list[int], width: int) -> 
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([prompt_ids], device=model.device)
     first = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
-    cache.activate_past_recording()  # sliding-window layers keep their past rows, so crops can roll back
     wide, guarded, moved = [int(first.argmax())], [int(first.argmax())], 0.0
     position = 0  # tokens[:position] are in the cache
     while position < len(tokens) - 1:
@@ -94,23 +86,16 @@ def wide_replay(model, prompt_ids: list[int], tokens: list[int], width: int) -> 
         wide.extend(int(i) for i in rows.argmax(dim=-1))
         narrow = []
         for i in range(len(chunk) - 1, -1, -1):  # right to left: each crop drops only rows already used
-            _crop_to(cache, past + i)
+            _crop(cache, cache.get_seq_length() - (past + i))
             narrow.append(forward_tokens(model, cache, [chunk[i]])[0])
         narrow.reverse()
         narrow_rows = torch.stack(narrow)
         guarded.extend(int(i) for i in narrow_rows.argmax(dim=-1))
         moved = max(moved, (rows - narrow_rows).abs().max().item())
-        _crop_to(cache, past)
+        _crop(cache, cache.get_seq_length() - past)
         forward_tokens(model, cache, chunk)  # the wide forward's rows back in the cache for the next chunk
         position += len(chunk)
     return {"wide": wide, "guarded": guarded, "moved": moved}
-
-
-def _crop_to(cache, length: int) -> None:
-    """Keep the first `length` positions of the cache (transformers' crop takes how many to drop, negated)."""
-    drop = cache.get_seq_length() - length
-    if drop > 0:
-        cache.crop(-drop)
 
 
 def method_divergences(results_path: str | Path | None) -> dict[str, dict[str, int | None]]:
@@ -132,7 +117,7 @@ def method_divergences(results_path: str | Path | None) -> dict[str, dict[str, i
 
 def measure(model, tokenizer, requests, *, max_new_tokens: int, width: int, log=print) -> list[dict]:
     """One row per prepared request (see the module docstring)."""
-    from refdecode.bench.runner import _pad_id
+    from refdecode.bench.runner import _pad_id, first_mismatch
 
     rows = []
     for k, request in enumerate(requests, start=1):
@@ -147,8 +132,8 @@ def measure(model, tokenizer, requests, *, max_new_tokens: int, width: int, log=
             "smallest_gap_at": int(gaps.argmin()),
             "gaps_below_0.25": int((gaps < 0.25).sum()),
             "largest_move": round(replay["moved"], 5),
-            "wide_diverges_at": first_difference(replay["wide"], tokens),
-            "guarded_diverges_at": first_difference(replay["guarded"], tokens),
+            "wide_diverges_at": first_mismatch(replay["wide"], tokens),
+            "guarded_diverges_at": first_mismatch(replay["guarded"], tokens),
         }
         rows.append(row)
         log(

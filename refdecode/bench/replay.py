@@ -498,7 +498,7 @@ def bound_outputs(args: argparse.Namespace) -> list[dict]:
     import torch
 
     import refdecode
-    from refdecode.bench.runner import prepare_requests
+    from refdecode.bench.runner import prepare_requests, run_hf
 
     dtype = getattr(args, "dtype", "float32")
     model, tokenizer = refdecode.load_model(args.model, dtype=dtype)
@@ -511,7 +511,7 @@ def bound_outputs(args: argparse.Namespace) -> list[dict]:
                 refdecode.generate(model, tokenizer, request.prompt_ids, max_new_tokens=args.max_tokens).token_ids
             )
         else:  # in bfloat16 the reference is transformers' own greedy (refdecode's may round elsewhere)
-            output = _plain_greedy(model, request.prompt_ids, args.max_tokens)
+            output = run_hf(model, request.prompt_ids, args.max_tokens, "greedy")["token_ids"]
         ids = request.prompt_ids + output
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0, len(request.prompt_ids) - 1 : -1].float()
@@ -532,23 +532,6 @@ def bound_outputs(args: argparse.Namespace) -> list[dict]:
         requests.append(record)
         print(f"  {request.id}: {len(output)} tokens", file=sys.stderr)
     return requests
-
-
-def _plain_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers `generate`, greedy: the new tokens."""
-    import torch
-
-    from refdecode.bench.runner import _pad_id
-
-    x = torch.tensor([prompt_ids], device=model.device)
-    out = model.generate(
-        x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=_pad_id(model),
-    )
-    return out[0, len(prompt_ids) :].tolist()
 
 
 def bound_table(totals: dict, args: argparse.Namespace) -> str:

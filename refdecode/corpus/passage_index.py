@@ -178,31 +178,26 @@ def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dic
     start = 0
     try:
         for block in _blocks(vectors, dim):
-            for lo in range(0, block.shape[0], SHARD_VECTORS):
-                part = block[lo : lo + SHARD_VECTORS]
+            done = 0  # rows of this block already in a shard
+            while done < block.shape[0]:
                 if shard is None:
                     shard = faiss.deserialize_index(empty)
-                room = SHARD_VECTORS - shard.ntotal
-                head, rest = part[:room], part[room:]
-                shard.add_with_ids(head, np.arange(start + lo, start + lo + head.shape[0], dtype=np.int64))
+                take = min(SHARD_VECTORS - shard.ntotal, block.shape[0] - done)
+                ids = np.arange(start + done, start + done + take, dtype=np.int64)
+                shard.add_with_ids(block[done : done + take], ids)
+                done += take
                 if shard.ntotal == SHARD_VECTORS:
                     shards.append(_write_shard(faiss, shard, path, len(shards)))
                     shard = None
-                if rest.shape[0]:
-                    shard = faiss.deserialize_index(empty)
-                    first = start + lo + head.shape[0]
-                    shard.add_with_ids(rest, np.arange(first, first + rest.shape[0], dtype=np.int64))
             best, best_ids = _score_block(queries, block, start, best, best_ids, k)
             start += block.shape[0]
-        if shard is not None and shard.ntotal:
+        if shard is not None:
             shards.append(_write_shard(faiss, shard, path, len(shards)))
-        shard = None
-        _check_count(start, n)
+        _check_count(start, n)  # before the merge: the shards hold exactly the vectors read
         index = _merge_on_disk(faiss, empty, shards, path.with_name(IVFDATA_FILE))
     finally:
         for name in shards:
             name.unlink(missing_ok=True)
-    _check_count(index.ntotal, n)
     # 4) the smallest nprobe that reaches the recall target on the held-out queries
     nprobe, recall, reached = _smallest_nprobe(index, queries, best_ids, k, nlist)
     if not reached:

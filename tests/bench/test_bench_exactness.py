@@ -10,18 +10,16 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from refdecode.bench.runner import first_mismatch
 from refdecode.kernels import forward_tokens
 from scripts import bench_exactness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_top2_gap_and_first_difference():
+def test_top2_gap():
     rows = torch.tensor([[0.0, 3.0, 1.0], [2.0, 2.0, -1.0]])
     assert bench_exactness.top2_gap(rows).tolist() == [2.0, 0.0]
-    assert bench_exactness.first_difference([1, 2, 3], [1, 2, 3]) is None
-    assert bench_exactness.first_difference([1, 5, 3], [1, 2, 3]) == 1
-    assert bench_exactness.first_difference([1, 2], [1, 2, 3]) is None  # over the shorter
 
 
 def _plain_greedy(model, prompt, n):
@@ -59,7 +57,7 @@ def test_replay_reports_where_a_different_path_leaves():
     other = tokens[:2] + [(tokens[2] + 1) % 96] + tokens[3:]
     replay = bench_exactness.wide_replay(model, prompt, other, 4)
     assert replay["guarded"][:3] == tokens[:3]  # positions 0..2 follow the same context as greedy's
-    assert bench_exactness.first_difference(other, replay["guarded"]) == 2
+    assert first_mismatch(other, replay["guarded"]) == 2
 
 
 def test_report_counts_bound_and_methods(tmp_path):
