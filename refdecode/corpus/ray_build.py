@@ -14,8 +14,10 @@ and the commit are the local build's own code. What runs on Ray:
    (passage, LSH band) grouped by a hash bucket of the band's values (b, r from the LSH index the local build
    uses), candidate pairs confirmed inside their group by the local rule (signature agreement >= threshold); then,
    on the driver, in passage order, the first copy wins: dedup.find_near_duplicates' decisions exactly.
-3) span order: every token position's reversed 16-token window packed into uint64 key columns, then `sort` by
-   (keys, position): spans.build_suffix_order's order, ties by position, handed to the writer block by block.
+3) span order: a range-partitioned sort. Seeded sample keys cut the order into key ranges of about equal size;
+   each token position gets its range in a map, a groupby on the range moves (range, position) rows, and each range
+   is sorted by its full keys (the reversed 16-token window, then the position) in one task: spans.
+   build_suffix_order's order, handed to the writer range by range.
 4) embeddings (Ray tasks and actors, not Ray Data, so that the build owns its actors' lifetime): a sentence
    encoder runs in an actor pool, one actor per cluster CPU, killed as soon as every batch is done (or failed);
    the hashed embedder, which loads nothing, in plain tasks, its IDF from document frequencies counted by tasks and
@@ -76,10 +78,12 @@ __all__ = [
 ]
 
 FAIL_ENV = "REFDECODE_TEST_RAY_FAIL"  # test-only: the stage whose tasks raise
-STAGES = ("read", "minhash", "candidates", "span_keys", "embed")
+STAGES = ("read", "minhash", "candidates", "span_keys", "span_sort", "embed")
 _TOKENIZE_BATCH = 64  # documents per tokenizer call, as in the local build
 _EMBED_BATCH = 64  # passages per embedding call
 _SPAN_ROWS = 1 << 20  # positions per block of the span sort's input
+_RANGE_ROWS = 1 << 24  # positions per key range of the span sort: what one task sorts in memory
+_RANGE_SAMPLES = 1024  # sampled keys per key range, whose quantiles cut the ranges
 _TAG = "@@refdecode-error@@"  # brackets a task error inside Ray's wrapped text (no whitespace: Ray strips it)
 _ERROR_TYPES: dict[str, type[Exception]] = {
     t.__name__: t for t in (ValueError, OSError, FileNotFoundError, RuntimeError, ImportError, UnicodeError)
@@ -366,58 +370,99 @@ def dedup_on_ray(passages, n_passages: int, *, threshold: float, stats: dict | N
 # -- 3) span order ----------------------------------------------------------------------------------------------------
 
 
-def _key_layout(stream_dtype) -> tuple[int, int]:
-    """(tokens per uint64 key column, key columns): 4 x 16-bit or 2 x 32-bit tokens a column, DEPTH in all."""
-    per = 4 if np.dtype(stream_dtype) == np.uint16 else 2
-    return per, DEPTH // per
+def _order_keys(stream: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """The span order's sort key of each position e: its reversed window of DEPTH tokens, then e, big-endian, as one
+    fixed-width byte string, so that byte order is (window, position) order and no two positions tie.
+    (B,) -> (B,) S40 (uint16 streams) or S72"""
+    be = np.dtype(">u2") if stream.dtype == np.uint16 else np.dtype(">u4")
+    width = DEPTH + 8 // be.itemsize
+    out = np.empty((e.size, width), dtype=be)
+    for j in range(DEPTH):  # one gather per column: much cheaper than a (B, DEPTH) fancy index
+        out[:, j] = np.take(stream, np.maximum(e - j, 0))  # before the start: stream[0], the separator 0
+    out[:, DEPTH:] = e.astype(">u8").view(be).reshape(e.size, width - DEPTH)
+    return out.view(f"S{width * be.itemsize}").ravel()
 
 
-def _span_keys(batch: dict, *, stream_box: list, followed_only: bool) -> dict:
-    """Positions -> the non-separator ones with their reversed windows packed into key columns k0.. (most
-    significant token first), and pos."""
+def _positions(stream: np.ndarray, e: np.ndarray, followed_only: bool) -> np.ndarray:
+    """The positions among e that the span order holds: tokens, not separators (and followed by a token)."""
+    e = e[stream[e] != 0]
+    return e[stream[e + 1] != 0] if followed_only else e
+
+
+def _range_bounds(stream: np.ndarray, ranges: int, followed_only: bool) -> np.ndarray:
+    """Keys that cut the span order into `ranges` key ranges of about equal size: quantiles of the keys of a seeded
+    sample of positions (_RANGE_SAMPLES a range), so the same stream always gets the same cuts. The keys hold the
+    position, so a run of equal windows, however long, is cut too. -> (<= ranges - 1,) sorted, distinct keys"""
+    if ranges <= 1:
+        return _order_keys(stream, np.zeros(0, np.int64))
+    picks = np.random.default_rng(0).integers(1, stream.size - 1, size=min(stream.size, ranges * _RANGE_SAMPLES))
+    keys = np.unique(_order_keys(stream, _positions(stream, np.unique(picks), followed_only)))
+    cuts = (np.arange(1, ranges) * keys.size) // ranges
+    return np.unique(keys[cuts[cuts < keys.size]])
+
+
+def _range_rows(batch: dict, *, stream_box: list, followed_only: bool, bounds: np.ndarray) -> dict:
+    """Positions -> the span order's ones, each with the key range it falls in (the number of bounds <= its key)."""
     ray = require("ray")
     stream = ray.get(stream_box[0])  # boxed in a list so that Ray passes the reference, fetched once per task
-    e = batch["id"].astype(np.int64)
-    e = e[stream[e] != 0]
-    if followed_only:
-        e = e[stream[e + 1] != 0]
-    window = np.take(stream, e[:, None] - np.arange(DEPTH)[None, :], mode="clip").astype(np.uint64)  # (B, DEPTH)
-    per, columns = _key_layout(stream.dtype)
-    bits = 64 // per
-    out = {}
-    for c in range(columns):
-        key = np.zeros(e.size, dtype=np.uint64)
-        for j in range(per):
-            key |= window[:, c * per + j] << np.uint64(bits * (per - 1 - j))
-        out[f"k{c}"] = key
-    out["pos"] = e
-    return out
+    e = _positions(stream, batch["id"].astype(np.int64), followed_only)
+    key_range = np.searchsorted(bounds, _order_keys(stream, e), side="right") if bounds.size else np.zeros(e.size)
+    return {"range": key_range.astype(np.int32), "pos": e.astype(np.uint32 if stream.size < 2**32 else np.int64)}
+
+
+def _sort_range(group: dict, *, stream_box: list) -> dict:
+    """One key range's positions -> sorted by (reversed window, position)."""
+    ray = require("ray")
+    stream = ray.get(stream_box[0])
+    e = group["pos"].astype(np.int64)
+    order = np.argsort(_order_keys(stream, e))
+    return {"range": group["range"][order], "pos": group["pos"][order]}
 
 
 def sorted_span_blocks(
-    stream: np.ndarray, *, followed_only: bool = False, blocks: int | None = None, stats: dict | None = None
+    stream: np.ndarray,
+    *,
+    followed_only: bool = False,
+    blocks: int | None = None,
+    ranges: int | None = None,
+    stats: dict | None = None,
 ) -> Iterator:
-    """spans.build_suffix_order(stream, followed_only=...) as a Ray Data sort by (window keys, position), in
-    consecutive blocks of positions; iterate it to the end (the writer does). stats: filled with the sort's
-    dataset_figures once the last block is out (shuffle bytes: the key rows sorted). -> Iterator of (B,) uint32
-    arrays (int64 for a stream of 2**32 tokens or more)"""
+    """spans.build_suffix_order(stream, followed_only=...) as a range-partitioned sort on Ray Data, in consecutive
+    blocks of positions; iterate it to the end (the writer does).
+
+    Bounds cut the order into key ranges (_range_bounds); a map over the positions gives each its range; a groupby
+    on the range moves only (range, position) rows, 8 bytes a token below 2**32 tokens, not the 40-72 bytes of
+    the keys; each range is then sorted by its full keys in one task, from the stream every task reads from the
+    object store. A range is the size of a partition's sort in memory (_RANGE_ROWS positions, ~1 GB of work
+    arrays), whatever the corpus's size. ranges: how many (None: enough for that size, and two per CPU).
+    stats: filled with the sort's dataset_figures once the last block is out (shuffle bytes: the rows grouped).
+    -> Iterator of (B,) uint32 arrays (int64 for a stream of 2**32 tokens or more)"""
     ray = require("ray")
-    _, columns = _key_layout(stream.dtype)
-    dtype = np.uint32 if stream.size < 2**32 else np.int64
-    keys = ray.data.range(stream.size, override_num_blocks=blocks or _blocks_for(ray, stream.size, _SPAN_ROWS))
-    keys = keys.map_batches(
-        _task("span_keys", _span_keys),
-        fn_kwargs={"stream_box": [ray.put(stream)], "followed_only": followed_only},
+    n = stream.size
+    if ranges is None:
+        ranges = max(-(-n // _RANGE_ROWS), min(2 * _cpus(ray), -(-n // _RANGE_SAMPLES)))
+    bounds = _range_bounds(stream, max(1, ranges), followed_only)
+    box = [ray.put(stream)]
+    rows = ray.data.range(n, override_num_blocks=blocks or _blocks_for(ray, n, _SPAN_ROWS))
+    rows = rows.map_batches(
+        _task("span_keys", _range_rows),
+        fn_kwargs={"stream_box": box, "followed_only": followed_only, "bounds": bounds},
         batch_format="numpy",
     )
-    ordered = keys.sort([f"k{c}" for c in range(columns)] + ["pos"]).select_columns(["pos"])
+    ordered = rows.groupby("range", num_partitions=bounds.size + 1).map_groups(
+        _task("span_sort", _sort_range), fn_kwargs={"stream_box": box}, batch_format="numpy"
+    )
+    last = -1
     for batch in ordered.iter_batches(batch_size=None, batch_format="numpy"):
         if batch["pos"].size:
-            yield batch["pos"].astype(dtype)
+            if batch["range"][0] < last or np.any(np.diff(batch["range"]) < 0):
+                raise RuntimeError("the Ray build's span sort returned its key ranges out of order")
+            last = int(batch["range"][-1])
+            yield batch["pos"]
     if stats is not None:
         # ray.data.range is a read operator: its inputs are its read tasks, not rows; what the key tasks read is
         # every position of the stream
-        stats.update({**dataset_figures(ordered), "rows_in": int(stream.size), "bytes_in": int(stream.nbytes)})
+        stats.update({**dataset_figures(ordered), "rows_in": int(n), "bytes_in": int(stream.nbytes)})
 
 
 # -- 4) embeddings ----------------------------------------------------------------------------------------------------

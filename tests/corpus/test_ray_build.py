@@ -166,9 +166,9 @@ def assert_stage_figures(index: CorpusIndex, src: Path) -> None:
     assert read["rows_in"] == counts["files"] and read["bytes_in"] == sum(p.stat().st_size for p in src.rglob("*.*"))
     assert read["rows_out"] == all_passages  # every document of this corpus has passages
     assert dedup["rows_in"] == all_passages and dedup["shuffle_bytes"] > 0
-    # the sort's rows: 4 key columns and a position, 8 bytes each, for every position of the stream but separators
+    # the sort's rows: a key range (int32) and a position (uint32), for every position of the stream but separators
     assert spans["rows_in"] == index.spans.stream.size and spans["rows_out"] == counts["span_tokens"]
-    assert spans["shuffle_bytes"] >= 40 * counts["span_tokens"]
+    assert spans["shuffle_bytes"] >= 8 * counts["span_tokens"]
     assert embed["rows_in"] == embed["rows_out"] == counts["passages"]
     assert embed["bytes_out"] == 4 * dim * counts["passages"]
     store = ("passage_text.bin", "passage_text_offsets.npy", "passage_tokens.npy", "passage_source.npy", "sources.json")
@@ -217,6 +217,8 @@ def test_dedup_on_ray_decides_as_the_local_dedup_for_any_partitioning(ray_local)
 
 @pytest.mark.parametrize("vocab", [60_000, 70_000])
 def test_sorted_span_blocks_are_the_local_suffix_order(vocab):
+    """Any number of key ranges (one; a few; more than there are distinct windows, so that runs of equal windows
+    are cut by position) gives build_suffix_order's order, and only (range, position) rows are shuffled."""
     from refdecode.corpus.ray_build import ray_session, sorted_span_blocks
 
     rng = np.random.default_rng(vocab)
@@ -224,18 +226,34 @@ def test_sorted_span_blocks_are_the_local_suffix_order(vocab):
     docs = [
         np.concatenate([base[: rng.integers(10, 40)], rng.integers(vocab, size=rng.integers(0, 30))]) for _ in range(30)
     ]
+    docs += [np.full(60, 7)] * 3  # one window repeated ~170 times: a run longer than a range
     stream = encode_stream(docs, vocab)  # shared prefixes: many equal windows, ties broken by position
     stream[1:9] = vocab  # the largest id: for uint16, sort keys with the top bit set
-    for followed_only, blocks in ((False, 1), (True, 4)):
+    for followed_only, blocks, ranges in ((False, 1, 1), (True, 4, 5), (False, 3, 300)):
         want = build_suffix_order(stream, followed_only=followed_only)
         figures: dict = {}
         with ray_session(progress=False):
-            span_blocks = sorted_span_blocks(stream, followed_only=followed_only, blocks=blocks, stats=figures)
+            span_blocks = sorted_span_blocks(
+                stream, followed_only=followed_only, blocks=blocks, ranges=ranges, stats=figures
+            )
             got = np.concatenate(list(span_blocks))
-        assert got.dtype == want.dtype and np.array_equal(got, want), (followed_only, blocks)
+        assert got.dtype == want.dtype and np.array_equal(got, want), (followed_only, blocks, ranges)
         assert figures["rows_in"] == stream.size and figures["rows_out"] == want.size
-        key_columns = 4 if stream.dtype == np.uint16 else 8
-        assert figures["shuffle_bytes"] >= 8 * (key_columns + 1) * want.size
+        assert 8 * want.size <= figures["shuffle_bytes"] < 16 * want.size  # int32 range + uint32 position
+
+
+def test_range_bounds_cut_the_order_evenly_and_are_seeded():
+    """The cuts are quantiles of a seeded sample of the keys: about equal ranges, the same cuts every time."""
+    from refdecode.corpus.ray_build import _order_keys, _range_bounds
+
+    rng = np.random.default_rng(1)
+    stream = encode_stream([rng.integers(50, size=rng.integers(100, 400)) for _ in range(200)], 50)
+    bounds = _range_bounds(stream, 8, followed_only=False)
+    assert np.array_equal(bounds, _range_bounds(stream, 8, followed_only=False))
+    assert bounds.size == 7 and np.all(bounds[1:] > bounds[:-1])
+    order = build_suffix_order(stream)
+    sizes = np.bincount(np.searchsorted(bounds, _order_keys(stream, order.astype(np.int64)), side="right"))
+    assert sizes.size == 8 and sizes.min() > 0.7 * order.size / 8 and sizes.max() < 1.3 * order.size / 8
 
 
 def test_embedding_actors_are_released_after_success_and_failure(ray_local, monkeypatch):
@@ -399,7 +417,7 @@ def test_a_failed_task_fails_the_build_and_keeps_the_old_index(tmp_path, monkeyp
     assert answers(CorpusIndex.load(out), contexts) == before  # the same corpus: the same index
 
 
-@pytest.mark.parametrize("stage", ["minhash", "candidates", "span_keys"])
+@pytest.mark.parametrize("stage", ["minhash", "candidates", "span_keys", "span_sort"])
 def test_a_failed_task_in_any_stage_fails_the_build_in_one_line(tmp_path, monkeypatch, stage):
     """The other stages' failures (the read stage's are the bad files' errors above): no index, the task's line."""
     from refdecode.corpus.ray_build import FAIL_ENV
