@@ -162,7 +162,8 @@ def ray_session(address: str | None = None, *, progress: bool = True) -> Iterato
     ctx.execution_options.preserve_order = True  # blocks come back in passage order and in sort order
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     if not progress:
-        data_log.setLevel(logging.WARNING)
+        # quiet: a task's error is raised as the build's one line; Ray Data's ERROR lines would only repeat it
+        data_log.setLevel(logging.CRITICAL)
     try:
         yield ray
     finally:
