@@ -242,6 +242,26 @@ def test_sorted_span_blocks_are_the_local_suffix_order(vocab):
         assert 8 * want.size <= figures["shuffle_bytes"] < 16 * want.size  # int32 range + uint32 position
 
 
+def test_sorted_span_blocks_of_a_stream_on_disk(tmp_path, monkeypatch):
+    """A memory-mapped stream is put into the object store as a plain array (a memmap would be pickled, copied by
+    every task), and sorts as the one in memory."""
+    import ray
+
+    from refdecode.corpus.ray_build import ray_session, sorted_span_blocks
+
+    rng = np.random.default_rng(3)
+    stream = encode_stream([rng.integers(20, size=rng.integers(5, 60)) for _ in range(40)], 20)
+    np.save(tmp_path / "stream.npy", stream)
+    on_disk = np.load(tmp_path / "stream.npy", mmap_mode="r")
+    put = ray.put
+    kinds = []
+    monkeypatch.setattr(ray, "put", lambda value, **kw: kinds.append(type(value)) or put(value, **kw))
+    with ray_session(progress=False):
+        got = np.concatenate(list(sorted_span_blocks(on_disk, ranges=3)))
+    assert np.array_equal(got, build_suffix_order(stream))
+    assert [k for k in kinds if issubclass(k, np.ndarray)] == [np.ndarray]  # Ray Data puts its own objects too
+
+
 def test_range_bounds_cut_the_order_evenly_and_are_seeded():
     """The cuts are quantiles of a seeded sample of the keys: about equal ranges, the same cuts every time."""
     from refdecode.corpus.ray_build import _order_keys, _range_bounds
