@@ -107,15 +107,26 @@ def write_corpus(folder: Path, texts: list[str], target_chars: int, seed: int = 
 
 
 class PeakRSS:
-    """Samples the summed RSS of a process and all its descendants every `every` seconds; `.peak` in bytes."""
+    """Samples the summed RSS of a process and all its descendants every `every` seconds; `.peak` in bytes. Also
+    `.peak_pss`: the summed proportional set size (a page shared by k processes counts 1/k in each, so the sum is
+    what they hold together: Ray's object store once, not once per worker), and `.peak_used`: the machine's memory
+    in use (total - available) above what it was at the start."""
 
     def __init__(self, pid: int, every: float = 0.25):
         import psutil
 
-        self._root, self._every, self.peak = psutil.Process(pid), every, 0
+        self._root, self._every, self.peak, self.peak_pss, self.peak_used = psutil.Process(pid), every, 0, 0, 0
+        self._base_used = self._used()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _used() -> int:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        return int(memory.total - memory.available)
 
     def _run(self) -> None:
         import psutil
@@ -125,13 +136,16 @@ class PeakRSS:
                 procs = [self._root, *self._root.children(recursive=True)]
             except psutil.Error:
                 return
-            total = 0
+            total = pss = 0
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info()  # /proc/PID/smaps_rollup: cheap
+                    total += info.rss
+                    pss += info.pss
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
+            self.peak, self.peak_pss = max(self.peak, total), max(self.peak_pss, pss)
+            self.peak_used = max(self.peak_used, self._used() - self._base_used)
             self._stop.wait(self._every)
 
     def stop(self) -> int:

@@ -163,7 +163,14 @@ def run_step(args: list[str], log: Path, *, memory_limit: int | None = None) -> 
     wall = time.perf_counter() - t0
     lines = out.strip().splitlines()
     result = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"ok": False, "rc": proc.returncode}
-    return {**result, "wall_seconds": wall, "peak_rss_bytes": rss.stop()}
+    peak = rss.stop()
+    return {
+        **result,
+        "wall_seconds": wall,
+        "peak_rss_bytes": peak,
+        "peak_pss_bytes": rss.peak_pss,
+        "peak_used_bytes": rss.peak_used,
+    }
 
 
 def table(r: dict) -> str:
@@ -175,14 +182,18 @@ def table(r: dict) -> str:
         f"Stream: {r['tokens']:,} tokens ({r['dtype']}), synthetic: {r['base']} copied, {_MUTATE:.0%} of each "
         "later copy's tokens replaced.",
         "",
-        "| engine | result | wall s | peak RSS GB | shuffle GB | task s | bytes on disk/token | lookup median us |"
+        "| engine | result | wall s | peak RSS GB (summed) | peak PSS GB (summed) | machine memory used GB |"
+        " shuffle GB | task s | bytes on disk/token | lookup median us |"
         " continuations median us |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| local (one process, RLIMIT_AS {r['memory_limit'] / gb:.1f} GB) | "
         + ("built" if local.get("ok") else f"failed: {local.get('error', 'rc ' + str(local.get('rc')))}")
-        + f" | {local['wall_seconds']:.0f} | {local['peak_rss_bytes'] / gb:.2f} | - | - | - | - | - |",
+        + f" | {local['wall_seconds']:.0f} | {local['peak_rss_bytes'] / gb:.2f}"
+        f" | {local.get('peak_pss_bytes', 0) / gb:.2f}"
+        f" | {local.get('peak_used_bytes', 0) / gb:.2f} | - | - | - | - | - |",
         f"| ray ({ray.get('cpus', '?')} CPUs, {ray.get('partitions', '?')} partition files) | built | "
-        f"{ray['wall_seconds']:.0f} | {ray['peak_rss_bytes'] / gb:.2f} | {fig.get('shuffle_bytes', 0) / gb:.2f} | "
+        f"{ray['wall_seconds']:.0f} | {ray['peak_rss_bytes'] / gb:.2f} | {ray.get('peak_pss_bytes', 0) / gb:.2f} | "
+        f"{ray.get('peak_used_bytes', 0) / gb:.2f} | {fig.get('shuffle_bytes', 0) / gb:.2f} | "
         f"{fig.get('task_seconds', 0):.0f} | {ray.get('bytes_on_disk', 0) / r['tokens']:.1f} | "
         f"{r['lookups']['lookup_median_us']:.0f} | {r['lookups']['continuations_median_us']:.0f} |",
         "",
