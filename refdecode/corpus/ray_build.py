@@ -64,7 +64,7 @@ from .dedup import NUM_PERM, lsh_bands, minhash_signatures, permutations
 from .embedding import Embedder, HashedNgramEmbedder, make_embedder
 from .extra import require
 from .index import StageResult, lay_out_passages, save_passages, vocab_size, write_index_files
-from .spans import DEPTH, encode_stream
+from .spans import DEPTH, _key_dtypes, _position_dtype, encode_stream
 
 __all__ = [
     "FAIL_ENV",
@@ -375,7 +375,7 @@ def _order_keys(stream: np.ndarray, e: np.ndarray) -> np.ndarray:
     """The span order's sort key of each position e: its reversed window of DEPTH tokens, then e, big-endian, as one
     fixed-width byte string, so that byte order is (window, position) order and no two positions tie.
     (B,) -> (B,) S40 (uint16 streams) or S72"""
-    be = np.dtype(">u2") if stream.dtype == np.uint16 else np.dtype(">u4")
+    be, _, _ = _key_dtypes(stream.dtype)
     width = DEPTH + 8 // be.itemsize
     out = np.empty((e.size, width), dtype=be)
     for j in range(DEPTH):  # one gather per column: much cheaper than a (B, DEPTH) fancy index
@@ -408,7 +408,7 @@ def _range_rows(batch: dict, *, stream_box: list, followed_only: bool, bounds: n
     stream = ray.get(stream_box[0])  # boxed in a list so that Ray passes the reference, fetched once per task
     e = _positions(stream, batch["id"].astype(np.int64), followed_only)
     key_range = np.searchsorted(bounds, _order_keys(stream, e), side="right") if bounds.size else np.zeros(e.size)
-    return {"range": key_range.astype(np.int32), "pos": e.astype(np.uint32 if stream.size < 2**32 else np.int64)}
+    return {"range": key_range.astype(np.int32), "pos": e.astype(_position_dtype(stream.size, None))}
 
 
 def _sort_range(group: dict, *, stream_box: list) -> dict:
@@ -417,7 +417,7 @@ def _sort_range(group: dict, *, stream_box: list) -> dict:
     stream = ray.get(stream_box[0])
     e = group["pos"].astype(np.int64)
     order = np.argsort(_order_keys(stream, e))
-    return {"range": group["range"][order], "pos": group["pos"][order]}
+    return {"range": group["range"], "pos": group["pos"][order]}  # one range: its column is constant
 
 
 def sorted_span_blocks(
