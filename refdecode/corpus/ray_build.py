@@ -420,6 +420,28 @@ def _sort_range(group: dict, *, stream_box: list) -> dict:
     return {"range": group["range"], "pos": group["pos"][order]}  # one range: its column is constant
 
 
+@contextlib.contextmanager
+def _object_store_budget(ray, nbytes: int) -> Iterator[None]:
+    """Datasets made inside plan their operators' object-store use against a budget of at least `nbytes`.
+
+    Ray Data budgets half the object store by default and runs an operator whose queued inputs exceed its share
+    one task at a time. Behind a groupby (an all-to-all operator, which materializes every row it moves, spilling
+    what the store cannot hold) the whole shuffle waits as the next operator's input, so past the store's size the
+    per-range sort ran on one CPU while the others idled (1B tokens: ~20 of 29 minutes). Memory stays bounded
+    without that budget: the store's size is fixed and it spills to disk, and a task's own memory is bounded by the
+    work it is given, one task per CPU. A dataset keeps the context it was made under, so the override is scoped."""
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.override_object_store_memory_limit_fraction
+    store = float(ray.cluster_resources().get("object_store_memory", 0))
+    default = saved if saved is not None else 0.5  # Ray Data's default share of the store
+    if store > 0:
+        ctx.override_object_store_memory_limit_fraction = max(default, nbytes / store)
+    try:
+        yield
+    finally:
+        ctx.override_object_store_memory_limit_fraction = saved
+
+
 def sorted_span_blocks(
     stream: np.ndarray,
     *,
@@ -446,15 +468,17 @@ def sorted_span_blocks(
     # a plain ndarray: numpy.memmap (a stream read from disk) is pickled, so every task's ray.get would copy it (1.4 s
     # for 1G tokens), where an ndarray's buffer is read in place from the object store
     box = [ray.put(np.asarray(stream))]
-    rows = ray.data.range(n, override_num_blocks=blocks or _blocks_for(ray, n, _SPAN_ROWS))
-    rows = rows.map_batches(
-        _task("span_keys", _range_rows),
-        fn_kwargs={"stream_box": box, "followed_only": followed_only, "bounds": bounds},
-        batch_format="numpy",
-    )
-    ordered = rows.groupby("range", num_partitions=bounds.size + 1).map_groups(
-        _task("span_sort", _sort_range), fn_kwargs={"stream_box": box}, batch_format="numpy"
-    )
+    row_bytes = 4 + _position_dtype(n, None).itemsize  # a (range, position) row, the groupby's and the sort's
+    with _object_store_budget(ray, 2 * 2 * n * row_bytes):  # the rows grouped and the rows sorted, queued at once
+        rows = ray.data.range(n, override_num_blocks=blocks or _blocks_for(ray, n, _SPAN_ROWS))
+        rows = rows.map_batches(
+            _task("span_keys", _range_rows),
+            fn_kwargs={"stream_box": box, "followed_only": followed_only, "bounds": bounds},
+            batch_format="numpy",
+        )
+        ordered = rows.groupby("range", num_partitions=bounds.size + 1).map_groups(
+            _task("span_sort", _sort_range), fn_kwargs={"stream_box": box}, batch_format="numpy"
+        )
     last = -1
     for batch in ordered.iter_batches(batch_size=None, batch_format="numpy"):
         if batch["pos"].size:

@@ -262,6 +262,41 @@ def test_sorted_span_blocks_of_a_stream_on_disk(tmp_path, monkeypatch):
     assert [k for k in kinds if issubclass(k, np.ndarray)] == [np.ndarray]  # Ray Data puts its own objects too
 
 
+def test_object_store_budget_covers_the_sort_and_is_scoped(monkeypatch):
+    """The span sort's datasets are made under an object-store budget that holds its rows grouped and sorted (Ray
+    Data's default share of the store ran the per-range sort one task at a time once the shuffle outgrew it); the
+    driver's context is left as it was, and a budget above the requested one is kept."""
+    import ray
+
+    from refdecode.corpus import ray_build
+    from refdecode.corpus.ray_build import _object_store_budget, ray_session, sorted_span_blocks
+
+    with ray_session(progress=False):
+        ctx = ray.data.DataContext.get_current()
+        store = ray.cluster_resources()["object_store_memory"]
+        before = ctx.override_object_store_memory_limit_fraction
+        with _object_store_budget(ray, int(3 * store)):
+            assert ctx.override_object_store_memory_limit_fraction == pytest.approx(3.0)
+            made_inside = ray.data.range(4)
+        assert ctx.override_object_store_memory_limit_fraction == before
+        assert made_inside.context.override_object_store_memory_limit_fraction == pytest.approx(3.0)
+        ctx.override_object_store_memory_limit_fraction = 5.0
+        try:
+            with _object_store_budget(ray, int(3 * store)):
+                assert ctx.override_object_store_memory_limit_fraction == 5.0
+        finally:
+            ctx.override_object_store_memory_limit_fraction = before
+
+        asked = []
+        scoped = ray_build._object_store_budget
+        monkeypatch.setattr(
+            ray_build, "_object_store_budget", lambda r, nbytes: asked.append(nbytes) or scoped(r, nbytes)
+        )
+        stream = encode_stream([[1, 2, 3, 1, 2]] * 5, 4)
+        assert np.array_equal(np.concatenate(list(sorted_span_blocks(stream, ranges=2))), build_suffix_order(stream))
+        assert asked == [2 * 2 * stream.size * 8]  # int32 range + uint32 position, grouped and sorted
+
+
 def test_range_bounds_cut_the_order_evenly_and_are_seeded():
     """The cuts are quantiles of a seeded sample of the keys: about equal ranges, the same cuts every time."""
     from refdecode.corpus.ray_build import _order_keys, _range_bounds
