@@ -8,7 +8,7 @@ model (docs/benchmarks.md, "vLLM").
 One engine per method (none, ngram, refdecode; the same K for both speculative ones) lives in a worker process of
 its own for the whole run, so that the methods can take turns on each prompt: one request at a time, prompt i runs
 the methods in the order A B C when i is even and C B A when odd; then the mixed batch (`--batch` requests drawn
-round-robin from the workloads, submitted at once) runs A B C C B A. Throughput = generated tokens / wall time of
+round-robin from the workloads, submitted at once) runs A B C C B A, `--batch-rounds` times. Throughput = generated tokens / wall time of
 `LLM.generate`, summed per method; ratios come from this one run. code-edit-ref requests carry their old file as
 `extra_args["references"]` (used by refdecode only; the others never see it). Greedy outputs are compared token
 for token with no speculation.
@@ -242,7 +242,7 @@ def run_single(engines: dict, prompts: dict, tally: Tally, max_tokens: int, per_
             print(f"  {workload} #{i}: done", file=sys.stderr)
 
 
-def run_batch(engines: dict, prompts: dict, tally: Tally, max_tokens: int, batch: int) -> None:
+def run_batch(engines: dict, prompts: dict, tally: Tally, max_tokens: int, batch: int, rounds: int = 1) -> None:
     mixed: list[tuple[str, list[str] | None]] = []
     queues = [list(items) for items in prompts.values()]
     while len(mixed) < batch and any(queues):
@@ -250,7 +250,7 @@ def run_batch(engines: dict, prompts: dict, tally: Tally, max_tokens: int, batch
             if q and len(mixed) < batch:
                 mixed.append(q.pop(0))
     texts, refs = [p for p, _ in mixed], [r for _, r in mixed]
-    for method in METHODS + METHODS[::-1]:
+    for method in (METHODS + METHODS[::-1]) * rounds:
         result = engines[method].generate(texts, refs, max_tokens)
         tally.add(f"mixed batch of {len(mixed)}", "mixed", method, result, list(range(len(mixed))))
         print(f"  batch, {method}: {result['seconds']:.1f} s", file=sys.stderr)
@@ -297,6 +297,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
     parser.add_argument("--single-n", type=int, help="requests per workload run one at a time (default: --n)")
     parser.add_argument("--batch", type=int, default=16, help="requests in the mixed batch (0: skip that table)")
+    parser.add_argument(
+        "--batch-rounds",
+        type=int,
+        default=1,
+        help="times the batch's turns A B C C B A are repeated (default 1): on a shared machine the speed drifts by "
+        "up to 2x over tens of seconds, and one batch lasts about that long",
+    )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--seed", type=int, default=0, help="workload sampling seed")
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -317,7 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="results/vllm", help="folder for table.md and results.json")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("n", "k", "max_tokens", "max_model_len", "kv_cache_gib"):
+    for name in ("n", "k", "max_tokens", "max_model_len", "kv_cache_gib", "batch_rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.batch < 0:
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             run_single(engines, prompts, tally, args.max_tokens, args.single_n)
             save(tally, args, out)  # a table per phase: a run cut short still leaves what it measured
         if args.batch:
-            run_batch(engines, prompts, tally, args.max_tokens, args.batch)
+            run_batch(engines, prompts, tally, args.max_tokens, args.batch, args.batch_rounds)
             save(tally, args, out)
     finally:
         for engine in engines.values():

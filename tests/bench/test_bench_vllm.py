@@ -23,7 +23,14 @@ def test_the_table_gives_speeds_ratios_acceptance_and_differing_outputs():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--n", "0"], ["--k", "0"], ["--batch", "-1"], ["--workloads", "summarize"], ["--n", "2", "--single-n", "3"]],
+    [
+        ["--n", "0"],
+        ["--k", "0"],
+        ["--batch", "-1"],
+        ["--workloads", "summarize"],
+        ["--n", "2", "--single-n", "3"],
+        ["--batch-rounds", "0"],
+    ],
 )
 def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
