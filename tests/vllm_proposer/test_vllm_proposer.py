@@ -37,10 +37,12 @@ def text(ids):
 class Engine:
     """vLLM's persistent batch in miniature: row i holds request req_ids[i]; finished requests leave their row."""
 
-    def __init__(self, drafter, rows=4, width=MAX_LEN):
+    def __init__(self, drafter, rows=4, width=MAX_LEN, jump=0.0):
         self.drafter = drafter
         self.now = 0.0
-        drafter.clock = lambda: self.now  # a step of width w takes 10 ms + 1 ms per token
+        self.jump = jump  # seconds a step pays on top when it verifies any draft
+        self.plain_steps = 0
+        drafter.clock = lambda: self.now  # a step of width w takes 10 ms + 1 ms per token (+ jump with drafts)
         self.token_ids = np.zeros((rows, width), dtype=np.int32)
         self.num_tokens = np.zeros(rows, dtype=np.int32)
         self.req_ids: list = [None] * rows
@@ -83,6 +85,8 @@ class Engine:
             self.num_tokens[row] = n + len(new)
             sampled.append(new)
         self.now += 0.010 + 0.001 * sum(1 + len((pending or {}).get(r, [])) for r in self.req_ids if r is not None)
+        self.now += self.jump if pending else 0.0
+        self.plain_steps += not pending
         self.drafter.bind_batch(list(self.req_ids), self.extra.get, self.extra)
         drafts = self.drafter.propose(sampled, self.num_tokens, self.token_ids)
         assert len(drafts) == len(self.req_ids)
@@ -283,6 +287,38 @@ def test_a_draft_costs_the_whole_batch():
     # 8 more tokens in a batch of 16: 16 rows wait for them
     assert sixteen.cost(9) == pytest.approx(1 + 16 * (0.034 / 0.026 - 1))
     assert sixteen.cost(9) > one.cost(9)
+
+
+def test_plain_steps_are_timed_apart_and_priced_by_the_nearest_row_count():
+    costs = BatchCosts()
+    assert costs.plain_time(16) is None
+    for width in (24, 40):
+        costs.observe(16, width, 0.050 + 0.001 * width)  # drafted steps: a jump of 40 ms over the plain line
+    costs.observe(16, 16, 0.026)
+    assert costs.line() == (pytest.approx(0.050), pytest.approx(0.001))
+    assert costs.plain_time(16) == pytest.approx(0.026)
+    assert costs.plain_time(12) == pytest.approx(0.022)  # moved along the drafted steps' slope
+    assert costs.steps.table.keys() == {24, 40} and costs.plain.table.keys() == {16}
+
+
+def half_right_rows(engine, rows):
+    """Requests whose copies are right for 2 tokens, then wrong: drafts pay a little, never a lot."""
+    for r in range(rows):
+        truth = [t for i in range(120) for t in (11, 12, 13, 500 + 7 * i + r)]
+        engine.add(f"r{r}", truth[:8], truth[8:])
+
+
+def test_a_batch_drafts_only_where_its_drafts_beat_the_fixed_cost_of_verifying_any():
+    free = Engine(drafter(k=4, additional={"refdecode": {"memory_tokens": 0}}))
+    half_right_rows(free, 4)
+    free.run(100)
+    costly = Engine(drafter(k=4, additional={"refdecode": {"memory_tokens": 0}}), jump=0.5)  # 0.5 s per drafted step
+    half_right_rows(costly, 4)
+    costly.run(100)
+    # no jump: every step that has a copy drafts it (half the steps follow a token never seen before: no copy)
+    assert free.plain_steps <= 60 and min(free.accepted.values()) >= 80
+    # a jump 35x a plain step: only the exploration steps draft, and they still learn
+    assert costly.plain_steps >= 85 and 0 < min(costly.accepted.values()) <= 20
 
 
 def test_a_clock_that_does_not_move_still_drafts():
