@@ -2,16 +2,17 @@
 model (docs/benchmarks.md, "vLLM").
 
     python -m scripts.bench_vllm [--model smollm2-135m] [--dtype float32] [--n 4] [--single-n N] [--k 8]
-                                 [--max-tokens 128] [--batch 16] [--kv-cache-gib 2] [--out results/vllm]
+                                 [--max-tokens 128] [--batch 16] [--batch-rounds 1] [--kv-cache-gib 2]
+                                 [--out results/vllm]
     (`make vllm-bench` runs it in the vLLM venv)
 
 One engine per method (none, ngram, refdecode; the same K for both speculative ones) lives in a worker process of
 its own for the whole run, so that the methods can take turns on each prompt: one request at a time, prompt i runs
 the methods in the order A B C when i is even and C B A when odd; then the mixed batch (`--batch` requests drawn
-round-robin from the workloads, submitted at once) runs A B C C B A, `--batch-rounds` times. Throughput = generated tokens / wall time of
-`LLM.generate`, summed per method; ratios come from this one run. code-edit-ref requests carry their old file as
-`extra_args["references"]` (used by refdecode only; the others never see it). Greedy outputs are compared token
-for token with no speculation.
+round-robin from the workloads, submitted at once) runs A B C C B A, `--batch-rounds` times. Throughput =
+generated tokens / wall time of `LLM.generate`, summed per method; ratios come from this one run. code-edit-ref
+requests carry their old file as `extra_args["references"]` (used by refdecode only; the others never see it).
+Greedy outputs are compared token for token with no speculation.
 
 Knows: building the workloads' prompts (refdecode.bench.workloads), running and timing the engines, the table.
 Does not know: drafting (refdecode.vllm).
