@@ -228,6 +228,16 @@ class DraftPolicy:
         if self.min_draft < 1:
             raise ValueError(f"min_draft must be >= 1, got {self.min_draft}")
 
+    def chain_rate(self, draft: Draft) -> float:
+        """Predicted acceptance of each token of a chain draft, from its source's model at its match length
+        (capped below 1, so that a long draft's expectation stays finite)."""
+        return min(self.acceptance_for(draft.source).rate(draft.match_len), 0.999)
+
+    def expected_accepted(self, draft: Draft) -> float:
+        """Tokens of the chain `draft` expected to be accepted: a + a^2 + ... + a^len (a = chain_rate)."""
+        a = self.chain_rate(draft)
+        return sum(a**j for j in range(1, len(draft.tokens) + 1))
+
     def choose_length(self, draft: Draft | None, budget: int) -> int:
         """Draft length to verify: 0 (plain decoding) .. min(len(draft), budget, max_draft)."""
         if draft is None or not draft.tokens:
@@ -235,7 +245,7 @@ class DraftPolicy:
         limit = min(len(draft.tokens), budget, self.max_draft)
         if limit < self.min_draft:
             return 0
-        a = min(self.acceptance_for(draft.source).rate(draft.match_len), 0.999)
+        a = self.chain_rate(draft)
         best_k, best_rate = 0, 1.0 / self.costs.cost(1)
         expected = 1.0
         for k in range(1, limit + 1):

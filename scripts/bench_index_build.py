@@ -145,8 +145,8 @@ class PeakRSS:
                 procs = [self._root, *self._root.children(recursive=True)]
             except psutil.Error:
                 return
-            sweep = time.monotonic() >= next_pss
             started = time.monotonic()
+            sweep = started >= next_pss
             total = pss = 0
             for p in procs:
                 try:

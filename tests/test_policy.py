@@ -128,3 +128,17 @@ def test_sources_learn_separately():
     assert policy.acceptance_for("reference").rate(3) > 0.8
     assert policy.choose_length(Draft(list(range(32)), match_len=3, source="corpus"), budget=100) <= 1
     assert policy.choose_length(Draft(list(range(32)), match_len=3, source="reference"), budget=100) > 8
+
+
+def test_expected_accepted_is_the_chain_series_of_the_sources_rate():
+    policy = DraftPolicy()
+    for _ in range(20):
+        policy.acceptance.update(8, drafted=4, accepted=2)
+    a = policy.acceptance.rate(8)
+    assert policy.chain_rate(draft(3, 8)) == pytest.approx(a)
+    assert policy.expected_accepted(draft(3, 8)) == pytest.approx(a + a**2 + a**3)
+    assert policy.expected_accepted(draft(0, 8)) == 0.0
+    sure = DraftPolicy()
+    for _ in range(200):
+        sure.acceptance.update(8, drafted=4, accepted=4)
+    assert sure.chain_rate(draft(3, 8)) <= 0.999  # capped: a long draft's expectation stays finite

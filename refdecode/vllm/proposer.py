@@ -157,7 +157,6 @@ class _Session:
     seen: int  # tokens of the request's context the drafter has observed
     tail: list[int]  # the last _CHECK_TAIL of them
     draft: Draft | None = None  # what was returned last step (already cut to the chosen length)
-    expected: float = 0.0  # the tokens of that draft the policy expects to be accepted
     output: list[int] = field(default_factory=list)  # tokens observed after the session started (for the memory)
     store: ReferenceStore | None = None  # the request's own references
     stats: dict = field(default_factory=lambda: {"drafted": 0, "accepted": 0, "steps": 0})
@@ -283,7 +282,7 @@ class BatchDrafter:
                 drafting.append(session)
         if drafting and not self._step_pays(len(rows), sum(len(d) for d in drafts), drafting):
             for session in drafting:  # a plain step: nothing was verified, so nothing is learned from these drafts
-                session.draft, session.expected = None, 0.0
+                session.draft = None
                 session.stats["steps"] -= 1
             drafts = [[] for _ in sampled_token_ids]
         width = sum(1 + len(drafts[i]) for i in rows)
@@ -394,7 +393,7 @@ class BatchDrafter:
             pays = True
         else:
             a, b = self.costs.line()
-            gain = sum(session.expected for session in drafting)
+            gain = sum(session.policy.expected_accepted(session.draft) for session in drafting if session.draft)
             pays = (rows + gain) * plain > rows * (a + b * (rows + drafted))
         self._drafted_in_a_row = self._drafted_in_a_row + 1 if pays else 0
         self._plain_in_a_row = 0 if pays else self._plain_in_a_row + 1
@@ -412,8 +411,6 @@ class BatchDrafter:
         if k <= 0:
             return []
         session.draft = draft.truncated(k)
-        a = min(session.policy.acceptance_for(draft.source).rate(draft.match_len), 0.999)
-        session.expected = sum(a**j for j in range(1, k + 1))  # tokens of it accepted, as the policy predicts
         session.stats["steps"] += 1
         return list(session.draft.tokens)
 
