@@ -15,7 +15,7 @@ import sys
 import time
 
 from .embedding import EMBEDDERS, HASHED_DIM
-from .passage_index import FLAT_LIMIT_BYTES, parse_bytes
+from .passage_index import COMPRESSED_KINDS, FLAT_LIMIT_BYTES, parse_bytes
 
 __all__ = ["add_index_commands", "cmd_index_build", "cmd_index_info", "cmd_index_search", "stage_lines"]
 
@@ -54,6 +54,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             embedder=args.embedder,
             flat_limit=args.flat_limit,
+            compressed=args.compressed,
             hashed_dim=args.hashed_dim,
             engine="local" if args.ray is None else "ray",
             ray_address=args.ray or None,
@@ -64,7 +65,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         counts, passage_index = manifest["counts"], manifest["passage_index"]
         seconds = time.perf_counter() - t0
         kind = passage_index["kind"]
-        if kind == "ivfpq":
+        if kind != "flat":
             kind += f" (nprobe {passage_index['nprobe']}, recall@10 {passage_index['recall_at_10']})"
         engine = manifest["build_options"].get("engine", "local")
         print(
@@ -196,8 +197,16 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
         type=_byte_size,
         default=FLAT_LIMIT_BYTES,
         metavar="BYTES",
-        help="largest passage-vector size kept as an exact flat faiss index; above it IVF-PQ "
+        help="largest passage-vector size kept as an exact flat faiss index; above it --compressed "
         "(512M, 2G, ...; default: 1G)",
+    )
+    build.add_argument(
+        "--compressed",
+        choices=COMPRESSED_KINDS,
+        default=COMPRESSED_KINDS[0],
+        help="passage index above --flat-limit: fastscan (4-bit IVF-PQ fast-scan re-ranked exactly against the "
+        "stored vectors: fast, codes in memory) or ivfpq (8-bit IVF-PQ, lists on disk: least memory, slower); "
+        "default: fastscan",
     )
     build.add_argument(
         "--hashed-dim",

@@ -69,9 +69,15 @@ PASSAGE_FILES = (
 )
 EMBEDDER_FILES = ("embed_idf.npy",)  # the hashed embedder's weights
 IVF_FILES = ("passages.ivfdata",)  # an IVF-PQ passage index's inverted lists, merged on disk
+REFINE_FILES = ("passages.refine.npy",)  # a fast-scan passage index's vectors, re-ranking its candidates
 IVF_SHARD_PATTERN = r"passages\.faiss\.shard-[0-9]+"  # its shards, while the build merges them
 INDEX_FILES = (*LEGACY_FILES, *PASSAGE_FILES)  # what every index of versions 1 and 2 holds
-ALL_FILES = (*INDEX_FILES, *EMBEDDER_FILES, *IVF_FILES)  # every fixed name cleanup may remove (and the patterns)
+ALL_FILES = (
+    *INDEX_FILES,
+    *EMBEDDER_FILES,
+    *IVF_FILES,
+    *REFINE_FILES,
+)  # every fixed name cleanup may remove (and the patterns)
 INDEX_FOLDER = FolderFormat(
     name=FORMAT_NAME,
     version=FORMAT_VERSION,
@@ -105,12 +111,14 @@ def verify_files(folder: Path, manifest: dict, required: Collection[str], *, che
     return checked_folder.verify_files(folder, INDEX_FOLDER, manifest, required, checksums=checksums)
 
 
-def index_files(span_fields: dict | None, *, hashed: bool, lists_on_disk: bool = False) -> tuple[str, ...]:
+def index_files(span_fields: dict | None, *, hashed: bool, passage_extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The files an index holds, decided by this code from its span fields (None: versions 1 and 2, one suffix-order
-    file; see spans.span_files), its embedder (hashed: plus its weights) and its passage index (lists on disk: plus
-    their file), never by the manifest's file list."""
-    extra = (*(EMBEDDER_FILES if hashed else ()), *(IVF_FILES if lists_on_disk else ()))
-    return (*span_files(span_fields), *PASSAGE_FILES, *extra)
+    file; see spans.span_files), its embedder (hashed: plus its weights) and its passage index's files beside
+    passages.faiss (`passage_extra`, from passage_index.passage_extra_files), never by the manifest's file list."""
+    unknown = set(passage_extra) - {*IVF_FILES, *REFINE_FILES}
+    if unknown:
+        raise ValueError(f"not a passage index file: {sorted(unknown)}")
+    return (*span_files(span_fields), *PASSAGE_FILES, *(EMBEDDER_FILES if hashed else ()), *passage_extra)
 
 
 def check_tokenizer(folder: Path, manifest: dict, tokenizer) -> None:

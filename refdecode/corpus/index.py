@@ -70,7 +70,15 @@ from .format import (
     verify_files,
 )
 from .npyfile import open_npy
-from .passage_index import FAISS_FILE, FLAT_LIMIT_BYTES, passage_fields_problem, read_passage_index, write_passage_index
+from .passage_index import (
+    COMPRESSED_KINDS,
+    FAISS_FILE,
+    FLAT_LIMIT_BYTES,
+    passage_extra_files,
+    passage_fields_problem,
+    read_passage_index,
+    write_passage_index,
+)
 from .spans import (
     PARTITION_ENTRIES,
     SpanIndex,
@@ -208,6 +216,7 @@ def write_index_files(
     n_passages: int,
     flat_limit: int = FLAT_LIMIT_BYTES,
     partition_entries: int = PARTITION_ENTRIES,
+    compressed: str = COMPRESSED_KINDS[0],
 ) -> tuple[list[str], dict[str, int], dict]:
     """The span index and the passage index of a build whose stages hand over blocks (the Ray engine; the local
     one calls the same two writers in turn): the suffix order as sorted blocks of positions, the passage vectors
@@ -215,7 +224,7 @@ def write_index_files(
     -> (file names, counts {span_tokens, span_bytes}, manifest fields of both writers)"""
     names, counts, fields = write_span_files(folder, stream, span_blocks, partition_entries=partition_entries)
     faiss_names, passage_fields = write_passage_index(
-        folder, vector_blocks, dim=dim, n_total=n_passages, flat_limit_bytes=flat_limit
+        folder, vector_blocks, dim=dim, n_total=n_passages, flat_limit_bytes=flat_limit, compressed=compressed
     )
     return [*names, *faiss_names], counts, {**fields, **passage_fields}
 
@@ -252,12 +261,15 @@ def build_index(
     engine: str = "local",
     ray_address: str | None = None,
     hashed_dim: int = HASHED_DIM,
+    compressed: str = COMPRESSED_KINDS[0],
 ) -> Path:
     """Build a corpus index from files, folders and glob patterns into `out` (atomically). Returns `out`. -> Path
 
     embedder: "minilm" (default when its package is installed), "mpnet" (better retrieval, ~7x the embedding
     time), "minilm+mpnet" (both, scores summed) or "hashed"; see embedding.py. flat_limit: the most bytes of
-    float32 passage vectors kept as an exact flat index; above it, IVF-PQ (see passage_index.py).
+    float32 passage vectors kept as an exact flat index; above it, the `compressed` kind (see passage_index.py):
+    "fastscan" (IVF-PQ fast-scan re-ranked against the stored vectors: fast, its codes in memory) or "ivfpq"
+    (8-bit IVF-PQ with its lists on disk: least memory, slower).
     partition_entries: suffix-order entries per partition file (see spans.py). hashed_dim: the hashed embedder's
     dimensions (16384 by default; a small one such as 256 makes it a cheap embedder for scale tests of the build,
     not one for retrieval quality).
@@ -270,6 +282,8 @@ def build_index(
     _validate(chunk_tokens, dedup_threshold, embedder)
     if flat_limit < 0 or partition_entries < 1:
         raise ValueError(f"flat_limit must be >= 0 and partition_entries >= 1, got {flat_limit}, {partition_entries}")
+    if compressed not in COMPRESSED_KINDS:
+        raise ValueError(f"compressed must be one of {COMPRESSED_KINDS}, got {compressed!r}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if not 1 <= hashed_dim <= _MAX_DIM:
@@ -291,6 +305,7 @@ def build_index(
     options: dict = {"field": field, "chunk_tokens": chunk_tokens, "dedup_threshold": dedup_threshold}
     options["embedder"] = embedder
     layout: dict = {"flat_limit": flat_limit, "partition_entries": partition_entries, "hashed_dim": hashed_dim}
+    layout["compressed"] = compressed
     with new_generation(out, force=force, protect=sources) as gen:
         # the stages differ by engine; the generation, the writers, the manifest and the commit are one path
         result: StageResult
@@ -333,6 +348,7 @@ def _run_local_stages(
     flat_limit: int,
     partition_entries: int,
     hashed_dim: int,
+    compressed: str,
 ) -> StageResult:
     """The build's stages in this process, writing into `folder`. -> StageResult"""
     t0 = time.perf_counter()
@@ -368,7 +384,7 @@ def _run_local_stages(
     vectors = emb.embed(passage_texts, progress=bar)  # (P, dim)
     bar.close()
     faiss_files, passage_fields = write_passage_index(
-        folder, [vectors], dim=emb.dim, n_total=len(passage_texts), flat_limit_bytes=flat_limit
+        folder, [vectors], dim=emb.dim, n_total=len(passage_texts), flat_limit_bytes=flat_limit, compressed=compressed
     )
     files_written += faiss_files + emb.save(folder)
     t_end = time.perf_counter()
@@ -448,9 +464,9 @@ def _required_files(manifest: dict) -> tuple[str, ...]:
     """The files this code needs for the manifest's span partitions and embedder: decided here (the partitions'
     names from their count), never by the manifest's list."""
     span_fields = manifest if _is_partitioned(manifest) else None
-    passages = manifest.get("passage_index")
-    on_disk = isinstance(passages, dict) and passages.get("inverted_lists") == "ondisk"
-    return index_files(span_fields, hashed=manifest["embedder"]["name"] == "hashed", lists_on_disk=on_disk)
+    passages = manifest.get("passage_index") if _is_partitioned(manifest) else None
+    extra = passage_extra_files(passages)
+    return index_files(span_fields, hashed=manifest["embedder"]["name"] == "hashed", passage_extra=extra)
 
 
 def _read_sources(path: Path, n_passages: int, label: str) -> list[str]:

@@ -1,5 +1,5 @@
 """.npy files an index reads and writes: a checked reader that maps nothing before its header is proven, and an
-appending writer for 1-D arrays whose length is only known at the end.
+appending writer for arrays whose length is only known at the end.
 
 Knows: the .npy header (format version 1.0 and 2.0), memory maps, and which errors mean a bad file. Does not know
 what the arrays mean (spans.py, index.py check their contents) or which files a folder holds (format.py).
@@ -49,42 +49,45 @@ def open_npy(path: Path, dtypes: Sequence, ndim: int, label: str) -> np.ndarray:
     return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
 
 
-def _header(dtype: np.dtype, n: int) -> bytes:
-    """A .npy 1.0 header for a 1-D array of n items, padded with spaces to exactly _HEADER_BYTES."""
-    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
+def _header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A .npy 1.0 header for an array of `shape`, padded with spaces to exactly _HEADER_BYTES."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
     room = _HEADER_BYTES - 10 - 1  # magic (6) + version (2) + header length (2); the header ends with a newline
-    if len(text) > room:  # pragma: no cover - a 1-D shape always fits
-        raise ValueError(f"a .npy header for {dtype} x {n} does not fit {_HEADER_BYTES} bytes")
+    if len(text) > room:  # pragma: no cover - a shape of a few dimensions always fits
+        raise ValueError(f"a .npy header for {dtype} {shape} does not fit {_HEADER_BYTES} bytes")
     return b"\x93NUMPY\x01\x00" + (room + 1).to_bytes(2, "little") + text.ljust(room).encode("latin1") + b"\n"
 
 
 class NpyAppender:
-    """Write a 1-D `.npy` file block by block without knowing its length up front: a fixed-size header first,
+    """Write a `.npy` file block by block without knowing its length up front: a fixed-size header first,
     blocks appended, the header rewritten in place with the final length by `close`. Memory: one block.
+    row_shape: the shape of one item, () for a 1-D file (the default), (dim,) for a file of (n, dim) rows.
 
         with NpyAppender(path, np.uint32) as out:
             for block in blocks:
                 out.append(block)
     """
 
-    def __init__(self, path: Path, dtype):
-        self.path, self.dtype, self.count = Path(path), np.dtype(dtype), 0
+    def __init__(self, path: Path, dtype, row_shape: tuple[int, ...] = ()):
+        self.path, self.dtype, self.row_shape, self.count = Path(path), np.dtype(dtype), tuple(row_shape), 0
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
-        self._file.write(_header(self.dtype, 0))
+        self._file.write(_header(self.dtype, (0, *self.row_shape)))
 
     def append(self, block: np.ndarray) -> None:
-        """Append a 1-D block, cast to the file's dtype. (B,)"""
+        """Append a block of items, cast to the file's dtype. (B, *row_shape)"""
         arr = np.ascontiguousarray(block, dtype=self.dtype)
-        if arr.ndim != 1:
-            raise ValueError(f"NpyAppender takes 1-D blocks, got shape {arr.shape}")
+        if arr.ndim != 1 + len(self.row_shape) or arr.shape[1:] != self.row_shape:
+            raise ValueError(
+                f"NpyAppender takes blocks of shape (B, {', '.join(map(str, self.row_shape))}), got {arr.shape}"
+            )
         arr.tofile(self._file)
-        self.count += arr.size
+        self.count += arr.shape[0]
 
     def close(self) -> None:
         if self._file.closed:
             return
         self._file.seek(0)
-        self._file.write(_header(self.dtype, self.count))
+        self._file.write(_header(self.dtype, (self.count, *self.row_shape)))
         self._file.close()
 
     def __enter__(self) -> NpyAppender:

@@ -1,32 +1,43 @@
-"""The faiss index over passage embeddings: exact (IndexFlatIP) while it is small, IVF-PQ when it is not.
+"""The faiss index over passage embeddings: exact (IndexFlatIP) while it is small, compressed when it is not.
 
-`write_passage_index(folder, vectors, dim=, n_total=, flat_limit_bytes=)` writes `passages.faiss` and returns the
-manifest fields that `read_passage_index` checks on load:
+`write_passage_index(folder, vectors, dim=, n_total=, flat_limit_bytes=, compressed=)` writes `passages.faiss` (and
+the file beside it) and returns the manifest fields that `read_passage_index` checks on load:
 - flat, when the float32 vectors take at most `flat_limit_bytes` (FLAT_LIMIT_BYTES, 1 GiB, by default) or there
   are fewer than MIN_IVF_PASSAGES of them: 4 * dim bytes per passage, exact inner-product search;
-- IVF-PQ with inner product otherwise: nlist ~ 4 sqrt(n) inverted lists (bounded by MAX_NLIST and by the training
-  sample), a product quantizer of m = dim sub-quantizers of 8 bits (1 byte per dimension, plus an 8-byte id per
-  passage: ~dim + 8 bytes instead of 4 dim; a coarser m = dim/2 measured 0.82 recall@10 on clustered vectors, below
-  the target; m is capped at MAX_PQ_M, the largest divisor of dim up to it, so the 16384-dim hashed embedder gets
-  16-dim sub-quantizers; even so that build is slow, over 3 minutes for 1,100 passages on 2 cores, not
-  profiled), trained on a seeded random sample of at most max(64 nlist, 39 * 256) vectors. nprobe is the smallest
-  value (powers of two tried first, then a bisection between the last two) whose recall@10 against exact search
-  on RECALL_QUERIES held-out passages (never in the training sample) reaches RECALL_TARGET; recall@10 is the mean
-  overlap of the approximate and the exact top 10.
-  Both are measured at build time and recorded; if even nprobe = nlist misses the target, the build warns and
-  records what it measured.
+- otherwise the `compressed` kind, both with inner product and nlist ~ 4 sqrt(n) inverted lists (bounded by
+  MAX_NLIST and by the training sample), trained on a seeded random sample of at most max(64 nlist, 39 * 256)
+  vectors:
+  - "fastscan" (the default; manifest kind "ivfpq_fastscan"): IVF-PQ fast-scan, m = dim / 2 sub-quantizers of 4
+    bits (scored from lookup tables held in SIMD registers; dim / 4 + 8 bytes a passage, held in memory when
+    searched), whose k * k_factor best candidates are re-ranked by their exact inner product with the vectors
+    themselves, stored beside it (REFINE_FILE, 4 dim bytes a passage, memory-mapped: a query reads only its
+    candidates' rows). k_factor is the first of K_FACTORS that reaches the recall target. On 544,642 hashed
+    256-dim passage vectors of the 100M-token benchmark corpus this measured recall@10 0.90 at 1.5 ms a query
+    where the 8-bit kind below took 15 ms (docs/LOG.md, 2026-12-06);
+  - "ivfpq": m = dim sub-quantizers of 8 bits (1 byte per dimension plus an 8-byte id a passage; a coarser
+    m = dim/2 measured 0.82 recall@10 on clustered vectors, below the target; m is capped at MAX_PQ_M, the largest
+    divisor of dim up to it, so the 16384-dim hashed embedder gets 16-dim sub-quantizers; even so that build is
+    slow, over 3 minutes for 1,100 passages on 2 cores, not profiled), its lists merged on disk (below): the least
+    memory, the slowest search.
+  nprobe is the smallest value (powers of two tried first, then a bisection between the last two) whose recall@10
+  against exact search on RECALL_QUERIES held-out passages (never in the training sample) reaches RECALL_TARGET;
+  recall@10 is the mean overlap of the approximate and the exact top 10. Both are measured at build time and
+  recorded; if even nprobe = nlist (and, for fast-scan, the largest k_factor) misses the target, the build warns
+  and records what it measured.
 
-`vectors` is read once for a flat index and twice for IVF-PQ (a first pass draws the samples, a second adds every
-vector and finds the held-out passages' exact neighbours), so it is a callable returning a fresh iterable of blocks,
-or a re-iterable (a list of blocks); a one-shot iterator is refused for IVF-PQ. Blocks are (B, dim)
-float32 in passage order; memory is one block plus the sample, and for IVF-PQ one shard's codes (dim + 8 bytes per
-passage, SHARD_VECTORS passages a shard). IVF-PQ shards are written beside the index as they fill and their
-inverted lists merged on disk into IVFDATA_FILE (faiss' merge_ondisk), which the index names by its file name
-alone and a load reads from the index's own folder, memory-mapped.
+`vectors` is read once for a flat index and twice when compressed (a first pass draws the samples, a second adds
+every vector and finds the held-out passages' exact neighbours), so it is a callable returning a fresh iterable of
+blocks, or a re-iterable (a list of blocks); a one-shot iterator is refused when compressed. Blocks are (B, dim)
+float32 in passage order; memory is one block plus the sample, plus for fast-scan every passage's codes (dim / 4 +
+8 bytes), for IVF-PQ one shard's codes (dim + 8 bytes per passage, SHARD_VECTORS passages a shard). IVF-PQ shards
+are written beside the index as they fill and their inverted lists merged on disk into IVFDATA_FILE (faiss'
+merge_ondisk), which the index names by its file name alone and a load reads from the index's own folder,
+memory-mapped.
 
 Loading checks the file's header against the manifest before faiss reads a byte: for flat the dimensions, count and
-exact file size; for IVF-PQ every size faiss would read (dims, count, lists, quantizer, codebook, list sizes
-summing to the count, the exact file size).
+exact file size; for the compressed kinds every size faiss would read (dims, count, lists, quantizer, codebook,
+list sizes summing to the count, the exact file size), and for fast-scan the stored vectors' .npy header ((n, dim)
+float32, the exact file size).
 
 Knows: faiss index kinds, their file layout and parameters. Does not know passages, texts, embedders or manifests
 beyond the fields it returns and reads back.
@@ -48,10 +59,14 @@ import numpy as np
 
 from ..checked_folder import FolderFormatError, GenerationGone
 from .extra import require
+from .npyfile import NpyAppender, open_npy
 
 __all__ = [
+    "COMPRESSED_KINDS",
     "FAISS_FILE",
     "IVFDATA_FILE",
+    "REFINE_FILE",
+    "RefinedIndex",
     "SHARD_VECTORS",
     "FLAT_LIMIT_BYTES",
     "MAX_NLIST",
@@ -61,6 +76,7 @@ __all__ = [
     "RECALL_TARGET",
     "check_passage_file",
     "parse_bytes",
+    "passage_extra_files",
     "passage_fields_problem",
     "read_passage_index",
     "write_passage_index",
@@ -68,6 +84,8 @@ __all__ = [
 
 FAISS_FILE = "passages.faiss"
 IVFDATA_FILE = "passages.ivfdata"  # an IVF-PQ index's inverted lists, merged on disk from its shards
+REFINE_FILE = "passages.refine.npy"  # a fast-scan index's exact vectors, memory-mapped to re-rank its candidates
+COMPRESSED_KINDS = ("fastscan", "ivfpq")  # what a build writes above the flat limit; the first is the default
 SHARD_VECTORS = 1 << 20  # vectors per IVF-PQ shard: the writer holds one shard's codes in memory at a time
 FLAT_LIMIT_BYTES = 1 << 30  # float32 vectors up to this size stay an exact flat index
 MIN_IVF_PASSAGES = 1024  # fewer passages: flat whatever the limit (too few to train lists and a codebook)
@@ -75,6 +93,10 @@ MAX_NLIST = 1 << 14
 MAX_PQ_M = 1024  # sub-quantizers at most: training and search tables grow with m
 RECALL_TARGET, RECALL_K, RECALL_QUERIES = 0.9, 10, 256
 PQ_BITS = 8
+FASTSCAN_BITS = 4  # fast-scan codes: 16 centroids a sub-quantizer, scored from tables held in SIMD registers
+FASTSCAN_BLOCK = 32  # vectors a block of a fast-scan inverted list (faiss' bbs)
+K_FACTORS = (16, 32, 64)  # candidates re-ranked per neighbour asked for, tried in turn until the recall target is met
+MAX_K_FACTOR = 1024
 _SEARCH_ROWS = 1 << 14  # database rows scored against the held-out queries at a time
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BYTES = re.compile(r"\s*([0-9]+)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
@@ -150,18 +172,27 @@ def _recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / b.size for a, b in zip(found, exact, strict=True)]))
 
 
-def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dict:
+def _refuse_one_shot(vectors) -> None:
     if not callable(vectors) and iter(vectors) is vectors:
         raise ValueError(
             "an IVF-PQ passage index reads the vectors twice: pass a callable returning a fresh iterable of "
             "blocks (or a list), not a one-shot iterator"
         )
+
+
+def _sub_quantizers(dim: int, most: int) -> int:
+    """The product quantizer's m: the largest divisor of dim up to min(most, MAX_PQ_M)."""
+    return max(d for d in range(1, min(dim, most, MAX_PQ_M) + 1) if dim % d == 0)
+
+
+def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dict:
+    _refuse_one_shot(vectors)
     # 1) first pass: the training sample and the held-out queries
     nlist, held_rows, train_rows = _plan(n, seed)
     sample = _gather(vectors, dim, np.concatenate((held_rows, train_rows)))
     queries, train = sample[: held_rows.size], sample[held_rows.size :]
     # 2) train the coarse quantizer and the codebook, seeded
-    m = max(d for d in range(1, min(dim, MAX_PQ_M) + 1) if dim % d == 0)
+    m = _sub_quantizers(dim, dim)
     trained = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
     trained.cp.seed = seed
     trained.pq.cp.seed = seed
@@ -201,11 +232,7 @@ def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dic
     # 4) the smallest nprobe that reaches the recall target on the held-out queries
     nprobe, recall, reached = _smallest_nprobe(index, queries, best_ids, k, nlist)
     if not reached:
-        warnings.warn(
-            f"IVF-PQ passage index: recall@{k} {recall:.3f} at nprobe={nlist} (every list) misses the target "
-            f"{RECALL_TARGET}; raise --flat-limit for an exact index",
-            stacklevel=3,
-        )
+        _warn_recall(k, recall, nlist)
     index.nprobe = nprobe
     faiss.write_index(index, str(path))
     return {
@@ -221,6 +248,105 @@ def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dic
         "inverted_lists": "ondisk",
         "shards": len(shards),
     }
+
+
+def _warn_recall(k: int, recall: float, nlist: int) -> None:
+    warnings.warn(
+        f"IVF-PQ passage index: recall@{k} {recall:.3f} at nprobe={nlist} (every list) misses the target "
+        f"{RECALL_TARGET}; raise --flat-limit for an exact index",
+        stacklevel=4,
+    )
+
+
+def _write_fastscan(faiss, folder: Path, vectors, dim: int, n: int, seed: int) -> dict:
+    """IVF-PQ fast-scan (4-bit codes, m = dim / 2 sub-quantizers, lists in memory) whose candidates are re-ranked
+    exactly against the vectors themselves, stored beside it (REFINE_FILE) and memory-mapped when searched."""
+    _refuse_one_shot(vectors)
+    # 1) first pass: the training sample and the held-out queries
+    nlist, held_rows, train_rows = _plan(n, seed)
+    sample = _gather(vectors, dim, np.concatenate((held_rows, train_rows)))
+    queries, train = sample[: held_rows.size], sample[held_rows.size :]
+    # 2) train the coarse quantizer and the codebook, seeded
+    m = _sub_quantizers(dim, max(1, dim // 2))
+    index = faiss.IndexIVFPQFastScan(
+        faiss.IndexFlatIP(dim), dim, nlist, m, FASTSCAN_BITS, faiss.METRIC_INNER_PRODUCT, FASTSCAN_BLOCK
+    )
+    index.cp.seed = seed
+    index.pq.cp.seed = seed
+    index.train(train)
+    del train, sample
+    # 3) second pass: every vector coded into the lists and stored exactly; the held-out queries scored exactly
+    k = min(RECALL_K, n)
+    best = np.full((queries.shape[0], k), -np.inf, dtype=np.float32)  # (Q, k) exact scores so far
+    best_ids = np.full((queries.shape[0], k), -1, dtype=np.int64)  # (Q, k)
+    start = 0
+    with NpyAppender(folder / REFINE_FILE, np.float32, (dim,)) as refine:
+        for block in _blocks(vectors, dim):
+            index.add(block)
+            refine.append(block)
+            best, best_ids = _score_block(queries, block, start, best, best_ids, k)
+            start += block.shape[0]
+    _check_count(start, n)
+    # 4) the fewest candidates per neighbour, then the fewest lists, that reach the target on the held-out queries
+    searcher = RefinedIndex(index, open_npy(folder / REFINE_FILE, [np.float32], 2, REFINE_FILE), K_FACTORS[0])
+    for k_factor in K_FACTORS:
+        searcher.k_factor = k_factor
+        nprobe, recall, reached = _smallest_nprobe(searcher, queries, best_ids, k, nlist)
+        if reached:
+            break
+    else:
+        _warn_recall(k, recall, nlist)
+    index.nprobe = nprobe
+    faiss.write_index(index, str(folder / FAISS_FILE))
+    return {
+        "kind": "ivfpq_fastscan",
+        "nlist": nlist,
+        "m": m,
+        "nbits": FASTSCAN_BITS,
+        "nprobe": nprobe,
+        "k_factor": searcher.k_factor,
+        "refine": "float32",
+        f"recall_at_{RECALL_K}": round(recall, 4),
+        "held_out": int(queries.shape[0]),
+        "train_vectors": int(train_rows.size),
+        "seed": seed,
+    }
+
+
+class RefinedIndex:
+    """A fast-scan IVF-PQ index whose k * k_factor candidates are re-ranked by their exact inner product with the
+    stored vectors (what faiss' IndexRefineFlat does, with the vectors memory-mapped instead of held in memory: a
+    query reads k * k_factor rows of them). Answers as a faiss index does: `search`, `nprobe`, `d`, `ntotal`."""
+
+    def __init__(self, coarse, vectors: np.ndarray, k_factor: int):
+        if vectors.shape != (coarse.ntotal, coarse.d):
+            raise ValueError(f"the stored vectors are {vectors.shape}, the index holds {coarse.ntotal} of {coarse.d}")
+        self.coarse, self.vectors, self.k_factor = coarse, vectors, k_factor
+        self.d, self.ntotal = coarse.d, coarse.ntotal
+
+    @property
+    def nprobe(self) -> int:
+        return self.coarse.nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self.coarse.nprobe = value
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, d) float32, k -> (scores (Q, k) float32, ids (Q, k) int64), best first; -inf and -1 pad rows that
+        have fewer than k candidates. Ties go to the lower id."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores = np.full((queries.shape[0], k), -np.inf, dtype=np.float32)
+        ids = np.full((queries.shape[0], k), -1, dtype=np.int64)
+        if self.ntotal == 0:
+            return scores, ids
+        _, candidates = self.coarse.search(queries, min(k * self.k_factor, self.ntotal))  # (Q, k * k_factor)
+        for row, (query, found) in enumerate(zip(queries, candidates, strict=True)):
+            found = np.unique(found[found >= 0])  # ascending: the stored rows are read in file order
+            exact = self.vectors[found] @ query  # (C,)
+            top = np.argsort(-exact, kind="stable")[:k]
+            scores[row, : top.size], ids[row, : top.size] = exact[top], found[top]
+        return scores, ids
 
 
 def _smallest_nprobe(index, queries, exact_ids, k: int, nlist: int) -> tuple[int, float, bool]:
@@ -321,25 +447,46 @@ def write_passage_index(
     n_total: int,
     flat_limit_bytes: int = FLAT_LIMIT_BYTES,
     seed: int = 0,
+    compressed: str = COMPRESSED_KINDS[0],
 ) -> tuple[list[str], dict]:
-    """Write `passages.faiss` into `folder`: flat when n_total * dim * 4 <= flat_limit_bytes (or n_total <
-    MIN_IVF_PASSAGES), else IVF-PQ (see the module docstring).
+    """Write `passages.faiss` (and the files beside it) into `folder`: flat when n_total * dim * 4 <=
+    flat_limit_bytes (or n_total < MIN_IVF_PASSAGES), else the `compressed` kind (see the module docstring):
+    "fastscan" (IVF-PQ fast-scan re-ranked against the stored vectors) or "ivfpq" (8-bit IVF-PQ, lists on disk).
 
     vectors: (B, dim) float32 blocks in passage order, as a callable returning a fresh iterable, or a re-iterable
-    (read twice for IVF-PQ). n_total: how many vectors there are (checked). seed: the samples' and k-means' seed.
-    -> (file names written, manifest fields {"passage_index": {"kind": "flat"} or {"kind": "ivfpq", "nlist", "m",
-        "nbits", "nprobe", "recall_at_10", "held_out", "train_vectors", "seed"}})
+    (read twice when compressed). n_total: how many vectors there are (checked). seed: the samples' and k-means'
+    seed.
+    -> (file names written, manifest fields {"passage_index": {"kind": "flat"}, {"kind": "ivfpq_fastscan", "nlist",
+        "m", "nbits", "nprobe", "k_factor", "refine", "recall_at_10", ...} or {"kind": "ivfpq", "nlist", "m",
+        "nbits", "nprobe", "recall_at_10", "held_out", "train_vectors", "seed", "inverted_lists", "shards"}})
     """
     if not 1 <= dim <= 1 << 16 or n_total < 0 or flat_limit_bytes < 0:
         raise ValueError(
             f"dim must be in [1, 65536], n_total and flat_limit_bytes >= 0; got {dim}, {n_total}, {flat_limit_bytes}"
         )
+    if compressed not in COMPRESSED_KINDS:
+        raise ValueError(f"compressed must be one of {COMPRESSED_KINDS}, got {compressed!r}")
     faiss = require("faiss")
     path = Path(folder) / FAISS_FILE
     if n_total * dim * 4 <= flat_limit_bytes or n_total < MIN_IVF_PASSAGES:
-        return [FAISS_FILE], {"passage_index": _write_flat(faiss, path, vectors, dim, n_total)}
-    fields = _write_ivfpq(faiss, path, vectors, dim, n_total, seed)
-    return [FAISS_FILE, IVFDATA_FILE], {"passage_index": fields}
+        fields = _write_flat(faiss, path, vectors, dim, n_total)
+    elif compressed == "fastscan":
+        fields = _write_fastscan(faiss, Path(folder), vectors, dim, n_total, seed)
+    else:
+        fields = _write_ivfpq(faiss, path, vectors, dim, n_total, seed)
+    return [FAISS_FILE, *passage_extra_files(fields)], {"passage_index": fields}
+
+
+def passage_extra_files(fields: dict | None) -> tuple[str, ...]:
+    """The files a passage index of these manifest fields (`passage_index`; None: versions 1 and 2) holds beside
+    FAISS_FILE: the merged lists of an on-disk IVF-PQ, the stored vectors of a fast-scan index. -> names"""
+    if fields is None:
+        return ()
+    if fields.get("kind") == "ivfpq_fastscan":
+        return (REFINE_FILE,)
+    if fields.get("kind") == "ivfpq" and fields.get("inverted_lists") == "ondisk":
+        return (IVFDATA_FILE,)
+    return ()
 
 
 # -- reading: the header first -----------------------------------------------------------------------------------
@@ -348,16 +495,21 @@ def write_passage_index(
 def passage_fields_problem(fields: dict) -> str | None:
     """What is wrong with a manifest's `passage_index` field, or None."""
     p = fields.get("passage_index")
-    if not isinstance(p, dict) or p.get("kind") not in ("flat", "ivfpq"):
-        return "'passage_index' is missing or its kind is not 'flat' or 'ivfpq'"
+    if not isinstance(p, dict) or p.get("kind") not in ("flat", "ivfpq", "ivfpq_fastscan"):
+        return "'passage_index' is missing or its kind is not 'flat', 'ivfpq' or 'ivfpq_fastscan'"
     if p["kind"] == "flat":
         return None
-    for key, hi in (("nlist", MAX_NLIST), ("m", 1 << 16), ("nprobe", MAX_NLIST)):
+    fast = p["kind"] == "ivfpq_fastscan"
+    limits = (("nlist", MAX_NLIST), ("m", 1 << 16), ("nprobe", MAX_NLIST), *((("k_factor", MAX_K_FACTOR),) * fast))
+    for key, hi in limits:
         value = p.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
             return f"'passage_index.{key}' is not an integer in [1, {hi}]"
-    if p.get("nbits") != PQ_BITS or p["nprobe"] > p["nlist"]:
-        return f"'passage_index' asks for nbits {p.get('nbits')!r} (this code writes {PQ_BITS}) or nprobe > nlist"
+    bits = FASTSCAN_BITS if fast else PQ_BITS
+    if p.get("nbits") != bits or p["nprobe"] > p["nlist"]:
+        return f"'passage_index' asks for nbits {p.get('nbits')!r} (this code writes {bits}) or nprobe > nlist"
+    if fast:
+        return None if p.get("refine") == "float32" else "'passage_index.refine' is not 'float32'"
     if p.get("inverted_lists", "memory") not in ("memory", "ondisk"):
         return "'passage_index.inverted_lists' is neither 'memory' (in passages.faiss) nor 'ondisk'"
     return None
@@ -449,6 +601,58 @@ def _check_ivfpq(path: Path, dim: int, n: int, fields: dict, label: str) -> None
             raise refuse(f"it has {r.size} bytes where its lists need {r.f.tell() + total * (m + 8)}")
 
 
+def _check_fastscan(path: Path, dim: int, n: int, fields: dict, label: str) -> None:
+    """Walk an IndexIVFPQFastScan file as faiss writes it (header, coarse quantizer, direct map, fast-scan layout,
+    codebook, then its lists in blocks of FASTSCAN_BLOCK vectors: each list's ids, then its codes rounded up to
+    whole blocks) and compare every size faiss would trust with the manifest."""
+    nlist, m = fields["nlist"], fields["m"]
+    packed = (m + 1) // 2  # bytes of one vector's codes: two 4-bit codes a byte
+
+    def refuse(what: str) -> FolderFormatError:
+        return FolderFormatError(f"{label}: {what}, not the fast-scan IVF-PQ index the manifest describes")
+
+    r = _Reader(path, label)
+    with r.f:
+        fourcc, d, ntotal, _, _, trained, metric = r.read(_INDEX_HEADER)
+        if fourcc != b"IwPf" or metric != _METRIC_INNER_PRODUCT or not trained:
+            raise refuse("not a trained inner-product faiss IndexIVFPQFastScan")
+        if d != dim or ntotal != n:
+            raise refuse(f"holds {ntotal} vectors of {d} dims (the manifest: {n} of {dim})")
+        (lists, _) = r.read("QQ")
+        if lists != nlist:
+            raise refuse(f"{lists} inverted lists")
+        qfourcc, qd, qn, _, _, _, qmetric, qcodes = r.read(_FLAT)
+        if (qfourcc, qd, qn, qmetric, qcodes) != (b"IxFI", dim, nlist, _METRIC_INNER_PRODUCT, nlist * dim):
+            raise refuse("its coarse quantizer is not a flat inner-product index of one centroid per list")
+        r.skip(4 * qcodes)
+        map_type, map_size = r.read("bQ")
+        if map_type != 0 or map_size != 0:
+            raise refuse("it keeps a direct map")
+        _, code_size, block, m2, _, _ = r.read("?QiQiQ")  # by_residual, code_size, bbs, M2, implem, qbs2
+        if (code_size, block, m2) != (packed, FASTSCAN_BLOCK, 2 * packed):
+            raise refuse(f"its codes take {code_size} bytes in blocks of {block}")
+        pq_d, pq_m, pq_bits, centroids = r.read("QQQQ")
+        if (pq_d, pq_m, pq_bits, centroids) != (dim, m, FASTSCAN_BITS, dim << FASTSCAN_BITS):
+            raise refuse(f"its product quantizer is {pq_m} x {pq_bits} bits over {pq_d} dims")
+        r.skip(4 * centroids)
+        kind_of_lists, il_lists, _, per_block, block_bytes = r.read("4sQqQQ")
+        if (kind_of_lists, il_lists, per_block, block_bytes) != (b"ilbl", nlist, FASTSCAN_BLOCK, block * packed):
+            raise refuse("its inverted lists are not blocks of fast-scan codes, one list per centroid")
+        total = 0
+        for _ in range(nlist):
+            (size,) = r.read("Q")
+            r.skip(8 * size)
+            (code_bytes,) = r.read("Q")
+            if code_bytes != -(-size // per_block) * block_bytes:
+                raise refuse(f"a list of {size} vectors holds {code_bytes} bytes of codes")
+            r.skip(code_bytes)
+            total += size
+        if total != n:
+            raise refuse(f"its lists hold {total} vectors")
+        if r.f.tell() != r.size:
+            raise refuse("it has bytes after its inverted lists")
+
+
 def _check_ondisk_lists(r: _Reader, ivfdata: Path, n: int, nlist: int, m: int, refuse) -> None:
     """The rest of an IVF-PQ file whose lists live in `ivfdata` (faiss' OnDiskInvertedLists, as merge_ondisk
     writes it): (size, capacity, offset) per list, the free slots, the lists file's name and size. Every list must
@@ -485,13 +689,32 @@ def check_passage_file(path: Path, fields: dict | None, dim: int, n: int, label:
     `passage_index` (checked by passage_fields_problem), None for versions 1 and 2 (flat)."""
     if fields is None or fields["kind"] == "flat":
         _check_flat(path, dim, n, label)
+    elif fields["kind"] == "ivfpq_fastscan":
+        _check_fastscan(path, dim, n, fields, label)
     else:
         _check_ivfpq(path, dim, n, fields, label)
 
 
+def _open_refine(path: Path, dim: int, n: int, label: str) -> np.ndarray:
+    """The fast-scan index's stored vectors beside `path`, memory-mapped once their header says (n, dim) float32."""
+    refine = path.with_name(REFINE_FILE)
+    if not refine.exists():
+        raise GenerationGone(f"{REFINE_FILE} is missing")
+    name = label.replace(path.name, REFINE_FILE) if path.name in label else f"{label} ({REFINE_FILE})"
+    vectors = open_npy(refine, [np.float32], 2, name)
+    if vectors.shape != (n, dim):
+        raise FolderFormatError(
+            f"{name}: holds {vectors.shape[0]} vectors of {vectors.shape[1]} dims, the manifest says {n} of {dim}"
+        )
+    return vectors
+
+
 def read_passage_index(path: Path, fields: dict | None, dim: int, n: int, label: str):
-    """The checked faiss index, read-only, with the manifest's nprobe for IVF-PQ. -> faiss.Index"""
+    """The checked faiss index, read-only, with the manifest's nprobe for IVF-PQ; a fast-scan index comes as a
+    RefinedIndex over its memory-mapped vectors. -> faiss.Index or RefinedIndex (both: search, nprobe, d, ntotal)"""
     check_passage_file(path, fields, dim, n, label)
+    fast = fields is not None and fields["kind"] == "ivfpq_fastscan"
+    refine = _open_refine(path, dim, n, label) if fast else None
     faiss = require("faiss")
     try:
         # an on-disk IVF-PQ's lists file is read from this folder, whatever name it was written under
@@ -500,6 +723,8 @@ def read_passage_index(path: Path, fields: dict | None, dim: int, n: int, label:
         if not path.exists():
             raise GenerationGone(f"{label} is missing") from None
         raise FolderFormatError(f"{label}: faiss cannot read it ({e})") from None
-    if fields is not None and fields["kind"] == "ivfpq":
+    if fields is not None and fields["kind"] != "flat":
         index.nprobe = fields["nprobe"]
+    if refine is not None:
+        return RefinedIndex(index, refine, fields["k_factor"])
     return index

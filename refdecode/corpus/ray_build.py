@@ -636,6 +636,7 @@ def run_ray_stages(
     flat_limit: int,
     partition_entries: int,
     hashed_dim: int,
+    compressed: str,
     address: str | None = None,
     blocks: int | None = None,
 ) -> StageResult:
@@ -655,7 +656,7 @@ def run_ray_stages(
                 chunk_tokens=chunk_tokens,
                 dedup_threshold=dedup_threshold,
                 embedder=embedder,
-                layout={"flat_limit": flat_limit, "partition_entries": partition_entries},
+                layout={"flat_limit": flat_limit, "partition_entries": partition_entries, "compressed": compressed},
                 hashed_dim=hashed_dim,
                 blocks=blocks,
             )

@@ -37,7 +37,7 @@ def write_sharded(folder, vectors, shard=SHARD, n=N):
     before = pi.SHARD_VECTORS
     pi.SHARD_VECTORS = shard
     try:
-        return pi.write_passage_index(folder, vectors, dim=DIM, n_total=n, flat_limit_bytes=1000)
+        return pi.write_passage_index(folder, vectors, dim=DIM, n_total=n, flat_limit_bytes=1000, compressed="ivfpq")
     finally:
         pi.SHARD_VECTORS = before
 
@@ -250,15 +250,20 @@ def test_flat_limit_option_in_the_cli(capsys):
 # -- a whole index over an IVF-PQ passage index ------------------------------------------------------------------
 
 
-def test_corpus_index_builds_loads_and_searches_an_ivfpq_passage_index(tmp_path, monkeypatch):
-    """build_index with flat_limit=0 writes IVF-PQ (a 64-dim hashed embedder, hashed_dim=64, keeps it quick: the
-    default 16384 dims train slowly); the load checks its header and sets the manifest's nprobe; a passage's own text
-    finds it."""
+@pytest.mark.parametrize(
+    "compressed, kind, beside",
+    [("ivfpq", "ivfpq", "passages.ivfdata"), ("fastscan", "ivfpq_fastscan", "passages.refine.npy")],
+)
+def test_corpus_index_builds_loads_and_searches_a_compressed_passage_index(tmp_path, compressed, kind, beside):
+    """build_index with flat_limit=0 writes the compressed kind asked for (a 64-dim hashed embedder, hashed_dim=64,
+    keeps it quick: the default 16384 dims train slowly); the load checks its header and sets the manifest's nprobe;
+    a passage's own text finds it; the file beside passages.faiss is part of the index."""
     src = write_corpus(tmp_path / "src", seed=0, docs=40, words=300)
-    idx = build(src, tmp_path / "idx", chunk_tokens=8, flat_limit=0, hashed_dim=64)
+    idx = build(src, tmp_path / "idx", chunk_tokens=8, flat_limit=0, hashed_dim=64, compressed=compressed)
     index = CorpusIndex.load(idx)
     fields = index.manifest["passage_index"]
-    assert len(index) >= pi.MIN_IVF_PASSAGES and fields["kind"] == "ivfpq" and index.manifest["embedder"]["dim"] == 64
+    assert len(index) >= pi.MIN_IVF_PASSAGES and fields["kind"] == kind and index.manifest["embedder"]["dim"] == 64
+    assert beside in index.manifest["files"]
     assert index._faiss.nprobe == fields["nprobe"] and index.info()["passage_index"] == fields
     hits = [index.retrieve(index.passage(i).text, k=3)[0].id == i for i in range(0, len(index), 37)]
     assert np.mean(hits) >= 0.8
@@ -267,10 +272,12 @@ def test_corpus_index_builds_loads_and_searches_an_ivfpq_passage_index(tmp_path,
     m = json.loads((idx / "manifest.json").read_text())
     m["files"]["passages.faiss"] = file_entry(gen / "passages.faiss")
     (idx / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(IndexFormatError, match="passages.faiss: ends inside its faiss header"):
+    with pytest.raises(IndexFormatError, match="passages.faiss: (ends inside its faiss header|declares more data)"):
         CorpusIndex.load(idx)
-    assert fields["inverted_lists"] == "ondisk" and (gen / "passages.ivfdata").exists()
-    assert not any(".shard-" in p.name for p in gen.iterdir())
+    assert (gen / beside).exists() and not any(".shard-" in p.name for p in gen.iterdir())
+    (gen / beside).unlink()
+    with pytest.raises(IndexFormatError, match=beside):
+        CorpusIndex.load(idx)
 
 
 def test_a_version_2_index_still_loads_and_answers_the_same(tmp_path):

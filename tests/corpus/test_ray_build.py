@@ -420,12 +420,13 @@ def test_a_ray_the_caller_started_is_used_and_left_running_and_options_reach_the
     write = index_module.write_passage_index
 
     def recording(*args, **kw):
-        seen.append(kw["flat_limit_bytes"])
+        seen.append((kw["flat_limit_bytes"], kw["compressed"]))
         return write(*args, **kw)
 
     monkeypatch.setattr(index_module, "write_passage_index", recording)
-    out = build(write_corpus(tmp_path / "src", 4, docs=2), tmp_path / "idx", engine="ray", flat_limit=12345)
-    assert seen == [12345]
+    src = write_corpus(tmp_path / "src", 4, docs=2)
+    out = build(src, tmp_path / "idx", engine="ray", flat_limit=12345, compressed="ivfpq")
+    assert seen == [(12345, "ivfpq")]
     assert ray_local.is_initialized() and ray_local.data.range(3).count() == 3
     assert CorpusIndex.load(out).manifest["passage_index"] == {"kind": "flat"}  # too few passages for IVF-PQ
     with pytest.raises(ValueError, match="ray_address is only for engine='ray'"):
