@@ -723,8 +723,7 @@ def read_passage_index(path: Path, fields: dict | None, dim: int, n: int, label:
         if not path.exists():
             raise GenerationGone(f"{label} is missing") from None
         raise FolderFormatError(f"{label}: faiss cannot read it ({e})") from None
-    if fields is not None and fields["kind"] != "flat":
-        index.nprobe = fields["nprobe"]
-    if refine is not None:
-        return RefinedIndex(index, refine, fields["k_factor"])
-    return index
+    if fields is None or fields["kind"] == "flat":
+        return index
+    index.nprobe = fields["nprobe"]
+    return RefinedIndex(index, refine, fields["k_factor"]) if refine is not None else index
