@@ -32,7 +32,7 @@ from ..checked_folder import (
     GenerationGone,
     tokenizer_fingerprint,
 )
-from .spans import LEGACY_FILES, PARTITION_PATTERN, span_files
+from .spans import LEGACY_FILES, PARTITION_PATTERN, STREAM_SHARD_PATTERN, span_files
 
 __all__ = [
     "ALL_FILES",
@@ -83,7 +83,7 @@ INDEX_FOLDER = FolderFormat(
     version=FORMAT_VERSION,
     label="index",
     data_files=frozenset(ALL_FILES),
-    data_patterns=(PARTITION_PATTERN, IVF_SHARD_PATTERN),
+    data_patterns=(PARTITION_PATTERN, STREAM_SHARD_PATTERN, IVF_SHARD_PATTERN),
     readable=READABLE_VERSIONS,
     flat_versions=(1,),
     renew="rebuild it with `refdecode index build --force`",

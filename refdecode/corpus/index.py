@@ -9,7 +9,7 @@ An index holds, for a corpus tokenized with one tokenizer:
 
 Files (all listed with size and SHA-256 in manifest.json, inside its generation folder `gen-<id>/`; see format.py
 and refdecode/checked_folder.py):
-    span_stream.npy span_sa.NNNNN.npy... span_samples.npy   spans.py (version 1, 2: one span_sa.npy)
+    span_stream.npy (or .NNNNN.npy shards) span_sa.NNNNN.npy... span_samples.npy   spans.py (v1, 2: span_sa.npy)
     passage_text.bin (UTF-8) passage_text_offsets.npy (P+1,) uint64
     passage_tokens.npy (P, 2) int64: [start, end) in span_stream     passage_source.npy (P,) int32
     sources.json (list of source names)    passages.faiss (passage_index.py)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 
@@ -45,6 +46,9 @@ __all__ = [
     "LEGACY_FILES",
     "PARTITION_ENTRIES",
     "PARTITION_PATTERN",
+    "STREAM_SHARD_PATTERN",
+    "STREAM_SHARD_TOKENS",
+    "Concatenated",
     "SpanIndex",
     "SuffixOrder",
     "build_samples",
@@ -54,6 +58,7 @@ __all__ = [
     "read_span_index",
     "span_fields_problem",
     "span_files",
+    "stream_shard_names",
     "write_span_index",
 ]
 
@@ -62,12 +67,15 @@ PARTITION_ENTRIES = 1 << 26  # suffix-order entries per partition file: 256 MiB 
 PARTITION_PATTERN = r"span_sa\.[0-9]{5}\.npy"  # span_sa.00000.npy, span_sa.00001.npy, ...
 MAX_PARTITIONS = 100_000  # what five digits number
 STREAM_FILE, SAMPLES_FILE = "span_stream.npy", "span_samples.npy"
+STREAM_SHARD_TOKENS = 1 << 30  # stream tokens per shard file (2 GiB of uint16); one shard keeps STREAM_FILE's name
+STREAM_SHARD_PATTERN = r"span_stream\.[0-9]{5}\.npy"  # span_stream.00000.npy, ... when the stream has several
 LEGACY_FILES = (STREAM_FILE, "span_sa.npy", SAMPLES_FILE)  # format versions 1 and 2: one suffix-order file
 _COPY_CHUNK = 1 << 24  # stream items copied into its file at a time
 _KEY_CHUNK = 1 << 20  # sample keys computed at a time
 MAX_CONTINUATION = 256  # continuations are cut here whatever max_tokens a caller asks (drafts need less)
 _SAMPLE_BYTES_PER_TOKEN = 2  # sample spacing S is chosen so the samples cost this many bytes per corpus token
 _BACK = np.arange(DEPTH)  # offsets of a reversed window
+Stream: TypeAlias = "np.ndarray | ShardedStream"  # the token stream: one array, or its shards read as one
 
 
 def encode_stream(docs: Sequence[Sequence[int] | np.ndarray], vocab_size: int) -> np.ndarray:
@@ -144,10 +152,10 @@ def _key_dtypes(stream_dtype) -> tuple[np.dtype, np.dtype, int]:
     return be, np.dtype(f"S{be.itemsize * DEPTH}"), int(np.iinfo(stream_dtype).max)
 
 
-def _reversed_windows(stream: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def _reversed_windows(stream: Stream, ends: np.ndarray) -> np.ndarray:
     """stream[e], stream[e-1], ..., stream[e-DEPTH+1] (0 before the start) for each e. (B,) -> (B, DEPTH)"""
     idx = ends.astype(np.int64)[:, None] - _BACK[None, :]
-    return np.take(stream, idx, mode="clip")  # clip: index < 0 reads stream[0], the leading separator 0
+    return stream.take(idx, mode="clip")  # clip: index < 0 reads stream[0], the leading separator 0
 
 
 def _as_keys(windows: np.ndarray, stream_dtype) -> np.ndarray:
@@ -172,20 +180,23 @@ def build_samples(stream: np.ndarray, sa: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=key_dtype)
 
 
-class SuffixOrder:
-    """The suffix order (M,) as a virtual concatenation of partitions: consecutive slices of the global order, each a
-    1-D array of positions of one dtype (memory-mapped on load). What a lookup needs: `size`, `a[lo:hi:step]`,
-    `take(rows)` and `max()`; a global row maps to (partition, offset) by one searchsorted over `starts`."""
+class Concatenated:
+    """A 1-D integer array (N,) as a virtual concatenation of parts of one dtype (memory-mapped on load), read as
+    a lookup reads an array: `size`, `a[lo:hi:step]`, `a[i]`, `take(rows)` (np.take works, mode="clip" too) and
+    `max()`; a global row maps to (part, offset) by one searchsorted over `starts`."""
+
+    what = "a concatenated array"
 
     def __init__(self, parts: Sequence[np.ndarray]):
         if not parts:
-            raise ValueError("a suffix order needs at least one partition (an empty one for an empty order)")
+            raise ValueError(f"{self.what} needs at least one part (an empty one for an empty array)")
         if len({p.dtype for p in parts}) != 1 or any(p.ndim != 1 or p.dtype.kind not in "iu" for p in parts):
-            raise ValueError("suffix order partitions must be 1-D integer arrays of one dtype")
+            raise ValueError(f"the parts of {self.what} must be 1-D integer arrays of one dtype")
         self.parts = list(parts)
-        self.starts = np.zeros(len(parts) + 1, dtype=np.int64)  # (P+1,) global row of each partition's first entry
+        self.starts = np.zeros(len(parts) + 1, dtype=np.int64)  # (P+1,) global row of each part's first entry
         np.cumsum([p.size for p in parts], out=self.starts[1:])
         self.size, self.dtype, self.ndim = int(self.starts[-1]), self.parts[0].dtype, 1
+        self.shape = (self.size,)
 
     def __len__(self) -> int:
         return self.size
@@ -194,10 +205,15 @@ class SuffixOrder:
     def nbytes(self) -> int:
         return sum(int(p.nbytes) for p in self.parts)
 
-    def __getitem__(self, key: slice) -> np.ndarray:
-        """Rows of a slice, concatenated across partitions when it spans several. -> (K,)"""
+    def __getitem__(self, key: slice | int) -> np.ndarray:
+        """Rows of a slice, concatenated across parts when it spans several (-> (K,)); or one row (-> scalar)."""
+        if isinstance(key, (int, np.integer)):
+            row = int(key) + self.size if key < 0 else int(key)
+            if not 0 <= row < self.size:
+                raise IndexError(f"row {key} out of range for {self.what} of {self.size}")
+            return self.take(np.array([row]))[0]
         if not isinstance(key, slice):
-            raise TypeError("a suffix order is sliced (a[lo:hi]) or gathered (take), not indexed")
+            raise TypeError(f"{self.what} is sliced (a[lo:hi]), indexed by one row or gathered (take)")
         lo, hi, step = key.indices(self.size)
         if len(self.parts) == 1:
             return self.parts[0][lo:hi:step]
@@ -211,28 +227,49 @@ class SuffixOrder:
         ]
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """Entries at global `rows` (each in [0, size)), like np.take. (B,) -> (B,)"""
+    def take(self, rows, axis=None, out=None, mode: str = "raise") -> np.ndarray:
+        """Entries at global `rows` (each in [0, size); mode="clip" clips them into it), like np.take, which calls
+        this. Any shape of rows -> the same shape"""
+        if axis not in (None, 0) or out is not None:
+            raise TypeError(f"{self.what} takes along its one axis, without out=")
         rows = np.asarray(rows, dtype=np.int64)
+        if mode == "clip":
+            rows = np.clip(rows, 0, self.size - 1)
         if len(self.parts) == 1:
             return np.take(self.parts[0], rows)
-        part = np.searchsorted(self.starts, rows, side="right") - 1  # last partition starting at or before the row
-        out = np.empty(rows.shape, dtype=self.dtype)
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= self.size):
+            raise IndexError(f"a row out of range for {self.what} of {self.size}")
+        part = np.searchsorted(self.starts, rows, side="right") - 1  # last part starting at or before the row
+        found = np.empty(rows.shape, dtype=self.dtype)
         for p in np.unique(part).tolist():
             sel = part == p
-            out[sel] = np.take(self.parts[p], rows[sel] - self.starts[p])
-        return out
+            found[sel] = np.take(self.parts[p], rows[sel] - self.starts[p])
+        return found
 
     def max(self) -> int:
-        """The largest position; -1 for an empty order."""
+        """The largest entry; -1 for an empty array."""
         return max((int(p.max()) for p in self.parts if p.size), default=-1)
+
+
+class SuffixOrder(Concatenated):
+    """The suffix order (M,) as a virtual concatenation of partitions: consecutive slices of the global order, each a
+    1-D array of positions of one dtype."""
+
+    what = "a suffix order"
+
+
+class ShardedStream(Concatenated):
+    """The token stream (N,) as a virtual concatenation of its shard files, cut every STREAM_SHARD_TOKENS tokens
+    wherever that falls (a window or a continuation may cross a cut: take reads across it)."""
+
+    what = "a sharded stream"
 
 
 class SpanIndex:
     """Longest-suffix lookup over a token stream; build with `SpanIndex.build`, persist with `save`/`load`
     (`write_span_index` / `read_span_index`)."""
 
-    def __init__(self, stream: np.ndarray, sa: np.ndarray | SuffixOrder, samples: np.ndarray):
+    def __init__(self, stream: Stream, sa: np.ndarray | SuffixOrder, samples: np.ndarray):
         self.stream, self.samples = stream, samples
         self.sa = sa if isinstance(sa, SuffixOrder) else SuffixOrder([sa])
         self.step = sample_every(stream.dtype)
@@ -266,10 +303,21 @@ class SpanIndex:
     def num_tokens(self) -> int:
         return int(self.sa.size)
 
-    def save(self, folder: Path, *, partition_entries: int = PARTITION_ENTRIES) -> tuple[list[str], dict]:
+    def save(
+        self,
+        folder: Path,
+        *,
+        partition_entries: int = PARTITION_ENTRIES,
+        stream_shard_tokens: int = STREAM_SHARD_TOKENS,
+    ) -> tuple[list[str], dict]:
         """Write the index's files into `folder` (see write_span_index). -> (file names, manifest fields)"""
         return write_span_index(
-            folder, self.stream, self.sa.parts, partition_entries=partition_entries, position_dtype=self.sa.dtype
+            folder,
+            self.stream,
+            self.sa.parts,
+            partition_entries=partition_entries,
+            position_dtype=self.sa.dtype,
+            stream_shard_tokens=stream_shard_tokens,
         )
 
     @classmethod
@@ -375,7 +423,7 @@ class SpanIndex:
         else:  # evenly spread (np.linspace is slow)
             ends = self.sa.take(a + np.arange(pool) * (b - 1 - a) // max(pool - 1, 1))
         idx = ends.astype(np.int64)[:, None] + np.arange(1, max_tokens + 1)  # (P, max_tokens)
-        rows = np.take(self.stream, idx, mode="clip").tolist()  # clip: past the end reads the final 0
+        rows = self.stream.take(idx, mode="clip").tolist()  # clip: past the end reads the final 0
         # few rows: plain Python counting beats numpy's per-call overhead here
         counts: dict[tuple, int] = {}
         for row in rows:
@@ -398,13 +446,18 @@ def partition_name(i: int) -> str:
     return f"span_sa.{i:05d}.npy"
 
 
+def stream_shard_names(shards: int) -> tuple[str, ...]:
+    """File names of a stream in `shards` shards: span_stream.npy for one, span_stream.00000.npy, ... for more."""
+    return (STREAM_FILE,) if shards == 1 else tuple(f"span_stream.{i:05d}.npy" for i in range(shards))
+
+
 def span_files(fields: dict | None) -> tuple[str, ...]:
     """The span index's file names for its manifest fields (checked by span_fields_problem); None: the single
-    suffix-order file of format versions 1 and 2."""
+    suffix-order file of format versions 1 and 2. An index written before stream shards has one stream file."""
     if fields is None:
         return LEGACY_FILES
     parts = tuple(partition_name(i) for i in range(len(fields["span_partitions"])))
-    return (STREAM_FILE, *parts, SAMPLES_FILE)
+    return (*stream_shard_names(len(fields.get("stream_shards", [0]))), *parts, SAMPLES_FILE)
 
 
 def _position_dtype(stream_size: int, requested) -> np.dtype:
@@ -417,7 +470,7 @@ def _position_dtype(stream_size: int, requested) -> np.dtype:
     return dtype
 
 
-def _key_hex(stream: np.ndarray, e: int) -> str:
+def _key_hex(stream: Stream, e: int) -> str:
     """The full-width key of position e as hex (byte strings would drop trailing zero bytes)."""
     be, _, _ = _key_dtypes(stream.dtype)
     return _reversed_windows(stream, np.array([e])).astype(be).tobytes().hex()
@@ -426,7 +479,7 @@ def _key_hex(stream: np.ndarray, e: int) -> str:
 class _PartitionWriter:
     """Cuts the order into partition files of `size` entries as blocks arrive; records each one's manifest entry."""
 
-    def __init__(self, folder: Path, stream: np.ndarray, dtype: np.dtype, size: int):
+    def __init__(self, folder: Path, stream: Stream, dtype: np.dtype, size: int):
         self.folder, self.stream, self.dtype, self.size = folder, stream, dtype, size
         self.entries: list[dict] = []
         self._out: NpyAppender | None = None
@@ -456,7 +509,7 @@ class _PartitionWriter:
         return self.entries
 
 
-def _check_block(stream: np.ndarray, block: np.ndarray, prev_key: str | None) -> str | None:
+def _check_block(stream: Stream, block: np.ndarray, prev_key: str | None) -> str | None:
     """A block of positions: 1-D integers at non-separator positions of the stream, and not ordered before the
     previous block's last entry (the order inside a block is the caller's). -> the block's last key"""
     if block.ndim != 1 or (block.size and block.dtype.kind not in "iu"):
@@ -464,7 +517,7 @@ def _check_block(stream: np.ndarray, block: np.ndarray, prev_key: str | None) ->
     if not block.size:
         return prev_key
     lo, hi = int(block.min()), int(block.max())
-    if lo < 1 or hi >= stream.size - 1 or not np.all(np.take(stream, block)):
+    if lo < 1 or hi >= stream.size - 1 or not np.all(stream.take(block)):
         raise ValueError("a block of the suffix order holds a position outside the stream's tokens (a separator?)")
     if prev_key is not None and _key_hex(stream, int(block[0])) < prev_key:
         raise ValueError("blocks of the suffix order are out of order: a block starts before the previous one ends")
@@ -473,23 +526,26 @@ def _check_block(stream: np.ndarray, block: np.ndarray, prev_key: str | None) ->
 
 def write_span_index(
     folder: Path,
-    stream: np.ndarray,
+    stream: Stream,
     sorted_blocks: Iterable[np.ndarray],
     *,
     partition_entries: int = PARTITION_ENTRIES,
     position_dtype=None,
+    stream_shard_tokens: int | None = None,
 ) -> tuple[list[str], dict]:
-    """Write a span index into `folder`: span_stream.npy, span_sa.NNNNN.npy partitions, span_samples.npy.
+    """Write a span index into `folder`: the stream (span_stream.npy, or span_stream.NNNNN.npy shards of
+    `stream_shard_tokens` tokens, STREAM_SHARD_TOKENS by default, when it has more), span_sa.NNNNN.npy partitions,
+    span_samples.npy.
 
-    stream: (N,) uint16/uint32 laid out as encode_stream's (ids + 1, 0 around every document); written through a
-    memory map in chunks, never copied whole. sorted_blocks: the global suffix order (build_suffix_order's, or any
+    stream: (N,) uint16/uint32 laid out as encode_stream's (ids + 1, 0 around every document); written through
+    memory maps in chunks, never copied whole. sorted_blocks: the global suffix order (build_suffix_order's, or any
     engine's sorting by (reversed window, position)) as consecutive blocks of positions, any sizes, empty ones too;
     each block is consumed once, so memory is one block plus one chunk of sample keys. Checked: positions are
     tokens of the stream, and each block starts at or after the previous one's last key (within a block, the order
     is trusted). partition_entries: entries per partition file (the last may hold fewer). position_dtype: uint32
     (default while N < 2**32) or int64.
     -> (file names written, manifest fields {"span_partitions": [{"file", "entries", "first_key"}, ...],
-        "position_dtype": "uint32" | "int64"})
+        "position_dtype": "uint32" | "int64", "stream_shards": [tokens of each shard]})
     """
     folder = Path(folder)
     if stream.ndim != 1 or stream.dtype not in (np.uint16, np.uint32) or stream.size < 1:
@@ -498,13 +554,20 @@ def write_span_index(
         raise ValueError("the span stream must start and end with the separator 0 (see encode_stream)")
     if not 1 <= partition_entries <= 1 << 40:
         raise ValueError(f"partition_entries must be in [1, 2**40], got {partition_entries}")
+    stream_shard_tokens = STREAM_SHARD_TOKENS if stream_shard_tokens is None else stream_shard_tokens
+    shards = -(-stream.size // stream_shard_tokens) if stream_shard_tokens >= 1 else 0
+    if not 1 <= shards <= MAX_PARTITIONS:
+        raise ValueError(f"stream_shard_tokens must cut the stream into 1 to {MAX_PARTITIONS} shards")
     dtype = _position_dtype(stream.size, position_dtype)
-    # 1) the stream, copied chunk by chunk into a mapped file
-    out = np.lib.format.open_memmap(folder / STREAM_FILE, mode="w+", dtype=stream.dtype, shape=stream.shape)
-    for lo in range(0, stream.size, _COPY_CHUNK):
-        out[lo : lo + _COPY_CHUNK] = stream[lo : lo + _COPY_CHUNK]
-    out.flush()
-    del out
+    # 1) the stream, copied chunk by chunk into mapped shard files
+    shard_names = stream_shard_names(shards)
+    for name, start in zip(shard_names, range(0, stream.size, stream_shard_tokens), strict=True):
+        end = min(start + stream_shard_tokens, stream.size)
+        out = np.lib.format.open_memmap(folder / name, mode="w+", dtype=stream.dtype, shape=(end - start,))
+        for lo in range(start, end, _COPY_CHUNK):
+            out[lo - start : min(lo + _COPY_CHUNK, end) - start] = stream[lo : min(lo + _COPY_CHUNK, end)]
+        out.flush()
+        del out
     # 2) partitions and samples, block by block: sample j is global row j*S
     step = sample_every(stream.dtype)
     parts = _PartitionWriter(folder, stream, dtype, partition_entries)
@@ -521,8 +584,9 @@ def write_span_index(
     entries = parts.finish()
     if row >= stream.size:
         raise ValueError(f"the suffix order holds {row} positions for a stream of {stream.size}: some repeat")
-    names = [STREAM_FILE, *(e["file"] for e in entries), SAMPLES_FILE]
-    return names, {"span_partitions": entries, "position_dtype": str(dtype)}
+    names = [*shard_names, *(e["file"] for e in entries), SAMPLES_FILE]
+    sizes = [min(stream_shard_tokens, stream.size - i * stream_shard_tokens) for i in range(shards)]
+    return names, {"span_partitions": entries, "position_dtype": str(dtype), "stream_shards": sizes}
 
 
 def span_fields_problem(fields: dict) -> str | None:
@@ -531,6 +595,11 @@ def span_fields_problem(fields: dict) -> str | None:
     parts, dtype = fields.get("span_partitions"), fields.get("position_dtype")
     if dtype not in ("uint32", "int64"):
         return f"'position_dtype' is {dtype!r}, not 'uint32' or 'int64'"
+    shards = fields.get("stream_shards", [1])  # absent: written before stream shards, one stream file
+    if not isinstance(shards, list) or not 1 <= len(shards) <= MAX_PARTITIONS:
+        return f"'stream_shards' is not a list of 1 to {MAX_PARTITIONS} shard sizes"
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1 << 50 for n in shards):
+        return "'stream_shards' holds a size that is not an integer in [1, 2**50]"
     if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_PARTITIONS:
         return f"'span_partitions' is not a list of 1 to {MAX_PARTITIONS} partitions"
     for i, part in enumerate(parts):
@@ -561,7 +630,7 @@ def read_span_index(
     FolderFormatError (the index's IndexFormatError) in one line, `label(file name)` naming the file.
     -> SpanIndex over read-only arrays"""
     folder = Path(folder)
-    stream = open_npy(folder / STREAM_FILE, (np.uint16, np.uint32), 1, label(STREAM_FILE))
+    stream = _open_stream(folder, fields, label)
     if fields is None:
         parts = [open_npy(folder / "span_sa.npy", (np.uint32, np.int64), 1, label("span_sa.npy"))]
         names, keys = ["span_sa.npy"], None
@@ -588,6 +657,21 @@ def read_span_index(
     if keys is not None:
         _check_partition_keys(stream, names, parts, keys, label)
     return SpanIndex(stream, order, samples)
+
+
+def _open_stream(folder: Path, fields: dict | None, label) -> Stream:
+    """The stream: one mapped file, or its shards (each its recorded size, one dtype) as one ShardedStream."""
+    sizes = (fields or {}).get("stream_shards", [None])
+    names = stream_shard_names(len(sizes))
+    shards = [open_npy(folder / name, (np.uint16, np.uint32), 1, label(name)) for name in names]
+    for name, shard, size in zip(names, shards, sizes, strict=True):
+        if size is not None and shard.size != size:
+            raise FolderFormatError(f"{label(name)}: {shard.size} tokens, the manifest says {size}")
+    if len(shards) == 1:
+        return shards[0]
+    if len({shard.dtype for shard in shards}) != 1:
+        raise FolderFormatError(f"{label(names[0])}: the stream's shards differ in dtype")
+    return ShardedStream(shards)
 
 
 def _check_partition_keys(stream, names, parts, keys, label) -> None:

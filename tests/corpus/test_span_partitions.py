@@ -13,13 +13,17 @@ from index_helpers import answers, build, gen_dir, span_contexts, write_corpus
 
 from refdecode.checked_folder import file_entry
 from refdecode.corpus import CorpusIndex, IndexFormatError
+from refdecode.corpus import spans as spans_module
 from refdecode.corpus.spans import (
     DEPTH,
+    ShardedStream,
     SpanIndex,
     SuffixOrder,
     build_suffix_order,
     encode_stream,
     read_span_index,
+    span_fields_problem,
+    stream_shard_names,
     write_span_index,
 )
 
@@ -57,12 +61,18 @@ def corpus_and_tails(draw):
 
 @pytest.mark.fuzz
 @settings(max_examples=60, deadline=None)
-@given(case=corpus_and_tails(), partition_entries=st.integers(1, 9))
-def test_tiny_partitions_answer_as_one_array_and_brute_force(tmp_path_factory, case, partition_entries):
+@given(case=corpus_and_tails(), partition_entries=st.integers(1, 9), shard_tokens=st.integers(1, 40))
+def test_tiny_partitions_answer_as_one_array_and_brute_force(tmp_path_factory, case, partition_entries, shard_tokens):
+    """Partitions of a few entries and stream shards of a few tokens (windows and continuations cross the cuts)."""
     vocab, docs, tails = case
     one = SpanIndex.build(docs, vocab)
-    parted = saved(one, tmp_path_factory.mktemp("parts"), partition_entries=partition_entries)
+    folder = tmp_path_factory.mktemp("parts")
+    parted = saved(one, folder, partition_entries=partition_entries, stream_shard_tokens=shard_tokens)
     assert len(parted.sa.parts) == max(1, -(-one.num_tokens // partition_entries))
+    shards = -(-one.stream.size // shard_tokens)
+    assert len(getattr(parted.stream, "parts", [parted.stream])) == shards
+    assert (folder / "span_stream.npy").exists() == (shards == 1)
+    assert np.array_equal(parted.stream[:], one.stream)
     for tail in tails:
         L, a, b = parted.longest_match(tail)
         assert (L, a, b) == one.longest_match(tail)
@@ -84,8 +94,15 @@ def test_suffix_order_slices_and_gathers_across_partitions():
         assert np.array_equal(order[lo:hi:step], whole[lo:hi:step])
     rows = rng.integers(0, 50, size=200)
     assert np.array_equal(order.take(rows), whole[rows]) and order.take(rows).dtype == np.uint32
+    assert order[3] == whole[3] and order[-1] == whole[-1] and order[np.int64(49)] == whole[49]
+    with pytest.raises(IndexError):
+        order[50]
     with pytest.raises(TypeError):
-        order[3]
+        order[[1, 2]]
+    clipped = rng.integers(-5, 55, size=(20, 16))  # np.take calls take, mode="clip" as a lookup's windows use it
+    assert np.array_equal(np.take(order, clipped, mode="clip"), np.take(whole, clipped, mode="clip"))
+    with pytest.raises(IndexError):
+        order.take(np.array([0, 50]))
 
 
 def test_ties_are_ordered_by_position():
@@ -168,6 +185,32 @@ def test_the_writer_refuses_bad_input(tmp_path):
         write_span_index(tmp_path, stream[1:], [])
     with pytest.raises(ValueError, match="partition_entries"):
         write_span_index(tmp_path, stream, [order], partition_entries=0)
+    with pytest.raises(ValueError, match="stream_shard_tokens"):
+        write_span_index(tmp_path, stream, [order], stream_shard_tokens=0)
+
+
+def test_stream_shards_are_written_and_read_as_one_stream(tmp_path):
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(0, 4, 60).tolist() for _ in range(6)]
+    one = SpanIndex.build(docs, 4)
+    names, fields = write_span_index(tmp_path, one.stream, [one.sa[:]], stream_shard_tokens=100)
+    sizes = [100] * (one.stream.size // 100) + ([one.stream.size % 100] if one.stream.size % 100 else [])
+    assert fields["stream_shards"] == sizes and names[: len(sizes)] == list(stream_shard_names(len(sizes)))
+    assert names[0] == "span_stream.00000.npy" and not (tmp_path / "span_stream.npy").exists()
+    assert np.array_equal(np.concatenate([np.load(tmp_path / n) for n in names[: len(sizes)]]), one.stream)
+    sharded = read_span_index(tmp_path, fields, span_tokens=one.num_tokens)
+    assert isinstance(sharded.stream, ShardedStream) and sharded.stream.size == one.stream.size
+    for _ in range(100):
+        doc = docs[int(rng.integers(6))]
+        tail = doc[: int(rng.integers(1, 30))]
+        assert sharded.continuations(tail, 4, min_match=1) == one.continuations(tail, 4, min_match=1)
+    again = tmp_path / "again"  # a sharded stream saves as the array it stands for
+    again.mkdir()
+    assert sharded.save(again)[1]["stream_shards"] == [one.stream.size]
+    assert np.array_equal(np.load(again / "span_stream.npy"), one.stream)
+    assert span_fields_problem({**fields, "stream_shards": [0]}) is not None
+    assert span_fields_problem({**fields, "stream_shards": "100"}) is not None
+    assert span_fields_problem({k: v for k, v in fields.items() if k != "stream_shards"}) is None  # older writers
 
 
 # -- a whole index with many partitions, and tampered partitions ---------------------------------------------------
@@ -183,6 +226,27 @@ def parted(tmp_path_factory):
     ctx = span_contexts(src)
     expected = answers(CorpusIndex.load(root / "one"), ctx)
     return root, expected, ctx
+
+
+def test_a_stream_sharded_index_answers_as_one(parted, tmp_path, monkeypatch):
+    """A whole index whose stream is cut every 64 tokens answers as the one-file index; an index written before
+    stream shards (no `stream_shards` field) still loads."""
+    root, expected, ctx = parted
+    monkeypatch.setattr(spans_module, "STREAM_SHARD_TOKENS", 64)
+    idx = build(root / "src", tmp_path / "sharded")
+    index = CorpusIndex.load(idx)
+    shards = index.manifest["stream_shards"]
+    assert (
+        len(shards) > 3
+        and sum(shards) == index.spans.stream.size
+        and "span_stream.00000.npy" in index.manifest["files"]
+    )
+    assert answers(index, ctx) == expected
+    for i in range(0, len(index), 7):  # passages read their tokens across the cuts
+        assert index.passage(i).token_ids == CorpusIndex.load(root / "one").passage(i).token_ids
+    old = shutil.copytree(root / "one", tmp_path / "old")
+    _edit(lambda m: m.pop("stream_shards"))(old)
+    assert answers(CorpusIndex.load(old), ctx) == expected
 
 
 def test_a_many_partition_index_answers_as_one(parted, tmp_path):
@@ -264,7 +328,42 @@ TAMPERED = {
     "partition of int64": (_rewrite_partition(1, lambda a: a.astype(np.int64)), "expected 1 dimension"),
     "partition past the stream": (_rewrite_partition(2, lambda a: a + 10**6), "outside the stream"),
     "passage index kind unknown": (_edit(lambda m: m.update(passage_index={"kind": "hnsw"})), "passage_index"),
+    "stream shard sizes garbage": (_edit(lambda m: m.update(stream_shards=[-3])), "stream_shards"),
 }
+
+
+def _shard_edit(fn):
+    def mutate(idx):
+        m = _manifest(idx)
+        fn(m, gen_dir(idx))
+        (idx / "manifest.json").write_text(json.dumps(m))
+
+    return mutate
+
+
+def _drop_last_shard(m, gen):
+    last = f"span_stream.{len(m['stream_shards']) - 1:05d}.npy"
+    (gen / last).unlink()
+    m["files"].pop(last)
+    m["stream_shards"].pop()
+
+
+SHARDS_TAMPERED = {
+    "a shard's size edited": (_shard_edit(lambda m, g: m["stream_shards"].__setitem__(1, 65)), "tokens, the manifest"),
+    "a shard dropped": (_shard_edit(_drop_last_shard), "positions for a stream|outside the stream|not the manifest"),
+    "one shard said": (_shard_edit(lambda m, g: m.update(stream_shards=[sum(m["stream_shards"])])), "span_stream"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARDS_TAMPERED))
+def test_tampered_stream_shards_are_refused_in_one_line(tmp_path, monkeypatch, case):
+    monkeypatch.setattr(spans_module, "STREAM_SHARD_TOKENS", 64)
+    idx = build(write_corpus(tmp_path / "src", seed=4), tmp_path / "idx")
+    mutate, pattern = SHARDS_TAMPERED[case]
+    mutate(idx)
+    with pytest.raises(IndexFormatError, match=pattern) as err:
+        CorpusIndex.load(idx, checksums=False)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("case", list(TAMPERED))
