@@ -821,25 +821,28 @@ def vllm_table(totals: dict, args: argparse.Namespace) -> str:
 def vllm_outputs(args: argparse.Namespace) -> list[dict]:
     """The requests (refdecode.bench.workloads, as scripts.bench_vllm builds them) with their greedy outputs."""
     import refdecode
-    from refdecode.bench.runner import render_prompt
+    from refdecode.bench.runner import render_prompt, run_hf
     from refdecode.bench.workloads import load_workload
 
-    model, tokenizer = refdecode.load_model(args.model)
+    model, tokenizer = refdecode.load_model(args.model, dtype=args.dtype)
     requests = []
     for workload in args.workloads:
         for request in load_workload(workload, n=args.n, seed=args.seed, tokenizer=tokenizer, max_prompt_tokens=1400):
             prompt = render_prompt(request, tokenizer)
-            out = refdecode.generate(model, tokenizer, prompt, max_new_tokens=args.max_tokens)
+            if args.dtype == "float32":  # token for token transformers' greedy, and fast
+                output = list(refdecode.generate(model, tokenizer, prompt, max_new_tokens=args.max_tokens).token_ids)
+            else:  # as `bound`: in bfloat16 the reference is transformers' own greedy
+                output = run_hf(model, list(prompt), args.max_tokens, "greedy")["token_ids"]
             requests.append(
                 {
                     "id": request.id,
                     "workload": workload,
                     "prompt": prompt,
-                    "output": list(out.token_ids),
+                    "output": output,
                     "references": [text for _, text in request.references],
                 }
             )
-            print(f"  {request.id}: {len(out.token_ids)} tokens", file=sys.stderr)
+            print(f"  {request.id}: {len(output)} tokens", file=sys.stderr)
     return requests
 
 
@@ -920,13 +923,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"also the bound at this cost curve: a name of {sorted(COSTS)} or pairs like 1:1,2:1.05,8:1.8",
     )
     bound.add_argument("--draft-cost", type=float, default=0.2, help="a draft-model token's cost (default 0.2)")
-    bound.add_argument(
-        "--dtype",
-        default="float32",
-        choices=("float32", "bfloat16", "float16"),
-        help="the dtype the outputs are generated in (default float32; otherwise transformers' greedy in that dtype)",
-    )
     for sub in (bound, vllm):
+        sub.add_argument(
+            "--dtype",
+            default="float32",
+            choices=("float32", "bfloat16", "float16"),
+            help="the dtype the outputs are generated in (default float32; otherwise transformers' greedy in that "
+            "dtype)",
+        )
         sub.add_argument("--model", default="smollm2-135m")
         sub.add_argument("--outputs", help="JSON file of greedy outputs: read when it exists, else written")
         sub.add_argument("--out", help="also write the table to this file")

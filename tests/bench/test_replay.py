@@ -438,3 +438,36 @@ def test_bound_outputs_in_bfloat16_are_transformers_greedy(monkeypatch):
 def test_bound_refuses_an_unknown_dtype():
     with pytest.raises(SystemExit):
         parse_args(["bound", "--dtype", "int8"])
+
+
+def test_vllm_outputs_in_bfloat16_are_transformers_greedy(monkeypatch):
+    """`vllm --dtype bfloat16`: the target loads in that dtype and the outputs are transformers' own greedy, as for
+    `bound` (the outputs vLLM's bfloat16 engine is compared with)."""
+    import types
+
+    import torch
+    from stats_helpers import tiny_llama
+
+    import refdecode
+    from refdecode.bench import replay as replay_module
+
+    target = tiny_llama(vocab_size=96, seed=0).to(torch.bfloat16)
+    loaded = []
+
+    def load_model(name, dtype="float32"):
+        loaded.append((name, dtype))
+        return target, IdTokenizer(96)
+
+    def generate(*args, **kwargs):
+        raise AssertionError("refdecode.generate must not make the bfloat16 outputs")
+
+    request = types.SimpleNamespace(id="rag/0", chat=False, prompt="5 17 33 2 9 41", references=[("ref", "1 2 3")])
+    monkeypatch.setattr(refdecode, "load_model", load_model)
+    monkeypatch.setattr(refdecode, "generate", generate)
+    monkeypatch.setattr("refdecode.bench.workloads.load_workload", lambda *a, **kw: [request])
+    args = parse_args(["vllm", "--model", "target", "--dtype", "bfloat16", "--max-tokens", "6", "--workloads", "rag"])
+    [record] = replay_module.vllm_outputs(args)
+    assert loaded == [("target", "bfloat16")] and record["references"] == ["1 2 3"]
+    x = torch.tensor([[5, 17, 33, 2, 9, 41]])
+    expected = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, pad_token_id=1)
+    assert record["output"] == expected[0, 6:].tolist() and len(record["output"]) == 6
