@@ -565,6 +565,26 @@ def _check_flat(path: Path, dim: int, n: int, label: str) -> None:
         )
 
 
+def _check_ivf_head(r: _Reader, fourcc: bytes, name: str, dim: int, n: int, nlist: int, refuse) -> None:
+    """The part every faiss IVF file shares: its header (kind, metric, dims, count), nlist and nprobe, the coarse
+    quantizer (a flat inner-product index of one centroid per list) and an empty direct map."""
+    found, d, ntotal, _, _, trained, metric = r.read(_INDEX_HEADER)
+    if found != fourcc or metric != _METRIC_INNER_PRODUCT or not trained:
+        raise refuse(f"not a trained inner-product faiss {name}")
+    if d != dim or ntotal != n:
+        raise refuse(f"holds {ntotal} vectors of {d} dims (the manifest: {n} of {dim})")
+    (lists, _) = r.read("QQ")
+    if lists != nlist:
+        raise refuse(f"{lists} inverted lists")
+    qfourcc, qd, qn, _, _, _, qmetric, qcodes = r.read(_FLAT)
+    if (qfourcc, qd, qn, qmetric, qcodes) != (b"IxFI", dim, nlist, _METRIC_INNER_PRODUCT, nlist * dim):
+        raise refuse("its coarse quantizer is not a flat inner-product index of one centroid per list")
+    r.skip(4 * qcodes)
+    map_type, map_size = r.read("bQ")
+    if map_type != 0 or map_size != 0:
+        raise refuse("it keeps a direct map")
+
+
 def _check_ivfpq(path: Path, dim: int, n: int, fields: dict, label: str) -> None:
     """Walk an IndexIVFPQ file as faiss writes it (header, coarse quantizer, direct map, codebook, inverted lists)
     and compare every size faiss would trust with the manifest."""
@@ -575,21 +595,7 @@ def _check_ivfpq(path: Path, dim: int, n: int, fields: dict, label: str) -> None
 
     r = _Reader(path, label)
     with r.f:
-        fourcc, d, ntotal, _, _, trained, metric = r.read(_INDEX_HEADER)
-        if fourcc != b"IwPQ" or metric != _METRIC_INNER_PRODUCT or not trained:
-            raise refuse("not a trained inner-product faiss IndexIVFPQ")
-        if d != dim or ntotal != n:
-            raise refuse(f"holds {ntotal} vectors of {d} dims (the manifest: {n} of {dim})")
-        (lists, _) = r.read("QQ")
-        if lists != nlist:
-            raise refuse(f"{lists} inverted lists")
-        qfourcc, qd, qn, _, _, _, qmetric, qcodes = r.read(_FLAT)
-        if (qfourcc, qd, qn, qmetric, qcodes) != (b"IxFI", dim, nlist, _METRIC_INNER_PRODUCT, nlist * dim):
-            raise refuse("its coarse quantizer is not a flat inner-product index of one centroid per list")
-        r.skip(4 * qcodes)
-        map_type, map_size = r.read("bQ")
-        if map_type != 0 or map_size != 0:
-            raise refuse("it keeps a direct map")
+        _check_ivf_head(r, b"IwPQ", "IndexIVFPQ", dim, n, nlist, refuse)
         _, code_size = r.read("?Q")
         pq_d, pq_m, pq_bits, centroids = r.read("QQQQ")
         if (code_size, pq_d, pq_m, pq_bits, centroids) != (m, dim, m, PQ_BITS, dim << PQ_BITS):
@@ -630,21 +636,7 @@ def _check_fastscan(path: Path, dim: int, n: int, fields: dict, label: str) -> N
 
     r = _Reader(path, label)
     with r.f:
-        fourcc, d, ntotal, _, _, trained, metric = r.read(_INDEX_HEADER)
-        if fourcc != b"IwPf" or metric != _METRIC_INNER_PRODUCT or not trained:
-            raise refuse("not a trained inner-product faiss IndexIVFPQFastScan")
-        if d != dim or ntotal != n:
-            raise refuse(f"holds {ntotal} vectors of {d} dims (the manifest: {n} of {dim})")
-        (lists, _) = r.read("QQ")
-        if lists != nlist:
-            raise refuse(f"{lists} inverted lists")
-        qfourcc, qd, qn, _, _, _, qmetric, qcodes = r.read(_FLAT)
-        if (qfourcc, qd, qn, qmetric, qcodes) != (b"IxFI", dim, nlist, _METRIC_INNER_PRODUCT, nlist * dim):
-            raise refuse("its coarse quantizer is not a flat inner-product index of one centroid per list")
-        r.skip(4 * qcodes)
-        map_type, map_size = r.read("bQ")
-        if map_type != 0 or map_size != 0:
-            raise refuse("it keeps a direct map")
+        _check_ivf_head(r, b"IwPf", "IndexIVFPQFastScan", dim, n, nlist, refuse)
         _, code_size, block, m2, _, _ = r.read("?QiQiQ")  # by_residual, code_size, bbs, M2, implem, qbs2
         if (code_size, block, m2) != (packed, FASTSCAN_BLOCK, 2 * packed):
             raise refuse(f"its codes take {code_size} bytes in blocks of {block}")
