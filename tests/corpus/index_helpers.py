@@ -120,3 +120,66 @@ def as_version_2(index_dir: Path) -> Path:
     manifest["version"] = 2
     (index_dir / "manifest.json").write_text(json.dumps(manifest))
     return index_dir
+
+
+def patched(data: bytes, at: int, fmt: str, value) -> bytes:
+    """`data` with `value` packed by struct format `fmt` at byte `at`."""
+    import struct
+
+    out = bytearray(data)
+    struct.pack_into(fmt, out, at, value)
+    return bytes(out)
+
+
+def ivf_header_cases(n: int, dim: int, fourcc: bytes) -> dict:
+    """Damage every faiss IVF file can suffer in the part the kinds share (header, nlist), as functions of its bytes;
+    "a flat file" (None) stands for a flat index of the same vectors, made by `damaged_faiss`."""
+    return {
+        "truncated": lambda d: d[:-1],
+        "truncated in the header": lambda d: d[:40],
+        "one byte more": lambda d: d + b"\0",
+        "ntotal": lambda d: patched(d, 8, "<q", n + 1),
+        "dim": lambda d: patched(d, 4, "<i", dim * 2),
+        "fourcc": lambda d: b"IvPQ" + d[4:],
+        "metric L2": lambda d: patched(d, 33, "<i", 1),
+        "nlist": lambda d: patched(d, 37, "<Q", 7),
+        "garbage": lambda d: fourcc + b"\xff" * 200,
+        "a flat file": None,
+    }
+
+
+def damaged_faiss(damage, source: Path, x: np.ndarray, path: Path) -> None:
+    """Write `path`: `source`'s bytes through `damage`, or for None a flat faiss index of the vectors x."""
+    if damage is None:
+        import faiss
+
+        flat = faiss.IndexFlatIP(x.shape[1])
+        flat.add(x)
+        faiss.write_index(flat, str(path))
+    else:
+        path.write_bytes(damage(source.read_bytes()))
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors around the same 40 random centres; `seed` draws which centre and the noise. -> (n, dim) float32"""
+    centres = np.random.default_rng(0).normal(size=(40, dim))
+    rng = np.random.default_rng(seed)
+    x = (centres[rng.integers(0, 40, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def assert_disagreeing_fields_refused(path: Path, fields: dict, change: dict, dim: int, n: int) -> None:
+    """A passage index whose manifest fields are edited by `change` is refused: by the fields' own check, or, when
+    they are well-formed, by the file's check against them; and the right fields with the wrong dims or count."""
+    import pytest
+
+    from refdecode.corpus import IndexFormatError
+    from refdecode.corpus import passage_index as pi
+
+    edited = {**fields, **change}
+    if pi.passage_fields_problem({"passage_index": edited}) is None:  # well-formed: the file itself must disagree
+        with pytest.raises(IndexFormatError):
+            pi.check_passage_file(path, edited, dim, n, path.name)
+    for wrong_dim, wrong_n in ((dim + 1, n), (dim, n - 1)):
+        with pytest.raises(IndexFormatError):
+            pi.check_passage_file(path, fields, wrong_dim, wrong_n, path.name)

@@ -6,11 +6,11 @@ reads it."""
 
 from __future__ import annotations
 
-import struct
 import warnings
 
 import numpy as np
 import pytest
+from index_helpers import assert_disagreeing_fields_refused, clustered, damaged_faiss, ivf_header_cases, patched
 
 from refdecode.corpus import IndexFormatError
 from refdecode.corpus import passage_index as pi
@@ -19,14 +19,6 @@ from refdecode.corpus.npyfile import NpyAppender, open_npy
 faiss = pytest.importorskip("faiss")
 
 N, DIM = 3000, 32
-
-
-def clustered(n: int, dim: int, seed: int) -> np.ndarray:
-    """Unit vectors around the same 40 random centres; `seed` draws which centre and the noise. -> (n, dim) float32"""
-    centres = np.random.default_rng(0).normal(size=(40, dim))
-    rng = np.random.default_rng(seed)
-    x = (centres[rng.integers(0, 40, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def write(folder, vectors, n=N):
@@ -172,12 +164,6 @@ def test_the_ondisk_ivfpq_kind_is_still_written_when_asked_for(tmp_path):
         pi.write_passage_index(tmp_path, [clustered(N, DIM, seed=5)], dim=DIM, n_total=N, compressed="hnsw")
 
 
-def _patched(data: bytes, at: int, fmt: str, value) -> bytes:
-    out = bytearray(data)
-    struct.pack_into(fmt, out, at, value)
-    return bytes(out)
-
-
 def _list_sizes_at(data: bytes) -> int:
     """Where the first list's vector count lies: right after the block lists' header ('ilbl', nlist, code size,
     vectors per block, bytes per block)."""
@@ -185,31 +171,16 @@ def _list_sizes_at(data: bytes) -> int:
 
 
 HEADER_CASES = {
-    "truncated": lambda d: d[:-1],
-    "truncated in the header": lambda d: d[:40],
-    "one byte more": lambda d: d + b"\0",
-    "ntotal": lambda d: _patched(d, 8, "<q", N + 1),
-    "dim": lambda d: _patched(d, 4, "<i", DIM * 2),
-    "fourcc": lambda d: b"IwPQ" + d[4:],
-    "metric L2": lambda d: _patched(d, 33, "<i", 1),
-    "nlist": lambda d: _patched(d, 37, "<Q", 7),
-    "a list's size": lambda d: _patched(d, _list_sizes_at(d), "<Q", 10**12),
-    "block size": lambda d: _patched(d, d.index(b"ilbl") + 4 + 3 * 8, "<Q", 64),
-    "garbage": lambda d: b"IwPf" + b"\xff" * 200,
-    "a flat file": None,  # replaced below by a flat index of the same vectors
+    **ivf_header_cases(N, DIM, b"IwPf"),
+    "a list's size": lambda d: patched(d, _list_sizes_at(d), "<Q", 10**12),
+    "block size": lambda d: patched(d, d.index(b"ilbl") + 4 + 3 * 8, "<Q", 64),
 }
 
 
 @pytest.mark.parametrize("case", list(HEADER_CASES))
 def test_header_check_refuses_a_damaged_or_mismatched_file(fast, tmp_path, case):
     folder, x, _, fields = fast
-    path = tmp_path / "passages.faiss"
-    if case == "a flat file":
-        flat = faiss.IndexFlatIP(DIM)
-        flat.add(x)
-        faiss.write_index(flat, str(path))
-    else:
-        path.write_bytes(HEADER_CASES[case]((folder / "passages.faiss").read_bytes()))
+    damaged_faiss(HEADER_CASES[case], folder / "passages.faiss", x, tmp_path / "passages.faiss")
     (tmp_path / "passages.refine.npy").write_bytes((folder / "passages.refine.npy").read_bytes())
     with pytest.raises(IndexFormatError) as err:
         read(tmp_path, fields)
@@ -255,13 +226,7 @@ def test_missing_stored_vectors_are_a_missing_file(fast, tmp_path):
 )  # fmt: skip
 def test_a_manifest_that_disagrees_is_refused(fast, change):
     folder, _, _, fields = fast
-    edited = {**fields, **change}
-    if pi.passage_fields_problem({"passage_index": edited}) is None:  # well-formed: the file itself must disagree
-        with pytest.raises(IndexFormatError):
-            pi.check_passage_file(folder / "passages.faiss", edited, DIM, N, "passages.faiss")
-    for dim, n in ((DIM + 1, N), (DIM, N - 1)):
-        with pytest.raises(IndexFormatError):
-            pi.check_passage_file(folder / "passages.faiss", fields, dim, n, "passages.faiss")
+    assert_disagreeing_fields_refused(folder / "passages.faiss", fields, change, DIM, N)
 
 
 def test_compressed_option_in_the_cli(capsys):

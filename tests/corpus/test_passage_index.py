@@ -6,11 +6,19 @@ over an IVF-PQ passage index."""
 from __future__ import annotations
 
 import json
-import struct
 
 import numpy as np
 import pytest
-from index_helpers import as_version_2, build, gen_dir, write_corpus
+from index_helpers import (
+    as_version_2,
+    assert_disagreeing_fields_refused,
+    build,
+    clustered,
+    damaged_faiss,
+    gen_dir,
+    ivf_header_cases,
+    write_corpus,
+)
 
 from refdecode.checked_folder import file_entry
 from refdecode.corpus import CorpusIndex, IndexFormatError
@@ -19,14 +27,6 @@ from refdecode.corpus import passage_index as pi
 faiss = pytest.importorskip("faiss")
 
 N, DIM = 3000, 32
-
-
-def clustered(n: int, dim: int, seed: int) -> np.ndarray:
-    """Unit vectors around the same 40 random centres; `seed` draws which centre and the noise. -> (n, dim) float32"""
-    centres = np.random.default_rng(0).normal(size=(40, dim))
-    rng = np.random.default_rng(seed)
-    x = (centres[rng.integers(0, 40, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 SHARD = 1000  # vectors per shard in these tests: N makes 3 shards, the blocks below cross their boundaries
@@ -140,39 +140,16 @@ def test_an_ivfpq_index_with_its_lists_in_memory_still_loads(ivf, tmp_path):
     assert pi.passage_fields_problem({"passage_index": {**fields, "inverted_lists": "cloud"}}) is not None
 
 
-def _patched(data: bytes, at: int, fmt: str, value) -> bytes:
-    out = bytearray(data)
-    struct.pack_into(fmt, out, at, value)
-    return bytes(out)
-
-
-HEADER_CASES = {
-    "truncated": lambda d: d[:-1],
-    "truncated in the header": lambda d: d[:40],
-    "one byte more": lambda d: d + b"\0",
-    "ntotal": lambda d: _patched(d, 8, "<q", N + 1),
-    "dim": lambda d: _patched(d, 4, "<i", DIM * 2),
-    "fourcc": lambda d: b"IvPQ" + d[4:],
-    "metric L2": lambda d: _patched(d, 33, "<i", 1),
-    "nlist": lambda d: _patched(d, 37, "<Q", 7),
-    "garbage": lambda d: b"IwPQ" + b"\xff" * 200,
-    "a flat file": None,  # replaced below by a flat index of the same vectors
-}
+HEADER_CASES = ivf_header_cases(N, DIM, b"IwPQ")
 
 
 @pytest.mark.parametrize("case", list(HEADER_CASES))
 def test_header_check_refuses_a_damaged_or_mismatched_file(ivf, tmp_path, case):
     folder, x, _, fields = ivf
-    path = tmp_path / "passages.faiss"
-    if case == "a flat file":
-        flat = faiss.IndexFlatIP(DIM)
-        flat.add(x)
-        faiss.write_index(flat, str(path))
-    else:
-        path.write_bytes(HEADER_CASES[case]((folder / "passages.faiss").read_bytes()))
+    damaged_faiss(HEADER_CASES[case], folder / "passages.faiss", x, tmp_path / "passages.faiss")
     (tmp_path / "passages.ivfdata").write_bytes((folder / "passages.ivfdata").read_bytes())
     with pytest.raises(IndexFormatError) as err:
-        pi.check_passage_file(path, fields, DIM, N, "passages.faiss")
+        pi.check_passage_file(tmp_path / "passages.faiss", fields, DIM, N, "passages.faiss")
     assert "\n" not in str(err.value)
 
 
@@ -181,14 +158,7 @@ def test_header_check_refuses_a_damaged_or_mismatched_file(ivf, tmp_path, case):
 )
 def test_header_check_refuses_a_manifest_that_disagrees(ivf, change):
     folder, _, _, fields = ivf
-    edited = {**fields, **change}
-    problem = pi.passage_fields_problem({"passage_index": edited})
-    if problem is None:  # well-formed fields: the file itself must disagree with them
-        with pytest.raises(IndexFormatError):
-            pi.check_passage_file(folder / "passages.faiss", edited, DIM, N, "passages.faiss")
-    for dim, n in ((DIM + 1, N), (DIM, N - 1)):
-        with pytest.raises(IndexFormatError):
-            pi.check_passage_file(folder / "passages.faiss", fields, dim, n, "passages.faiss")
+    assert_disagreeing_fields_refused(folder / "passages.faiss", fields, change, DIM, N)
 
 
 def test_flat_below_the_limit_and_below_the_minimum(tmp_path):
