@@ -491,6 +491,17 @@ def stored_rows(request: dict, positions: list[int], vocab: int):
     return rows
 
 
+def greedy_output(model, tokenizer, prompt_ids: list[int], max_tokens: int, dtype: str) -> list[int]:
+    """The greedy output a replay is measured against: refdecode's in float32 (token for token transformers'
+    greedy, and fast), transformers' own in any other dtype (refdecode's may round elsewhere there)."""
+    import refdecode
+    from refdecode.bench.runner import run_hf
+
+    if dtype == "float32":
+        return list(refdecode.generate(model, tokenizer, prompt_ids, max_new_tokens=max_tokens).token_ids)
+    return run_hf(model, list(prompt_ids), max_tokens, "greedy")["token_ids"]
+
+
 def bound_outputs(args: argparse.Namespace) -> list[dict]:
     """The bound's requests with their greedy outputs and, per output position j, the top-TOP tokens and
     probabilities of the row that chose output token j (teacher-forced); with --draft-model also `draft_next`, the
@@ -498,7 +509,7 @@ def bound_outputs(args: argparse.Namespace) -> list[dict]:
     import torch
 
     import refdecode
-    from refdecode.bench.runner import prepare_requests, run_hf
+    from refdecode.bench.runner import prepare_requests
 
     dtype = getattr(args, "dtype", "float32")
     model, tokenizer = refdecode.load_model(args.model, dtype=dtype)
@@ -506,12 +517,7 @@ def bound_outputs(args: argparse.Namespace) -> list[dict]:
     draft_model = refdecode.load_model(draft_name, dtype=dtype)[0] if draft_name else None
     requests = []
     for request in prepare_requests(args.workloads, args.n, args.seed, tokenizer):
-        if dtype == "float32":  # token for token transformers' greedy, and fast
-            output = list(
-                refdecode.generate(model, tokenizer, request.prompt_ids, max_new_tokens=args.max_tokens).token_ids
-            )
-        else:  # in bfloat16 the reference is transformers' own greedy (refdecode's may round elsewhere)
-            output = run_hf(model, request.prompt_ids, args.max_tokens, "greedy")["token_ids"]
+        output = greedy_output(model, tokenizer, request.prompt_ids, args.max_tokens, dtype)
         ids = request.prompt_ids + output
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0, len(request.prompt_ids) - 1 : -1].float()
@@ -821,7 +827,7 @@ def vllm_table(totals: dict, args: argparse.Namespace) -> str:
 def vllm_outputs(args: argparse.Namespace) -> list[dict]:
     """The requests (refdecode.bench.workloads, as scripts.bench_vllm builds them) with their greedy outputs."""
     import refdecode
-    from refdecode.bench.runner import render_prompt, run_hf
+    from refdecode.bench.runner import render_prompt
     from refdecode.bench.workloads import load_workload
 
     model, tokenizer = refdecode.load_model(args.model, dtype=args.dtype)
@@ -829,10 +835,7 @@ def vllm_outputs(args: argparse.Namespace) -> list[dict]:
     for workload in args.workloads:
         for request in load_workload(workload, n=args.n, seed=args.seed, tokenizer=tokenizer, max_prompt_tokens=1400):
             prompt = render_prompt(request, tokenizer)
-            if args.dtype == "float32":  # token for token transformers' greedy, and fast
-                output = list(refdecode.generate(model, tokenizer, prompt, max_new_tokens=args.max_tokens).token_ids)
-            else:  # as `bound`: in bfloat16 the reference is transformers' own greedy
-                output = run_hf(model, list(prompt), args.max_tokens, "greedy")["token_ids"]
+            output = greedy_output(model, tokenizer, prompt, args.max_tokens, args.dtype)
             requests.append(
                 {
                     "id": request.id,

@@ -187,12 +187,40 @@ def _sub_quantizers(dim: int, most: int) -> int:
     return max(d for d in range(1, min(dim, most, MAX_PQ_M) + 1) if dim % d == 0)
 
 
-def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dict:
+class _HeldOut:
+    """The held-out passages (rows of the index, never in the training sample) whose recall sets nprobe: their
+    exact neighbours scored block by block as the adding pass reads the vectors, each passage's own row left out
+    of what it finds (a query that is not in the index cannot find itself)."""
+
+    def __init__(self, queries: np.ndarray, rows: np.ndarray, n: int):
+        self.queries, self.rows = queries, rows  # (Q, dim), (Q,)
+        self.k = min(RECALL_K, n - 1)  # neighbours besides the passage itself
+        self.best = np.full((rows.size, self.k + 1), -np.inf, dtype=np.float32)  # (Q, k + 1) exact scores so far
+        self.best_ids = np.full((rows.size, self.k + 1), -1, dtype=np.int64)  # (Q, k + 1)
+
+    def score(self, block: np.ndarray, start: int) -> None:
+        """One more block of the index's vectors (rows start.. of it)."""
+        self.best, self.best_ids = _score_block(self.queries, block, start, self.best, self.best_ids, self.k + 1)
+
+    def smallest_nprobe(self, index, nlist: int) -> tuple[int, float, bool]:
+        """_smallest_nprobe on these passages, once every block is scored."""
+        order = np.argsort(-self.best, axis=1, kind="stable")  # best first
+        exact = _others(np.take_along_axis(self.best_ids, order, 1), self.rows, self.k)
+        return _smallest_nprobe(index, self.queries, exact, self.k, nlist, own=self.rows)
+
+
+def _first_pass(vectors, dim: int, n: int, seed: int) -> tuple[int, _HeldOut, np.ndarray]:
+    """The compressed kinds' first read of the vectors: nlist, the held-out passages and the training sample.
+    -> (nlist, _HeldOut, (T, dim) float32)"""
     _refuse_one_shot(vectors)
-    # 1) first pass: the training sample and the held-out queries
     nlist, held_rows, train_rows = _plan(n, seed)
     sample = _gather(vectors, dim, np.concatenate((held_rows, train_rows)))
-    queries, train = sample[: held_rows.size], sample[held_rows.size :]
+    return nlist, _HeldOut(sample[: held_rows.size], held_rows, n), sample[held_rows.size :]
+
+
+def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dict:
+    # 1) first pass: the training sample and the held-out passages
+    nlist, held, train = _first_pass(vectors, dim, n, seed)
     # 2) train the coarse quantizer and the codebook, seeded
     m = _sub_quantizers(dim, dim)
     trained = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
@@ -200,12 +228,10 @@ def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dic
     trained.pq.cp.seed = seed
     trained.train(train)
     empty = faiss.serialize_index(trained)  # the trained, empty index every shard starts from
-    del train, sample, trained
+    train_vectors = len(train)
+    del train, trained
     # 3) second pass: add every vector to shards of SHARD_VECTORS, each written beside the index; score the
-    #    held-out queries exactly on the way
-    k = min(RECALL_K, n - 1)  # neighbours besides the held-out passage itself
-    best = np.full((queries.shape[0], k + 1), -np.inf, dtype=np.float32)  # (Q, k + 1) exact scores so far
-    best_ids = np.full((queries.shape[0], k + 1), -1, dtype=np.int64)  # (Q, k + 1)
+    #    held-out passages exactly on the way
     shards: list[Path] = []
     shard = None
     start = 0
@@ -222,7 +248,7 @@ def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dic
                 if shard.ntotal == SHARD_VECTORS:
                     shards.append(_write_shard(faiss, shard, path, len(shards)))
                     shard = None
-            best, best_ids = _score_block(queries, block, start, best, best_ids, k + 1)
+            held.score(block, start)
             start += block.shape[0]
         if shard is not None:
             shards.append(_write_shard(faiss, shard, path, len(shards)))
@@ -231,11 +257,10 @@ def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dic
     finally:
         for name in shards:
             name.unlink(missing_ok=True)
-    # 4) the smallest nprobe that reaches the recall target on the held-out queries
-    exact = _others(best_ids[np.arange(len(best))[:, None], np.argsort(-best, axis=1, kind="stable")], held_rows, k)
-    nprobe, recall, reached = _smallest_nprobe(index, queries, exact, k, nlist, own=held_rows)
+    # 4) the smallest nprobe that reaches the recall target on the held-out passages
+    nprobe, recall, reached = held.smallest_nprobe(index, nlist)
     if not reached:
-        _warn_recall(k, recall, nlist)
+        _warn_recall(held.k, recall, nlist)
     index.nprobe = nprobe
     faiss.write_index(index, str(path))
     return {
@@ -245,8 +270,8 @@ def _write_ivfpq(faiss, path: Path, vectors, dim: int, n: int, seed: int) -> dic
         "nbits": PQ_BITS,
         "nprobe": nprobe,
         f"recall_at_{RECALL_K}": round(recall, 4),
-        "held_out": int(queries.shape[0]),
-        "train_vectors": int(train_rows.size),
+        "held_out": int(held.rows.size),
+        "train_vectors": train_vectors,
         "seed": seed,
         "inverted_lists": "ondisk",
         "shards": len(shards),
@@ -264,11 +289,8 @@ def _warn_recall(k: int, recall: float, nlist: int) -> None:
 def _write_fastscan(faiss, folder: Path, vectors, dim: int, n: int, seed: int) -> dict:
     """IVF-PQ fast-scan (4-bit codes, m = dim / 2 sub-quantizers, lists in memory) whose candidates are re-ranked
     exactly against the vectors themselves, stored beside it (REFINE_FILE) and memory-mapped when searched."""
-    _refuse_one_shot(vectors)
-    # 1) first pass: the training sample and the held-out queries
-    nlist, held_rows, train_rows = _plan(n, seed)
-    sample = _gather(vectors, dim, np.concatenate((held_rows, train_rows)))
-    queries, train = sample[: held_rows.size], sample[held_rows.size :]
+    # 1) first pass: the training sample and the held-out passages
+    nlist, held, train = _first_pass(vectors, dim, n, seed)
     # 2) train the coarse quantizer and the codebook, seeded
     m = _sub_quantizers(dim, max(1, dim // 2))
     index = faiss.IndexIVFPQFastScan(
@@ -277,29 +299,26 @@ def _write_fastscan(faiss, folder: Path, vectors, dim: int, n: int, seed: int) -
     index.cp.seed = seed
     index.pq.cp.seed = seed
     index.train(train)
-    del train, sample
-    # 3) second pass: every vector coded into the lists and stored exactly; the held-out queries scored exactly
-    k = min(RECALL_K, n - 1)  # neighbours besides the held-out passage itself
-    best = np.full((queries.shape[0], k + 1), -np.inf, dtype=np.float32)  # (Q, k + 1) exact scores so far
-    best_ids = np.full((queries.shape[0], k + 1), -1, dtype=np.int64)  # (Q, k + 1)
+    train_vectors = len(train)
+    del train
+    # 3) second pass: every vector coded into the lists and stored exactly; the held-out passages scored exactly
     start = 0
     with NpyAppender(folder / REFINE_FILE, np.float32, (dim,)) as refine:
         for block in _blocks(vectors, dim):
             index.add(block)
             refine.append(block)
-            best, best_ids = _score_block(queries, block, start, best, best_ids, k + 1)
+            held.score(block, start)
             start += block.shape[0]
     _check_count(start, n)
     # 4) the fewest candidates per neighbour, then the fewest lists, that reach the target on the held-out queries
-    exact = _others(best_ids[np.arange(len(best))[:, None], np.argsort(-best, axis=1, kind="stable")], held_rows, k)
     searcher = RefinedIndex(index, open_npy(folder / REFINE_FILE, [np.float32], 2, REFINE_FILE), K_FACTORS[0])
     for k_factor in K_FACTORS:
         searcher.k_factor = k_factor
-        nprobe, recall, reached = _smallest_nprobe(searcher, queries, exact, k, nlist, own=held_rows)
+        nprobe, recall, reached = held.smallest_nprobe(searcher, nlist)
         if reached:
             break
     else:
-        _warn_recall(k, recall, nlist)
+        _warn_recall(held.k, recall, nlist)
     index.nprobe = nprobe
     faiss.write_index(index, str(folder / FAISS_FILE))
     return {
@@ -311,8 +330,8 @@ def _write_fastscan(faiss, folder: Path, vectors, dim: int, n: int, seed: int) -
         "k_factor": searcher.k_factor,
         "refine": "float32",
         f"recall_at_{RECALL_K}": round(recall, 4),
-        "held_out": int(queries.shape[0]),
-        "train_vectors": int(train_rows.size),
+        "held_out": int(held.rows.size),
+        "train_vectors": train_vectors,
         "seed": seed,
     }
 

@@ -308,7 +308,7 @@ class SpanIndex:
         folder: Path,
         *,
         partition_entries: int = PARTITION_ENTRIES,
-        stream_shard_tokens: int = STREAM_SHARD_TOKENS,
+        stream_shard_tokens: int | None = None,
     ) -> tuple[list[str], dict]:
         """Write the index's files into `folder` (see write_span_index). -> (file names, manifest fields)"""
         return write_span_index(
@@ -560,9 +560,10 @@ def write_span_index(
         raise ValueError(f"stream_shard_tokens must cut the stream into 1 to {MAX_PARTITIONS} shards")
     dtype = _position_dtype(stream.size, position_dtype)
     # 1) the stream, copied chunk by chunk into mapped shard files
-    shard_names = stream_shard_names(shards)
+    shard_names, sizes = stream_shard_names(shards), []
     for name, start in zip(shard_names, range(0, stream.size, stream_shard_tokens), strict=True):
         end = min(start + stream_shard_tokens, stream.size)
+        sizes.append(end - start)
         out = np.lib.format.open_memmap(folder / name, mode="w+", dtype=stream.dtype, shape=(end - start,))
         for lo in range(start, end, _COPY_CHUNK):
             out[lo - start : min(lo + _COPY_CHUNK, end) - start] = stream[lo : min(lo + _COPY_CHUNK, end)]
@@ -585,7 +586,6 @@ def write_span_index(
     if row >= stream.size:
         raise ValueError(f"the suffix order holds {row} positions for a stream of {stream.size}: some repeat")
     names = [*shard_names, *(e["file"] for e in entries), SAMPLES_FILE]
-    sizes = [min(stream_shard_tokens, stream.size - i * stream_shard_tokens) for i in range(shards)]
     return names, {"span_partitions": entries, "position_dtype": str(dtype), "stream_shards": sizes}
 
 
