@@ -216,6 +216,23 @@ def test_followed_spans_keep_their_growing_evidence():
     assert tree.tokens[0] == 9 and tree.match_lens[0] >= 4  # matched 2, then predicted 2 right
 
 
+def test_spans_for_lists_the_tree_steps_local_candidates_and_changes_nothing():
+    from stats_helpers import IdTokenizer
+
+    from refdecode.store import ReferenceStore
+
+    store = ReferenceStore(IdTokenizer(100))
+    store.add([1, 2, 3, 40, 41, 42], source="doc")
+    context = [7, 1, 2, 3, 30, 31, 8, 1, 2, 3]
+    drafter = ReferenceDrafter(context, store=store, tree=True)
+    spans = drafter.spans_for(context, 2)
+    assert [(f.name, f.length, tokens) for f, tokens in spans] == [("context", 3, [30, 31]), ("store", 3, [40, 41])]
+    assert drafter.spans_for(context, 2) == spans and drafter.followed == []
+    tree = drafter.propose(context, 2)
+    assert sorted(tree.path(i)[-1] for i in range(len(tree))) == list(range(4))  # the same four tokens, merged
+    assert {tree.tokens[i] for i in range(len(tree))} == {30, 31, 40, 41}
+
+
 @settings(deadline=None)
 @given(
     st.lists(st.integers(0, 6), min_size=1, max_size=40),

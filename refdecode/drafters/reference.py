@@ -121,13 +121,13 @@ class ReferenceDrafter:
                 return Draft(_vote_lists(continuations), length, "corpus")
         return None
 
-    def _propose_tree(self, context: Sequence[int], max_tokens: int) -> DraftTree | None:
-        """Every candidate at once, merged into one trie: the longest context suffix in each source (the live
-        context with LZ77 overlap, each store, the output memory), the spans followed since earlier steps, and the
-        corpus span index's continuations. Each keeps its source and match length as evidence; the policy decides
-        which nodes are worth verifying."""
+    def spans_for(self, context: Sequence[int], max_tokens: int) -> list[tuple[_Followed, list[int]]]:
+        """The local candidates of a tree step, strongest evidence first, each with its continuation (up to
+        max_tokens): the spans followed since earlier steps (evidence = matched + predicted since) and the
+        longest context suffix in each source (the live context with LZ77 overlap, each store, the output memory).
+        Changes nothing; the replay's bounds read them too."""
         found: dict[tuple[int, int, int], _Followed] = {}
-        for f in self.followed:  # still predicting right: evidence = matched + predicted since
+        for f in self.followed:
             found[(id(f.source), f.seq, f.pos)] = f
         for source, name in zip(self.sources, self.names, strict=True):
             match = source.longest_suffix(context)
@@ -136,11 +136,18 @@ class ReferenceDrafter:
                 if key not in found or found[key].length < match.length:
                     found[key] = _Followed(source, seq, end + 1, name, match.length)
         ranked = sorted(found.values(), key=lambda f: -f.length)  # stable: fresher positions first within a length
-        candidates = [Candidate(_continuation(f, max_tokens, self.session), f.name, f.length) for f in ranked]
+        return [(f, _continuation(f, max_tokens, self.session)) for f in ranked]
+
+    def _propose_tree(self, context: Sequence[int], max_tokens: int) -> DraftTree | None:
+        """Every candidate at once, merged into one trie: spans_for's local candidates and the corpus span
+        index's continuations. Each keeps its source and match length as evidence; the policy decides which nodes
+        are worth verifying."""
+        spans = self.spans_for(context, max_tokens)
+        candidates = [Candidate(tokens, f.name, f.length) for f, tokens in spans]
         if self.spans is not None:
             length, continuations = self.spans.span_continuations(context[-32:], max_tokens)
             candidates += [Candidate(list(c), "corpus", length) for c in continuations]
-        self.followed = ranked  # observe() keeps those the committed tokens agree with
+        self.followed = [f for f, _ in spans]  # observe() keeps those the committed tokens agree with
         tree = build_tree([c for c in candidates if c.tokens], max_depth=max_tokens, max_nodes=_MAX_TREE_NODES)
         return tree if len(tree) else None
 

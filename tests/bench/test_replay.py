@@ -3,6 +3,7 @@ chains, trees, recycling and copies, the policy replay under fixed costs, the ta
 
 import argparse
 import math
+import types
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from refdecode.bench.replay import (
     cost_bound_table,
     cost_bounds,
     draft_runs,
+    feature_oracle,
     longest_copy,
     ngram_draft,
     parse_args,
@@ -33,6 +35,7 @@ from refdecode.bench.replay import (
     replay_bound,
     replay_policy,
     simulate_vllm,
+    span_kind,
     vllm_table,
     wide_tree,
 )
@@ -151,6 +154,7 @@ def test_simulate_on_a_copied_reference():
     assert rows["ngram"]["steps"] == 55 and rows["ngram"]["drafted"] == 0
     assert rows["refdecode"]["steps"] < 20
     assert rows["best-candidate"]["steps"] < 20 and rows["copy-oracle"]["steps"] < 20
+    assert rows["feature-oracle"]["steps"] < 20
     text = vllm_table(totals, sim_args())
     assert text.count("| code-edit-ref |") == 1 and "refdecode / ngram" in text
 
@@ -158,7 +162,43 @@ def test_simulate_on_a_copied_reference():
 def test_the_vllm_table_gives_tokens_per_step_and_ratios_of_tokens_per_cost_against_ngram():
     totals = {"w": {m: {"tokens": 8, "steps": 4, "units": 8.0} for m in VLLM_METHODS}}
     totals["w"]["copy-oracle"] = {"tokens": 8, "steps": 2, "units": 4.0}
-    assert "| w | 2.00 | 2.00 | 2.00 | 4.00 | 1.00x | 1.00x | 2.00x |" in vllm_table(totals, sim_args())
+    assert "| w | 2.00 | 2.00 | 2.00 | 2.00 | 4.00 | 1.00x | 1.00x | 1.00x | 2.00x |" in vllm_table(totals, sim_args())
+
+
+def test_the_feature_oracle_drafts_only_what_its_fitted_rates_say_pays():
+    """A request copying a reference drafts long chains; one whose output never follows what the context suggests
+    learns rates of 0 and decodes plainly, at exactly the plain cost."""
+    reference = list(range(100, 180))
+    copying = {
+        "id": "copy",
+        "workload": "w",
+        "prompt": [5, 6, 7] + reference[:4],
+        "output": reference[4:60],
+        "references": [" ".join(map(str, reference))],
+    }
+    misled = {
+        "id": "misled",
+        "workload": "w",
+        "prompt": [1, 2, 3, 1, 2, 4],
+        "output": [1, 5, 1, 6, 1, 7, 1, 8],
+        "references": [],
+    }
+    results = feature_oracle([copying, misled], IdTokenizer(1000), k=8, cost=StepCost(0.25, 0.02))
+    copied = results[("w", "copy")]
+    assert copied["tokens"] == 55 and copied["steps"] < 15 and copied["drafted"] >= 40
+    assert results[("w", "misled")] == {"tokens": 7, "steps": 7, "units": 7.0, "drafted": 0}
+
+
+def test_span_kind_reads_source_followed_share_and_place():
+    from collections import Counter
+
+    span = types.SimpleNamespace(source="src", seq=0, pos=10, name="store")
+    anchors = {(id("src"), 0): 7}
+    assert span_kind(span, [4, 5], Counter({4: 1}), True, anchors) == ("store", True, "all", "after")
+    assert span_kind(span, [4], Counter({4: 1, 5: 1}), False, {}) == ("store", False, "half", "no copy")
+    assert span_kind(span, [4], Counter({4: 1, 5: 2}), False, {(id("src"), 0): 10})[2:] == ("fewer", "there")
+    assert span_kind(span, [4], Counter({4: 1}), False, {(id("src"), 0): 12})[3] == "before"
+    assert span_kind(span, [4], Counter({4: 1}), False, {(id("src"), 0): 100})[3] == "far"
 
 
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--k", "0"], ["--jump", "-1"], ["--workloads", "summarize"]])
