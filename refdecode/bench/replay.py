@@ -844,7 +844,7 @@ def feature_oracle(
     rates also cover the steps its own drafts lead to; the last pass is reported. Fitted in-sample, per request:
     an estimate from above of what a policy choosing among the same candidates by the same features can reach
     (an online policy learns its rates from the steps before, with fewer of them and none of its future)."""
-    evidence: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])  # (workload, kind, bucket) -> [succ, trials]
+    evidence: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])  # (request, kind, bucket) -> [succ, trials]
     rates: dict[tuple, float] = {}
     results: dict[tuple[str, str], dict] = {}
     for _ in range(passes + 1):
