@@ -863,8 +863,9 @@ def _feature_oracle_replay(req: dict, tokenizer, k: int, cost, rates: dict, evid
 
     def draft(context: list[int], future: list[int]) -> list[int]:
         followed = {(id(f.source), f.seq, f.pos) for f in drafter.followed}
-        spans = [(f, tokens) for f, tokens in drafter.spans_for(context, k) if tokens]
-        drafter.propose(context, k)  # moves the drafter's followed spans on, as a tree step does
+        every = drafter.spans_for(context, k)
+        drafter.followed = [f for f, _ in every]  # as a tree step does: observe() keeps those the output agrees with
+        spans = [(f, tokens) for f, tokens in every if tokens]
         step[:] = spans
         first_counts = Counter(tokens[0] for _, tokens in spans)
         best_rate, best = 1.0 / cost(1), []

@@ -135,19 +135,22 @@ def sim_args(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
+def copying_request(request_id: str, workload: str) -> dict:
+    """A request whose 56-token output copies a reference that its prompt shows only the first 4 tokens of."""
+    reference = list(range(100, 180))
+    return {
+        "id": request_id,
+        "workload": workload,
+        "prompt": [5, 6, 7] + reference[:4],
+        "output": reference[4:60],
+        "references": [" ".join(map(str, reference))],
+    }
+
+
 def test_simulate_on_a_copied_reference():
     """A reference the output copies but the prompt never shows: ngram has nothing to copy, refdecode drafts from the
     reference, and both bounds commit more than one token per step."""
-    reference = list(range(100, 180))
-    requests = [
-        {
-            "id": "copy/0",
-            "workload": "code-edit-ref",
-            "prompt": [5, 6, 7] + reference[:4],
-            "output": reference[4:60],
-            "references": [" ".join(map(str, reference))],
-        }
-    ]
+    requests = [copying_request("copy/0", "code-edit-ref")]
     totals = simulate_vllm(requests, IdTokenizer(1000), k=8, cost=StepCost(0.25, 0.02), model="stand-in")
     rows = {m: totals["code-edit-ref"][m] for m in VLLM_METHODS}
     assert all(r["tokens"] == 55 for r in rows.values())
@@ -168,14 +171,7 @@ def test_the_vllm_table_gives_tokens_per_step_and_ratios_of_tokens_per_cost_agai
 def test_the_feature_oracle_drafts_only_what_its_fitted_rates_say_pays():
     """A request copying a reference drafts long chains; one whose output never follows what the context suggests
     learns rates of 0 and decodes plainly, at exactly the plain cost."""
-    reference = list(range(100, 180))
-    copying = {
-        "id": "copy",
-        "workload": "w",
-        "prompt": [5, 6, 7] + reference[:4],
-        "output": reference[4:60],
-        "references": [" ".join(map(str, reference))],
-    }
+    copying = copying_request("copy", "w")
     misled = {
         "id": "misled",
         "workload": "w",
