@@ -178,6 +178,15 @@ class ForwardCostModel:
         return table[w0] * (1 - t) + table[w1] * t
 
 
+def contested_nodes(tree: DraftTree) -> list[bool]:
+    """Per node, whether it is a first child with siblings: the candidates disagree at its parent, and the
+    favourite is right less often than a token they all agree on (or than a chain's, which hides its rivals)."""
+    children: dict[int, int] = {}
+    for p in tree.parents:
+        children[p] = children.get(p, 0) + 1
+    return [rank == 0 and children[p] > 1 for p, rank in zip(tree.parents, sibling_ranks(tree), strict=True)]
+
+
 def _suffix_minimum(values: list[float]) -> list[float]:
     out = list(values)
     for i in range(len(out) - 2, -1, -1):
@@ -268,17 +277,20 @@ class DraftPolicy:
             best_k = min(limit, max(self.min_draft, 2))
         return best_k
 
-    def node_model(self, source: str, rank: int) -> AcceptanceModel:
+    def node_model(self, source: str, rank: int, contested: bool = False) -> AcceptanceModel:
         """The acceptance model of tree nodes of one kind, by source and sibling rank: a first child (the
         candidates' favourite) shares its source's chain model (a chain is a tree of first children); a later
         sibling, right only where the favourite is wrong, learns an "alternative" rate of its own from a lower
-        prior."""
-        if rank == 0:
+        prior; a first child with siblings (`contested`: its candidates disagree there) is priced by a
+        "contested" rate of its own (see update_tree)."""
+        if rank == 0 and not contested:
             return self.acceptance_for(source)
-        key = f"{source or 'reference'}/alternative"
+        kind = "alternative" if rank else "contested"
+        key = f"{source or 'reference'}/{kind}"
         if key not in self._by_source:
             a = self.acceptance
-            self._by_source[key] = AcceptanceModel(prior=a.prior / 2, prior_weight=a.prior_weight, decay=a.decay)
+            prior = a.prior / 2 if rank else a.prior
+            self._by_source[key] = AcceptanceModel(prior=prior, prior_weight=a.prior_weight, decay=a.decay)
         return self._by_source[key]
 
     def choose_tree(self, tree: DraftTree, budget: int) -> DraftTree | None:
@@ -321,22 +333,25 @@ class DraftPolicy:
         chosen = tree.subtree(order[:best_n])
         kept = sorted(order[:best_n])
         chosen.probs = [probs[i] for i in kept]
+        contested = tree.contested if tree.contested is not None else contested_nodes(tree)
+        chosen.contested = [contested[i] for i in kept]  # as priced here, whatever the pruning left of its rivals
         return chosen
 
     def node_probs(self, tree: DraftTree) -> list[float]:
         """P(node accepted | parent accepted). Siblings exclude each other (at most one is the target's token), so
         they are chained in rank order: a child's model predicts q = P(it is right | the siblings before it are
         wrong), and its probability is q times the parent's mass left after those siblings; the siblings' sum never
-        exceeds 1."""
+        exceeds 1. A first child with siblings is priced by its source's contested model (node_model)."""
         ranks = sibling_ranks(tree)
+        contested = tree.contested if tree.contested is not None else contested_nodes(tree)
         left: dict[int, float] = {}  # parent -> probability mass not yet taken by its earlier children
         probs = []
-        rates: dict[tuple[str, bool], list[float]] = {}  # (source, alternative) -> its model's rates this step
+        rates: dict[tuple[str, int, bool], list[float]] = {}  # a kind of node -> its model's rates this step
         bucket = AcceptanceModel.bucket
         for i, parent in enumerate(tree.parents):
-            kind = (tree.sources[i], ranks[i] > 0)
+            kind = (tree.sources[i], min(ranks[i], 1), contested[i])
             if kind not in rates:
-                rates[kind] = self.node_model(tree.sources[i], ranks[i]).rates()
+                rates[kind] = self.node_model(*kind).rates()
             q = rates[kind][bucket(tree.match_lens[i])]
             mass = left.get(parent, 1.0)
             probs.append(q * mass)
@@ -355,11 +370,18 @@ class DraftPolicy:
         accepted node) and whose earlier siblings were all rejected (see node_probs): a success if it was accepted.
         accept_probs (sampling): per node, its probability of being accepted given its parent was reached; the
         trials then count by their expectation (less variance): a node is tried with the probability that its
-        earlier siblings were rejected and succeeds with its own."""
+        earlier siblings were rejected and succeeds with its own.
+
+        A contested first child's trial counts twice: in its source's contested model, and in its source's own
+        model as every first child's does. So the rate of the source's other nodes (and of its chains) learns from
+        the same evidence whether the tree knows rivals or not, and only where candidates disagree does the
+        favourite get the rate that favourites among rivals have shown. (Tried on 2026-12-06: counting contested
+        trials only in the contested model made the uncontested rate overconfident where width costs; LOG.md.)"""
         self.costs.observe(width, seconds)
         reached = {-1, *path}
         accepted = set(path)
         ranks = sibling_ranks(tree)
+        contested = tree.contested if tree.contested is not None else contested_nodes(tree)
         taken: dict[int, float] = {}  # parent -> acceptance (or its probability) of the children seen so far
         trials: dict[int, list[tuple[int, float, float]]] = {}
         models: dict[int, AcceptanceModel] = {}
@@ -373,9 +395,12 @@ class DraftPolicy:
             tried = max(0.0, 1.0 - before)
             if tried <= 0.0:
                 continue
-            model = self.node_model(tree.sources[i], ranks[i])
-            models[id(model)] = model
-            trials.setdefault(id(model), []).append((tree.match_lens[i], success, tried))
+            kinds = [self.node_model(tree.sources[i], ranks[i])]
+            if ranks[i] == 0 and contested[i]:
+                kinds.append(self.node_model(tree.sources[i], 0, contested=True))
+            for model in kinds:
+                models[id(model)] = model
+                trials.setdefault(id(model), []).append((tree.match_lens[i], success, tried))
         for key, model_trials in trials.items():
             models[key].update_trials(model_trials)
 

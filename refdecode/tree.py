@@ -33,6 +33,8 @@ class DraftTree:
         filled by the tree policy (or by an outside drafter that knows better), None until then.
     q: optional [n, V] distributions the nodes' tokens were drawn from (a model drafter); None = point masses
         (copied text). Row i belongs to node i.
+    contested: per node, whether it was a first child with siblings in the tree the policy chose it from (its
+        candidates disagreed there); filled by the tree policy beside probs, None until then.
     """
 
     tokens: list[int] = field(default_factory=list)
@@ -42,6 +44,7 @@ class DraftTree:
     counts: list[int] = field(default_factory=list)
     probs: list[float] | None = None
     q: torch.Tensor | None = None
+    contested: list[bool] | None = None
 
     def __post_init__(self):
         n = len(self.tokens)
@@ -58,6 +61,8 @@ class DraftTree:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} nodes")
         if self.probs is not None and len(self.probs) != n:
             raise ValueError(f"probs has {len(self.probs)} entries for {n} nodes")
+        if self.contested is not None and len(self.contested) != n:
+            raise ValueError(f"contested has {len(self.contested)} entries for {n} nodes")
         if self.q is not None and (self.q.dim() != 2 or self.q.shape[0] != n):
             raise ValueError(f"q must be [{n}, V], got {tuple(self.q.shape)}")
         seen: set[tuple[int, int]] = set()
@@ -124,6 +129,7 @@ class DraftTree:
             [self.counts[i] for i in kept],
             None if self.probs is None else [self.probs[i] for i in kept],
             None if self.q is None else self.q[kept],
+            None if self.contested is None else [self.contested[i] for i in kept],
         )
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import refdecode
 from refdecode.drafters import Draft, ReferenceDrafter
-from refdecode.policy import DraftPolicy, ForwardCostModel
+from refdecode.policy import DraftPolicy, ForwardCostModel, contested_nodes
 from refdecode.tree import ROOT, Candidate, DraftTree, build_tree, sibling_ranks
 
 CPU_LIKE = {1: 0.090, 2: 0.095, 4: 0.110, 8: 0.160, 16: 0.200, 32: 0.260, 64: 0.420}
@@ -172,6 +172,92 @@ def test_sampling_trials_count_by_expectation():
     policy.update_tree(tree, [], 3, 0.1, accept_probs=[0.5, 0.3])
     alt = policy.node_model("context", 1)
     assert sum(alt.trials) == pytest.approx(0.5) and sum(alt.successes) == pytest.approx(0.3)
+
+
+def rivals(length=30):
+    """Two candidates with the same evidence that disagree at once ("```" before "diff" and before "python" in
+    a code-edit prompt), each with a long continuation."""
+    return build_tree(
+        [Candidate([1] + [10] * (length - 1), "context", 1), Candidate([2] + [20] * (length - 1), "context", 1)],
+        max_depth=64,
+    )
+
+
+def test_contested_nodes_are_first_children_with_siblings():
+    tree = build_tree(
+        [Candidate([1, 2, 3], "context", 4), Candidate([1, 2, 4], "context", 2), Candidate([5], "store", 1)],
+        max_depth=8,
+    )
+    # the root's first child (token 1) has a rival (5); under it, 2 is unrivalled; 3 and 4 disagree after it
+    expected = {1: True, 5: False}
+    flags = contested_nodes(tree)
+    ranks = sibling_ranks(tree)
+    for i, token in enumerate(tree.tokens):
+        if token in expected:
+            assert flags[i] == expected[token]
+    assert flags[tree.tokens.index(2)] is False
+    deep = [i for i, t in enumerate(tree.tokens) if t in (3, 4)]
+    assert [flags[i] for i in deep] == [ranks[i] == 0 for i in deep] and sum(flags[i] for i in deep) == 1
+    assert contested_nodes(DraftTree.chain([7, 8, 9])) == [False] * 3
+
+
+def test_a_contested_favourite_is_priced_by_its_own_rate_and_teaches_both_models():
+    policy = DraftPolicy(costs=ForwardCostModel(GPU_LIKE), explore_every=10**6)
+    for _ in range(10):
+        policy.node_model("context", 0).update_trials([(1, 0.95, 1.0)])  # unrivalled copies: right
+        policy.node_model("context", 0, contested=True).update_trials([(1, 0.3, 1.0)])  # favourites among rivals
+        policy.node_model("context", 1).update_trials([(1, 0.9, 1.0)])  # the rival, once the favourite is wrong
+    tree = rivals()
+    probs = policy.node_probs(tree)
+    fav, rival = tree.children()
+    assert probs[fav] == pytest.approx(policy.node_model("context", 0, contested=True).rate(1))
+    assert probs[rival] == pytest.approx((1 - probs[fav]) * policy.node_model("context", 1).rate(1))
+    chain = DraftTree.chain([1, 10, 10], source="context", match_len=1)
+    assert policy.node_probs(chain)[0] == pytest.approx(policy.node_model("context", 0).rate(1))
+    # where width is nearly free, both branches are verified deep: the rival is as likely as the favourite
+    chosen = policy.choose_tree(tree, budget=64)
+    assert chosen is not None
+    heads = chosen.children()
+    assert len(heads) == 2
+    depths = chosen.depths()
+    for head in heads:
+        below = [i for i in range(len(chosen)) if chosen.path(i)[0] == head]
+        assert max(depths[i] for i in below) >= 10
+    # the flags are those of the tree it was chosen from, kept for the update
+    assert chosen.contested is not None and sum(chosen.contested) == 1
+    assert chosen.contested[heads[0]] and not chosen.contested[heads[1]]
+    # a failed contested favourite is one trial of its source's model and one of its contested model
+    fresh = DraftPolicy()
+    fresh.update_tree(tree, [], len(tree) + 1, 0.1)
+    own, contested = fresh.node_model("context", 0), fresh.node_model("context", 0, contested=True)
+    assert sum(own.trials) == pytest.approx(1.0) and sum(own.successes) == 0.0
+    assert sum(contested.trials) == pytest.approx(1.0) and sum(contested.successes) == 0.0
+    # an accepted rival's unrivalled continuation teaches only the source's model
+    fresh.update_tree(tree, [rival, tree.children(rival)[0]], len(tree) + 1, 0.1)
+    assert sum(own.trials) == pytest.approx(1.0 * 0.9 + 3.0)  # faded once, then the favourite, the two below
+    assert sum(contested.trials) == pytest.approx(1.0 * 0.9 + 1.0)
+
+
+def test_a_pruned_rival_leaves_the_favourite_contested():
+    policy = DraftPolicy(costs=ForwardCostModel(CPU_LIKE), explore_every=10**6)
+    for _ in range(10):
+        policy.node_model("context", 0, contested=True).update_trials([(1, 0.9, 1.0)])
+        policy.node_model("context", 1).update_trials([(1, 0.01, 1.0)])
+    chosen = policy.choose_tree(rivals(), budget=64)
+    assert chosen is not None and len(chosen.children()) == 1  # the rival was not worth its width
+    assert chosen.contested is not None and chosen.contested[0]
+    before = sum(policy.node_model("context", 0, contested=True).trials)
+    policy.update_tree(chosen, [], len(chosen) + 1, 0.1)
+    assert sum(policy.node_model("context", 0, contested=True).trials) > before * policy.acceptance.decay
+
+
+def test_contested_flags_follow_a_subtree_and_are_checked():
+    tree = rivals(4)
+    tree.contested = contested_nodes(tree)
+    sub = tree.subtree([0, 1])
+    assert sub.contested == [True, False]
+    with pytest.raises(ValueError, match="contested"):
+        DraftTree([1, 2], [-1, 0], contested=[True])
 
 
 # -- tree-mode drafting ------------------------------------------------------------------------------------------
