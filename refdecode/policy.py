@@ -280,17 +280,17 @@ class DraftPolicy:
     def node_model(self, source: str, rank: int, contested: bool = False) -> AcceptanceModel:
         """The acceptance model of tree nodes of one kind, by source and sibling rank: a first child (the
         candidates' favourite) shares its source's chain model (a chain is a tree of first children); a later
-        sibling, right only where the favourite is wrong, learns an "alternative" rate of its own from a lower
-        prior; a first child with siblings (`contested`: its candidates disagree there) is priced by a
-        "contested" rate of its own (see update_tree)."""
+        sibling, right only where the favourite is wrong, learns an "alternative" rate of its own; a first child
+        with siblings (`contested`: its candidates disagree there) is priced by a "contested" rate of its own (see
+        update_tree). Both start from half the prior: before any evidence, where candidates disagree the chance
+        that one of them is right is shared by at least two."""
         if rank == 0 and not contested:
             return self.acceptance_for(source)
         kind = "alternative" if rank else "contested"
         key = f"{source or 'reference'}/{kind}"
         if key not in self._by_source:
             a = self.acceptance
-            prior = a.prior / 2 if rank else a.prior
-            self._by_source[key] = AcceptanceModel(prior=prior, prior_weight=a.prior_weight, decay=a.decay)
+            self._by_source[key] = AcceptanceModel(prior=a.prior / 2, prior_weight=a.prior_weight, decay=a.decay)
         return self._by_source[key]
 
     def choose_tree(self, tree: DraftTree, budget: int) -> DraftTree | None:

@@ -238,6 +238,17 @@ def test_a_contested_favourite_is_priced_by_its_own_rate_and_teaches_both_models
     assert sum(contested.trials) == pytest.approx(1.0 * 0.9 + 1.0)
 
 
+def test_rivals_start_from_half_the_prior():
+    # before any evidence, disagreeing candidates share the chance that one of them is right
+    policy = DraftPolicy()
+    source = policy.node_model("context", 0).rate(1)
+    assert policy.node_model("context", 0, contested=True).rate(1) == pytest.approx(source / 2)
+    assert policy.node_model("context", 1).rate(1) == pytest.approx(source / 2)
+    probs = policy.node_probs(rivals())
+    fav, rival = rivals().children()
+    assert probs[fav] == pytest.approx(source / 2) and probs[rival] == pytest.approx((1 - source / 2) * source / 2)
+
+
 def test_a_pruned_rival_leaves_the_favourite_contested():
     policy = DraftPolicy(costs=ForwardCostModel(CPU_LIKE), explore_every=10**6)
     for _ in range(10):
