@@ -31,6 +31,7 @@ __all__ = [
     "DraftPolicy",
     "ForwardCostModel",
     "calibrate_costs",
+    "contested_nodes",
     "policy_kind",
     "remember_policy",
     "warm_policy",
