@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .kernels import forward_tokens, routable, set_route, synchronize
-from .tree import DraftTree, sibling_ranks
+from .tree import DraftTree, contested_nodes, sibling_ranks
 
 if TYPE_CHECKING:
     from .drafters.base import Draft
@@ -31,7 +31,6 @@ __all__ = [
     "DraftPolicy",
     "ForwardCostModel",
     "calibrate_costs",
-    "contested_nodes",
     "policy_kind",
     "remember_policy",
     "warm_policy",
@@ -179,13 +178,10 @@ class ForwardCostModel:
         return table[w0] * (1 - t) + table[w1] * t
 
 
-def contested_nodes(tree: DraftTree) -> list[bool]:
-    """Per node, whether it is a first child with siblings: the candidates disagree at its parent, and the
-    favourite is right less often than a token they all agree on (or than a chain's, which hides its rivals)."""
-    children: dict[int, int] = {}
-    for p in tree.parents:
-        children[p] = children.get(p, 0) + 1
-    return [rank == 0 and children[p] > 1 for p, rank in zip(tree.parents, sibling_ranks(tree), strict=True)]
+def _contested(tree: DraftTree) -> list[bool]:
+    """The contested flags the policy prices and updates `tree` by: those it carries from the tree it was chosen
+    from (choose_tree), else its own shape's."""
+    return tree.contested if tree.contested is not None else contested_nodes(tree)
 
 
 def _suffix_minimum(values: list[float]) -> list[float]:
@@ -334,7 +330,7 @@ class DraftPolicy:
         chosen = tree.subtree(order[:best_n])
         kept = sorted(order[:best_n])
         chosen.probs = [probs[i] for i in kept]
-        contested = tree.contested if tree.contested is not None else contested_nodes(tree)
+        contested = _contested(tree)
         chosen.contested = [contested[i] for i in kept]  # as priced here, whatever the pruning left of its rivals
         return chosen
 
@@ -344,7 +340,7 @@ class DraftPolicy:
         wrong), and its probability is q times the parent's mass left after those siblings; the siblings' sum never
         exceeds 1. A first child with siblings is priced by its source's contested model (node_model)."""
         ranks = sibling_ranks(tree)
-        contested = tree.contested if tree.contested is not None else contested_nodes(tree)
+        contested = _contested(tree)
         left: dict[int, float] = {}  # parent -> probability mass not yet taken by its earlier children
         probs = []
         rates: dict[tuple[str, int, bool], list[float]] = {}  # a kind of node -> its model's rates this step
@@ -382,7 +378,7 @@ class DraftPolicy:
         reached = {-1, *path}
         accepted = set(path)
         ranks = sibling_ranks(tree)
-        contested = tree.contested if tree.contested is not None else contested_nodes(tree)
+        contested = _contested(tree)
         taken: dict[int, float] = {}  # parent -> acceptance (or its probability) of the children seen so far
         trials: dict[int, list[tuple[int, float, float]]] = {}
         models: dict[int, AcceptanceModel] = {}
@@ -397,7 +393,7 @@ class DraftPolicy:
             if tried <= 0.0:
                 continue
             kinds = [self.node_model(tree.sources[i], ranks[i])]
-            if ranks[i] == 0 and contested[i]:
+            if contested[i]:  # a first child by definition
                 kinds.append(self.node_model(tree.sources[i], 0, contested=True))
             for model in kinds:
                 models[id(model)] = model

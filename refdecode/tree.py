@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Candidate", "DraftTree", "ROOT", "build_tree", "sibling_ranks"]
+__all__ = ["Candidate", "DraftTree", "ROOT", "build_tree", "contested_nodes", "sibling_ranks"]
 
 ROOT = -1  # parent index of the root's children: the pending token
 
@@ -214,3 +214,12 @@ def sibling_ranks(tree: DraftTree) -> list[int]:
         ranks.append(seen.get(p, 0))
         seen[p] = ranks[-1] + 1
     return ranks
+
+
+def contested_nodes(tree: DraftTree) -> list[bool]:
+    """Per node, whether it is a first child with siblings: the candidates disagree at its parent, and the
+    favourite is right less often than a token they all agree on (or than a chain's, which hides its rivals)."""
+    children: dict[int, int] = {}
+    for p in tree.parents:
+        children[p] = children.get(p, 0) + 1
+    return [rank == 0 and children[p] > 1 for p, rank in zip(tree.parents, sibling_ranks(tree), strict=True)]

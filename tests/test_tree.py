@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 import refdecode
 from refdecode.drafters import Draft, ReferenceDrafter
-from refdecode.policy import DraftPolicy, ForwardCostModel, contested_nodes
-from refdecode.tree import ROOT, Candidate, DraftTree, build_tree, sibling_ranks
+from refdecode.policy import DraftPolicy, ForwardCostModel
+from refdecode.tree import ROOT, Candidate, DraftTree, build_tree, contested_nodes, sibling_ranks
 
 CPU_LIKE = {1: 0.090, 2: 0.095, 4: 0.110, 8: 0.160, 16: 0.200, 32: 0.260, 64: 0.420}
 GPU_LIKE = {1: 0.010, 2: 0.010, 4: 0.010, 8: 0.0101, 16: 0.0102, 32: 0.0104, 64: 0.0108}
