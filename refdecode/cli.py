@@ -207,6 +207,8 @@ def _run_generate(args) -> int:
             file=sys.stderr,
         )
         print(_tree_line(s), file=sys.stderr)
+        if s.steps:
+            print(_time_line(s), file=sys.stderr)
     if memory is not None:  # after the output is printed: a failed save does not lose it
         try:
             memory.save(args.memory)
@@ -234,6 +236,19 @@ def _tree_line(s) -> str:
         f"refdecode: tree: {sum(sizes) / len(sizes):.1f} nodes per step on average, {max(sizes)} at most; "
         f"accepted depth {s.accepted_tokens / s.steps if s.steps else 0.0:.2f} on average; accepted draft tokens "
         f"by source: {by_source or 'none'}"
+    )
+
+
+def _time_line(s) -> str:
+    """Where a decoding step's time went: the target's forward against refdecode's own work."""
+    ms = 1000.0 / s.steps
+    other = max(0.0, s.overhead_seconds - s.draft_seconds - s.policy_seconds)
+    share = s.overhead_seconds / s.decode_seconds if s.decode_seconds > 0 else 0.0
+    forward, besides = s.forward_seconds * ms, s.overhead_seconds * ms
+    return (
+        f"refdecode: per step {forward:.1f} ms in the target's forward, {besides:.1f} ms besides ({share:.1%} of "
+        f"decoding): drafting {s.draft_seconds * ms:.1f} ms, policy {s.policy_seconds * ms:.1f} ms, masks, checks and "
+        f"bookkeeping {other * ms:.1f} ms"
     )
 
 

@@ -49,7 +49,12 @@ __all__ = ["GenerationOutput", "GenerationStats", "NonFiniteLogitsError", "decod
 @dataclass
 class GenerationStats:
     """steps: verification forwards after the prefill; drafted/accepted: draft tokens verified/kept;
-    seconds: end to end; prefill_seconds: the prompt's forward and the first token; decode_seconds: the rest."""
+    seconds: end to end; prefill_seconds: the prompt's forward and the first token; decode_seconds: the rest.
+
+    Where decode_seconds go: forward_seconds inside the target model's own forward calls (the device synchronized
+    at each call's end); the rest is overhead_seconds, of which draft_seconds drafting (the drafter's propose: finding
+    candidates, building their tree, a draft model's forwards) and policy_seconds choosing what to verify and
+    learning from the verdict; what remains is the tree mask, the acceptance check, cache bookkeeping and stopping."""
 
     steps: int = 0
     drafted_tokens: int = 0
@@ -65,6 +70,8 @@ class GenerationStats:
     tree_steps: int = 0  # steps that verified a tree with branches (the others verified a chain)
     accepted_sources: dict[str, int] = field(default_factory=dict)  # accepted draft tokens per source
     draft_seconds: float = 0.0  # time spent in the drafter's propose (inside decode_seconds): a model's forwards
+    forward_seconds: float = 0.0  # time inside the target's forward calls while decoding (inside decode_seconds)
+    policy_seconds: float = 0.0  # the policy choosing the draft (or subtree) and learning from verdicts
 
     @property
     def tree_sizes(self) -> list[int]:
@@ -86,6 +93,12 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         """Decoding throughput: new tokens after the first, over the time after the prefill."""
         return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 and self.new_tokens > 1 else 0.0
+
+    @property
+    def overhead_seconds(self) -> float:
+        """Decoding time outside the target's forwards: drafting, the policy, tree masks, acceptance checks, cache
+        bookkeeping and stopping checks (0 when the forwards were not timed)."""
+        return max(0.0, self.decode_seconds - self.forward_seconds) if self.forward_seconds else 0.0
 
     @property
     def mean_accepted(self) -> float:
@@ -111,6 +124,9 @@ class GenerationStats:
             "mean_accepted_depth": self.mean_accepted_depth,
             "accepted_sources": dict(self.accepted_sources),
             "draft_seconds": self.draft_seconds,
+            "forward_seconds": self.forward_seconds,
+            "policy_seconds": self.policy_seconds,
+            "overhead_seconds": self.overhead_seconds,
         }
 
 
@@ -342,6 +358,7 @@ def decode(
     start, close = getattr(drafter, "start", None), getattr(drafter, "close", None)
     if start is not None and not stop_reason:
         start(session)
+    clock = _ForwardClock(model)
     try:
         while not stop_reason:
             # 2) draft: propose (a chain or a tree), then keep what pays at this acceptance and forward cost
@@ -353,12 +370,16 @@ def decode(
             position = len(output)  # output position of row 0: the token after the pending one
             step = _StepInputs(model, cache, output[-1], context, processors, noise, position, generator, policy)
             step.tie_margin, step.where = tie_margin, f"verification step {stats.steps + 1}"
+            t_policy = time.perf_counter()
             if isinstance(proposal, DraftTree):
                 tree = policy.choose_tree(proposal if trees_ok else _favourite_chain(proposal), budget)
+                stats.policy_seconds += time.perf_counter() - t_policy
                 result = _tree_step(tree, step)
             else:
                 k = 0 if proposal is None else policy.choose_length(proposal, budget)
+                stats.policy_seconds += time.perf_counter() - t_policy
                 result = _chain_step(proposal.truncated(k) if proposal is not None and k > 0 else None, step)
+            stats.policy_seconds += result.policy_seconds
             _count_step(stats, result)
             session.forwards, session.row = session.forwards + 1, result.row
             # 4) commit: the accepted tokens and the model's own token (which is fed first next step)
@@ -379,8 +400,10 @@ def decode(
             drafter.observe(output[before:])
             context = torch.cat([context, context.new_tensor(output[before:])])
     finally:
+        clock.stop()
         if close is not None:
             close()
+    stats.forward_seconds = clock.seconds
     if streamer is not None:
         streamer.end()
 
@@ -423,6 +446,7 @@ class _Step:
     accepted_sources: list[str]
     branched: bool = False
     row: int | None = None  # the forward's row whose scores chose next_token (None: no next token)
+    policy_seconds: float = 0.0  # the policy learning from this step's verdict
 
 
 def _count_step(stats: GenerationStats, step: _Step) -> None:
@@ -449,12 +473,15 @@ def _chain_step(draft: Draft | None, s: _StepInputs) -> _Step:
         scores, tokens, s.noise, s.position, s.generator, draft_probs=draft_probs, tie_margin=tie_margin
     )
     synchronize(s.model.device)
-    s.policy.update(draft, k, verdict.accepted, k + 1, time.perf_counter() - t0, accept_probs)
+    t_policy = time.perf_counter()
+    s.policy.update(draft, k, verdict.accepted, k + 1, t_policy - t0, accept_probs)
+    policy_seconds = time.perf_counter() - t_policy
     # keep the pending token and the accepted ones; on a too-close call the last accepted one is re-fed next step
     _crop(s.cache, k - verdict.accepted + (1 if verdict.next_token is None else 0))
     source = (draft.source or "reference") if draft is not None else ""
     row = verdict.accepted if verdict.next_token is not None else None
-    return _Step(tokens[: verdict.accepted], verdict.next_token, k, [source] * verdict.accepted, row=row)
+    accepted = tokens[: verdict.accepted]
+    return _Step(accepted, verdict.next_token, k, [source] * verdict.accepted, row=row, policy_seconds=policy_seconds)
 
 
 def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
@@ -485,10 +512,12 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
         verdict, accept_probs = verify_tree(scores, tree, s.noise, s.position, s.generator, tie_margin=tie_margin)
         path, next_token = verdict.path, verdict.next_token
     synchronize(s.model.device)
+    t_policy = time.perf_counter()
     if n:
-        s.policy.update_tree(tree, path, n + 1, time.perf_counter() - t0, accept_probs)
+        s.policy.update_tree(tree, path, n + 1, t_policy - t0, accept_probs)
     else:
-        s.policy.update(None, 0, 0, 1, time.perf_counter() - t0)
+        s.policy.update(None, 0, 0, 1, t_policy - t0)
+    policy_seconds = time.perf_counter() - t_policy
     # keep the pending token and the accepted path; on a too-close call the last accepted one is re-fed next step
     kept = path if next_token is not None else path[:-1]
     rows = [0] + [i + 1 for i in kept] if (path or next_token is not None) else []
@@ -503,7 +532,32 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
         [tree.sources[i] or "reference" for i in path],
         branched=not tree.is_chain(),
         row=(path[-1] + 1 if path else 0) if next_token is not None else None,
+        policy_seconds=policy_seconds,
     )
+
+
+class _ForwardClock:
+    """Seconds spent inside `model`'s own forward calls from now until stop(): a pre-hook and a hook on its top
+    module read the clock around each call, the device synchronized at the call's end so that the time is the
+    forward's, not its launch's. A separate draft model's forwards are not counted (other modules)."""
+
+    def __init__(self, model):
+        self.seconds, self._started = 0.0, 0.0
+        device = model.device
+
+        def before(_module, _args) -> None:
+            self._started = time.perf_counter()
+
+        def after(_module, _args, _output) -> None:
+            synchronize(device)
+            self.seconds += time.perf_counter() - self._started
+
+        self._handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def _favourite_chain(tree: DraftTree) -> DraftTree:

@@ -131,6 +131,8 @@ def test_memory_round_trip(capsys, tmp_path, tiny_model_dir, flat_costs):
     assert second["token_ids"] == first["token_ids"]  # the same greedy output, drafted from the first one
     assert second["accepted_tokens"] > first["accepted_tokens"]
     assert "refdecode: tree:" in err and "nodes per step" in err and "by source" in err
+    assert "ms in the target's forward" in err and "drafting" in err and "policy" in err
+    assert second["forward_seconds"] > 0 and second["overhead_seconds"] >= second["draft_seconds"]
     assert len(OutputMemory.load(memory_dir)) == 2
     code, out, err = _generate_with_memory(capsys, tiny_model_dir, memory_dir, "--no-tree")
     assert code == 0, err

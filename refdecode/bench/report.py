@@ -100,6 +100,17 @@ def summarize_method(records: list[dict]) -> dict:
         "acceptance_rate": _acceptance_rate(records),
         "draft_ms_per_step": 1000 * sum(r.get("draft_seconds", 0.0) for r in records) / steps if steps else None,
     }
+    timed = [r for r in records if "forward_seconds" in r]  # refdecode's loop times the target's forwards
+    timed_steps = sum(r["steps"] for r in timed)
+    if timed and timed_steps:
+        forward = sum(r["forward_seconds"] for r in timed)
+        decode = sum(r["decode_seconds"] for r in timed)
+        out.update(
+            forward_ms_per_step=1000 * forward / timed_steps,
+            overhead_ms_per_step=1000 * max(0.0, decode - forward) / timed_steps,
+            policy_ms_per_step=1000 * sum(r.get("policy_seconds", 0.0) for r in timed) / timed_steps,
+            overhead_share=max(0.0, decode - forward) / decode if decode > 0 else None,
+        )
     if any("matches_greedy" in r for r in records):
         bad = [r for r in records if not r.get("matches_greedy", True)]
         out["mismatches"] = len(bad)
@@ -365,6 +376,27 @@ def model_drafters_table(groups: dict[str, dict]) -> list[str]:
     return lines if rows else []
 
 
+def overhead_table(groups: dict[str, dict]) -> list[str]:
+    """One row per workload and refdecode-loop method: a step's time in the target's forward against the loop's own
+    work (drafting, the policy, the rest: tree masks, acceptance checks, cache bookkeeping)."""
+    lines = [
+        "| workload | method | forward ms per step | besides the forward, ms per step | of it drafting | of it policy "
+        "| share of decoding |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, b in groups.items():
+        for m, s in b["methods"].items():
+            if s.get("forward_ms_per_step") is None:
+                continue
+            share = s.get("overhead_share")
+            lines.append(
+                f"| {name} | {m} | {_f(s['forward_ms_per_step'])} | {_f(s['overhead_ms_per_step'], 2)} | "
+                f"{_f(s.get('draft_ms_per_step'), 2)} | {_f(s.get('policy_ms_per_step'), 2)} | "
+                f"{f'{share * 100:.1f}%' if share is not None else '-'} |"
+            )
+    return lines if len(lines) > 2 else []
+
+
 def format_report(results: dict, summary: dict) -> str:
     """The markdown report: settings, the main table, Spec-Bench and sampling tables, the forward-cost curve."""
     meta, info, cfg = results["meta"], results["meta"]["machine"], results["meta"]["config"]
@@ -406,6 +438,15 @@ def format_report(results: dict, summary: dict) -> str:
             "per step = time in the drafter (model forwards, matching) per verification step:",
             "",
         ] + drafters
+    overhead = overhead_table(groups)
+    if overhead:
+        out += [
+            "",
+            "Where a step's time goes in refdecode's loop: the target's forward (timed inside the model's own call) "
+            "and everything besides it, of which drafting (the drafter's propose) and the policy (choosing what to "
+            "verify, learning from the verdict); the rest is tree masks, acceptance checks and cache bookkeeping:",
+            "",
+        ] + overhead
     if "spec_bench" in summary:
         out += ["", "Spec-Bench (first turns), leaderboard layout:", ""] + spec_bench_table(summary["spec_bench"])
     if "refdecode-sample" in meta["methods"]:

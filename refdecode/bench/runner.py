@@ -482,6 +482,8 @@ def run_refdecode(
         stop_reason=out.stop_reason,
         draft_seconds=getattr(s, "draft_seconds", 0.0),
     )
+    if getattr(s, "forward_seconds", 0.0):  # a refdecode that times the target's forwards (not older results)
+        record.update(forward_seconds=s.forward_seconds, policy_seconds=s.policy_seconds)
     # the tree statistics, from a refdecode that keeps them: nodes verified per step, accepted tokens per source
     # (saved under its former name "tree_sizes": the report reads results written before)
     if getattr(s, "draft_lengths", None) is not None:

@@ -313,6 +313,22 @@ def test_tokens_per_step_tree_sizes_and_the_oracles_gain_per_method():
     assert report.comparisons_table({"rag": block})[2] == "| rag | 1.33x, 1.25x |"
 
 
+def test_where_a_steps_time_goes_per_method():
+    """Records that time the target's forwards give forward and overhead milliseconds per step; records without
+    them (transformers' methods, older results) give no row."""
+    records = [fake_record("q0", "", "greedy", 10.0, steps=10), fake_record("q0", "", "refdecode", 20.0, steps=4)]
+    for r in records:
+        r["workload"] = "rag"
+    records[1].update(decode_seconds=2.0, forward_seconds=1.5, policy_seconds=0.1, draft_seconds=0.2)
+    block = report.summarize({"records": records, "meta": {"methods": ["greedy", "refdecode"]}})["workloads"]["rag"]
+    tree = block["methods"]["refdecode"]
+    assert tree["forward_ms_per_step"] == pytest.approx(375.0) and tree["overhead_ms_per_step"] == pytest.approx(125.0)
+    assert tree["policy_ms_per_step"] == pytest.approx(25.0) and tree["overhead_share"] == pytest.approx(0.25)
+    assert "forward_ms_per_step" not in block["methods"]["greedy"]
+    assert report.overhead_table({"rag": block})[2:] == ["| rag | refdecode | 375.0 | 125.00 | 50.00 | 25.00 | 25.0% |"]
+    assert report.overhead_table({"rag": {"methods": {"greedy": block["methods"]["greedy"]}}}) == []
+
+
 def test_model_drafter_rows_run_alone_and_with_references_and_reach_the_report(tiny_llama, tmp_path):
     """--drafters X adds drafter:X (the model alone) and refdecode+X (in the references' tree): both greedy, both
     checked against greedy token for token, both set against greedy, prompt lookup and the references alone."""
