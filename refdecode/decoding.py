@@ -373,12 +373,11 @@ def decode(
             t_policy = time.perf_counter()
             if isinstance(proposal, DraftTree):
                 tree = policy.choose_tree(proposal if trees_ok else _favourite_chain(proposal), budget)
-                stats.policy_seconds += time.perf_counter() - t_policy
-                result = _tree_step(tree, step)
             else:
                 k = 0 if proposal is None else policy.choose_length(proposal, budget)
-                stats.policy_seconds += time.perf_counter() - t_policy
-                result = _chain_step(proposal.truncated(k) if proposal is not None and k > 0 else None, step)
+                chain = proposal.truncated(k) if proposal is not None and k > 0 else None
+            stats.policy_seconds += time.perf_counter() - t_policy
+            result = _tree_step(tree, step) if isinstance(proposal, DraftTree) else _chain_step(chain, step)
             stats.policy_seconds += result.policy_seconds
             _count_step(stats, result)
             session.forwards, session.row = session.forwards + 1, result.row

@@ -16,7 +16,8 @@ import torch
 from stats_helpers import tiny_llama
 
 import refdecode
-from refdecode.policy import DraftPolicy, ForwardCostModel
+from refdecode.bench.replay import FixedCosts
+from refdecode.policy import DraftPolicy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -25,23 +26,14 @@ MAX_NEW = 16
 PAUSE = 0.02  # seconds a sleeping hook or drafter adds, far above the clock's resolution
 
 
-class FlatCosts(ForwardCostModel):
-    """Every width costs the same and timings never move it: the decisions do not depend on this machine."""
-
-    def __init__(self):
-        super().__init__({1: 1.0, 64: 1.0})
-
-    def observe(self, width: int, seconds: float) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(vocab_size=96, seed=0)
 
 
 def decode(model, **kwargs):
-    kwargs = {"max_new_tokens": MAX_NEW, "policy": DraftPolicy(costs=FlatCosts()), "calibrate": False, **kwargs}
+    flat = FixedCosts({1: 1.0, 64: 1.0})  # every width costs the same, never re-timed: decisions owe nothing to load
+    kwargs = {"max_new_tokens": MAX_NEW, "policy": DraftPolicy(costs=flat), "calibrate": False, **kwargs}
     return refdecode.generate(model, None, PROMPT, **kwargs)
 
 

@@ -34,6 +34,7 @@ from test_sampling import uncertain_references
 
 import refdecode
 import refdecode.verification
+from refdecode.bench import replay
 from refdecode.drafters import (
     DraftSession,
     HeadsDrafter,
@@ -57,15 +58,12 @@ from refdecode.verification import Verdict
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
-class FixedCosts(ForwardCostModel):
+class FixedCosts(replay.FixedCosts):
     """Every forward costs 1 s whatever its width, and measurements never change that: drafting decisions depend on
     acceptance only (a model drafter's own draft cost, measured in milliseconds, is then always worth it)."""
 
     def __init__(self):
         super().__init__({1: 1.0, 64: 1.0})
-
-    def observe(self, width: int, seconds: float) -> None:
-        pass
 
 
 def fixed_policy(**kwargs) -> DraftPolicy:
@@ -907,7 +905,6 @@ def test_a_model_drafter_runs_where_its_gain_beats_draft_time_plus_the_wider_ver
     """ModelDrafterBase.pays: a model drafter right half the time pays on a flat cost curve (a GPU), not where a
     2-token forward costs 1.8 one-token forwards (this CPU), unless its acceptance is high; refused explore_every
     times in a row, it runs once anyway so its estimates can still change."""
-    from refdecode.policy import ForwardCostModel
 
     def model_drafter_on(costs, rate):
         model_drafter = CountingDrafter()
@@ -953,8 +950,6 @@ def test_a_model_drafter_never_timed_prices_its_tokens_from_its_first_forward():
     """A fresh model drafter has no measured cost per token; its first forward's time stands in for it, so a slow
     draft model beside a fast target drafts a couple of sure tokens, not as many as it is allowed."""
     import time as _time
-
-    from refdecode.policy import ForwardCostModel
 
     model, weak = family_models("llama")
     model_drafter = ModelDrafter(weak, window=8)
