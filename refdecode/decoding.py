@@ -40,7 +40,7 @@ from .policy import (
 from .sampling import SamplingConfig, build_processors, process_rows
 from .stopping import StopChecker, stop_list
 from .tree import DraftTree
-from .tree_attention import keep_rows, supports_tree, tree_forward
+from .tree_attention import keep_rows, recompute_row, supports_tree, tree_forward
 from .verification import PositionNoise, choose_first, verify_chain, verify_tree
 
 __all__ = ["GenerationOutput", "GenerationStats", "NonFiniteLogitsError", "decode", "generate"]
@@ -63,7 +63,8 @@ class GenerationStats:
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    recomputed: int = 0  # one-token forwards forced by a too-close greedy call
+    recomputed: int = 0  # rows recomputed one token wide because a wide forward could not call them (tie guard)
+    unresolved_steps: int = 0  # steps that left such a row to a one-token step of their own (committing no token)
     calibration_seconds: float = 0.0  # the one-time forward-cost calibration (first call per model), inside seconds
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step
     draft_lengths: list[int] = field(default_factory=list)  # draft tokens (tree nodes) verified per step
@@ -117,6 +118,7 @@ class GenerationStats:
             "tokens_per_second": self.tokens_per_second,
             "mean_accepted": self.mean_accepted,
             "recomputed": self.recomputed,
+            "unresolved_steps": self.unresolved_steps,
             "calibration_seconds": self.calibration_seconds,
             "mean_tree_size": self.mean_tree_size,
             "max_tree_size": max(self.draft_lengths, default=0),
@@ -383,8 +385,10 @@ def decode(
             session.forwards, session.row = session.forwards + 1, result.row
             # 4) commit: the accepted tokens and the model's own token (which is fed first next step)
             new, next_token = result.accepted, result.next_token
-            if next_token is None:  # too close to call at this width: recompute one token wide
+            stats.recomputed += result.recomputed
+            if next_token is None:  # too close to call, and the cache could not be put back: a one-token step
                 stats.recomputed += 1
+                stats.unresolved_steps += 1
                 force_plain = True
                 if not new:
                     stats.accept_lengths.append(0)
@@ -446,6 +450,56 @@ class _Step:
     branched: bool = False
     row: int | None = None  # the forward's row whose scores chose next_token (None: no next token)
     policy_seconds: float = 0.0  # the policy learning from this step's verdict
+    recomputed: int = 0  # rows recomputed one token wide inside the step (too close to call at its width)
+
+
+@dataclass
+class _Walk:
+    """The verification of one step's forward, too-close rows recomputed: the accepted path (node indices; a chain's
+    are 0..accepted - 1), the next token (None: a row stayed too close to call), the rule's acceptance
+    probabilities, and the rows recomputed one token wide (in order) with their forwards' seconds."""
+
+    path: list[int]
+    next_token: int | None
+    accept_probs: list[float] | None
+    exact_rows: list[int]
+    seconds: float
+
+    def row_for_drafters(self, row: int) -> int | None:
+        """The row of the target's *last* forward that chose next_token, for drafters reading its hidden states
+        (session.row): `row` of the step's forward, or 0 when the last one-token recompute chose it, or None when
+        a recompute ran after the row that chose it (its hidden states are gone)."""
+        if self.next_token is None:
+            return None
+        if not self.exact_rows:
+            return row
+        return 0 if self.exact_rows[-1] == row else None
+
+
+def _walk(s: _StepInputs, past: int, fed: list[int], logits: torch.Tensor, rescore, verify) -> _Walk:
+    """Verify the rows of one forward; where the verdict stops at a row too close to call at this width (the tie
+    guard), recompute that row one token wide over the same cache entries, as plain decoding computes it, and
+    verify again with it exact, so that the walk goes on over the forward's other rows. Fewer forwards than
+    leaving the row to a one-token step and drafting again after it, and the policy learns the real outcome.
+
+    past: cache length before the forward; fed: the token fed at each flat row ([pending] + the draft);
+    logits: [rows, V] the forward's; rescore(logits) -> scores; verify(scores, exact_rows) -> (path, next, probs)."""
+    exact: list[int] = []
+    seconds = 0.0
+    path, next_token, accept_probs = verify(rescore(logits), exact)
+    while next_token is None:
+        row = path[-1] + 1 if path else 0
+        t0 = time.perf_counter()
+        narrow = recompute_row(s.model, s.cache, past, [0] + [p + 1 for p in path[:-1]] if path else [], fed[row])
+        if narrow is None:  # this cache cannot be put back: the caller leaves the row to a one-token step
+            break
+        _check_finite(narrow[None], f"{s.where} (output token {s.position + len(path)}, recomputed one token wide)")
+        synchronize(s.model.device)
+        seconds += time.perf_counter() - t0
+        logits = torch.cat([logits[:row], narrow[None], logits[row + 1 :]])
+        exact.append(row)
+        path, next_token, accept_probs = verify(rescore(logits), exact)
+    return _Walk(path, next_token, accept_probs, exact, seconds)
 
 
 def _count_step(stats: GenerationStats, step: _Step) -> None:
@@ -465,22 +519,51 @@ def _chain_step(draft: Draft | None, s: _StepInputs) -> _Step:
     t0 = time.perf_counter()
     logits = forward_tokens(s.model, s.cache, [s.pending] + tokens)  # [k + 1, V]
     _check_finite(logits, f"{s.where} (output tokens {s.position}..{s.position + k})")
-    scores = process_rows(s.processors, s.context, tokens, logits)
+    past = s.cache.get_seq_length() - (k + 1)
     tie_margin = s.tie_margin if k > 0 else 0.0
     draft_probs = draft.probs if draft is not None else None
-    verdict, accept_probs = verify_chain(
-        scores, tokens, s.noise, s.position, s.generator, draft_probs=draft_probs, tie_margin=tie_margin
+
+    def verify(scores, exact_rows):
+        verdict, probs = verify_chain(
+            scores,
+            tokens,
+            s.noise,
+            s.position,
+            s.generator,
+            draft_probs=draft_probs,
+            tie_margin=tie_margin,
+            exact_rows=exact_rows,
+        )
+        return list(range(verdict.accepted)), verdict.next_token, probs
+
+    walk = _walk(
+        s, past, [s.pending] + tokens, logits, lambda x: process_rows(s.processors, s.context, tokens, x), verify
     )
+    accepted_count = len(walk.path)
     synchronize(s.model.device)
     t_policy = time.perf_counter()
-    s.policy.update(draft, k, verdict.accepted, k + 1, t_policy - t0, accept_probs)
+    s.policy.update(draft, k, accepted_count, k + 1, t_policy - t0 - walk.seconds, walk.accept_probs)
+    _observe_recomputes(s.policy, walk)
     policy_seconds = time.perf_counter() - t_policy
     # keep the pending token and the accepted ones; on a too-close call the last accepted one is re-fed next step
-    _crop(s.cache, k - verdict.accepted + (1 if verdict.next_token is None else 0))
+    _crop(s.cache, k - accepted_count + (1 if walk.next_token is None else 0))
     source = (draft.source or "reference") if draft is not None else ""
-    row = verdict.accepted if verdict.next_token is not None else None
-    accepted = tokens[: verdict.accepted]
-    return _Step(accepted, verdict.next_token, k, [source] * verdict.accepted, row=row, policy_seconds=policy_seconds)
+    accepted = tokens[:accepted_count]
+    return _Step(
+        accepted,
+        walk.next_token,
+        k,
+        [source] * accepted_count,
+        row=walk.row_for_drafters(accepted_count),
+        policy_seconds=policy_seconds,
+        recomputed=len(walk.exact_rows),
+    )
+
+
+def _observe_recomputes(policy, walk: _Walk) -> None:
+    """A step's one-token recomputes are one-token forwards: the cost model learns their time as such."""
+    for _ in walk.exact_rows:
+        policy.update(None, 0, 0, 1, walk.seconds / len(walk.exact_rows))
 
 
 def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
@@ -497,25 +580,47 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
     _check_finite(logits, f"{s.where} (output token {s.position}, {n} draft nodes)")
     tie_margin = s.tie_margin if n > 0 else 0.0
     if tree.is_chain():
-        scores = process_rows(s.processors, s.context, tree.tokens, logits)
         draft_probs = tree.q if n else None
-        chain, accept_probs = verify_chain(
-            scores, tree.tokens, s.noise, s.position, s.generator, draft_probs=draft_probs, tie_margin=tie_margin
-        )
-        path, next_token = list(range(chain.accepted)), chain.next_token
+
+        def rescore(x):
+            return process_rows(s.processors, s.context, tree.tokens, x)
+
+        def verify(scores, exact_rows):
+            chain, probs = verify_chain(
+                scores,
+                tree.tokens,
+                s.noise,
+                s.position,
+                s.generator,
+                draft_probs=draft_probs,
+                tie_margin=tie_margin,
+                exact_rows=exact_rows,
+            )
+            return list(range(chain.accepted)), chain.next_token, probs
+
     else:
         paths: list[list[int]] | None = None
         if s.processors:  # row i + 1 sees the context plus its path (penalties read it); nothing reads it otherwise
             paths = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(n)]
-        scores = process_rows(s.processors, s.context, tree.tokens, logits, row_prefixes=paths)
-        verdict, accept_probs = verify_tree(scores, tree, s.noise, s.position, s.generator, tie_margin=tie_margin)
-        path, next_token = verdict.path, verdict.next_token
+
+        def rescore(x):
+            return process_rows(s.processors, s.context, tree.tokens, x, row_prefixes=paths)
+
+        def verify(scores, exact_rows):
+            verdict, probs = verify_tree(
+                scores, tree, s.noise, s.position, s.generator, tie_margin=tie_margin, exact_rows=exact_rows
+            )
+            return verdict.path, verdict.next_token, probs
+
+    walk = _walk(s, past, [s.pending] + tree.tokens, logits, rescore, verify)
+    path, next_token = walk.path, walk.next_token
     synchronize(s.model.device)
     t_policy = time.perf_counter()
     if n:
-        s.policy.update_tree(tree, path, n + 1, t_policy - t0, accept_probs)
+        s.policy.update_tree(tree, path, n + 1, t_policy - t0 - walk.seconds, walk.accept_probs)
     else:
-        s.policy.update(None, 0, 0, 1, t_policy - t0)
+        s.policy.update(None, 0, 0, 1, t_policy - t0 - walk.seconds)
+    _observe_recomputes(s.policy, walk)
     policy_seconds = time.perf_counter() - t_policy
     # keep the pending token and the accepted path; on a too-close call the last accepted one is re-fed next step
     kept = path if next_token is not None else path[:-1]
@@ -530,8 +635,9 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
         n,
         [tree.sources[i] or "reference" for i in path],
         branched=not tree.is_chain(),
-        row=(path[-1] + 1 if path else 0) if next_token is not None else None,
+        row=walk.row_for_drafters(path[-1] + 1 if path else 0),
         policy_seconds=policy_seconds,
+        recomputed=len(walk.exact_rows),
     )
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .tree import DraftTree
 
-__all__ = ["keep_rows", "supports_tree", "tree_forward"]
+__all__ = ["keep_rows", "recompute_row", "supports_tree", "tree_forward"]
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 _ATTENTIONS = ("eager", "sdpa")  # flash attention takes no custom mask; flex wants a BlockMask
@@ -75,6 +75,40 @@ def keep_rows(cache, past_length: int, rows: Sequence[int]) -> None:
         return
     for layer in cache.layers:
         _keep_layer_rows(layer, past_length, n_new, rows)
+
+
+@torch.no_grad()
+def recompute_row(model, cache, past_length: int, rows: Sequence[int], token: int) -> torch.Tensor | None:
+    """One row of the last forward recomputed one token wide, the cache left as that forward left it.
+
+    The cache held `past_length` tokens before a forward (a chain's or a tree's) appended its rows; `rows` is a
+    root-to-node path of them (as keep_rows: 0 = the pending token, i + 1 = node i). Returns the float32 logits [V]
+    of `token` fed alone after the past and those rows: exactly the forward plain decoding runs there, over the
+    same cache entries. The forward's rows are set aside first and put back afterwards, so the walk over that
+    forward's other rows can go on. None, with the cache untouched, where its layers cannot be put back that way
+    (sliding-window layers keep only their last window): the caller then leaves the row to a step of its own."""
+    from transformers.cache_utils import DynamicLayer
+
+    from .kernels import forward_tokens
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    n_new = cache.get_seq_length() - past_length
+    if n_new < 1:
+        raise ValueError(f"no forward's rows to recompute: the cache holds {n_new + past_length} of {past_length}")
+    saved = [
+        (layer.keys[:, :, -n_new:].clone(), layer.values[:, :, -n_new:].clone()) if layer.is_initialized else None
+        for layer in layers
+    ]  # [B, H, n_new, D] each
+    keep_rows(cache, past_length, rows)
+    logits = forward_tokens(model, cache, [token])[0]  # [V]
+    cache.crop(-(len(rows) + 1))  # back to the past alone
+    for layer, kept in zip(layers, saved, strict=True):
+        if kept is not None:
+            layer.keys = torch.cat([layer.keys, kept[0]], dim=-2)
+            layer.values = torch.cat([layer.values, kept[1]], dim=-2)
+    return logits
 
 
 def ancestor_matrix(parents: Sequence[int]) -> torch.Tensor:

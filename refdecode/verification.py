@@ -13,7 +13,8 @@ plus the first i draft tokens, so row k scores the token after a fully accepted 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,24 +47,30 @@ class Verdict:
     next_token: int | None
 
 
-def _argmax_and_margin(scores: torch.Tensor) -> tuple[list[int], list[float]]:
+def _argmax_and_margin(scores: torch.Tensor, exact_rows: Collection[int] = ()) -> tuple[list[int], list[float]]:
     """Per row: its argmax, the first of equal maxima as plain greedy takes it (topk's order of ties is unspecified:
     on a bfloat16 row with two equal top logits it put the later token first), and the gap between its top two
-    scores (0 on a tie). -> (best, margin), lists of length scores.shape[0]"""
+    scores (0 on a tie; infinite on `exact_rows`, rows already computed one token wide, which no guard need doubt).
+    -> (best, margin), lists of length scores.shape[0]"""
     top = scores.topk(2, dim=-1).values
-    return scores.argmax(dim=-1).tolist(), (top[:, 0] - top[:, 1]).tolist()
+    margin = (top[:, 0] - top[:, 1]).tolist()
+    for row in exact_rows:
+        margin[row] = math.inf
+    return scores.argmax(dim=-1).tolist(), margin
 
 
-def verify_greedy(scores: torch.Tensor, draft: Sequence[int], *, tie_margin: float = 0.0) -> Verdict:
+def verify_greedy(
+    scores: torch.Tensor, draft: Sequence[int], *, tie_margin: float = 0.0, exact_rows: Collection[int] = ()
+) -> Verdict:
     """Keep the longest draft prefix that equals the row-wise argmax; the argmax after it is the next token.
 
     A forward of k + 1 tokens and a forward of 1 token can differ in the last bits of the scores. Where the top two
     scores of a row we rely on are closer than tie_margin, the wider forward cannot decide the argmax for certain:
-    the verdict then stops before that row with next_token=None, and the caller recomputes it one token wide, the
-    way plain decoding does.
+    the verdict then stops before that row (row `accepted`) with next_token=None, and the caller recomputes it one
+    token wide, the way plain decoding does, and verifies again with that row among `exact_rows`.
     """
     k = len(draft)
-    best, margin = _argmax_and_margin(scores)
+    best, margin = _argmax_and_margin(scores, exact_rows)
     n = 0
     while n < k and draft[n] == best[n] and margin[n] >= tie_margin:
         n += 1
@@ -100,7 +107,12 @@ class PositionNoise:
 
 
 def verify_point_mass(
-    log_probs: torch.Tensor, draft: Sequence[int], noise: torch.Tensor, *, tie_margin: float = 0.0
+    log_probs: torch.Tensor,
+    draft: Sequence[int],
+    noise: torch.Tensor,
+    *,
+    tie_margin: float = 0.0,
+    exact_rows: Collection[int] = (),
 ) -> Verdict:
     """Sampling verification of copied tokens, coupled through per-position Gumbel noise.
 
@@ -114,7 +126,7 @@ def verify_point_mass(
     distribution against exact enumeration). tie_margin as in verify_greedy, so that a wide and a narrow forward
     cannot pick different tokens for the same noise.
     """
-    return verify_greedy(log_probs + noise, draft, tie_margin=tie_margin)
+    return verify_greedy(log_probs + noise, draft, tie_margin=tie_margin, exact_rows=exact_rows)
 
 
 @torch.no_grad()
@@ -173,6 +185,11 @@ class TreeVerdict:
     path: list[int]
     next_token: int | None
 
+    @property
+    def row(self) -> int:
+        """The score row that chose next_token, or was too close to call: the last path node's (0: the root's)."""
+        return self.path[-1] + 1 if self.path else 0
+
 
 def _check_rows(rows: torch.Tensor, tree: DraftTree, name: str) -> None:
     if rows.dim() != 2 or rows.shape[0] != len(tree) + 1:
@@ -186,17 +203,20 @@ def _row(node: int) -> int:
     return 0 if node == ROOT else node + 1
 
 
-def verify_tree_greedy(scores: torch.Tensor, tree: DraftTree, *, tie_margin: float = 0.0) -> TreeVerdict:
+def verify_tree_greedy(
+    scores: torch.Tensor, tree: DraftTree, *, tie_margin: float = 0.0, exact_rows: Collection[int] = ()
+) -> TreeVerdict:
     """Follow the argmax down the tree: at the current row take the argmax; if a child of the current node has that
     token, accept it and continue from its row, else the argmax is the next token.
 
     scores: [n + 1, V]. Siblings never share a token, so at most one child matches and the walk is the greedy
     decoding itself restricted to the tree. The tie guard of verify_greedy applies to every row the walk relies on
     (the rows of the accepted nodes' parents and the last row): a row whose top two scores are closer than tie_margin
-    stops the walk there with next_token=None, unless the tree is empty (a one-token forward needs no guard).
+    stops the walk there with next_token=None, unless the tree is empty (a one-token forward needs no guard) or the
+    row is among `exact_rows` (recomputed one token wide). The row too close to call is then the verdict's `row`.
     """
     _check_rows(scores, tree, "scores")
-    best, margin = _argmax_and_margin(scores)
+    best, margin = _argmax_and_margin(scores, exact_rows)
     guard = len(tree) > 0
     children = tree.child_map()
     path: list[int] = []
@@ -213,7 +233,12 @@ def verify_tree_greedy(scores: torch.Tensor, tree: DraftTree, *, tie_margin: flo
 
 
 def verify_tree_point_mass(
-    log_probs: torch.Tensor, tree: DraftTree, noise: torch.Tensor, *, tie_margin: float = 0.0
+    log_probs: torch.Tensor,
+    tree: DraftTree,
+    noise: torch.Tensor,
+    *,
+    tie_margin: float = 0.0,
+    exact_rows: Collection[int] = (),
 ) -> TreeVerdict:
     """Sampling verification of a tree of copied tokens, coupled through per-position Gumbel noise.
 
@@ -235,7 +260,7 @@ def verify_tree_point_mass(
     if noise.dim() != 2 or noise.shape[0] < need or noise.shape[1] != log_probs.shape[1]:
         raise ValueError(f"noise must be [D + 1, V] = [{need}, {log_probs.shape[1]}], got {tuple(noise.shape)}")
     rows = torch.as_tensor(depth_of_row, dtype=torch.long, device=noise.device)
-    return verify_tree_greedy(log_probs + noise[rows], tree, tie_margin=tie_margin)
+    return verify_tree_greedy(log_probs + noise[rows], tree, tie_margin=tie_margin, exact_rows=exact_rows)
 
 
 @torch.no_grad()
@@ -343,12 +368,13 @@ def verify_chain(
     *,
     draft_probs: torch.Tensor | None = None,
     tie_margin: float = 0.0,
+    exact_rows: Collection[int] = (),
 ) -> tuple[Verdict, list[float] | None]:
     """scores: [k + 1, V] for output positions position .. position + k; draft_probs: [k, V] the distributions a
     model drafter sampled the tokens from, or None (copied tokens). -> (verdict, accept_probs): under sampling, the
     probability each draft token had of being accepted given the ones before it (for the policy); None when greedy."""
     if noise is None:
-        return verify_greedy(scores, tokens, tie_margin=tie_margin), None
+        return verify_greedy(scores, tokens, tie_margin=tie_margin, exact_rows=exact_rows), None
     k = len(tokens)
     ids = torch.as_tensor(tokens, dtype=torch.long, device=scores.device)
     if draft_probs is not None:  # a model drafter's distributions: min(1, p/q) rule
@@ -359,7 +385,8 @@ def verify_chain(
         return verify_sampling(probs, tokens, generator, draft_probs=draft_probs), accept_probs
     log_probs = torch.log_softmax(scores, dim=-1)
     accept_probs = log_probs[torch.arange(k), ids].exp().tolist()
-    verdict = verify_point_mass(log_probs, tokens, noise.rows_for(position, k + 1), tie_margin=tie_margin)
+    rows = noise.rows_for(position, k + 1)
+    verdict = verify_point_mass(log_probs, tokens, rows, tie_margin=tie_margin, exact_rows=exact_rows)
     return verdict, accept_probs
 
 
@@ -371,16 +398,18 @@ def verify_tree(
     generator: torch.Generator | None,
     *,
     tie_margin: float = 0.0,
+    exact_rows: Collection[int] = (),
 ) -> tuple[TreeVerdict, list[float] | None]:
     """scores [n + 1, V] -> (TreeVerdict, accept_probs): under sampling with copied tokens, each node's probability
     of acceptance given its parent was reached (for the policy); None when greedy or when tree.q is given."""
     if noise is None:
-        return verify_tree_greedy(scores, tree, tie_margin=tie_margin), None
+        return verify_tree_greedy(scores, tree, tie_margin=tie_margin, exact_rows=exact_rows), None
     probs = torch.softmax(scores, dim=-1)
     if tree.q is not None:  # a model drafter's distributions: SpecInfer's multi-step rule
         assert generator is not None
         return verify_tree_sampling(probs, tree, generator), None
     depth = max(tree.depths(), default=0)
     log_probs = torch.log_softmax(scores, dim=-1)
-    verdict = verify_tree_point_mass(log_probs, tree, noise.rows_for(position, depth + 1), tie_margin=tie_margin)
+    rows = noise.rows_for(position, depth + 1)
+    verdict = verify_tree_point_mass(log_probs, tree, rows, tie_margin=tie_margin, exact_rows=exact_rows)
     return verdict, tree_accept_probs(probs, tree)

@@ -186,7 +186,7 @@ def resample_from_full_p(probs, draft, generator, *, draft_probs=None):
     return Verdict(len(draft), int(torch.multinomial(probs[len(draft)], 1, generator=generator)))
 
 
-def resample_from_full_p_coupled(log_probs, draft, noise, *, tie_margin=0.0):
+def resample_from_full_p_coupled(log_probs, draft, noise, *, tie_margin=0.0, exact_rows=()):
     """REST's rule in the coupled form the decode loop uses for copied drafts: a draft token is accepted iff it is
     the position's Gumbel argmax (probability p(x)), but a rejection draws a fresh token from p itself."""
     chosen = (log_probs + noise).argmax(dim=-1).tolist()
