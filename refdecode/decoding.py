@@ -523,19 +523,7 @@ def _chain_step(draft: Draft | None, s: _StepInputs) -> _Step:
     tie_margin = s.tie_margin if k > 0 else 0.0
     draft_probs = draft.probs if draft is not None else None
 
-    def verify(scores, exact_rows):
-        verdict, probs = verify_chain(
-            scores,
-            tokens,
-            s.noise,
-            s.position,
-            s.generator,
-            draft_probs=draft_probs,
-            tie_margin=tie_margin,
-            exact_rows=exact_rows,
-        )
-        return list(range(verdict.accepted)), verdict.next_token, probs
-
+    verify = _chain_verifier(s, tokens, draft_probs, tie_margin)
     walk = _walk(
         s, past, [s.pending] + tokens, logits, lambda x: process_rows(s.processors, s.context, tokens, x), verify
     )
@@ -558,6 +546,26 @@ def _chain_step(draft: Draft | None, s: _StepInputs) -> _Step:
         policy_seconds=policy_seconds,
         recomputed=len(walk.exact_rows),
     )
+
+
+def _chain_verifier(s: _StepInputs, tokens: list[int], draft_probs, tie_margin: float):
+    """verify(scores, exact_rows) -> (path, next token, acceptance probabilities) of a chain of `tokens`, for _walk:
+    a chain's path is its accepted prefix, nodes 0 .. accepted - 1."""
+
+    def verify(scores, exact_rows):
+        verdict, probs = verify_chain(
+            scores,
+            tokens,
+            s.noise,
+            s.position,
+            s.generator,
+            draft_probs=draft_probs,
+            tie_margin=tie_margin,
+            exact_rows=exact_rows,
+        )
+        return list(range(verdict.accepted)), verdict.next_token, probs
+
+    return verify
 
 
 def _observe_recomputes(policy, walk: _Walk) -> None:
@@ -585,19 +593,7 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
         def rescore(x):
             return process_rows(s.processors, s.context, tree.tokens, x)
 
-        def verify(scores, exact_rows):
-            chain, probs = verify_chain(
-                scores,
-                tree.tokens,
-                s.noise,
-                s.position,
-                s.generator,
-                draft_probs=draft_probs,
-                tie_margin=tie_margin,
-                exact_rows=exact_rows,
-            )
-            return list(range(chain.accepted)), chain.next_token, probs
-
+        verify = _chain_verifier(s, tree.tokens, draft_probs, tie_margin)
     else:
         paths: list[list[int]] | None = None
         if s.processors:  # row i + 1 sees the context plus its path (penalties read it); nothing reads it otherwise

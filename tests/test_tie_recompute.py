@@ -88,6 +88,14 @@ def oracle_store(prompt, continuation, rng, *, noisy: bool) -> ReferenceStore:
     return store
 
 
+def forced(model, prompt, store, max_new_tokens, **options):
+    """refdecode.generate with every draft verified whole (AlwaysDraft), uncalibrated."""
+    policy = AlwaysDraft(max_draft=12)
+    return refdecode.generate(
+        model, None, prompt, store=store, max_new_tokens=max_new_tokens, policy=policy, calibrate=False, **options
+    )
+
+
 @pytest.mark.parametrize("tree", [True, False])
 @pytest.mark.parametrize("noisy", [False, True])
 @pytest.mark.parametrize("tie_margin", [EVERY_ROW, 0.05])
@@ -96,18 +104,7 @@ def test_greedy_with_rows_recomputed_inside_steps_matches_transformers(tree, noi
     rng = random.Random(int(noisy) * 2 + int(tree))
     prompt = [rng.randrange(2, VOCAB) for _ in range(16)]
     expected = hf_greedy(model, prompt, 40)
-    store = oracle_store(prompt, expected, rng, noisy=noisy)
-    out = refdecode.generate(
-        model,
-        None,
-        prompt,
-        store=store,
-        max_new_tokens=40,
-        tree=tree,
-        tie_margin=tie_margin,
-        policy=AlwaysDraft(max_draft=12),
-        calibrate=False,
-    )
+    out = forced(model, prompt, oracle_store(prompt, expected, rng, noisy=noisy), 40, tree=tree, tie_margin=tie_margin)
     s = out.stats
     assert out.token_ids == expected
     assert s.unresolved_steps == 0  # every too-close row was settled inside its own step
@@ -125,17 +122,7 @@ def test_sliding_window_models_leave_the_row_to_a_one_token_step():
     rng = random.Random(5)
     prompt = [rng.randrange(2, VOCAB) for _ in range(16)]
     expected = hf_greedy(model, prompt, 30)
-    store = oracle_store(prompt, expected, rng, noisy=False)
-    out = refdecode.generate(
-        model,
-        None,
-        prompt,
-        store=store,
-        max_new_tokens=30,
-        tie_margin=EVERY_ROW,
-        policy=AlwaysDraft(max_draft=12),
-        calibrate=False,
-    )
+    out = forced(model, prompt, oracle_store(prompt, expected, rng, noisy=False), 30, tie_margin=EVERY_ROW)
     s = out.stats
     assert out.token_ids == expected
     assert s.unresolved_steps == s.recomputed > 0
@@ -152,18 +139,6 @@ def test_sampling_with_rows_recomputed_is_plain_sampling_with_the_same_seed(tree
         model, None, prompt, max_new_tokens=30, temperature=0.9, seed=4, policy=DraftPolicy(max_draft=0)
     )
     store = oracle_store(prompt, plain.token_ids, rng, noisy=True)
-    out = refdecode.generate(
-        model,
-        None,
-        prompt,
-        store=store,
-        max_new_tokens=30,
-        temperature=0.9,
-        seed=4,
-        tree=tree,
-        tie_margin=EVERY_ROW,
-        policy=AlwaysDraft(max_draft=8),
-        calibrate=False,
-    )
+    out = forced(model, prompt, store, 30, temperature=0.9, seed=4, tree=tree, tie_margin=EVERY_ROW)
     assert out.token_ids == plain.token_ids
     assert out.stats.recomputed > 0 and out.stats.unresolved_steps == 0
