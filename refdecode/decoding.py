@@ -465,15 +465,22 @@ class _Walk:
     exact_rows: list[int]
     seconds: float
 
-    def row_for_drafters(self, row: int) -> int | None:
+    def row_for_drafters(self) -> int | None:
         """The row of the target's *last* forward that chose next_token, for drafters reading its hidden states
-        (session.row): `row` of the step's forward, or 0 when the last one-token recompute chose it, or None when
-        a recompute ran after the row that chose it (its hidden states are gone)."""
+        (session.row): the step's forward's row after the path, or 0 when the last one-token recompute chose it,
+        or None when a recompute ran after the row that chose it (its hidden states are gone)."""
         if self.next_token is None:
             return None
+        row = _row_after(self.path)
         if not self.exact_rows:
             return row
         return 0 if self.exact_rows[-1] == row else None
+
+
+def _row_after(path: list[int]) -> int:
+    """The forward's flat row after an accepted path of node indices (0: the pending token's, i + 1: node i's): the
+    row that chose the next token, or was too close to call."""
+    return path[-1] + 1 if path else 0
 
 
 def _walk(s: _StepInputs, past: int, fed: list[int], logits: torch.Tensor, rescore, verify) -> _Walk:
@@ -488,7 +495,7 @@ def _walk(s: _StepInputs, past: int, fed: list[int], logits: torch.Tensor, resco
     seconds = 0.0
     path, next_token, accept_probs = verify(rescore(logits), exact)
     while next_token is None:
-        row = path[-1] + 1 if path else 0
+        row = _row_after(path)
         t0 = time.perf_counter()
         narrow = recompute_row(s.model, s.cache, past, [0] + [p + 1 for p in path[:-1]] if path else [], fed[row])
         if narrow is None:  # this cache cannot be put back: the caller leaves the row to a one-token step
@@ -542,7 +549,7 @@ def _chain_step(draft: Draft | None, s: _StepInputs) -> _Step:
         walk.next_token,
         k,
         [source] * accepted_count,
-        row=walk.row_for_drafters(accepted_count),
+        row=walk.row_for_drafters(),
         policy_seconds=policy_seconds,
         recomputed=len(walk.exact_rows),
     )
@@ -631,7 +638,7 @@ def _tree_step(tree: DraftTree | None, s: _StepInputs) -> _Step:
         n,
         [tree.sources[i] or "reference" for i in path],
         branched=not tree.is_chain(),
-        row=walk.row_for_drafters(path[-1] + 1 if path else 0),
+        row=walk.row_for_drafters(),
         policy_seconds=policy_seconds,
         recomputed=len(walk.exact_rows),
     )

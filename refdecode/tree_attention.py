@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .kernels import forward_tokens
 from .tree import DraftTree
 
 __all__ = ["keep_rows", "recompute_row", "supports_tree", "tree_forward"]
@@ -88,8 +89,6 @@ def recompute_row(model, cache, past_length: int, rows: Sequence[int], token: in
     forward's other rows can go on. None, with the cache untouched, where its layers cannot be put back that way
     (sliding-window layers keep only their last window): the caller then leaves the row to a step of its own."""
     from transformers.cache_utils import DynamicLayer
-
-    from .kernels import forward_tokens
 
     layers = getattr(cache, "layers", None)
     if layers is None or any(type(layer) is not DynamicLayer for layer in layers):

@@ -185,11 +185,6 @@ class TreeVerdict:
     path: list[int]
     next_token: int | None
 
-    @property
-    def row(self) -> int:
-        """The score row that chose next_token, or was too close to call: the last path node's (0: the root's)."""
-        return self.path[-1] + 1 if self.path else 0
-
 
 def _check_rows(rows: torch.Tensor, tree: DraftTree, name: str) -> None:
     if rows.dim() != 2 or rows.shape[0] != len(tree) + 1:
@@ -213,7 +208,7 @@ def verify_tree_greedy(
     decoding itself restricted to the tree. The tie guard of verify_greedy applies to every row the walk relies on
     (the rows of the accepted nodes' parents and the last row): a row whose top two scores are closer than tie_margin
     stops the walk there with next_token=None, unless the tree is empty (a one-token forward needs no guard) or the
-    row is among `exact_rows` (recomputed one token wide). The row too close to call is then the verdict's `row`.
+    row is among `exact_rows` (recomputed one token wide). The row too close to call is then the last path node's.
     """
     _check_rows(scores, tree, "scores")
     best, margin = _argmax_and_margin(scores, exact_rows)
