@@ -345,7 +345,7 @@ def decode(
     synchronize(device)
     stats.prefill_seconds = time.perf_counter() - t_start
     if not stop_reason and calibrate and not policy.costs:
-        policy.costs = ForwardCostModel(calibrate_costs(model, cache, output[-1]), calibrated=True)
+        policy.costs = ForwardCostModel(calibrate_costs(model, cache, output[-1]))
     if tie_margin is None:  # from how far this model's wide forwards move a logit (measured once per model)
         rounding = measured_rounding(model)
         if rounding is None and model.dtype != torch.float32 and not stop_reason:

@@ -11,7 +11,6 @@ sources and evidence, verified outcomes and timings.
 from __future__ import annotations
 
 import bisect
-import copy
 import time
 import weakref
 from collections.abc import Sequence
@@ -138,14 +137,13 @@ class ForwardCostModel:
     the width, so a wider forward can cost less (Qwen2.5-Coder-1.5B in float32 on an AVX2 CPU: 13 tokens 3.1 one-token
     forwards, 16 tokens 2.3; 3 tokens 1.5, 4 tokens 1.0). The policy prices its drafts by it, so where it holds
     enough candidates it fills a cheap width and where it does not it never runs a dear one believing it cheap.
-    `cost(w)` is the cheapest forward at least w wide: the price of w tokens that may be padded, and the curve
-    whose increments (the marginal price of one more token) a drafter weighs its own work against.
+    `cost(w)` is the cheapest forward at least w wide, non-decreasing: the curve whose increments (the marginal
+    price of one more token) a model drafter weighs its own work against.
     """
 
-    def __init__(self, widths_seconds: dict[int, float] | None = None, *, smoothing: float = 0.2, calibrated=False):
+    def __init__(self, widths_seconds: dict[int, float] | None = None, *, smoothing: float = 0.2):
         self.table: dict[int, float] = dict(widths_seconds or {})
         self.smoothing = smoothing
-        self.calibrated = calibrated  # started from calibrate_costs: a later request may take it over (inherit)
 
     def __bool__(self) -> bool:
         return bool(self.table)
@@ -161,7 +159,7 @@ class ForwardCostModel:
         cached = getattr(self, "_monotone_cache", None)  # (the table it was computed from, the curve)
         if cached is None or cached[0] != key:
             widths = sorted(self.table)
-            # w tokens never need cost more than the cheapest forward at least w wide: pad them to it.
+            # each width at the cheapest time of any width at least as wide
             table = dict(zip(widths, _suffix_minimum([self.table[w] for w in widths]), strict=True))
             cached = self._monotone_cache = (key, (widths, table))
         return cached[1]
@@ -170,7 +168,7 @@ class ForwardCostModel:
         """Seconds of a forward of exactly `width` tokens: its own measurement, else interpolated between the
         nearest measured widths (extrapolated beyond the widest); a slower width than a wider one stays slower."""
         if not self.table:
-            return 1.0 + 0.05 * (width - 1)
+            return _prior_cost(width)
         key = tuple(self.table.items())
         cached = getattr(self, "_own_cache", None)  # (the table it was sorted from, its widths)
         if cached is None or cached[0] != key:
@@ -180,9 +178,14 @@ class ForwardCostModel:
     def cost(self, width: int) -> float:
         """Seconds of the cheapest forward at least `width` tokens wide (non-decreasing in width)."""
         if not self.table:
-            return 1.0 + 0.05 * (width - 1)  # unmeasured: a mild prior, relative units
+            return _prior_cost(width)
         widths, table = self._monotone()
         return _interpolate(widths, table, width)
+
+
+def _prior_cost(width: int) -> float:
+    """An unmeasured model's cost of a width: a mild prior, in relative units."""
+    return 1.0 + 0.05 * (width - 1)
 
 
 def _interpolate(widths: list[int], table: dict[int, float], width: int) -> float:
@@ -238,12 +241,10 @@ class DraftPolicy:
     def inherit(self, earlier: DraftPolicy, weight: float = 0.25) -> None:
         """Start from what an earlier request's policy learned on the same model, its evidence counted `weight`
         times (this request's own evidence soon outweighs it). A fresh request otherwise starts every source at
-        the prior and spends its first steps relearning how often long matches are copied. The cost table (the
-        machine's, not the request's) is taken whole where it was calibrated, with the widths the earlier request
-        timed since."""
+        the prior and spends its first steps relearning how often long matches are copied. The cost table is not
+        taken over: every call starts from the calibration's (LOG 2026-12-07: a width whose estimate a burst of
+        load raised is never run again under `own` prices, and carried over it stayed avoided for the process)."""
         self.acceptance = earlier.acceptance.scaled(weight)
-        if getattr(earlier.costs, "calibrated", False):  # the machine's prices, refined by every step it ran
-            self.costs = copy.deepcopy(earlier.costs)
         self._by_source = {name: model.scaled(weight) for name, model in earlier._by_source.items()}
 
     def acceptance_for(self, source: str) -> AcceptanceModel:
