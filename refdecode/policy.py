@@ -132,13 +132,6 @@ class ForwardCostModel:
 
     Filled by `calibrate` (a few timed forwards) and refined online from every decoding step by an exponential
     moving average; widths in between are interpolated linearly, widths beyond the widest measured extrapolated.
-
-    Two readings of the table. `own(w)` is what a forward of exactly w tokens costs: a CPU's matrix kernels block
-    the width, so a wider forward can cost less (Qwen2.5-Coder-1.5B in float32 on an AVX2 CPU: 13 tokens 3.1 one-token
-    forwards, 16 tokens 2.3; 3 tokens 1.5, 4 tokens 1.0). The policy prices its drafts by it, so where it holds
-    enough candidates it fills a cheap width and where it does not it never runs a dear one believing it cheap.
-    `cost(w)` is the cheapest forward at least w wide, non-decreasing: the curve whose increments (the marginal
-    price of one more token) a model drafter weighs its own work against.
     """
 
     def __init__(self, widths_seconds: dict[int, float] | None = None, *, smoothing: float = 0.2):
@@ -159,52 +152,30 @@ class ForwardCostModel:
         cached = getattr(self, "_monotone_cache", None)  # (the table it was computed from, the curve)
         if cached is None or cached[0] != key:
             widths = sorted(self.table)
-            # each width at the cheapest time of any width at least as wide
+            # A wider forward never costs less than a narrower one: a width measured slower than some wider width
+            # was timed during a burst of load, and the wider width's time is the better estimate for it.
             table = dict(zip(widths, _suffix_minimum([self.table[w] for w in widths]), strict=True))
             cached = self._monotone_cache = (key, (widths, table))
         return cached[1]
 
-    def own(self, width: int) -> float:
-        """Seconds of a forward of exactly `width` tokens: its own measurement, else interpolated between the
-        nearest measured widths (extrapolated beyond the widest); a slower width than a wider one stays slower."""
-        if not self.table:
-            return _prior_cost(width)
-        key = tuple(self.table.items())
-        cached = getattr(self, "_own_cache", None)  # (the table it was sorted from, its widths)
-        if cached is None or cached[0] != key:
-            cached = self._own_cache = (key, sorted(self.table))
-        return _interpolate(cached[1], self.table, width)
-
     def cost(self, width: int) -> float:
-        """Seconds of the cheapest forward at least `width` tokens wide (non-decreasing in width)."""
         if not self.table:
-            return _prior_cost(width)
+            return 1.0 + 0.05 * (width - 1)  # unmeasured: a mild prior, relative units
         widths, table = self._monotone()
-        return _interpolate(widths, table, width)
-
-
-def _prior_cost(width: int) -> float:
-    """An unmeasured model's cost of a width: a mild prior, in relative units."""
-    return 1.0 + 0.05 * (width - 1)
-
-
-def _interpolate(widths: list[int], table: dict[int, float], width: int) -> float:
-    """table[width], else linear between the measured widths around it; beyond the widest, the last two widths'
-    slope (never negative); below the narrowest, its value."""
-    if width in table:
-        return table[width]
-    i = bisect.bisect_left(widths, width)
-    if i == 0:
-        return table[widths[0]]
-    if i == len(widths):
-        if len(widths) == 1:
-            return table[widths[-1]]
-        w0, w1 = widths[-2], widths[-1]
-        slope = max(0.0, (table[w1] - table[w0]) / (w1 - w0))
-        return table[w1] + slope * (width - w1)
-    w0, w1 = widths[i - 1], widths[i]
-    t = (width - w0) / (w1 - w0)
-    return table[w0] * (1 - t) + table[w1] * t
+        if width in table:
+            return table[width]
+        i = bisect.bisect_left(widths, width)
+        if i == 0:
+            return table[widths[0]]
+        if i == len(widths):
+            if len(widths) == 1:
+                return table[widths[-1]]
+            w0, w1 = widths[-2], widths[-1]
+            slope = max(0.0, (table[w1] - table[w0]) / (w1 - w0))
+            return table[w1] + slope * (width - w1)
+        w0, w1 = widths[i - 1], widths[i]
+        t = (width - w0) / (w1 - w0)
+        return table[w0] * (1 - t) + table[w1] * t
 
 
 def _contested(tree: DraftTree) -> list[bool]:
@@ -241,9 +212,7 @@ class DraftPolicy:
     def inherit(self, earlier: DraftPolicy, weight: float = 0.25) -> None:
         """Start from what an earlier request's policy learned on the same model, its evidence counted `weight`
         times (this request's own evidence soon outweighs it). A fresh request otherwise starts every source at
-        the prior and spends its first steps relearning how often long matches are copied. The cost table is not
-        taken over: every call starts from the calibration's (LOG 2026-12-07: a width whose estimate a burst of
-        load raised is never run again under `own` prices, and carried over it stayed avoided for the process)."""
+        the prior and spends its first steps relearning how often long matches are copied."""
         self.acceptance = earlier.acceptance.scaled(weight)
         self._by_source = {name: model.scaled(weight) for name, model in earlier._by_source.items()}
 
@@ -283,15 +252,15 @@ class DraftPolicy:
         if limit < self.min_draft:
             return 0
         a = self.chain_rate(draft)
-        # Each width at its own measured price (ForwardCostModel.own): where a longer draft runs a cheaper width
-        # its extra tokens come free, and a dear width is never taken for the cheap one past it.
-        best_k, best_rate = 0, 1.0 / self.costs.own(1)
+        best_k, best_rate = 0, 1.0 / self.costs.cost(1)
         expected = 1.0
         for k in range(1, limit + 1):
             expected += a**k
-            rate = expected / self.costs.own(k + 1)
+            rate = expected / self.costs.cost(k + 1)
             if rate > best_rate:
                 best_k, best_rate = k, rate
+            if a**k < 1e-3:
+                break
         if best_k < self.min_draft:
             best_k = 0
         # Exploration: estimates only change where drafts are verified, so a policy that stopped drafting (after a
@@ -328,8 +297,7 @@ class DraftPolicy:
         Each node's path probability P (product of its ancestors' probabilities and its own) is the expected
         number of times it is committed, so a subtree S yields 1 + sum_S P tokens for one forward of width
         |S| + 1. The best subtree of each size takes the nodes of highest P (a child never beats its parent, so
-        that set is a subtree); the size that maximises (1 + sum P) / own(|S| + 1) wins (ForwardCostModel.own: the
-        width's own measured price), 0 meaning plain decoding.
+        that set is a subtree); the size that maximises (1 + sum P) / cost(|S| + 1) wins, 0 meaning plain decoding.
         A chain is the special case where every node has one child.
         """
         if not len(tree):
@@ -342,13 +310,15 @@ class DraftPolicy:
             path_prob.append(q if p == -1 else path_prob[p] * q)
         order = sorted((i for i in range(len(tree)) if depths[i] <= budget), key=lambda i: (-path_prob[i], i))
         order = order[: max(0, self.max_draft)]
-        best_n, best_rate = 0, 1.0 / self.costs.own(1)  # each width at its own price, as in choose_length
+        best_n, best_rate = 0, 1.0 / self.costs.cost(1)
         expected = 1.0
         for n, i in enumerate(order, start=1):
             expected += path_prob[i]
-            rate = expected / self.costs.own(n + 1)
+            rate = expected / self.costs.cost(n + 1)
             if rate > best_rate:
                 best_n, best_rate = n, rate
+            if path_prob[i] < 1e-3:
+                break
         if best_n < self.min_draft:
             best_n = 0
         self._plain_steps = self._plain_steps + 1 if best_n == 0 else 0

@@ -5,14 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refdecode.drafters import Draft
-from refdecode.policy import (
-    MATCH_BUCKETS,
-    AcceptanceModel,
-    DraftPolicy,
-    ForwardCostModel,
-    remember_policy,
-    warm_policy,
-)
+from refdecode.policy import MATCH_BUCKETS, AcceptanceModel, DraftPolicy, ForwardCostModel
 
 CPU_LIKE = {1: 0.090, 2: 0.095, 4: 0.110, 8: 0.160, 16: 0.200, 32: 0.260, 64: 0.420}
 
@@ -98,33 +91,6 @@ def test_cost_curve_interpolates_and_is_non_decreasing():
     assert costs.cost(1) == pytest.approx(costs.cost(2))
 
 
-def test_own_cost_keeps_a_dear_width_dear():
-    """own(w) is a forward of exactly w tokens: a width measured slower than a wider one stays slower (a CPU's
-    kernels block the width), while cost(w) is the cheapest forward at least w wide."""
-    costs = ForwardCostModel({1: 1.0, 2: 3.0, 4: 1.5, 8: 2.0})
-    assert costs.own(2) == 3.0 and costs.cost(2) == pytest.approx(1.5)
-    assert costs.own(3) == pytest.approx(2.25)  # between its own neighbours, not the non-decreasing curve's
-    assert costs.own(6) == pytest.approx(1.75) and costs.own(16) == pytest.approx(3.0)
-    assert costs.own(0) == 1.0
-    costs.observe(3, 4.0)
-    assert costs.own(3) == 4.0 and costs.cost(3) == pytest.approx(1.5)
-    assert ForwardCostModel().own(3) == ForwardCostModel().cost(3)  # the prior, before any timing
-
-
-# Qwen2.5-Coder-1.5B in float32 on a 2-core AVX2 CPU, relative to one token (scripts' probe, LOG 2026-12-07)
-JAGGED = {1: 1.0, 2: 1.1, 3: 1.5, 4: 1.0, 8: 1.6, 12: 2.5, 13: 3.1, 16: 2.3, 32: 4.0, 64: 6.0}
-
-
-def test_length_takes_a_cheap_width_and_never_a_dear_one():
-    policy = DraftPolicy(costs=ForwardCostModel(JAGGED), acceptance=AcceptanceModel(prior=0.5, prior_weight=1e9))
-    # a = 0.5: 3 tokens (width 4, 1.0) beat 2 (width 3, 1.5) and 1 (width 2, 1.1)
-    assert policy.choose_length(draft(64, 4), budget=100) == 3
-    assert policy.choose_length(draft(2, 4), budget=100) == 1  # 2 tokens would run width 3 at its own price
-    sure = DraftPolicy(costs=ForwardCostModel(JAGGED), acceptance=AcceptanceModel(prior=0.97, prior_weight=1e9))
-    assert sure.choose_length(draft(64, 4), budget=100) >= 15  # width 16 or past it, not 12 or 13
-    assert sure.choose_length(draft(12, 4), budget=100) == 7  # not all 12: width 13 costs 3.1, not 16's 2.3
-
-
 def test_length_follows_acceptance_and_cost():
     policy = DraftPolicy(costs=ForwardCostModel(CPU_LIKE))
     for _ in range(30):
@@ -176,21 +142,3 @@ def test_expected_accepted_is_the_chain_series_of_the_sources_rate():
     for _ in range(200):
         sure.acceptance.update(8, drafted=4, accepted=4)
     assert sure.chain_rate(draft(3, 8)) <= 0.999  # capped: a long draft's expectation stays finite
-
-
-def test_a_later_request_starts_from_the_calibration_not_the_last_calls_costs():
-    """Acceptance carries over from call to call, the cost table does not: under `own` prices a width whose
-    estimate a burst of load raised is never run again, and carried over it would stay avoided."""
-
-    class Model:  # any object a WeakKeyDictionary can hold
-        pass
-
-    model = Model()
-    first = warm_policy(model, 8, kind="chain")
-    first.costs = ForwardCostModel({1: 1.0, 4: 1.2})
-    first.costs.observe(4, 9.0)
-    first.acceptance.update(30, drafted=16, accepted=16)
-    remember_policy(model, first, kind="chain")
-    second = warm_policy(model, 8, kind="chain")
-    assert not second.costs
-    assert second.acceptance.rate(30) > DraftPolicy().acceptance.rate(30)

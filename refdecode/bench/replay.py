@@ -325,12 +325,12 @@ def replay_policy(
     def observe(guess: StepDraft, path: list[int], committed: list[int]) -> None:
         if isinstance(guess, DraftTree):
             if len(guess):
-                policy.update_tree(guess, path, len(guess) + 1, policy.costs.own(len(guess) + 1))
+                policy.update_tree(guess, path, len(guess) + 1, policy.costs.cost(len(guess) + 1))
         else:
             policy.update(chain, len(guess), len(path), len(guess) + 1, 0.0)
         drafter.observe(committed)
 
-    result = replay(prompt_ids, truth, draft, policy.costs.own, observe)
+    result = replay(prompt_ids, truth, draft, policy.costs.cost, observe)
     return {
         "steps": result["steps"],
         "decoded": result["tokens"],

@@ -144,8 +144,6 @@ class _RowCosts:
         plain = self.a + self.b * self.rows  # > 0: line() keeps a > 0 and b >= 0, even for steps timed at 0 s
         return 1.0 + self.rows * self.b * max(0, width - 1) / plain
 
-    own = cost  # a line: no width is dearer than a wider one
-
     def observe(self, width: int, seconds: float) -> None:  # steps are timed for the whole batch, not per row
         pass
 
