@@ -946,15 +946,26 @@ def test_an_own_cache_model_drafter_never_feeds_more_than_its_window():
     assert out.token_ids == expected
 
 
-def test_a_model_drafter_never_timed_prices_its_tokens_from_its_first_forward():
+def test_a_model_drafter_never_timed_prices_its_tokens_from_its_first_forward(monkeypatch):
     """A fresh model drafter has no measured cost per token; its first forward's time stands in for it, so a slow
-    draft model beside a fast target drafts a couple of sure tokens, not as many as it is allowed."""
-    import time as _time
+    draft model beside a fast target drafts a couple of sure tokens, not as many as it is allowed. The drafter's
+    clock is a fake one that only its forwards advance (30 ms each): with real time, a later forward that ran
+    slower than the first under a loaded machine made the drafter draft deeper (depth 4 under xdist)."""
+    import types
 
+    import refdecode.drafters.draft_model as draft_model_module
+
+    now = [0.0]
+    monkeypatch.setattr(draft_model_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     model, weak = family_models("llama")
     model_drafter = ModelDrafter(weak, window=8)
     forward = model_drafter._forward
-    model_drafter._forward = lambda cache, ids: (_time.sleep(0.03), forward(cache, ids))[1]
+
+    def slow_forward(cache, ids):
+        now[0] += 0.03
+        return forward(cache, ids)
+
+    model_drafter._forward = slow_forward
     policy = DraftPolicy(costs=ForwardCostModel({1: 0.001, 2: 0.001, 32: 0.001}))
     for rank in range(3):  # every draft token is "sure" to be accepted
         policy.node_model(model_drafter.name, rank).prior, policy.node_model(model_drafter.name, rank).prior_weight = (
