@@ -12,7 +12,7 @@ from transformers import DynamicCache
 import refdecode
 from refdecode import kernels
 from refdecode.kernels import forward_tokens
-from refdecode.policy import calibrate_costs
+from refdecode.policy import CALIBRATED_WIDTHS, ForwardCostModel, calibrate_costs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,12 +163,44 @@ def test_calibration_chooses_per_width_and_prices_the_faster(model, monkeypatch)
     length = cache.get_seq_length()
     table = calibrate_costs(model, cache, 5, rounds=2)
     assert cache.get_seq_length() == length, "every timed forward is rolled back"
-    assert set(table) == {1, *WIDTHS} and all(t > 0 for t in table.values())
+    assert set(table) == set(CALIBRATED_WIDTHS) and all(t > 0 for t in table.values())
     assert not kernels.takes_route(model, 8) and not kernels.takes_route(model, 64)
     # a second call on the same model reuses the table; with routing switched off a separate table is kept
     assert calibrate_costs(model, cache, 5) is table
     monkeypatch.setenv(kernels.SWITCH_VARIABLE, "transformers")
     assert calibrate_costs(model, cache, 5, rounds=1) is not table
+
+
+def test_calibration_prices_a_staircase_by_its_steps(model, monkeypatch):
+    """Blocked kernels make a forward's cost a staircase with steps just past powers of two (1.5B bfloat16 on AMX:
+    32 tokens 1.20 one-token forwards, 33 tokens 1.4-1.5). Timed on a fake clock that such a staircase advances, the
+    calibrated curve prices 33 tokens at the step above 32 and 3 tokens at the step above 2, not half-way to the
+    next power of two as interpolating between powers of two alone did."""
+    import refdecode.policy as policy
+
+    def staircase(width):
+        return 1.0 if width <= 2 else 2.0 if width <= 4 else 3.0 if width <= 32 else 5.0
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    real = policy.forward_tokens
+
+    def timed(model_, cache, tokens, *, route=None):
+        clock.now += staircase(len(tokens)) * (1.0 if route else 1.5)  # routed is always the faster here
+        return real(model_, cache, tokens, route=route)
+
+    monkeypatch.setattr(policy, "time", clock)
+    monkeypatch.setattr(policy, "forward_tokens", timed)
+    costs = ForwardCostModel(calibrate_costs(model, prefilled(model), 5, rounds=1))
+    assert costs.table[1] == 1.5  # one token is never routed
+    assert costs.cost(3) == 2.0 and costs.cost(24) == 3.0 and costs.cost(33) == 5.0
+    assert costs.cost(48) == 5.0 and costs.cost(64) == 5.0
+    assert kernels.takes_route(model, 33) and kernels.takes_route(model, 3)
 
 
 @pytest.mark.parametrize("case", range(6))
