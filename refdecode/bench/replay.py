@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np
 
 from refdecode import Draft, DraftPolicy, DraftTree, ReferenceDrafter, ReferenceStore
-from refdecode.policy import AcceptanceModel, ForwardCostModel
+from refdecode.policy import CALIBRATED_WIDTHS, AcceptanceModel, ForwardCostModel
 from refdecode.tree import ROOT
 from refdecode.vllm.proposer import common_prefix
 
@@ -97,6 +97,7 @@ __all__ = [
     "main",
     "ngram_draft",
     "parse_costs",
+    "parse_widths",
     "parse_args",
     "ratio_header",
     "replay",
@@ -296,16 +297,31 @@ def replay_policy(
     max_draft: int = 64,
     earlier: DraftPolicy | None = None,
     drafter=None,
+    believed: Sequence[int] | None = None,
 ) -> dict:
     """Replay refdecode's drafter and policy on one request (truth: its greedy output, new tokens only).
 
     drafter: another drafter for the same loop and policy (propose / observe, e.g. SuffixDrafter over the same
     prompt and references); default refdecode's ReferenceDrafter, in tree mode when `tree`.
+    believed: widths of `costs` the policy starts from, as the live calibration does (e.g. CALIBRATED_WIDTHS);
+    it then learns each width's true cost as it runs it, and every step is charged its width's own cost in
+    `costs` (a curve measured at every width). Default: the policy knows `costs` and is charged what it believes.
     Returns steps, decoded tokens (after the first), seconds (summed cost), the mean draft width per step and the
     policy (a later request may inherit it, as the default policies do)."""
     if drafter is None:
         drafter = reference_drafter(prompt_ids, references, tree=tree)
-    policy = DraftPolicy(costs=FixedCosts(dict(costs)), max_draft=max_draft)
+    if believed is None:
+        policy = DraftPolicy(costs=FixedCosts(dict(costs)), max_draft=max_draft)
+        charged = policy.costs.cost
+    else:
+        missing = sorted(set(believed) - set(costs))
+        if missing:
+            raise ValueError(f"the believed widths {missing} are not in the cost curve (widths {sorted(costs)})")
+        policy = DraftPolicy(costs=ForwardCostModel({w: costs[w] for w in believed}), max_draft=max_draft)
+        curve = FixedCosts(dict(costs))
+
+        def charged(width: int) -> float:
+            return costs[width] if width in costs else curve.cost(width)
     if earlier is not None:
         policy.inherit(earlier)
     drafter.observe(truth[:1])
@@ -323,14 +339,15 @@ def replay_policy(
         return list(chain.tokens) if chain is not None else []
 
     def observe(guess: StepDraft, path: list[int], committed: list[int]) -> None:
+        width = len(guess) + 1
         if isinstance(guess, DraftTree):
             if len(guess):
-                policy.update_tree(guess, path, len(guess) + 1, policy.costs.cost(len(guess) + 1))
+                policy.update_tree(guess, path, width, charged(width))
         else:
-            policy.update(chain, len(guess), len(path), len(guess) + 1, 0.0)
+            policy.update(chain, len(guess), len(path), width, charged(width))
         drafter.observe(committed)
 
-    result = replay(prompt_ids, truth, draft, policy.costs.cost, observe)
+    result = replay(prompt_ids, truth, draft, charged, observe)
     return {
         "steps": result["steps"],
         "decoded": result["tokens"],
@@ -371,6 +388,7 @@ def run_policy(args: argparse.Namespace) -> int:
                     tree=mode == "tree",
                     costs=parse_costs(args.costs),
                     earlier=before,
+                    believed=args.believe,
                 )
                 last[mode] = r["policy"]
                 t = totals[(w, mode)]
@@ -580,10 +598,20 @@ def run_bound(args: argparse.Namespace) -> int:
 
 
 def parse_costs(text: str) -> dict[int, float]:
-    """A cost curve: a name of COSTS, or 'width:cost' pairs ('1:1,2:1.05,8:1.8'), relative to a one-token forward."""
+    """A cost curve: a name of COSTS, 'width:cost' pairs ('1:1,2:1.05,8:1.8') relative to a one-token forward, or
+    a JSON file of {width: seconds} (e.g. a forward timed at every width), scaled to its one-token forward."""
     if text in COSTS:
         return dict(COSTS[text])
-    table: dict[int, float] = {}
+    if text.endswith(".json"):
+        try:
+            raw = json.loads(Path(text).read_text())
+            table = {int(w): float(c) for w, c in raw.items()}
+        except (OSError, ValueError, AttributeError) as err:
+            raise argparse.ArgumentTypeError(f"not a cost curve file: {text} ({err})") from None
+        if 1 not in table or any(w < 1 or c <= 0 for w, c in table.items()):
+            raise argparse.ArgumentTypeError(f"a cost curve needs width 1 and positive costs: {text}")
+        return {w: c / table[1] for w, c in sorted(table.items())}
+    table = {}
     for item in text.split(","):
         width, sep, cost = item.partition(":")
         try:
@@ -597,6 +625,19 @@ def parse_costs(text: str) -> dict[int, float]:
     if 1 not in table or any(w < 1 or c <= 0 for w, c in table.items()):
         raise argparse.ArgumentTypeError(f"a cost curve needs width 1 and positive costs: {text!r}")
     return table
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """'calibrated' (the widths refdecode's calibration times) or comma-separated widths >= 1, 1 among them."""
+    if text == "calibrated":
+        return CALIBRATED_WIDTHS
+    try:
+        widths = tuple(sorted({int(item) for item in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of widths: {text!r} (e.g. 1,2,4,8 or 'calibrated')") from None
+    if not widths or widths[0] < 1 or 1 not in widths:
+        raise argparse.ArgumentTypeError(f"widths must be >= 1 and include 1: {text!r}")
+    return widths
 
 
 def copy_runs(request: dict, k: int) -> list[int]:
@@ -976,7 +1017,17 @@ def build_parser() -> argparse.ArgumentParser:
     policy = commands.add_parser("policy", help="refdecode's drafter and policy on a benchmark run, fixed costs")
     policy.add_argument("results", help="results.json of a benchmark run")
     policy.add_argument(
-        "--costs", default="cpu", help=f"cost curve: a name of {sorted(COSTS)} or pairs like 1:1,2:1.05 (default cpu)"
+        "--costs",
+        default="cpu",
+        help=f"cost curve: a name of {sorted(COSTS)}, pairs like 1:1,2:1.05, or a JSON file of width: seconds "
+        "(default cpu)",
+    )
+    policy.add_argument(
+        "--believe",
+        type=parse_widths,
+        default=None,
+        help="widths the policy starts from, as the live calibration ('calibrated': refdecode's own, or e.g. "
+        "1,2,4,8); it learns the others' costs as it runs them and each step is charged the curve's own cost",
     )
     policy.add_argument("--workloads", nargs="*", default=None, help="default: the run's")
     policy.add_argument("--carry", action="store_true", help="each request inherits the previous one's policy")
@@ -1041,9 +1092,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--draft-cost must be >= 0")
     if args.command in ("bound", "policy") and args.costs:
         try:
-            parse_costs(args.costs)
+            curve = parse_costs(args.costs)
         except argparse.ArgumentTypeError as err:
             parser.error(str(err))
+        missing = sorted(set(getattr(args, "believe", None) or ()) - set(curve))
+        if missing:
+            parser.error(f"--believe widths {missing} are not in the cost curve {args.costs} (widths {sorted(curve)})")
     return args
 
 

@@ -2,6 +2,7 @@
 chains, trees, recycling and copies, the policy replay under fixed costs, the tables and the command line."""
 
 import argparse
+import json
 import math
 import types
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from stats_helpers import IdTokenizer
 
 from refdecode import DraftTree
+from refdecode.policy import CALIBRATED_WIDTHS
 from refdecode.bench.replay import (
     BOUND_METHODS,
     COSTS,
@@ -31,6 +33,7 @@ from refdecode.bench.replay import (
     ngram_draft,
     parse_args,
     parse_costs,
+    parse_widths,
     replay,
     replay_bound,
     replay_policy,
@@ -303,6 +306,43 @@ def test_policy_replay_drafts_a_copied_reference_and_pays_the_fixed_costs(tree):
     assert again["decoded"] == result["decoded"] and again["steps"] <= result["steps"]
 
 
+@pytest.mark.parametrize("tree", [False, True])
+def test_a_policy_believing_some_widths_is_charged_the_curve_and_learns_what_it_runs(tree):
+    """With `believed`, the policy starts from those widths of the curve only (here 1 and 64, both cheap), pays
+    every step its own width's cost (10 between them) and learns each width's true cost as it runs it; without,
+    it knows the curve and is charged what it believes (the non-decreasing curve: 1 everywhere)."""
+    reference = list(range(300, 380))
+    truth = reference[10:70]
+    costs = {w: 1.0 if w in (1, 64) else 10.0 for w in range(1, 65)}
+    prompt, refs = [1, 2, 3, *reference[:10]], [("ref", reference)]
+    believing = replay_policy(prompt, refs, truth, tree=tree, costs=costs, believed=(1, 64))
+    assert believing["decoded"] == len(truth) - 1
+    assert believing["seconds"] > believing["steps"]  # some step ran a dear width
+    learned = believing["policy"].costs.table
+    assert set(learned) > {1, 64}
+    assert all(learned[w] == costs[w] for w in learned)
+    knowing = replay_policy(prompt, refs, truth, tree=tree, costs=costs)
+    assert knowing["seconds"] == knowing["steps"]
+    with pytest.raises(ValueError, match=r"believed widths \[2\] are not in the cost curve"):
+        replay_policy(prompt, refs, truth, tree=tree, costs={1: 1.0, 64: 1.0}, believed=(1, 2, 64))
+
+
+def test_a_cost_curve_file_is_scaled_to_its_one_token_forward(tmp_path):
+    path = tmp_path / "curve.json"
+    path.write_text(json.dumps({"1": 0.2, "2": 0.21, "33": 0.3}))
+    assert parse_costs(str(path)) == pytest.approx({1: 1.0, 2: 1.05, 33: 1.5})
+    for bad in ('{"2": 0.2}', "[1, 2]", "not json", '{"1": 0}'):
+        path.write_text(bad)
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_costs(str(path))
+    with pytest.raises(argparse.ArgumentTypeError, match="not a cost curve file"):
+        parse_costs(str(tmp_path / "missing.json"))
+    assert parse_widths("calibrated") == CALIBRATED_WIDTHS and parse_widths("4,1,2") == (1, 2, 4)
+    for bad in ("2,4", "0,1", "1,x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_widths(bad)
+
+
 def test_policy_replay_of_a_one_token_output_takes_no_step():
     result = replay_policy([1, 2], [], [7], tree=True, costs=COSTS["cpu"])
     assert (result["steps"], result["decoded"], result["seconds"]) == (0, 0, 0.0)
@@ -311,7 +351,14 @@ def test_policy_replay_of_a_one_token_output_takes_no_step():
 def test_the_command_line_names_four_commands():
     assert parse_args(["policy", "r.json", "--costs", "cpu-routed", "--carry"]).carry
     assert parse_args(["fixed-cost", "out.json"]).n == 4
-    for argv in (["policy", "r.json", "--costs", "tpu"], ["fixed-cost", "out.json", "--n", "0"], [], ["simulate"]):
+    assert parse_args(["policy", "r.json", "--costs", "gpu", "--believe", "1,2,64"]).believe == (1, 2, 64)
+    for argv in (
+        ["policy", "r.json", "--costs", "tpu"],
+        ["policy", "r.json", "--costs", "gpu", "--believe", "1,3"],  # width 3 is not in the gpu curve
+        ["fixed-cost", "out.json", "--n", "0"],
+        [],
+        ["simulate"],
+    ):
         with pytest.raises(SystemExit):
             parse_args(argv)
 
