@@ -322,6 +322,7 @@ def replay_policy(
 
         def charged(width: int) -> float:
             return costs[width] if width in costs else curve.cost(width)
+
     if earlier is not None:
         policy.inherit(earlier)
     drafter.observe(truth[:1])

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from stats_helpers import IdTokenizer
 
 from refdecode import DraftTree
-from refdecode.policy import CALIBRATED_WIDTHS
 from refdecode.bench.replay import (
     BOUND_METHODS,
     COSTS,
@@ -42,6 +41,7 @@ from refdecode.bench.replay import (
     vllm_table,
     wide_tree,
 )
+from refdecode.policy import CALIBRATED_WIDTHS
 
 
 def deepest_agreeing_path(tree, truth) -> int:
