@@ -52,11 +52,15 @@ def _argmax_and_margin(scores: torch.Tensor, exact_rows: Collection[int] = ()) -
     on a bfloat16 row with two equal top logits it put the later token first), and the gap between its top two
     scores (0 on a tie; infinite on `exact_rows`, rows already computed one token wide, which no guard need doubt).
     -> (best, margin), lists of length scores.shape[0]"""
-    top = scores.topk(2, dim=-1).values
-    margin = (top[:, 0] - top[:, 1]).tolist()
+    values, indices = scores.topk(2, dim=-1)  # one pass over the rows; argmax would be a second
+    margin = (values[:, 0] - values[:, 1]).tolist()
+    best = indices[:, 0].tolist()
+    for row, gap in enumerate(margin):
+        if gap == 0.0:  # equal maxima: the first of them, as argmax takes it
+            best[row] = int(scores[row].argmax())
     for row in exact_rows:
         margin[row] = math.inf
-    return scores.argmax(dim=-1).tolist(), margin
+    return best, margin
 
 
 def verify_greedy(
