@@ -448,9 +448,9 @@ def remember_policy(model, policy: DraftPolicy, *, kind: str) -> None:
 # Every power of two up to 64 and the width one past it. Matrix kernels work on blocks of rows whose sizes are
 # powers of two (AMX tiles of 16 rows, AVX register blocks of 4 or 8, GPU tiles of 8 to 128), so a forward's cost
 # by width is close to a staircase whose steps come just after them: measured on Qwen2.5-Coder-1.5B, bfloat16 on
-# an AMX Xeon, 32 tokens cost 1.20 one-token forwards and 33 cost 1.39-1.50; float32 on the same CPU 2 tokens 1.13
-# and 4 tokens 2.1. Interpolating between powers of two alone priced 33 tokens like 32 and 3 like 4 half-way to
-# 2 (LOG 2026-12-07, eighth session); timing both sides of each step prices the stairs' heights.
+# an AMX Xeon, 32 tokens cost 1.20 one-token forwards and 33 cost 1.39-1.50; float32 on the same CPU 3 tokens 1.13
+# and 4 tokens 2.12. Interpolating between powers of two alone priced 33 tokens near 32's cost and 3 tokens half-way
+# between 2's and 4's (LOG 2026-12-07, eighth session); timing both sides of each step prices the steps' heights.
 CALIBRATED_WIDTHS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)
 
 
@@ -462,7 +462,7 @@ def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rou
     of 2 or more tokens is also timed with the transposed kernels (kernels.routed), and whichever was faster is
     what that width runs from then on (kernels.set_route): its time is the one in the table. rounds: 5, or 3 when
     both kernels are timed (the first call of a process pays the calibration: 69 forwards at the default widths,
-    a few seconds for a 1.5B model in bfloat16 on a 2-core CPU with AMX, 30-60 s in float32 on one without).
+    16 s for a 1.5B model in bfloat16 on a 2-core CPU with AMX, an estimated 30-60 s in float32 on one without).
     """
     can_route = routable(model)
     key = (str(model.device), str(model.dtype), can_route)
