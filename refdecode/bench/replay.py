@@ -368,6 +368,7 @@ def run_policy(args: argparse.Namespace) -> int:
     workloads = args.workloads or config["workloads"]
     greedy = {r["request_id"]: r["token_ids"] for r in run["records"] if r["method"] == "greedy"}
     oracle = {r["request_id"]: r for r in run["records"] if r["method"] == "oracle"}
+    costs = parse_costs(args.costs)  # once: a curve file is read here, not per request
     totals: dict = defaultdict(lambda: defaultdict(float))
     last: dict = {}
     for w in workloads:
@@ -387,7 +388,7 @@ def run_policy(args: argparse.Namespace) -> int:
                     req.references,
                     truth,
                     tree=mode == "tree",
-                    costs=parse_costs(args.costs),
+                    costs=costs,
                     earlier=before,
                     believed=args.believe,
                 )
@@ -603,29 +604,28 @@ def parse_costs(text: str) -> dict[int, float]:
     a JSON file of {width: seconds} (e.g. a forward timed at every width), scaled to its one-token forward."""
     if text in COSTS:
         return dict(COSTS[text])
-    if text.endswith(".json"):
+    from_file = text.endswith(".json")
+    if from_file:
         try:
             raw = json.loads(Path(text).read_text())
             table = {int(w): float(c) for w, c in raw.items()}
         except (OSError, ValueError, AttributeError) as err:
             raise argparse.ArgumentTypeError(f"not a cost curve file: {text} ({err})") from None
-        if 1 not in table or any(w < 1 or c <= 0 for w, c in table.items()):
-            raise argparse.ArgumentTypeError(f"a cost curve needs width 1 and positive costs: {text}")
-        return {w: c / table[1] for w, c in sorted(table.items())}
-    table = {}
-    for item in text.split(","):
-        width, sep, cost = item.partition(":")
-        try:
-            if not sep:
-                raise ValueError
-            table[int(width)] = float(cost)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"not a cost curve: {text!r} (a name of {sorted(COSTS)} or pairs like 1:1,2:1.05,8:1.8)"
-            ) from None
+    else:
+        table = {}
+        for item in text.split(","):
+            width, sep, cost = item.partition(":")
+            try:
+                if not sep:
+                    raise ValueError
+                table[int(width)] = float(cost)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"not a cost curve: {text!r} (a name of {sorted(COSTS)} or pairs like 1:1,2:1.05,8:1.8)"
+                ) from None
     if 1 not in table or any(w < 1 or c <= 0 for w, c in table.items()):
         raise argparse.ArgumentTypeError(f"a cost curve needs width 1 and positive costs: {text!r}")
-    return table
+    return {w: c / table[1] for w, c in sorted(table.items())} if from_file else table
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
