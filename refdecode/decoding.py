@@ -30,6 +30,7 @@ from .inputs import (
 )
 from .kernels import forward_tokens, routed, synchronize
 from .policy import (
+    GUESS,
     DraftPolicy,
     ForwardCostModel,
     calibrate_costs,
@@ -69,6 +70,7 @@ class GenerationStats:
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step
     draft_lengths: list[int] = field(default_factory=list)  # draft tokens (tree nodes) verified per step
     tree_steps: int = 0  # steps that verified a tree with branches (the others verified a chain)
+    padded_steps: int = 0  # steps with nothing to draft that verified one guessed token (DraftPolicy.pad_plain)
     accepted_sources: dict[str, int] = field(default_factory=dict)  # accepted draft tokens per source
     draft_seconds: float = 0.0  # time spent in the drafter's propose (inside decode_seconds): a model's forwards
     forward_seconds: float = 0.0  # time inside the target's forward calls while decoding (inside decode_seconds)
@@ -373,14 +375,22 @@ def decode(
             step = _StepInputs(model, cache, output[-1], context, processors, noise, position, generator, policy)
             step.tie_margin, step.where = tie_margin, f"verification step {stats.steps + 1}"
             t_policy = time.perf_counter()
+            tree = chain = None
             if isinstance(proposal, DraftTree):
                 tree = policy.choose_tree(proposal if trees_ok else _favourite_chain(proposal), budget)
             else:
                 k = 0 if proposal is None else policy.choose_length(proposal, budget)
                 chain = proposal.truncated(k) if proposal is not None and k > 0 else None
+            padded = tree is None and chain is None and budget >= 1 and not force_plain and policy.pad_plain()
+            if padded:  # nothing worth drafting, but two tokens cost less than one here: verify a guess
+                chain = Draft([_guess(context)], 0, GUESS)
             stats.policy_seconds += time.perf_counter() - t_policy
-            result = _tree_step(tree, step) if isinstance(proposal, DraftTree) else _chain_step(chain, step)
+            as_tree = isinstance(proposal, DraftTree) and not padded
+            result = _tree_step(tree, step) if as_tree else _chain_step(chain, step)
             stats.policy_seconds += result.policy_seconds
+            if padded:
+                stats.padded_steps += 1
+                policy.padded(result.recomputed > 0 or result.next_token is None)
             _count_step(stats, result)
             session.forwards, session.row = session.forwards + 1, result.row
             # 4) commit: the accepted tokens and the model's own token (which is fed first next step)
@@ -475,6 +485,16 @@ class _Walk:
         if not self.exact_rows:
             return row
         return 0 if self.exact_rows[-1] == row else None
+
+
+GUESS_WINDOW = 64  # committed tokens a guess is drawn from
+
+
+def _guess(context: torch.Tensor) -> int:
+    """The token a step with nothing to draft verifies anyway (DraftPolicy.pad_plain): the most frequent of the last
+    GUESS_WINDOW committed tokens. The drafters found no earlier occurrence of the pending token to copy from, so
+    nothing better is known; the step costs less than a plain one whatever the guess is."""
+    return int(torch.mode(context[-GUESS_WINDOW:]).values)
 
 
 def _row_after(path: list[int]) -> int:

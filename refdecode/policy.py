@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CALIBRATED_WIDTHS",
+    "GUESS",
     "MATCH_BUCKETS",
     "AcceptanceModel",
     "DraftPolicy",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 MATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+GUESS = "guess"  # the source of the one token a step with nothing to draft may verify anyway (DraftPolicy.pad_plain)
 
 
 @dataclass
@@ -209,6 +211,8 @@ class DraftPolicy:
     costs: ForwardCostModel = field(default_factory=ForwardCostModel)
     _plain_steps: int = 0
     _by_source: dict = field(default_factory=dict)  # Draft.source -> AcceptanceModel; "" and "reference" share one
+    _pad_asks: int = 0  # steps that asked pad_plain
+    _pad_recompute: float = 0.0  # moving share of padded steps whose guessed-at row was recomputed one token wide
 
     def inherit(self, earlier: DraftPolicy, weight: float = 0.25) -> None:
         """Start from what an earlier request's policy learned on the same model, its evidence counted `weight`
@@ -216,6 +220,7 @@ class DraftPolicy:
         the prior and spends its first steps relearning how often long matches are copied."""
         self.acceptance = earlier.acceptance.scaled(weight)
         self._by_source = {name: model.scaled(weight) for name, model in earlier._by_source.items()}
+        self._pad_recompute = earlier._pad_recompute  # how often this model's rounding needs the guard's recompute
 
     def acceptance_for(self, source: str) -> AcceptanceModel:
         """The acceptance model of drafts from `source`: `acceptance` for local references, a fresh one (same
@@ -224,7 +229,8 @@ class DraftPolicy:
             return self.acceptance
         if source not in self._by_source:
             a = self.acceptance
-            self._by_source[source] = AcceptanceModel(prior=a.prior, prior_weight=a.prior_weight, decay=a.decay)
+            prior = 0.0 if source == GUESS else a.prior  # a blind guess earns no credit before it is seen right
+            self._by_source[source] = AcceptanceModel(prior=prior, prior_weight=a.prior_weight, decay=a.decay)
         return self._by_source[source]
 
     def __post_init__(self):
@@ -274,6 +280,30 @@ class DraftPolicy:
             self._plain_steps = 0
             best_k = min(limit, max(self.min_draft, 2))
         return best_k
+
+    def pad_plain(self) -> bool:
+        """Whether a step with nothing worth drafting should verify one guessed token anyway.
+
+        On some hardware a forward of one token costs more than a forward of two (Qwen2.5-Coder-1.5B in bfloat16 on
+        a 2-core AMX Xeon: two tokens 0.87 of one; one row does not take the matrix kernels that two do). There a
+        step with a guess costs less than a plain step whatever the guess is, and commits one token more when it is
+        right. Decided from the two widths' measured times as measured, not as cost() prices them (cost() keeps the
+        curve non-decreasing, which hides exactly this), the guesses' learned acceptance, and the measured share of
+        padded steps whose first row was too close to call at two tokens and recomputed one token wide (the tie
+        guard; a plain step never needs it). Every explore_every-th ask stays plain, so that the one-token time keeps
+        being measured. Where two tokens cost what one does or more, it never pads (but for guesses seen right)."""
+        c1, c2 = self.costs.table.get(1), self.costs.table.get(2)
+        if c1 is None or c2 is None or self.max_draft < 1:  # max_draft 0: plain decoding, one token a forward
+            return False
+        self._pad_asks += 1
+        if self._pad_asks % self.explore_every == 0:
+            return False
+        a = min(self.acceptance_for(GUESS).rate(0), 0.999)
+        return c2 + self._pad_recompute * c1 < c1 * (1.0 + a)
+
+    def padded(self, recomputed: bool) -> None:
+        """A padded step's outcome for pad_plain: whether its guessed-at row was recomputed one token wide."""
+        self._pad_recompute = 0.9 * self._pad_recompute + 0.1 * float(recomputed)
 
     def node_model(self, source: str, rank: int, contested: bool = False) -> AcceptanceModel:
         """The acceptance model of tree nodes of one kind, by source and sibling rank: a first child (the
