@@ -479,6 +479,7 @@ def run_refdecode(
         drafted_tokens=s.drafted_tokens,
         accepted_tokens=s.accepted_tokens,
         recomputed=s.recomputed,
+        padded_steps=getattr(s, "padded_steps", 0),
         stop_reason=out.stop_reason,
         draft_seconds=getattr(s, "draft_seconds", 0.0),
     )
