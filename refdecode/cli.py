@@ -79,7 +79,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    p.add_argument("--max-draft", type=int, default=64, help="longest draft verified in one forward")
+    p.add_argument("--max-draft", type=int, default=128, help="longest draft verified in one forward")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")

@@ -34,6 +34,7 @@ from .policy import (
     DraftPolicy,
     ForwardCostModel,
     calibrate_costs,
+    calibration_widths,
     measure_rounding,
     measured_rounding,
     tie_margin_for,
@@ -189,7 +190,7 @@ def generate(
     streamer=None,
     drafter=None,
     policy: DraftPolicy | None = None,
-    max_draft: int = 64,
+    max_draft: int = 128,
     calibrate: bool = True,
     tie_margin: float | None = None,
     retrieve_k: int = 4,
@@ -347,7 +348,8 @@ def decode(
     synchronize(device)
     stats.prefill_seconds = time.perf_counter() - t_start
     if not stop_reason and calibrate and not policy.costs:
-        policy.costs = ForwardCostModel(calibrate_costs(model, cache, output[-1]))
+        widths = calibration_widths(policy.max_draft)
+        policy.costs = ForwardCostModel(calibrate_costs(model, cache, output[-1], widths=widths))
     if tie_margin is None:  # from how far this model's wide forwards move a logit (measured once per model)
         rounding = measured_rounding(model)
         if rounding is None and model.dtype != torch.float32 and not stop_reason:

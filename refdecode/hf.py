@@ -49,7 +49,7 @@ def hf_generate(
     ref_streamer=None,
     ref_stats: GenerationStats | None = None,
     stop: Sequence[str] | None = None,
-    max_draft: int = 64,
+    max_draft: int = 128,
     policy: DraftPolicy | None = None,
     seed: int | None = None,
     memory=None,

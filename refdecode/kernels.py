@@ -102,6 +102,11 @@ def forget_route(model) -> None:
     _ROUTES.pop(model, None)
 
 
+def route_table(model) -> tuple[tuple[int, bool], ...]:
+    """The calibrated widths of this model and whether each is routed, sorted by width (empty: not calibrated)."""
+    return _ROUTES.get(model, ())
+
+
 def route_widths(model) -> frozenset:
     """The calibrated widths routed for this model (empty: none)."""
     return frozenset(w for w, d in _ROUTES.get(model, ()) if d)

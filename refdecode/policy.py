@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kernels import forward_tokens, routable, set_route, synchronize
+from .kernels import forward_tokens, routable, route_table, set_route, synchronize
 from .tree import DraftTree, contested_nodes, sibling_ranks
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ __all__ = [
     "DraftPolicy",
     "ForwardCostModel",
     "calibrate_costs",
+    "calibration_widths",
     "policy_kind",
     "remember_policy",
     "warm_policy",
@@ -204,7 +205,7 @@ class DraftPolicy:
     width k + 1. k = 0 is plain decoding. Nothing here is tuned to a workload: both curves are measured online.
     """
 
-    max_draft: int = 64
+    max_draft: int = 128
     min_draft: int = 1
     explore_every: int = 16
     acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
@@ -475,13 +476,25 @@ def remember_policy(model, policy: DraftPolicy, *, kind: str) -> None:
     _LAST_POLICIES.setdefault(model, {})[kind] = policy
 
 
-# Every power of two up to 64 and the width one past it. Matrix kernels work on blocks of rows whose sizes are
+# Every power of two up to 128 and the width one past it. Matrix kernels work on blocks of rows whose sizes are
 # powers of two (AMX tiles of 16 rows, AVX register blocks of 4 or 8, GPU tiles of 8 to 128), so a forward's cost
 # by width is close to a staircase whose steps come just after them: measured on Qwen2.5-Coder-1.5B, bfloat16 on
 # an AMX Xeon, 32 tokens cost 1.20 one-token forwards and 33 cost 1.39-1.50; float32 on the same CPU 3 tokens 1.13
 # and 4 tokens 2.12. Interpolating between powers of two alone priced 33 tokens near 32's cost and 3 tokens half-way
 # between 2's and 4's (LOG 2026-12-07, eighth session); timing both sides of each step prices the steps' heights.
-CALIBRATED_WIDTHS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)
+# Past 64 a token still gets cheaper where width is nearly free (the same model in bfloat16: 64 tokens 1.54, 65
+# 1.86, 128 2.35, 129 2.54; in float32 3.73, 3.84, 5.86, 6.18): a copy right for many tokens pays for a longer
+# draft. A call times only the widths its max_draft can use (calibration_widths).
+CALIBRATED_WIDTHS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129)
+
+
+def calibration_widths(max_draft: int) -> tuple[int, ...]:
+    """The calibrated widths a policy drafting at most `max_draft` tokens can run (a forward verifies the drafts
+    and the pending token: max_draft + 1 wide), and, where that width is not one of them, the first one past it,
+    which prices its widest forwards by interpolation."""
+    usable = [w for w in CALIBRATED_WIDTHS if w <= max_draft + 1]
+    beyond = [w for w in CALIBRATED_WIDTHS if w > max_draft + 1][:1] if max_draft + 1 not in usable else []
+    return tuple(usable + beyond)
 
 
 def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rounds: int | None = None) -> dict:
@@ -497,8 +510,11 @@ def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rou
     can_route = routable(model)
     key = (str(model.device), str(model.dtype), can_route)
     per_model = _COST_TABLES.setdefault(model, {})
-    if key in per_model:
-        return per_model[key]
+    known = per_model.get(key)
+    if known is not None and set(widths) <= set(known):
+        return known
+    if known is not None:  # an earlier call timed fewer widths (a smaller max_draft): time only the others
+        widths = sorted(set(widths) - set(known))
     device = model.device
     trials = [(w, False) for w in widths] + ([(w, True) for w in widths if w >= 2] if can_route else [])
     if rounds is None:
@@ -519,11 +535,14 @@ def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rou
                 narrow = logits[0]
             elif narrow is not None:
                 rounding = max(rounding, (logits[0] - narrow).abs().max().item())
-    _ROUNDING.setdefault(model, {})[(str(device), str(model.dtype))] = rounding
+    if narrow is not None:  # a call that timed only wider widths leaves the one-token row's rounding as it was
+        _ROUNDING.setdefault(model, {})[(str(device), str(model.dtype))] = rounding
     decisions = {w: best[w, True] < best[w, False] for w in widths if (w, True) in best}
     if decisions:
-        set_route(model, decisions)
+        set_route(model, {**dict(route_table(model)), **decisions} if known is not None else decisions)
     table = {w: min(best[w, False], best.get((w, True), float("inf"))) for w in widths}
+    if known is not None:
+        table = dict(sorted({**known, **table}.items()))
     per_model[key] = table
     return table
 

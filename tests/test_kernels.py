@@ -12,7 +12,7 @@ from transformers import DynamicCache
 import refdecode
 from refdecode import kernels
 from refdecode.kernels import forward_tokens
-from refdecode.policy import CALIBRATED_WIDTHS, ForwardCostModel, calibrate_costs
+from refdecode.policy import CALIBRATED_WIDTHS, ForwardCostModel, calibrate_costs, calibration_widths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -201,6 +201,42 @@ def test_calibration_prices_a_staircase_by_its_steps(model, monkeypatch):
     assert costs.cost(3) == 2.0 and costs.cost(24) == 3.0 and costs.cost(33) == 5.0
     assert costs.cost(48) == 5.0 and costs.cost(64) == 5.0
     assert kernels.takes_route(model, 33) and kernels.takes_route(model, 3)
+
+
+def test_calibration_widths_cover_what_max_draft_can_run():
+    """A forward verifies max_draft drafts and the pending token: the calibration times every calibrated width up
+    to max_draft + 1, and the next one past it where that width is not calibrated itself (to interpolate)."""
+    assert calibration_widths(128) == CALIBRATED_WIDTHS
+    assert calibration_widths(64) == tuple(w for w in CALIBRATED_WIDTHS if w <= 65)
+    assert calibration_widths(40) == tuple(w for w in CALIBRATED_WIDTHS if w <= 64)
+    assert calibration_widths(0) == (1,) and calibration_widths(1) == (1, 2)
+    assert calibration_widths(1000) == CALIBRATED_WIDTHS
+
+
+def test_a_wider_call_times_only_the_widths_it_adds(model, monkeypatch):
+    """A second call asking for more widths (a larger max_draft) keeps the first call's times and routes, and times
+    only the widths it lacked: the union is one table."""
+    import refdecode.policy as policy
+
+    real = policy.forward_tokens
+    timed_widths = []
+
+    def counted(model_, cache, tokens, *, route=None):
+        timed_widths.append(len(tokens))
+        return real(model_, cache, tokens, route=route)
+
+    monkeypatch.setattr(policy, "forward_tokens", counted)
+    cache = prefilled(model)
+    narrow = calibrate_costs(model, cache, 5, widths=calibration_widths(16), rounds=1)
+    assert set(narrow) == set(calibration_widths(16))
+    routes = dict(kernels.route_table(model))
+    timed_widths.clear()
+    wide = calibrate_costs(model, cache, 5, widths=calibration_widths(128), rounds=1)
+    assert set(timed_widths) == set(CALIBRATED_WIDTHS) - set(narrow)
+    assert set(wide) == set(CALIBRATED_WIDTHS) and all(wide[w] == narrow[w] for w in narrow)
+    assert {w: d for w, d in kernels.route_table(model) if w in routes} == routes
+    timed_widths.clear()
+    assert calibrate_costs(model, cache, 5, widths=calibration_widths(64)) is wide and not timed_widths
 
 
 @pytest.mark.parametrize("case", range(6))

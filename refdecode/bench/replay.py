@@ -294,7 +294,7 @@ def replay_policy(
     *,
     tree: bool,
     costs: dict[int, float],
-    max_draft: int = 64,
+    max_draft: int = 128,
     earlier: DraftPolicy | None = None,
     drafter=None,
     believed: Sequence[int] | None = None,

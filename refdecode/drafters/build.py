@@ -179,7 +179,7 @@ def build_drafting(
     alone: bool | None = None,
     policy: DraftPolicy | None = None,
     tree: bool = True,
-    max_draft: int = 64,
+    max_draft: int = 128,
     max_ngram: int = 12,
     retrieve_k: int = 4,
     rerank: int = 0,
