@@ -504,8 +504,9 @@ def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rou
     one width is timed does not make that width look expensive for the rest of the process. On the CPU each width
     of 2 or more tokens is also timed with the transposed kernels (kernels.routed), and whichever was faster is
     what that width runs from then on (kernels.set_route): its time is the one in the table. rounds: 5, or 3 when
-    both kernels are timed (the first call of a process pays the calibration: 69 forwards at the default widths,
-    16 s for a 1.5B model in bfloat16 on a 2-core CPU with AMX, an estimated 30-60 s in float32 on one without).
+    both kernels are timed (the first call of a process pays the calibration: 87 forwards at the default widths,
+    28 s for a 1.5B model in bfloat16 on a 2-core CPU with AMX, 18.5 s without the widths past 64, and more in
+    float32). A model already calibrated at fewer widths times only the widths it lacks.
     """
     can_route = routable(model)
     key = (str(model.device), str(model.dtype), can_route)
