@@ -143,6 +143,9 @@ class Candidate:
     match_len: int
 
 
+SHALLOW = 16  # tokens of every candidate a trie keeps before any candidate's deeper tokens (build_tree)
+
+
 def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: int = 4096) -> DraftTree:
     """Merge candidate continuations into one trie (at most max_depth deep, max_nodes nodes).
 
@@ -160,25 +163,38 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
     match_lens: list[int] = []
     counts: list[int] = []
     kids: dict[int, list[int]] = {}  # parent -> children, in order of first appearance
-    for cand in candidates:
-        parent = ROOT
-        evidence = cand.match_len
-        for token in cand.tokens[:max_depth]:
-            node = child.get((parent, token))
-            if node is None:
-                if len(tokens) >= max_nodes:
-                    break
-                node = len(tokens)
-                child[(parent, token)] = node
-                kids.setdefault(parent, []).append(node)
-                tokens.append(token)
-                sources.append(cand.source)
-                match_lens.append(evidence)
-                counts.append(0)
-            elif evidence > match_lens[node]:
-                sources[node], match_lens[node] = cand.source, evidence
-            counts[node] += 1
-            parent = node
+    # Candidates are inserted in two bands of depths: the first SHALLOW tokens of every candidate, then the rest of
+    # each in turn. Where max_nodes cuts the trie (many candidates, deep drafts) it cuts the deep tokens of the last
+    # candidates, not whole candidates: a shallow node is more often committed than a deep one, and the strongest
+    # candidates still go deep. A node's children all sit at one depth, so they still appear in candidate order
+    # and an uncut trie is the same as inserting whole candidates.
+    walks = [[ROOT, 0, True] for _ in candidates]  # per candidate: its last node, tokens inserted, still going
+    start, end = 0, SHALLOW
+    while start < max_depth:
+        end = min(end, max_depth)
+        for cand, walk in zip(candidates, walks, strict=True):
+            parent, done, going = walk
+            evidence = cand.match_len
+            while going and done < min(end, len(cand.tokens)):
+                token = cand.tokens[done]
+                node = child.get((parent, token))
+                if node is None:
+                    if len(tokens) >= max_nodes:
+                        going = False
+                        break
+                    node = len(tokens)
+                    child[(parent, token)] = node
+                    kids.setdefault(parent, []).append(node)
+                    tokens.append(token)
+                    sources.append(cand.source)
+                    match_lens.append(evidence)
+                    counts.append(0)
+                elif evidence > match_lens[node]:
+                    sources[node], match_lens[node] = cand.source, evidence
+                counts[node] += 1
+                parent, done = node, done + 1
+            walk[:] = [parent, done, going]
+        start, end = end, max_depth
     # renumber depth-first, each node's children by evidence, then count, then first appearance
     order: list[int] = []
     new_parent: list[int] = []

@@ -441,3 +441,51 @@ def test_tree_sizes_is_a_deprecated_alias_of_draft_lengths():
     assert stats.as_dict()["mean_tree_size"] == 2.0 and stats.as_dict()["max_tree_size"] == 3
     with pytest.raises(AttributeError):
         stats.tree_sizes = [1]  # type: ignore[misc]
+
+
+def whole_candidates_trie(candidates, max_depth):
+    """The trie built the plain way, each candidate whole in turn (no node limit): (path of tokens) -> (count,
+    strongest evidence, its source)."""
+    nodes: dict[tuple[int, ...], list] = {}
+    for cand in candidates:
+        for d in range(1, min(len(cand.tokens), max_depth) + 1):
+            path = tuple(cand.tokens[:d])
+            entry = nodes.setdefault(path, [0, cand.match_len, cand.source])
+            entry[0] += 1
+            if cand.match_len > entry[1]:
+                entry[1], entry[2] = cand.match_len, cand.source
+    return nodes
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.integers(1, 6), st.sampled_from("ab")),
+        min_size=1,
+        max_size=8,
+    ),
+    st.integers(1, 40),
+)
+def test_an_uncut_trie_is_every_candidate_inserted_whole(raw, max_depth):
+    """Inserting candidates a band of depths at a time changes nothing where no node limit cuts: same nodes, counts
+    (through sibling order), evidence and sources as inserting each candidate whole."""
+    cands = [Candidate(tokens, source, match_len) for tokens, match_len, source in raw]
+    tree = build_tree(cands, max_depth=max_depth)
+    expected = whole_candidates_trie(cands, max_depth)
+    got = {tuple(tree.tokens[i] for i in tree.path(i)): (tree.match_lens[i], tree.sources[i]) for i in range(len(tree))}
+    assert got == {path: (e[1], e[2]) for path, e in expected.items()}
+
+
+def test_a_cut_trie_keeps_every_candidates_first_tokens():
+    """Twenty disjoint candidates of 128 tokens and room for 1,024 nodes: the limit cuts the last candidates' deep
+    tokens, not whole candidates: every candidate keeps its first 16 tokens, the strongest go whole."""
+    cands = [Candidate([1000 * (c + 1) + i for i in range(128)], "context", 20 - c) for c in range(20)]
+    tree = build_tree(cands, max_depth=128, max_nodes=1024)
+    assert len(tree) == 1024
+    roots = {tree.tokens[i] for i in tree.children(ROOT)}
+    assert roots == {1000 * (c + 1) for c in range(20)}
+    depth_of = {}
+    for i, d in enumerate(tree.depths()):
+        owner = tree.tokens[i] // 1000
+        depth_of[owner] = max(depth_of.get(owner, 0), d)
+    assert min(depth_of.values()) == 16 and depth_of[1] == depth_of[5] == 128  # (1024 - 20 * 16) // 112 = 6 whole
