@@ -370,7 +370,7 @@ def decode(
             # 2) draft: propose (a chain or a tree), then keep what pays at this acceptance and forward cost
             budget = max_new_tokens - len(output) - 1
             t_draft = time.perf_counter()
-            proposal = None if force_plain else drafter.propose(context.tolist(), min(budget, policy.max_draft))
+            proposal = None if force_plain else drafter.propose(context.tolist(), min(budget, policy.draft_depth()))
             stats.draft_seconds += time.perf_counter() - t_draft
             # 3) verify in one forward; the cache is rolled back to the pending token and the accepted tokens
             position = len(output)  # output position of row 0: the token after the pending one

@@ -214,6 +214,7 @@ class DraftPolicy:
     _by_source: dict = field(default_factory=dict)  # Draft.source -> AcceptanceModel; "" and "reference" share one
     _pad_asks: int = 0  # steps that asked pad_plain
     _pad_recompute: float = 0.0  # moving share of padded steps whose guessed-at row was recomputed one token wide
+    _depth_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)  # see draft_depth
 
     def inherit(self, earlier: DraftPolicy, weight: float = 0.25) -> None:
         """Start from what an earlier request's policy learned on the same model, its evidence counted `weight`
@@ -281,6 +282,28 @@ class DraftPolicy:
             self._plain_steps = 0
             best_k = min(limit, max(self.min_draft, 2))
         return best_k
+
+    def draft_depth(self) -> int:
+        """The deepest draft worth asking a drafter for: the length at which a chain of the best rate the policy
+        has learned for any kind of draft would be verified, at the measured costs (max_draft while uncalibrated).
+        Drafting and building a trie much deeper than any draft can be chosen is work for nothing, and where
+        width costs (SmolLM2: a step of 10-20 ms) that work is a share of the step. As drafts are accepted whole the
+        rate rises and the depth with it; never under 2 (exploration's length)."""
+        if not self.costs:
+            return self.max_draft
+        models = [self.acceptance, *self._by_source.values()]
+        a = min(0.999, max(max(m.rates()) for m in models))
+        key = (tuple(self.costs.table.items()), self.max_draft, a)
+        if self._depth_cache is None or self._depth_cache[0] != key:
+            expected = 1.0
+            best_k, best_rate = 0, 1.0 / self.costs.cost(1)
+            for k in range(1, self.max_draft + 1):
+                expected += a**k
+                rate = expected / self.costs.cost(k + 1)
+                if rate > best_rate:
+                    best_k, best_rate = k, rate
+            self._depth_cache = (key, max(best_k, min(self.max_draft, max(self.min_draft, 2))))
+        return self._depth_cache[1]
 
     def pad_plain(self) -> bool:
         """Whether a step with nothing worth drafting should verify one guessed token anyway.
