@@ -86,3 +86,41 @@ def test_greedy_exact_with_drafts_past_64(case):
         )
         assert out.token_ids == expected
         assert max(out.stats.draft_lengths) > 64, "drafts past 64 tokens were verified"
+
+
+def test_drafters_are_asked_only_as_deep_as_a_draft_can_be_chosen():
+    """draft_depth: max_draft while uncalibrated; at a measured curve, the length a chain at the best learned rate
+    would be verified at, which grows as drafts are accepted and never exceeds max_draft (nor falls under 2)."""
+    assert DraftPolicy().draft_depth() == 128 and DraftPolicy(max_draft=7).draft_depth() == 7
+    depths = []
+    for successes in (0, 9, 95, 500):
+        policy = DraftPolicy(costs=ForwardCostModel(dict(DEAR)))
+        if successes:
+            policy.acceptance.update_trials([(64, successes, successes + (successes < 500))])
+        depths.append(policy.draft_depth())
+        best = max(policy.choose_length(long_copy(), 400), 2)
+        assert best <= depths[-1], "no chain deeper than the depth is ever chosen"
+    assert depths == sorted(depths) and depths[0] >= 2 and depths[-1] == 127
+    assert taught(NEARLY_FREE, 500, 500).draft_depth() == 127
+
+
+def test_generate_asks_the_drafter_for_the_policys_depth():
+    asked = []
+
+    class Recording:
+        def propose(self, context, max_tokens):
+            asked.append(max_tokens)
+            return None
+
+        def observe(self, new_tokens):
+            pass
+
+    class FixedCosts(ForwardCostModel):  # a tiny model's own timings would reshape the curve
+        def observe(self, width, seconds):
+            pass
+
+    model = tiny_llama(vocab_size=64, seed=1, layers=1, hidden=32, eos_token_id=None)
+    policy = taught(DEAR, 9, 10)
+    policy.costs = FixedCosts(dict(DEAR))
+    refdecode.generate(model, IdTokenizer(64), [3, 4, 5], max_new_tokens=40, drafter=Recording(), policy=policy)
+    assert asked and max(asked) == asked[0] == policy.draft_depth() and 2 < policy.draft_depth() < 64  # then the budget
