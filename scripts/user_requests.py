@@ -135,54 +135,33 @@ def doc_page(docs: Path, name: str) -> str:
     return (docs / name).read_text(encoding="utf-8")
 
 
+def asked(kind: str, name: str, content: str, references=()) -> Request:
+    """One chat request of `kind`, a single user turn."""
+    return Request(
+        id=f"{kind}/user/{name}",
+        workload=kind,
+        messages=[{"role": "user", "content": content}],
+        prompt=None,
+        chat=True,
+        references=tuple(references),
+    )
+
+
 def build(docs: Path) -> list[Request]:
     requests = []
     for module, ask in CODE_EDIT_REF:
-        requests.append(
-            Request(
-                id=f"code-edit-ref/user/{module}",
-                workload="code-edit-ref",
-                messages=[{"role": "user", "content": ask}],
-                prompt=None,
-                chat=True,
-                references=((module, stdlib_source(module)),),
-            )
-        )
+        requests.append(asked("code-edit-ref", module, ask, ((module, stdlib_source(module)),)))
     for module, function, ask in CODE_EDIT:
         code = function_source(stdlib_source(module), function)
-        requests.append(
-            Request(
-                id=f"code-edit/user/{module}:{function}",
-                workload="code-edit",
-                messages=[{"role": "user", "content": f"```python\n{code}\n```\n\n{ask}"}],
-                prompt=None,
-                chat=True,
-            )
-        )
+        requests.append(asked("code-edit", f"{module}:{function}", f"```python\n{code}\n```\n\n{ask}"))
     for page, word, other, question in RAG:
         relevant = [p for p in chunk_rest(doc_page(docs, page)) if word in p][:PASSAGES_PER_PAGE]
         passages = relevant + chunk_rest(doc_page(docs, other))[:1]
         body = "\n\n".join(f"[{i + 1}] {p}" for i, p in enumerate(passages))
-        requests.append(
-            Request(
-                id=f"rag/user/{page}",
-                workload="rag",
-                messages=[{"role": "user", "content": f"Passages:\n\n{body}\n\n{question}"}],
-                prompt=None,
-                chat=True,
-            )
-        )
+        requests.append(asked("rag", page, f"Passages:\n\n{body}\n\n{question}"))
     for page, ask in SUMMARIZE:
         text = doc_page(docs, page)[:SUMMARY_CHARS]
-        requests.append(
-            Request(
-                id=f"summarize/user/{page}",
-                workload="summarize",
-                messages=[{"role": "user", "content": f"{text}\n\n{ask}"}],
-                prompt=None,
-                chat=True,
-            )
-        )
+        requests.append(asked("summarize", page, f"{text}\n\n{ask}"))
     for i, messages in enumerate(CHAT):
         requests.append(Request(id=f"chat/user/{i}", workload="chat", messages=messages, prompt=None, chat=True))
     return requests
