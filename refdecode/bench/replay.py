@@ -331,7 +331,7 @@ def replay_policy(
     def draft(context: list[int], future: list[int]) -> StepDraft:
         nonlocal chain
         budget = len(future) - 1
-        proposal = drafter.propose(context, min(budget, max_draft)) if budget > 0 else None
+        proposal = drafter.propose(context, min(budget, policy.draft_depth())) if budget > 0 else None
         if isinstance(proposal, DraftTree):
             chosen = policy.choose_tree(proposal, budget)
             return chosen if chosen is not None else DraftTree()  # empty tree: plain decoding, nothing to learn
