@@ -168,19 +168,16 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
     # candidates, not whole candidates: a shallow node is more often committed than a deep one, and the strongest
     # candidates still go deep. A node's children all sit at one depth, so they still appear in candidate order
     # and an uncut trie is the same as inserting whole candidates.
-    walks = [[ROOT, 0, True] for _ in candidates]  # per candidate: its last node, tokens inserted, still going
-    start, end = 0, SHALLOW
-    while start < max_depth:
-        end = min(end, max_depth)
-        for cand, walk in zip(candidates, walks, strict=True):
-            parent, done, going = walk
-            evidence = cand.match_len
-            while going and done < min(end, len(cand.tokens)):
-                token = cand.tokens[done]
+    last = [ROOT] * len(candidates)  # per candidate: the node its inserted tokens reached
+    done = [0] * len(candidates)  # per candidate: its tokens inserted (a full trie stops it for good)
+    for band_end in sorted({min(SHALLOW, max_depth), max_depth}):
+        for i, cand in enumerate(candidates):
+            parent, evidence = last[i], cand.match_len
+            for depth in range(done[i], min(band_end, len(cand.tokens))):
+                token = cand.tokens[depth]
                 node = child.get((parent, token))
                 if node is None:
                     if len(tokens) >= max_nodes:
-                        going = False
                         break
                     node = len(tokens)
                     child[(parent, token)] = node
@@ -192,9 +189,8 @@ def build_tree(candidates: Sequence[Candidate], *, max_depth: int, max_nodes: in
                 elif evidence > match_lens[node]:
                     sources[node], match_lens[node] = cand.source, evidence
                 counts[node] += 1
-                parent, done = node, done + 1
-            walk[:] = [parent, done, going]
-        start, end = end, max_depth
+                parent, done[i] = node, depth + 1
+            last[i] = parent
     # renumber depth-first, each node's children by evidence, then count, then first appearance
     order: list[int] = []
     new_parent: list[int] = []
