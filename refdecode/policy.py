@@ -260,16 +260,7 @@ class DraftPolicy:
         limit = min(len(draft.tokens), budget, self.max_draft)
         if limit < self.min_draft:
             return 0
-        a = self.chain_rate(draft)
-        best_k, best_rate = 0, 1.0 / self.costs.cost(1)
-        expected = 1.0
-        for k in range(1, limit + 1):
-            expected += a**k
-            rate = expected / self.costs.cost(k + 1)
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-            if a**k < 1e-3:
-                break
+        best_k = self._best_length(self.chain_rate(draft), limit)
         if best_k < self.min_draft:
             best_k = 0
         # Exploration: estimates only change where drafts are verified, so a policy that stopped drafting (after a
@@ -281,6 +272,20 @@ class DraftPolicy:
         if self._plain_steps >= self.explore_every:
             self._plain_steps = 0
             best_k = min(limit, max(self.min_draft, 2))
+        return best_k
+
+    def _best_length(self, a: float, limit: int) -> int:
+        """The chain length up to `limit` with the most expected tokens per second of verification at per-token
+        acceptance `a` (0: plain decoding): E[k] = 1 + a + ... + a^k over cost(k + 1)."""
+        best_k, best_rate = 0, 1.0 / self.costs.cost(1)
+        expected = 1.0
+        for k in range(1, limit + 1):
+            expected += a**k
+            rate = expected / self.costs.cost(k + 1)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+            if a**k < 1e-3:
+                break
         return best_k
 
     def draft_depth(self) -> int:
@@ -295,13 +300,7 @@ class DraftPolicy:
         a = min(0.999, max(max(m.rates()) for m in models))
         key = (tuple(self.costs.table.items()), self.max_draft, a)
         if self._depth_cache is None or self._depth_cache[0] != key:
-            expected = 1.0
-            best_k, best_rate = 0, 1.0 / self.costs.cost(1)
-            for k in range(1, self.max_draft + 1):
-                expected += a**k
-                rate = expected / self.costs.cost(k + 1)
-                if rate > best_rate:
-                    best_k, best_rate = k, rate
+            best_k = self._best_length(a, self.max_draft)
             self._depth_cache = (key, max(best_k, min(self.max_draft, max(self.min_draft, 2))))
         return self._depth_cache[1]
 
