@@ -9,6 +9,7 @@ import torch
 from stats_helpers import AlwaysDraft, IdTokenizer, tiny_llama
 
 import refdecode
+from refdecode.bench.replay import FixedCosts
 from refdecode.drafters import Draft
 from refdecode.policy import CALIBRATED_WIDTHS, DraftPolicy, ForwardCostModel, calibration_widths
 
@@ -115,12 +116,8 @@ def test_generate_asks_the_drafter_for_the_policys_depth():
         def observe(self, new_tokens):
             pass
 
-    class FixedCosts(ForwardCostModel):  # a tiny model's own timings would reshape the curve
-        def observe(self, width, seconds):
-            pass
-
     model = tiny_llama(vocab_size=64, seed=1, layers=1, hidden=32, eos_token_id=None)
     policy = taught(DEAR, 9, 10)
-    policy.costs = FixedCosts(dict(DEAR))
+    policy.costs = FixedCosts(dict(DEAR))  # a tiny model's own timings would reshape the curve
     refdecode.generate(model, IdTokenizer(64), [3, 4, 5], max_new_tokens=40, drafter=Recording(), policy=policy)
     assert asked and max(asked) == asked[0] == policy.draft_depth() and 2 < policy.draft_depth() < 64  # then the budget

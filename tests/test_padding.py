@@ -10,6 +10,7 @@ import torch
 from test_tree_attention import VOCAB, model_named
 
 import refdecode
+from refdecode.bench.replay import FixedCosts  # a cost table a tiny model's timings never change
 from refdecode.drafters import Draft
 from refdecode.policy import GUESS, DraftPolicy, ForwardCostModel
 
@@ -17,13 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 CHEAP_PAIR = {1: 1.0, 2: 0.87}  # two tokens cost less than one (the 1.5B in bfloat16 on an AMX Xeon)
 DEAR_PAIR = {1: 1.0, 2: 1.13}  # two tokens cost more (the same model in float32 on the same CPU)
-
-
-class FixedCosts(ForwardCostModel):
-    """A cost table that does not learn from the timings of a tiny model's forwards."""
-
-    def observe(self, width: int, seconds: float) -> None:
-        pass
 
 
 class NothingToDraft:
