@@ -198,13 +198,17 @@ def replay(
     return {"tokens": len(output) - 1, "steps": steps, "units": units, "drafted": drafted}
 
 
-def longest_copy(texts: Sequence[Sequence[int]], truth: Sequence[int]) -> int:
-    """The longest prefix of truth that occurs somewhere in one of texts (brute force)."""
-    best = 0
+def longest_copy(texts: Sequence[Sequence[int]], truth: Sequence[int], after: Sequence[int] = ()) -> int:
+    """The longest prefix of truth that occurs somewhere in one of texts (brute force); with after, only at places
+    that follow those tokens in the same text (a copy that a drafter matching that context could find)."""
+    best, need = 0, len(after)
     for text in texts:
         arr = np.asarray(text)
         for start in np.flatnonzero(arr == truth[0]) if len(truth) and len(arr) else ():
-            best = max(best, common_prefix(text[int(start) :], truth))
+            start = int(start)
+            if need and (start < need or list(text[start - need : start]) != list(after)):
+                continue
+            best = max(best, common_prefix(text[start:], truth))
             if best == len(truth):
                 return best
     return best
@@ -641,14 +645,18 @@ def parse_widths(text: str) -> tuple[int, ...]:
     return widths
 
 
-def copy_runs(request: dict, k: int) -> list[int]:
+def copy_runs(request: dict, k: int, context: int = 0) -> list[int]:
     """Per output position j, the longest prefix of output[j:j + k] found in the prompt + output[:j] or a
-    reference: what any drafter that copies can have accepted from j (position 0 comes from the prefill: 0)."""
+    reference: what any drafter that copies can have accepted from j (position 0 comes from the prefill: 0). With
+    context = c, only copies whose source follows the same c tokens as position j does: what any drafter that finds
+    copies by matching at least the last c tokens can have accepted, however many candidates it keeps."""
     prompt, output = request["prompt"], request["output"]
     references = [ids for _, ids in request["references"]]
     runs = [0]
     for j in range(1, len(output)):
-        runs.append(longest_copy([[*prompt, *output[:j]], *references], output[j : j + k]))
+        text = [*prompt, *output[:j]]
+        after = text[len(text) - context :] if context else ()
+        runs.append(longest_copy([text, *references], output[j : j + k], after))
     return runs
 
 
@@ -707,27 +715,38 @@ def cheapest_schedule(n: int, options, cost: Callable[[int], float]) -> float:
     return best[1] if n > 1 else 0.0
 
 
-COST_BOUND_METHODS = ("copy", "refdecode's candidates", "draft-model", "copy+draft-model")
+COST_BOUND_METHODS = (
+    "copy",
+    "matched copy",
+    "refdecode's candidates",
+    "draft-model",
+    "copy+draft-model",
+    "matched copy+draft-model",
+)
 
 
 def cost_bounds(request: dict, cost: Callable[[int], float], *, k: int, draft_cost: float) -> dict[str, float]:
     """Per method of COST_BOUND_METHODS (the draft-model ones only with draft_next), the cheapest schedule's cost
-    of this request's output (cheapest_schedule), and `greedy`: one plain step per token."""
+    of this request's output (cheapest_schedule), and `greedy`: one plain step per token. A "matched" copy is one
+    whose source follows the output's last token (copy_runs with context 1)."""
     n = len(request["output"])
-    copies = copy_runs(request, k)
+    copies = {"copy": copy_runs(request, k), "matched copy": copy_runs(request, k, context=1)}
     drafts = draft_runs(request, k)
-    out = {"greedy": (n - 1) * cost(1), "copy": cheapest_schedule(n, lambda j: [(copies[j], copies[j], 0.0)], cost)}
+    out = {"greedy": (n - 1) * cost(1)}
+    for name, runs in copies.items():
+        out[name] = cheapest_schedule(n, lambda j, runs=runs: [(runs[j], runs[j], 0.0)], cost)
     found = candidate_runs(request, k, tree=True)
     out["refdecode's candidates"] = cheapest_schedule(n, lambda j: [(found[j], found[j], 0.0)], cost)
     if drafts is not None:
         out["draft-model"] = cheapest_schedule(n, lambda j: [(drafts[j], 0, draft_cost)], cost)
+        for name, runs in copies.items():
 
-        def both(j: int) -> list[tuple[int, int, float]]:
-            c = copies[j]
-            after = drafts[j + c] if c and j + c < n else 0  # the draft model carrying on where the copy stops
-            return [(c, c, 0.0), (drafts[j], 0, draft_cost), (min(k, c + after), c, draft_cost)]
+            def both(j: int, runs=runs) -> list[tuple[int, int, float]]:
+                c = runs[j]
+                after = drafts[j + c] if c and j + c < n else 0  # the draft model carrying on where the copy stops
+                return [(c, c, 0.0), (drafts[j], 0, draft_cost), (min(k, c + after), c, draft_cost)]
 
-        out["copy+draft-model"] = cheapest_schedule(n, both, cost)
+            out[f"{name}+draft-model"] = cheapest_schedule(n, both, cost)
     return out
 
 
@@ -772,7 +791,8 @@ def cost_bound_table(requests: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"Decoding throughput over greedy at the cost curve {{{curve_text}}} (cost of a forward of w tokens over one "
         f"token), draft model {args.draft_cost:g} per token, drafts of at most {args.k}: bounds (the cheapest schedule "
-        "of steps that an oracle knowing each drafter's runs could pick) and refdecode's policy replayed, each "
+        "of steps that an oracle knowing each drafter's runs could pick; a matched copy's source follows the output's "
+        "last token, as any copy found by matching the context does) and refdecode's policy replayed, each "
         "request's policy warm-started from the request before it, as a process serving requests one after another "
         "does.",
         "",

@@ -58,6 +58,33 @@ def test_longest_copy_finds_the_longest_prefix_anywhere():
     assert longest_copy([[1, 2]], []) == 0
 
 
+def test_a_matched_copy_must_follow_the_given_tokens_in_the_same_text():
+    texts = [[7, 1, 2, 3, 9], [8, 1, 2, 3, 4], [1, 2, 3, 4, 5]]
+    assert longest_copy(texts, [1, 2, 3, 4, 5]) == 5  # anywhere: the third text, which nothing precedes
+    assert longest_copy(texts, [1, 2, 3, 4, 5], after=[8]) == 4
+    assert longest_copy(texts, [1, 2, 3, 4, 5], after=[7]) == 3
+    assert longest_copy(texts, [1, 2, 3, 4, 5], after=[6]) == 0
+    assert longest_copy([[5, 8, 1, 2]], [1, 2], after=[5, 8]) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    texts=st.lists(st.lists(st.integers(1, 4), max_size=20), min_size=1, max_size=3),
+    truth=st.lists(st.integers(1, 4), max_size=8),
+    after=st.lists(st.integers(1, 4), max_size=2),
+)
+def test_longest_copy_agrees_with_brute_force(texts, truth, after):
+    best = 0
+    for text in texts:
+        for start in range(len(text)):
+            if start >= len(after) and text[start - len(after) : start] == after:
+                n = 0
+                while n < len(truth) and start + n < len(text) and text[start + n] == truth[n]:
+                    n += 1
+                best = max(best, n)
+    assert longest_copy(texts, truth, after) == best
+
+
 def test_deepest_agreeing_path_follows_the_truth_down_the_tree():
     #        root -> 1 -> 2 -> 3
     #             \-> 1? no: siblings 1 and 4; under 4: 5
@@ -412,6 +439,9 @@ def test_copy_runs_see_the_prompt_the_output_so_far_and_the_references():
     r = request([1, 10, 11, 12], [10, 11, 12, 40, 41, 10, 11])
     r["references"] = [["ref", [40, 41, 10]]]
     assert copy_runs(r, k=16) == [0, 2, 1, 3, 2, 2, 1]
+    # matched: at j = 3 (after 12) the reference's 40 41 10 follows nothing, so no copy; at j = 5 (after 41) the
+    # reference's 10 follows 41 but the prompt's 10 11 follows 1, so 1 token instead of 2
+    assert copy_runs(r, k=16, context=1) == [0, 2, 1, 0, 2, 1, 1]
 
 
 def test_the_cost_bounds_of_a_verbatim_copy_at_flat_costs():
@@ -437,10 +467,10 @@ def test_the_cost_bound_table_has_a_row_per_workload_and_the_bounds_beat_the_pol
     text = cost_bound_table([r], args)
     row = next(line for line in text.splitlines() if line.startswith("| w |"))
     figures = [float(cell.strip().rstrip("x")) for cell in row.split("|")[2:-1]]
-    copy_bound, candidates_bound, _draft_bound, both_bound, chain, tree = figures[:6]
-    assert copy_bound > 1.5 and both_bound >= copy_bound
+    copy_bound, matched_bound, candidates_bound, _draft_bound, both_bound, matched_both, chain, tree = figures[:8]
+    assert copy_bound > 1.5 and both_bound >= copy_bound and matched_both >= matched_bound
     assert chain <= candidates_bound + 1e-9 and tree <= candidates_bound + 1e-9
-    assert candidates_bound <= copy_bound + 1e-9
+    assert candidates_bound <= matched_bound + 1e-9 <= copy_bound + 2e-9 and matched_both <= both_bound + 1e-9
 
 
 @settings(max_examples=40, deadline=None)
@@ -454,9 +484,10 @@ def test_refdecodes_candidates_never_run_past_the_longest_copy(prompt, output, r
     r = request(prompt, output)
     r["references"] = [["ref", reference]] if reference else []
     found = candidate_runs(r, 16, tree=tree)
+    matched = copy_runs(r, 16, context=1)
     copies = copy_runs(r, 16)
-    assert len(found) == len(copies) == len(output) and found[0] == 0
-    assert all(0 <= f <= c for f, c in zip(found, copies, strict=True))
+    assert len(found) == len(matched) == len(copies) == len(output) and found[0] == 0
+    assert all(0 <= f <= m <= c for f, m, c in zip(found, matched, copies, strict=True))
 
 
 def test_refdecodes_candidates_follow_a_verbatim_reference():
