@@ -204,8 +204,8 @@ def longest_copy(texts: Sequence[Sequence[int]], truth: Sequence[int], after: Se
     best, need = 0, len(after)
     for text in texts:
         arr = np.asarray(text)
-        for start in np.flatnonzero(arr == truth[0]) if len(truth) and len(arr) else ():
-            start = int(start)
+        for found in np.flatnonzero(arr == truth[0]) if len(truth) and len(arr) else ():
+            start = int(found)
             if need and (start < need or list(text[start - need : start]) != list(after)):
                 continue
             best = max(best, common_prefix(text[start:], truth))
