@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kernels import forward_tokens, routable, route_table, set_route, synchronize
+from . import cost_cache
+from .kernels import forget_route, forward_tokens, routable, route_table, set_route, synchronize
 from .tree import DraftTree, contested_nodes, sibling_ranks
 
 if TYPE_CHECKING:
@@ -529,6 +530,9 @@ def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rou
     both kernels are timed (the first call of a process pays the calibration: 87 forwards at the default widths,
     28 s for a 1.5B model in bfloat16 on a 2-core CPU with AMX, 18.5 s without the widths past 64, and more in
     float32). A model already calibrated at fewer widths times only the widths it lacks.
+
+    The result is kept on disk (cost_cache; REFDECODE_COST_CACHE=off turns that off): a later process with the same
+    model shapes, dtype and machine checks the kept table with four forwards (_kept_costs) instead of timing it.
     """
     can_route = routable(model)
     key = (str(model.device), str(model.dtype), can_route)
@@ -536,6 +540,13 @@ def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rou
     known = per_model.get(key)
     if known is not None and set(widths) <= set(known):
         return known
+    kept = cost_cache.fingerprint(model, routable=can_route) if cost_cache.enabled() else None
+    if known is None and kept is not None:  # a calibration an earlier process kept on this machine
+        known = _kept_costs(model, cache, pending, kept)
+        if known is not None:
+            per_model[key] = known
+            if set(widths) <= set(known):
+                return known
     if known is not None:  # an earlier call timed fewer widths (a smaller max_draft): time only the others
         widths = sorted(set(widths) - set(known))
     device = model.device
@@ -567,7 +578,46 @@ def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rou
     if known is not None:
         table = dict(sorted({**known, **table}.items()))
     per_model[key] = table
+    if kept is not None:
+        cost_cache.save(kept, table, dict(route_table(model)), measured_rounding(model))
     return table
+
+
+# A kept calibration is trusted when a forward of CHECK_WIDTH tokens (or the widest kept one below it) costs, over
+# a one-token forward, what the kept table says within this factor: the same machine under other load keeps its
+# shape (and the kept seconds are rescaled by the one-token time), a different one, or other kernels, do not.
+CHECK_WIDTH = 17
+CHECK_TOLERANCE = 1.25
+
+
+def _kept_costs(model, cache, pending: int, kept: dict) -> dict | None:
+    """The calibration kept on disk for this fingerprint (cost_cache), after a check of two forwards twice on the
+    live cache: its routes set and its rounding known, its seconds rescaled by the one-token time measured now.
+    None when nothing is kept or the check fails (then everything is timed afresh and the file replaced)."""
+    found = cost_cache.load(kept)
+    if found is None:
+        return None
+    seconds, routes = found["seconds"], found["routes"]
+    if routes and kept["routable"]:
+        set_route(model, routes)
+    check = max(w for w in seconds if w <= CHECK_WIDTH)
+    now = {1: float("inf"), check: float("inf")}
+    for _ in range(2):
+        for width in now:
+            synchronize(model.device)
+            t0 = time.perf_counter()
+            forward_tokens(model, cache, [pending] * width)
+            synchronize(model.device)
+            now[width] = min(now[width], time.perf_counter() - t0)
+            cache.crop(-width)
+    shape_now, shape_kept = now[check] / now[1], seconds[check] / seconds[1]
+    if not 1 / CHECK_TOLERANCE <= shape_now / shape_kept <= CHECK_TOLERANCE:
+        forget_route(model)
+        return None
+    if found["rounding"] is not None and measured_rounding(model) is None:
+        _ROUNDING.setdefault(model, {})[(str(model.device), str(model.dtype))] = found["rounding"]
+    scale = now[1] / seconds[1]
+    return {w: s * scale for w, s in seconds.items()}
 
 
 def measured_rounding(model) -> float | None:

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every test process calibrates afresh: a forward-cost table kept on disk by another test (or by the user's own
+# runs) would change the policy's choices between runs. The tests of the kept tables turn it back on in a tmp dir.
+os.environ["REFDECODE_COST_CACHE"] = "off"
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, subprocesses too
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     torch.set_num_threads(1)

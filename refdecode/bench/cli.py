@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -191,8 +192,12 @@ PARTIAL_RECORDS = "records.partial.jsonl"
 
 def run_bench(args) -> int:
     """Run the benchmark (or only export its requests); returns the exit code: 0, or 2 on bad options."""
+    from refdecode import cost_cache
     from refdecode.bench import report, runner
 
+    # A run calibrates its forward costs afresh, as the runs it is compared with did; REFDECODE_COST_CACHE=on reuses
+    # a table kept on this machine instead (refdecode.cost_cache).
+    os.environ.setdefault(cost_cache.SWITCH_VARIABLE, "off")
     try:
         config = _config(args)
     except ValueError as err:

@@ -1,0 +1,135 @@
+"""The forward-cost calibration kept on disk, so that a new process on the same machine need not time it again.
+
+A calibration (policy.calibrate_costs) times ~90 forwards: 27 s for Qwen2.5-Coder-1.5B in bfloat16 on a 2-core CPU,
+most of a short command-line generation. What it finds depends on the model's shapes, the dtype, the kernels and the
+machine, not on the weights or the prompt, so it is kept under ``$REFDECODE_CACHE/costs/`` (default
+``~/.cache/refdecode/costs/``), one JSON file per fingerprint of those. A later process checks a kept table with a few
+forwards before it trusts it (policy.calibrate_costs) and times it afresh when the machine no longer matches.
+
+``REFDECODE_COST_CACHE=off`` turns it off (the benchmark and the tests calibrate afresh in every process);
+``on`` or unset keeps it on. Failing to read or write the cache never fails a generation: the calibration is timed
+as if there were none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+SWITCH_VARIABLE = "REFDECODE_COST_CACHE"
+FORMAT = 1
+
+__all__ = ["SWITCH_VARIABLE", "enabled", "fingerprint", "load", "save", "table_path"]
+
+
+def enabled() -> bool:
+    """True unless the environment says REFDECODE_COST_CACHE=off; any value other than on/off is a ValueError."""
+    value = os.environ.get(SWITCH_VARIABLE, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{SWITCH_VARIABLE} must be 'on' or 'off', got {value!r}")
+    return value == "on"
+
+
+def _processor() -> str:
+    """The CPU's model name and its feature flags (AMX or AVX-512 BF16 change what a width costs), from
+    /proc/cpuinfo where there is one."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "flags") and key.strip() not in found:
+                    found[key.strip()] = value.strip()
+                if len(found) == 2:
+                    break
+    except OSError:
+        pass
+    name = found.get("model name") or platform.processor()
+    flags = " ".join(sorted(found.get("flags", "").split()))
+    return f"{platform.machine()} {name} [{flags}]"
+
+
+def fingerprint(model, *, routable: bool) -> dict:
+    """What a calibration's result depends on: the model's parameter shapes and dtypes (two fine-tunes of one
+    architecture share a table), its attention implementation, the device (the GPU's name, or the CPU's model,
+    flags and thread count), and the versions of torch, transformers and refdecode."""
+    import transformers
+
+    from . import __version__
+
+    device = torch.device(model.device)
+    if device.type == "cuda":
+        where = f"cuda {torch.cuda.get_device_name(device)} {torch.version.cuda}"
+    else:
+        where = f"{device.type} {_processor()} threads={torch.get_num_threads()}"
+    shapes = hashlib.sha256()
+    for name, p in model.named_parameters():
+        shapes.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return {
+        "format": FORMAT,
+        "model": type(model).__name__,
+        "parameters": shapes.hexdigest(),
+        "attention": str(getattr(model.config, "_attn_implementation", None)),
+        "dtype": str(model.dtype),
+        "device": where,
+        "routable": routable,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "refdecode": __version__,
+    }
+
+
+def table_path(key: dict) -> Path:
+    """Where the table of this fingerprint is kept."""
+    from .models import cache_dir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "costs" / f"{digest}.json"
+
+
+def load(key: dict) -> dict | None:
+    """The kept calibration of this fingerprint: {"seconds": {width: s}, "routes": {width: bool}, "rounding": float
+    or None}, or None when there is none or it cannot be read (a damaged file is timed again and replaced)."""
+    try:
+        data = json.loads(table_path(key).read_text(encoding="utf-8"))
+        if data.get("key") != key:
+            return None
+        seconds = {int(w): float(s) for w, s in data["seconds"].items()}
+        routes = {int(w): bool(r) for w, r in data["routes"].items()}
+        rounding = data.get("rounding")
+        if 1 not in seconds or any(not s > 0 for s in seconds.values()):
+            return None
+        return {"seconds": seconds, "routes": routes, "rounding": None if rounding is None else float(rounding)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def save(key: dict, seconds: dict[int, float], routes: dict[int, bool], rounding: float | None) -> Path | None:
+    """Keep a calibration, written whole to a temporary file then renamed over the old one (a reader never sees a
+    part). Returns the file, or None when the cache cannot be written (the generation goes on without it)."""
+    path = table_path(key)
+    body = {
+        "key": key,
+        "seconds": {str(w): s for w, s in sorted(seconds.items())},
+        "routes": {str(w): r for w, r in sorted(routes.items())},
+        "rounding": rounding,
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".costs-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(body, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        return None
+    return path

@@ -1,0 +1,191 @@
+"""The forward-cost calibration kept on disk (refdecode.cost_cache): written once, checked and reused by a later
+process on the same machine, timed afresh when the check fails or the file is damaged, never a failure of its own.
+
+A later process is stood in for by forgetting the model's in-process table, routes and rounding. Forwards are
+timed on a fake clock (the width's price, routed forwards cheaper) so the check's outcome is the test's choice."""
+
+import json
+import math
+
+import pytest
+import torch
+from stats_helpers import IdTokenizer, tiny_llama
+from transformers import DynamicCache
+
+import refdecode
+import refdecode.policy as policy
+from refdecode import cost_cache, kernels
+from refdecode.policy import calibrate_costs, calibration_widths, measured_rounding
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def price(width: int) -> float:
+    return 1.0 if width <= 4 else 2.0 if width <= 16 else 4.0
+
+
+class Clock:
+    """Stands in for policy.time: forwards advance it by their price; counts them by width."""
+
+    def __init__(self, factor: float = 1.0):
+        self.now, self.factor, self.forwards = 0.0, factor, []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFDECODE_CACHE", str(tmp_path))
+    monkeypatch.setenv(cost_cache.SWITCH_VARIABLE, "on")
+    clock = Clock()
+    real = policy.forward_tokens
+
+    def timed(model, cache, tokens, *, route=None):
+        routed = kernels.takes_route(model, len(tokens)) if route is None else route
+        clock.now += clock.factor * price(len(tokens)) * (0.5 if routed and len(tokens) >= 2 else 1.0)
+        clock.forwards.append(len(tokens))
+        return real(model, cache, tokens, route=route)
+
+    monkeypatch.setattr(policy, "time", clock)
+    monkeypatch.setattr(policy, "forward_tokens", timed)
+    return clock
+
+
+def fresh_model(seed: int = 3):
+    return tiny_llama(vocab_size=96, seed=seed, layers=2, hidden=64)
+
+
+def prefilled(model, length: int = 20):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.arange(2, 2 + length).unsqueeze(0), cache=cache, use_cache=True)
+    return cache
+
+
+def new_process(model) -> None:
+    """What a new process knows of the model: nothing (its table, routes and rounding forgotten)."""
+    policy._COST_TABLES.pop(model, None)
+    policy._ROUNDING.pop(model, None)
+    kernels.forget_route(model)
+
+
+def kept_file(model):
+    return cost_cache.table_path(cost_cache.fingerprint(model, routable=kernels.routable(model)))
+
+
+def test_a_calibration_is_kept_and_a_later_process_checks_it_with_four_forwards(clock):
+    model = fresh_model()
+    widths = calibration_widths(16)
+    first = calibrate_costs(model, prefilled(model), 5, widths=widths, rounds=1)
+    routes, rounding = kernels.route_table(model), measured_rounding(model)
+    assert kept_file(model).is_file()
+    assert len(clock.forwards) == 2 * len(widths) - 1  # every width, and every width >= 2 routed too
+
+    new_process(model)
+    clock.forwards.clear()
+    clock.factor = 1.5  # the same machine under more load: every forward 1.5 times slower
+    second = calibrate_costs(model, prefilled(model), 5, widths=widths, rounds=1)
+    assert sorted(clock.forwards) == [1, 1, 17, 17]  # the check: one token and the widest width up to 17, twice
+    assert kernels.route_table(model) == routes and measured_rounding(model) == rounding
+    assert set(second) == set(first)
+    assert all(math.isclose(second[w], 1.5 * first[w]) for w in first)  # rescaled by the one-token time now
+
+
+def test_a_kept_table_whose_shape_no_longer_matches_is_timed_again_and_replaced(clock):
+    model = fresh_model()
+    widths = calibration_widths(16)
+    calibrate_costs(model, prefilled(model), 5, widths=widths, rounds=1)
+    path = kept_file(model)
+    body = json.loads(path.read_text())
+    body["seconds"]["17"] *= 3  # another machine: 17 tokens cost three times more there
+    path.write_text(json.dumps(body))
+
+    new_process(model)
+    clock.forwards.clear()
+    table = calibrate_costs(model, prefilled(model), 5, widths=widths, rounds=1)
+    assert len(clock.forwards) == 4 + 2 * len(widths) - 1  # the failed check, then the whole calibration
+    assert math.isclose(table[17] / table[1], 2.0)  # 17 tokens routed: 4 x 0.5 over one token's 1
+    assert json.loads(path.read_text())["seconds"]["17"] == table[17]  # the file holds the new timing
+
+
+@pytest.mark.parametrize("damage", ["", "{not json", '{"key": 1}', "[]", '{"seconds": {"1": -1}}'])
+def test_a_damaged_file_is_timed_again_and_replaced_without_an_error(clock, damage):
+    model = fresh_model()
+    widths = calibration_widths(8)
+    calibrate_costs(model, prefilled(model), 5, widths=widths, rounds=1)
+    path = kept_file(model)
+    path.write_text(damage)
+    new_process(model)
+    clock.forwards.clear()
+    table = calibrate_costs(model, prefilled(model), 5, widths=widths, rounds=1)
+    assert len(clock.forwards) == 2 * len(widths) - 1
+    assert cost_cache.load(cost_cache.fingerprint(model, routable=kernels.routable(model)))["seconds"] == table
+
+
+def test_a_later_process_with_a_larger_max_draft_times_only_the_widths_it_adds(clock):
+    model = fresh_model()
+    calibrate_costs(model, prefilled(model), 5, widths=calibration_widths(8), rounds=1)
+    new_process(model)
+    clock.forwards.clear()
+    table = calibrate_costs(model, prefilled(model), 5, widths=calibration_widths(32), rounds=1)
+    added = set(calibration_widths(32)) - set(calibration_widths(8))
+    check = max(w for w in calibration_widths(8) if w <= policy.CHECK_WIDTH)
+    assert sorted(clock.forwards) == sorted([1, 1, check, check] + [w for w in added for _ in (0, 1)])
+    assert set(table) == set(calibration_widths(32))
+    kept = cost_cache.load(cost_cache.fingerprint(model, routable=kernels.routable(model)))
+    assert set(kept["seconds"]) == set(table) and set(kept["routes"]) == set(table) - {1}
+
+
+def test_switched_off_nothing_is_kept(clock, monkeypatch, tmp_path):
+    monkeypatch.setenv(cost_cache.SWITCH_VARIABLE, "off")
+    model = fresh_model()
+    calibrate_costs(model, prefilled(model), 5, widths=calibration_widths(8), rounds=1)
+    assert not (tmp_path / "costs").exists()
+
+
+def test_an_unknown_switch_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(cost_cache.SWITCH_VARIABLE, "maybe")
+    with pytest.raises(ValueError, match="REFDECODE_COST_CACHE must be 'on' or 'off'"):
+        cost_cache.enabled()
+
+
+def test_a_cache_that_cannot_be_written_does_not_fail_the_calibration(clock, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("REFDECODE_CACHE", str(blocker))
+    model = fresh_model()
+    table = calibrate_costs(model, prefilled(model), 5, widths=calibration_widths(8), rounds=1)
+    assert set(table) == set(calibration_widths(8))
+    assert blocker.read_text() == "not a folder"
+
+
+def test_the_fingerprint_follows_shapes_dtype_and_threads_not_weights():
+    a, b = fresh_model(seed=3), fresh_model(seed=4)
+    key = cost_cache.fingerprint(a, routable=True)
+    assert key == cost_cache.fingerprint(b, routable=True)  # other weights, the same shapes: one table
+    assert key != cost_cache.fingerprint(a, routable=False)
+    wider = tiny_llama(vocab_size=96, seed=3, layers=2, hidden=128)
+    assert key["parameters"] != cost_cache.fingerprint(wider, routable=True)["parameters"]
+    assert key["dtype"] != cost_cache.fingerprint(fresh_model().to(torch.bfloat16), routable=True)["dtype"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert key["device"] != cost_cache.fingerprint(a, routable=True)["device"]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_generate_keeps_the_table_and_a_later_process_gives_the_same_greedy_output(monkeypatch, tmp_path):
+    """Through the public call, timed for real: the first generate keeps the table, the next (a new process, as far
+    as the model knows) reads it, and both outputs are transformers' greedy output."""
+    monkeypatch.setenv("REFDECODE_CACHE", str(tmp_path))
+    monkeypatch.setenv(cost_cache.SWITCH_VARIABLE, "on")
+    model = tiny_llama(vocab_size=64, seed=5)
+    prompt = [3, 4, 5, 6, 7, 3, 4, 5, 6, 7, 3, 4]
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
+    first = refdecode.generate(model, IdTokenizer(64), prompt, max_new_tokens=24, max_draft=16)
+    assert kept_file(model).is_file()
+    new_process(model)
+    second = refdecode.generate(model, IdTokenizer(64), prompt, max_new_tokens=24, max_draft=16)
+    assert first.token_ids == second.token_ids == expected
