@@ -1,4 +1,4 @@
-"""The `refdecode` command line: generate, plus the `index`, `bench` and `heads` command groups.
+"""The `refdecode` command line: generate and calibrate, plus the `index`, `bench` and `heads` command groups.
 
 Knows: argument parsing, reading prompt/reference files, printing text, streams and JSON, and turning every
 expected failure (missing or non-UTF-8 file, empty prompt, unknown model, bad option, unavailable device) into one
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import kernels
+from . import cost_cache, kernels
 from .files import read_text
 
 __all__ = ["main", "build_parser"]
@@ -252,6 +252,105 @@ def _time_line(s) -> str:
     )
 
 
+def _add_calibrate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "calibrate",
+        help="time the model's forward by width on this machine and keep the table for later processes",
+        description="Time a forward of 1 to max-draft + 1 tokens (the widths the draft policy prices), choose the "
+        "faster CPU kernels per width, and keep the table in $REFDECODE_CACHE/costs/ (default ~/.cache/refdecode), "
+        "where every later generation on this machine with the same model shapes and dtype finds it. Prints the "
+        "cost curve: how much a wider forward costs over a one-token one, i.e. how free verifying width is here.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or a local checkpoint dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-draft", type=int, default=128, help="the longest draft generation will use (default 128)")
+    p.add_argument("--context", type=int, default=256, help="cached tokens the forwards run after (default 256)")
+    p.add_argument("--again", action="store_true", help="time afresh even where a kept table passes its check")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_run_calibrate)
+
+
+_FILLER = (
+    "A reference store indexes documents; a matcher copies the spans that follow the current suffix as draft tokens, "
+    "and the target model verifies them in one forward pass. "
+)
+
+
+def _run_calibrate(args) -> int:
+    import time
+
+    import torch
+    from transformers import DynamicCache
+
+    import refdecode
+
+    from . import cost_cache
+    from .kernels import routable, route_table
+    from .policy import calibrate_costs, calibration_widths, measured_rounding, tie_margin_for
+
+    if not 1 <= args.max_draft <= 1024:
+        raise CliError("--max-draft must be between 1 and 1024")
+    if args.context < 1:
+        raise CliError("--context must be at least 1")
+    model, tokenizer = refdecode.load_model(args.model, dtype=args.dtype, device=args.device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and args.context + args.max_draft + 2 > limit:
+        raise CliError(
+            f"--context {args.context} and --max-draft {args.max_draft} exceed the model's context ({limit})"
+        )
+    filler = tokenizer.encode(_FILLER, add_special_tokens=False)
+    ids = (filler * (args.context // max(1, len(filler)) + 1))[: args.context]
+    key = cost_cache.fingerprint(model, routable=routable(model)) if cost_cache.enabled() else None
+    before = cost_cache.load(key) if key is not None else None
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids], device=model.device), cache=cache, use_cache=True)
+        t0 = time.perf_counter()
+        table = calibrate_costs(
+            model, cache, ids[-1], widths=calibration_widths(args.max_draft), reuse_kept=not args.again
+        )
+        seconds = time.perf_counter() - t0
+    after = cost_cache.load(key) if key is not None else None
+    routes = dict(route_table(model))
+    rounding = measured_rounding(model)
+    if key is None:
+        where, how = None, "timed; not kept (REFDECODE_COST_CACHE=off)"
+    elif after is None:
+        where, how = None, "timed; could not be kept (the cache folder is not writable)"
+    else:
+        where = str(cost_cache.table_path(key))
+        how = "the kept table, checked" if before is not None and after == before and not args.again else "timed"
+    record = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": str(model.device),
+        "context": args.context,
+        "seconds": seconds,
+        "source": how,
+        "kept_in": where,
+        "widths": {
+            str(w): {"seconds": t, "relative": t / table[1], "routed": routes.get(w, False)} for w, t in table.items()
+        },
+        "rounding": rounding,
+        "tie_margin": tie_margin_for(model, rounding or 0.0),
+    }
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(f"{args.model}, {args.dtype} on {model.device}, after {args.context} cached tokens: {how} in {seconds:.1f} s")
+    print("width  seconds  x one token  kernels")
+    for w, t in table.items():
+        kernels_used = "transformers" if w == 1 else ("routed" if routes.get(w) else "transformers")
+        print(f"{w:5d}  {t:7.4f}  {t / table[1]:11.2f}  {kernels_used}")
+    if rounding is not None:
+        margin = record["tie_margin"]
+        print(f"a wide forward moves a logit by up to {rounding:.2g}; the greedy tie guard's margin: {margin:.2g}")
+    if where:
+        print(f"kept in {where}")
+    return 0
+
+
 def _add_heads(subparsers) -> None:
     p = subparsers.add_parser("heads", help="Medusa-style heads that draft from the target's own hidden state")
     group = p.add_subparsers(dest="heads_command", required=True)
@@ -339,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
+    _add_calibrate(subparsers)
     _add_heads(subparsers)
     try:
         from .corpus.cli import add_index_commands
@@ -360,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        kernels.enabled()  # a bad REFDECODE_CPU_KERNELS is refused before any model loads
+        kernels.enabled()  # a bad REFDECODE_CPU_KERNELS or REFDECODE_COST_CACHE is refused before any model loads
+        cost_cache.enabled()
         return int(args.func(args) or 0)
     except CliError as err:
         print(f"refdecode: error: {_one_line(err)}", file=sys.stderr)

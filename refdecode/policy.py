@@ -520,7 +520,9 @@ def calibration_widths(max_draft: int) -> tuple[int, ...]:
     return tuple(usable + beyond)
 
 
-def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rounds: int | None = None) -> dict:
+def calibrate_costs(
+    model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rounds: int | None = None, reuse_kept: bool = True
+) -> dict:
     """Seconds of one forward per width, timed on the live cache (each forward rolled back); cached per model.
 
     The widths are timed in interleaved rounds and the minimum kept, so a burst of load from another process while
@@ -532,7 +534,8 @@ def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rou
     float32). A model already calibrated at fewer widths times only the widths it lacks.
 
     The result is kept on disk (cost_cache; REFDECODE_COST_CACHE=off turns that off): a later process with the same
-    model shapes, dtype and machine checks the kept table with four forwards (_kept_costs) instead of timing it.
+    model shapes, dtype and machine checks the kept table with four forwards (_kept_costs) instead of timing it;
+    reuse_kept=False times it afresh and replaces the kept table (`refdecode calibrate --again`).
     """
     can_route = routable(model)
     key = (str(model.device), str(model.dtype), can_route)
@@ -541,7 +544,7 @@ def calibrate_costs(model, cache, pending: int, *, widths=CALIBRATED_WIDTHS, rou
     if known is not None and set(widths) <= set(known):
         return known
     kept = cost_cache.fingerprint(model, routable=can_route) if cost_cache.enabled() else None
-    if known is None and kept is not None:  # a calibration an earlier process kept on this machine
+    if known is None and kept is not None and reuse_kept:  # a calibration an earlier process kept on this machine
         known = _kept_costs(model, cache, pending, kept)
         if known is not None:
             per_model[key] = known

@@ -189,3 +189,72 @@ def test_generate_keeps_the_table_and_a_later_process_gives_the_same_greedy_outp
     new_process(model)
     second = refdecode.generate(model, IdTokenizer(64), prompt, max_new_tokens=24, max_draft=16)
     assert first.token_ids == second.token_ids == expected
+
+
+# `refdecode calibrate`
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama over SmolLM2's vocabulary, saved with its tokenizer, so the command loads it by path."""
+    model = tiny_llama(vocab_size=len(smollm2_tokenizer), seed=3, max_positions=256, eos_token_id=None)
+    folder = tmp_path_factory.mktemp("tiny-calibrate-model")
+    model.save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def calibrate_cli(capsys, folder, *extra):
+    from refdecode.cli import main
+
+    code = main(["calibrate", "--model", str(folder), "--context", "20", "--max-draft", "16", *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_calibrate_command_keeps_the_table_then_finds_it(capsys, clock, tiny_model_dir):
+    code, out, err = calibrate_cli(capsys, tiny_model_dir, "--json")
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["source"] == "timed" and first["kept_in"].endswith(".json")
+    assert [int(w) for w in first["widths"]] == list(calibration_widths(16))
+    assert first["widths"]["1"]["relative"] == 1.0 and first["widths"]["17"]["routed"] is True
+    clock.forwards.clear()
+    code, out, _ = calibrate_cli(capsys, tiny_model_dir, "--json")  # a new process: the model is loaded again
+    second = json.loads(out)
+    assert second["source"] == "the kept table, checked" and sorted(clock.forwards) == [1, 1, 17, 17]
+    assert second["kept_in"] == first["kept_in"] and second["widths"] == first["widths"]
+    clock.forwards.clear()
+    code, out, _ = calibrate_cli(capsys, tiny_model_dir, "--again")
+    assert code == 0 and "timed in" in out and "kept in" in out
+    assert len(clock.forwards) == 3 * (2 * len(calibration_widths(16)) - 1)  # three rounds, both kernels
+    assert "\n   17  " in out and "routed" in out  # the table: width, seconds, x one token, kernels
+
+
+def test_the_calibrate_command_says_when_nothing_is_kept(capsys, clock, tiny_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv(cost_cache.SWITCH_VARIABLE, "off")
+    code, out, _ = calibrate_cli(capsys, tiny_model_dir)
+    assert code == 0 and "not kept (REFDECODE_COST_CACHE=off)" in out and not (tmp_path / "costs").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-draft", "0"], "--max-draft must be between 1 and 1024"),
+        (["--context", "0"], "--context must be at least 1"),
+        (["--context", "250"], "exceed the model's context (256)"),
+    ],
+)
+def test_the_calibrate_command_refuses_bad_options_in_one_line(capsys, tiny_model_dir, extra, message):
+    code, _, err = calibrate_cli(capsys, tiny_model_dir, *extra)
+    # the last line (a refusal after the model loaded follows its loading bar)
+    assert code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_bad_switch_value_is_refused_before_any_model_loads(capsys, monkeypatch):
+    from refdecode.cli import main
+
+    monkeypatch.setenv(cost_cache.SWITCH_VARIABLE, "yes")
+    code = main(["calibrate", "--model", "no-such-model-xyz"])
+    err = capsys.readouterr().err
+    assert code == 2 and "REFDECODE_COST_CACHE must be 'on' or 'off'" in err and "no-such-model" not in err
