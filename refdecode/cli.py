@@ -302,7 +302,7 @@ def _run_calibrate(args) -> int:
     filler = tokenizer.encode(_FILLER, add_special_tokens=False)
     ids = (filler * (args.context // max(1, len(filler)) + 1))[: args.context]
     key = cost_cache.fingerprint(model, routable=routable(model)) if cost_cache.enabled() else None
-    before = cost_cache.load(key) if key is not None else None
+    before = cost_cache.load(key) if key is not None else []
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=torch.tensor([ids], device=model.device), cache=cache, use_cache=True)
@@ -311,16 +311,16 @@ def _run_calibrate(args) -> int:
             model, cache, ids[-1], widths=calibration_widths(args.max_draft), reuse_kept=not args.again
         )
         seconds = time.perf_counter() - t0
-    after = cost_cache.load(key) if key is not None else None
+    after = cost_cache.load(key) if key is not None else []
     routes = dict(route_table(model))
     rounding = measured_rounding(model)
     if key is None:
         where, how = None, "timed; not kept (REFDECODE_COST_CACHE=off)"
-    elif after is None:
+    elif not after:
         where, how = None, "timed; could not be kept (the cache folder is not writable)"
     else:
         where = str(cost_cache.table_path(key))
-        how = "the kept table, checked" if before is not None and after == before and not args.again else "timed"
+        how = "the kept table, checked" if before and after == before and not args.again else "timed"
     record = {
         "model": args.model,
         "dtype": args.dtype,

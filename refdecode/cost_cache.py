@@ -3,8 +3,10 @@
 A calibration (policy.calibrate_costs) times ~90 forwards: 27 s for Qwen2.5-Coder-1.5B in bfloat16 on a 2-core CPU,
 most of a short command-line generation. What it finds depends on the model's shapes, the dtype, the kernels and the
 machine, not on the weights or the prompt, so it is kept under ``$REFDECODE_CACHE/costs/`` (default
-``~/.cache/refdecode/costs/``), one JSON file per fingerprint of those. A later process checks a kept table with a few
-forwards before it trusts it (policy.calibrate_costs) and times it afresh when the machine no longer matches.
+``~/.cache/refdecode/costs/``), one JSON file per fingerprint of those, holding one table per context length the
+calibration ran after (a forward's cost by width changes with the context it attends to). A later process checks the
+table of the nearest context length with a few forwards before it trusts it (policy.calibrate_costs) and times it
+afresh when the machine or the context no longer matches, keeping the new table beside the others.
 
 ``REFDECODE_COST_CACHE=off`` turns it off (the benchmark and the tests calibrate afresh in every process);
 ``on`` or unset keeps it on. Failing to read or write the cache never fails a generation: the calibration is timed
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -23,9 +26,9 @@ from pathlib import Path
 import torch
 
 SWITCH_VARIABLE = "REFDECODE_COST_CACHE"
-FORMAT = 1
+FORMAT = 2
 
-__all__ = ["SWITCH_VARIABLE", "enabled", "fingerprint", "load", "save", "table_path"]
+__all__ = ["SWITCH_VARIABLE", "enabled", "fingerprint", "load", "nearest", "save", "table_path"]
 
 
 def enabled() -> bool:
@@ -93,32 +96,58 @@ def table_path(key: dict) -> Path:
     return cache_dir() / "costs" / f"{digest}.json"
 
 
-def load(key: dict) -> dict | None:
-    """The kept calibration of this fingerprint: {"seconds": {width: s}, "routes": {width: bool}, "rounding": float
-    or None}, or None when there is none or it cannot be read (a damaged file is timed again and replaced)."""
+# A forward's cost by width changes with the cached context it attends to (the 1.5B in bfloat16: 17 tokens cost 0.91
+# of one token after 3,000 cached tokens, 1.25 after 8,000), so a fingerprint keeps one table per context length a
+# calibration ran at, at most MAX_TABLES; a new one replaces those within a factor CONTEXT_SPAN of its context.
+MAX_TABLES = 8
+CONTEXT_SPAN = 2.0
+
+
+def load(key: dict) -> list[dict]:
+    """The kept calibrations of this fingerprint, each {"context": cached tokens it was timed after, "seconds":
+    {width: s}, "routes": {width: bool}, "rounding": float or None}; [] when there are none or the file cannot be
+    read (a damaged file is timed again and replaced)."""
     try:
         data = json.loads(table_path(key).read_text(encoding="utf-8"))
-        if data.get("key") != key:
-            return None
-        seconds = {int(w): float(s) for w, s in data["seconds"].items()}
-        routes = {int(w): bool(r) for w, r in data["routes"].items()}
-        rounding = data.get("rounding")
-        if 1 not in seconds or any(not s > 0 for s in seconds.values()):
-            return None
-        return {"seconds": seconds, "routes": routes, "rounding": None if rounding is None else float(rounding)}
+        if not isinstance(data, dict) or data.get("key") != key:
+            return []
+        tables = []
+        for entry in data["tables"]:
+            seconds = {int(w): float(t) for w, t in entry["seconds"].items()}
+            routes = {int(w): bool(r) for w, r in entry["routes"].items()}
+            rounding, context = entry.get("rounding"), int(entry["context"])
+            if 1 not in seconds or any(not t > 0 for t in seconds.values()) or context < 1:
+                return []
+            rounding = None if rounding is None else float(rounding)
+            tables.append({"context": context, "seconds": seconds, "routes": routes, "rounding": rounding})
+        return tables
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+        return []
 
 
-def save(key: dict, seconds: dict[int, float], routes: dict[int, bool], rounding: float | None) -> Path | None:
-    """Keep a calibration, written whole to a temporary file then renamed over the old one (a reader never sees a
-    part). Returns the file, or None when the cache cannot be written (the generation goes on without it)."""
+def nearest(tables: list[dict], context: int) -> dict | None:
+    """The kept table timed after the context length closest to `context` (by ratio), or None."""
+    return min(tables, key=lambda t: abs(math.log(t["context"] / max(1, context))), default=None)
+
+
+def save(key: dict, table: dict) -> Path | None:
+    """Keep a calibration ({"context", "seconds", "routes", "rounding"} as load returns them) beside the kept ones
+    timed after other context lengths, written whole to a temporary file then renamed over the old one (a reader
+    never sees a part). Returns the file, or None when the cache cannot be written (the generation goes on)."""
     path = table_path(key)
+    others = [t for t in load(key) if not 1 / CONTEXT_SPAN < t["context"] / table["context"] < CONTEXT_SPAN]
+    tables = [*others, table][-MAX_TABLES:]
     body = {
         "key": key,
-        "seconds": {str(w): s for w, s in sorted(seconds.items())},
-        "routes": {str(w): r for w, r in sorted(routes.items())},
-        "rounding": rounding,
+        "tables": [
+            {
+                "context": t["context"],
+                "seconds": {str(w): v for w, v in sorted(t["seconds"].items())},
+                "routes": {str(w): r for w, r in sorted(t["routes"].items())},
+                "rounding": t["rounding"],
+            }
+            for t in tables
+        ],
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -582,7 +582,8 @@ def calibrate_costs(
         table = dict(sorted({**known, **table}.items()))
     per_model[key] = table
     if kept is not None:
-        cost_cache.save(kept, table, dict(route_table(model)), measured_rounding(model))
+        entry = {"context": cache.get_seq_length(), "seconds": table, "routes": dict(route_table(model))}
+        cost_cache.save(kept, {**entry, "rounding": measured_rounding(model)})
     return table
 
 
@@ -594,10 +595,11 @@ CHECK_TOLERANCE = 1.25
 
 
 def _kept_costs(model, cache, pending: int, kept: dict) -> dict | None:
-    """The calibration kept on disk for this fingerprint (cost_cache), after a check of two forwards twice on the
-    live cache: its routes set and its rounding known, its seconds rescaled by the one-token time measured now.
-    None when nothing is kept or the check fails (then everything is timed afresh and the file replaced)."""
-    found = cost_cache.load(kept)
+    """The calibration kept on disk for this fingerprint (cost_cache) timed after the context length nearest the
+    live cache's, after a check of two forwards twice on the live cache: its routes set and its rounding known, its
+    seconds rescaled by the one-token time measured now. None when nothing is kept or the check fails (then
+    everything is timed afresh and kept beside it, or in its place when timed after a similar context length)."""
+    found = cost_cache.nearest(cost_cache.load(kept), cache.get_seq_length())
     if found is None:
         return None
     seconds, routes = found["seconds"], found["routes"]

@@ -29,6 +29,7 @@ class Clock:
 
     def __init__(self, factor: float = 1.0):
         self.now, self.factor, self.forwards = 0.0, factor, []
+        self.long = 1.0  # how much more a forward of 5 tokens or more costs after 100 cached tokens or more
 
     def perf_counter(self) -> float:
         return self.now
@@ -43,7 +44,8 @@ def clock(monkeypatch, tmp_path):
 
     def timed(model, cache, tokens, *, route=None):
         routed = kernels.takes_route(model, len(tokens)) if route is None else route
-        clock.now += clock.factor * price(len(tokens)) * (0.5 if routed and len(tokens) >= 2 else 1.0)
+        long = clock.long if cache.get_seq_length() >= 100 and len(tokens) >= 5 else 1.0
+        clock.now += clock.factor * long * price(len(tokens)) * (0.5 if routed and len(tokens) >= 2 else 1.0)
         clock.forwards.append(len(tokens))
         return real(model, cache, tokens, route=route)
 
@@ -59,7 +61,7 @@ def fresh_model(seed: int = 3):
 def prefilled(model, length: int = 20):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.arange(2, 2 + length).unsqueeze(0), cache=cache, use_cache=True)
+        model(input_ids=(torch.arange(length) % 90 + 2).unsqueeze(0), cache=cache, use_cache=True)
     return cache
 
 
@@ -98,7 +100,7 @@ def test_a_kept_table_whose_shape_no_longer_matches_is_timed_again_and_replaced(
     calibrate_costs(model, prefilled(model), 5, widths=widths, rounds=1)
     path = kept_file(model)
     body = json.loads(path.read_text())
-    body["seconds"]["17"] *= 3  # another machine: 17 tokens cost three times more there
+    body["tables"][0]["seconds"]["17"] *= 3  # another machine: 17 tokens cost three times more there
     path.write_text(json.dumps(body))
 
     new_process(model)
@@ -106,10 +108,46 @@ def test_a_kept_table_whose_shape_no_longer_matches_is_timed_again_and_replaced(
     table = calibrate_costs(model, prefilled(model), 5, widths=widths, rounds=1)
     assert len(clock.forwards) == 4 + 2 * len(widths) - 1  # the failed check, then the whole calibration
     assert math.isclose(table[17] / table[1], 2.0)  # 17 tokens routed: 4 x 0.5 over one token's 1
-    assert json.loads(path.read_text())["seconds"]["17"] == table[17]  # the file holds the new timing
+    tables = json.loads(path.read_text())["tables"]
+    assert len(tables) == 1 and tables[0]["seconds"]["17"] == table[17]  # the new timing, in the old one's place
 
 
-@pytest.mark.parametrize("damage", ["", "{not json", '{"key": 1}', "[]", '{"seconds": {"1": -1}}'])
+def test_a_table_is_kept_per_context_length_and_the_nearest_one_is_checked(clock):
+    """Wide forwards cost more after a long context (attention): a table timed after 20 tokens fails its check
+    after 200, so a second table is kept beside it, and each later process checks the one nearest its context."""
+    model = fresh_model()
+    widths = calibration_widths(16)
+    clock.long = 2.0
+    calibrate_costs(model, prefilled(model, 20), 5, widths=widths, rounds=1)
+    for length, timed in [(200, 4 + 2 * len(widths) - 1), (25, 4), (180, 4), (30, 4)]:
+        new_process(model)
+        clock.forwards.clear()
+        table = calibrate_costs(model, prefilled(model, length), 5, widths=widths, rounds=1)
+        assert len(clock.forwards) == timed, length
+        assert math.isclose(table[17] / table[1], 2.0 * (2.0 if length >= 100 else 1.0)), length
+    tables = cost_cache.load(cost_cache.fingerprint(model, routable=kernels.routable(model)))
+    assert sorted(t["context"] for t in tables) == [20, 200]
+
+
+def test_a_new_table_replaces_the_kept_ones_of_a_similar_context_and_at_most_eight_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFDECODE_CACHE", str(tmp_path))
+    key = {"format": cost_cache.FORMAT, "model": "stand-in"}
+
+    def table(context: int) -> dict:
+        return {"context": context, "seconds": {1: 1.0, 2: 1.1}, "routes": {2: True}, "rounding": None}
+
+    for context in [100, 150, 1000]:  # 150 replaces 100 (within a factor 2)
+        cost_cache.save(key, table(context))
+    assert [t["context"] for t in cost_cache.load(key)] == [150, 1000]
+    for context in [3**i for i in range(1, 12)]:
+        cost_cache.save(key, table(context))
+    kept = [t["context"] for t in cost_cache.load(key)]
+    assert len(kept) == cost_cache.MAX_TABLES and kept[-1] == 3**11  # the newest kept, the oldest dropped
+    assert cost_cache.nearest(cost_cache.load(key), 700)["context"] == 729
+    assert cost_cache.nearest([], 700) is None
+
+
+@pytest.mark.parametrize("damage", ["", "{not json", '{"key": 1}', "[]", '{"tables": [{"seconds": {"1": -1}}]}'])
 def test_a_damaged_file_is_timed_again_and_replaced_without_an_error(clock, damage):
     model = fresh_model()
     widths = calibration_widths(8)
@@ -120,7 +158,7 @@ def test_a_damaged_file_is_timed_again_and_replaced_without_an_error(clock, dama
     clock.forwards.clear()
     table = calibrate_costs(model, prefilled(model), 5, widths=widths, rounds=1)
     assert len(clock.forwards) == 2 * len(widths) - 1
-    assert cost_cache.load(cost_cache.fingerprint(model, routable=kernels.routable(model)))["seconds"] == table
+    assert cost_cache.load(cost_cache.fingerprint(model, routable=kernels.routable(model)))[0]["seconds"] == table
 
 
 def test_a_later_process_with_a_larger_max_draft_times_only_the_widths_it_adds(clock):
@@ -133,7 +171,7 @@ def test_a_later_process_with_a_larger_max_draft_times_only_the_widths_it_adds(c
     check = max(w for w in calibration_widths(8) if w <= policy.CHECK_WIDTH)
     assert sorted(clock.forwards) == sorted([1, 1, check, check] + [w for w in added for _ in (0, 1)])
     assert set(table) == set(calibration_widths(32))
-    kept = cost_cache.load(cost_cache.fingerprint(model, routable=kernels.routable(model)))
+    [kept] = cost_cache.load(cost_cache.fingerprint(model, routable=kernels.routable(model)))
     assert set(kept["seconds"]) == set(table) and set(kept["routes"]) == set(table) - {1}
 
 
