@@ -28,7 +28,18 @@ import torch
 SWITCH_VARIABLE = "REFDECODE_COST_CACHE"
 FORMAT = 2
 
-__all__ = ["SWITCH_VARIABLE", "enabled", "fingerprint", "load", "nearest", "save", "table_path"]
+__all__ = [
+    "SWITCH_VARIABLE",
+    "enabled",
+    "fingerprint",
+    "load",
+    "load_policy",
+    "nearest",
+    "policy_path",
+    "save",
+    "save_policy",
+    "table_path",
+]
 
 
 def enabled() -> bool:
@@ -149,9 +160,15 @@ def save(key: dict, table: dict) -> Path | None:
             for t in tables
         ],
     }
+    return _write_json(path, body)
+
+
+def _write_json(path: Path, body: dict) -> Path | None:
+    """Write `body` whole to a temporary file beside `path`, then rename it over `path` (a reader never sees a
+    part); None when that fails (the cache is a convenience: nothing fails for want of it)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".costs-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(body, f, indent=1)
@@ -162,3 +179,32 @@ def save(key: dict, table: dict) -> Path | None:
     except OSError:
         return None
     return path
+
+
+# What the draft policy learned (policy.warm_policy): how often drafts of each source and match length were
+# accepted, per model fingerprint and kind of drafting, so that the first call of a process starts where the last
+# call of the last process left off, as later calls of one process do.
+
+
+def policy_path(key: dict, kind: str) -> Path:
+    """Where the learned acceptance of this fingerprint and kind of drafting is kept."""
+    from .models import cache_dir
+
+    digest = hashlib.sha256(json.dumps([key, kind], sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "policies" / f"{digest}.json"
+
+
+def load_policy(key: dict, kind: str) -> dict | None:
+    """The kept learned state of save_policy, or None when there is none or it cannot be read."""
+    try:
+        data = json.loads(policy_path(key, kind).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("key") != key or data.get("kind") != kind:
+            return None
+        return data["state"] if isinstance(data["state"], dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_policy(key: dict, kind: str, state: dict) -> Path | None:
+    """Keep a policy's learned state (DraftPolicy.learned_state), replacing the last one kept for this kind."""
+    return _write_json(policy_path(key, kind), {"key": key, "kind": kind, "state": state})

@@ -11,6 +11,7 @@ sources and evidence, verified outcomes and timings.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 import weakref
 from collections.abc import Sequence
@@ -115,6 +116,30 @@ class AcceptanceModel:
             decay=self.decay,
             successes=[x * weight for x in self.successes],
             trials=[x * weight for x in self.trials],
+        )
+
+    def state(self) -> dict:
+        """What this model learned, as JSON-ready numbers (from_state reads it back)."""
+        keep = ("prior", "prior_weight", "decay", "successes", "trials")
+        return {name: getattr(self, name) for name in keep}
+
+    @classmethod
+    def from_state(cls, state: dict) -> AcceptanceModel:
+        """The model `state` describes; ValueError when it is not one (wrong bucket count, negative or non-finite
+        numbers, more successes than trials)."""
+        successes, trials = [float(x) for x in state["successes"]], [float(x) for x in state["trials"]]
+        numbers = [float(state["prior"]), float(state["prior_weight"]), float(state["decay"]), *successes, *trials]
+        if len(successes) != len(MATCH_BUCKETS) or len(trials) != len(MATCH_BUCKETS):
+            raise ValueError(f"expected {len(MATCH_BUCKETS)} buckets")
+        more = any(a > b + 1e-9 for a, b in zip(successes, trials, strict=True))
+        if more or not all(math.isfinite(x) and x >= 0 for x in numbers):
+            raise ValueError("counts must be finite, non-negative, and successes at most trials")
+        return cls(
+            prior=float(state["prior"]),
+            prior_weight=float(state["prior_weight"]),
+            decay=float(state["decay"]),
+            successes=successes,
+            trials=trials,
         )
 
     def update_trials(self, trials: Sequence[tuple[int, float, float]]) -> None:
@@ -224,6 +249,25 @@ class DraftPolicy:
         self.acceptance = earlier.acceptance.scaled(weight)
         self._by_source = {name: model.scaled(weight) for name, model in earlier._by_source.items()}
         self._pad_recompute = earlier._pad_recompute  # how often this model's rounding needs the guard's recompute
+
+    def learned_state(self) -> dict:
+        """What inherit() takes from this policy, as JSON-ready numbers (remember_policy keeps it on disk)."""
+        return {
+            "acceptance": self.acceptance.state(),
+            "by_source": {name: model.state() for name, model in self._by_source.items()},
+            "pad_recompute": self._pad_recompute,
+        }
+
+    @classmethod
+    def from_learned_state(cls, state: dict, max_draft: int = 128) -> DraftPolicy:
+        """A policy holding what learned_state describes (for inherit); ValueError when it describes none."""
+        policy = cls(max_draft=max_draft, acceptance=AcceptanceModel.from_state(state["acceptance"]))
+        policy._by_source = {str(k): AcceptanceModel.from_state(v) for k, v in dict(state["by_source"]).items()}
+        share = float(state["pad_recompute"])
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"pad_recompute must be in [0, 1], got {share}")
+        policy._pad_recompute = share
+        return policy
 
     def acceptance_for(self, source: str) -> AcceptanceModel:
         """The acceptance model of drafts from `source`: `acceptance` for local references, a fresh one (same
@@ -489,14 +533,31 @@ def warm_policy(model, max_draft: int, *, kind: str) -> DraftPolicy:
     state only sizes drafts: outputs never depend on it. Remembered by `remember_policy`."""
     policy = DraftPolicy(max_draft=max_draft)
     earlier = _LAST_POLICIES.get(model, {}).get(kind)
+    if earlier is None and cost_cache.enabled():  # the first call of a process: what the last process learned
+        earlier = _kept_policy(model, kind)
     if earlier is not None:
         policy.inherit(earlier)
     return policy
 
 
 def remember_policy(model, policy: DraftPolicy, *, kind: str) -> None:
-    """Keep a finished call's policy for the next call's warm start (see warm_policy)."""
+    """Keep a finished call's policy for the next call's warm start (see warm_policy), in this process and on disk
+    (cost_cache, unless REFDECODE_COST_CACHE=off) for the first call of the next process."""
     _LAST_POLICIES.setdefault(model, {})[kind] = policy
+    if cost_cache.enabled():
+        cost_cache.save_policy(cost_cache.fingerprint(model, routable=routable(model)), kind, policy.learned_state())
+
+
+def _kept_policy(model, kind: str) -> DraftPolicy | None:
+    """The learned state an earlier process kept for this model and kind of drafting, or None (none kept, or a
+    file that does not describe one)."""
+    state = cost_cache.load_policy(cost_cache.fingerprint(model, routable=routable(model)), kind)
+    if state is None:
+        return None
+    try:
+        return DraftPolicy.from_learned_state(state)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 # Every power of two up to 128 and the width one past it. Matrix kernels work on blocks of rows whose sizes are

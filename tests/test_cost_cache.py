@@ -296,3 +296,69 @@ def test_a_bad_switch_value_is_refused_before_any_model_loads(capsys, monkeypatc
     code = main(["calibrate", "--model", "no-such-model-xyz"])
     err = capsys.readouterr().err
     assert code == 2 and "REFDECODE_COST_CACHE must be 'on' or 'off'" in err and "no-such-model" not in err
+
+
+# what the policy learned, kept for the next process's first call
+
+
+def taught_policy() -> policy.DraftPolicy:
+    p = policy.DraftPolicy()
+    for _ in range(6):
+        p.acceptance.update(32, drafted=20, accepted=20)  # long copies: always right
+        p.acceptance.update(1, drafted=4, accepted=0)  # one-token matches: never
+    p.acceptance_for("corpus").update(8, drafted=5, accepted=3)
+    p._pad_recompute = 0.3
+    return p
+
+
+def test_a_policy_is_kept_and_the_next_process_starts_from_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFDECODE_CACHE", str(tmp_path))
+    monkeypatch.setenv(cost_cache.SWITCH_VARIABLE, "on")
+    model, taught = fresh_model(), taught_policy()
+    policy.remember_policy(model, taught, kind="ReferenceDrafter/tree")
+    in_process = policy.warm_policy(model, 128, kind="ReferenceDrafter/tree")
+    policy._LAST_POLICIES.pop(model)  # a new process
+    kept = policy.warm_policy(model, 128, kind="ReferenceDrafter/tree")
+    assert kept.acceptance.rates() == in_process.acceptance.rates() != policy.DraftPolicy().acceptance.rates()
+    assert kept.acceptance_for("corpus").rates() == in_process.acceptance_for("corpus").rates()
+    assert kept._pad_recompute == 0.3
+    # another kind of drafting starts from the prior
+    assert policy.warm_policy(model, 128, kind="ReferenceDrafter/chain").acceptance.rates() == (
+        policy.DraftPolicy().acceptance.rates()
+    )
+
+
+def test_a_learned_state_survives_json_exactly():
+    taught = taught_policy()
+    again = policy.DraftPolicy.from_learned_state(json.loads(json.dumps(taught.learned_state())))
+    assert again.acceptance == taught.acceptance and again._by_source == taught._by_source
+    assert again._pad_recompute == taught._pad_recompute
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s["acceptance"].update(successes=[1.0]),  # a bucket count of another version
+        lambda s: s["acceptance"].update(trials=[-1.0] * len(policy.MATCH_BUCKETS)),
+        lambda s: s["acceptance"].update(successes=[5.0] * len(policy.MATCH_BUCKETS)),  # more successes than trials
+        lambda s: s.update(pad_recompute=2.0),
+        lambda s: s.pop("by_source"),
+        lambda s: s["acceptance"].update(decay="nan"),
+    ],
+)
+def test_a_kept_policy_that_describes_none_is_ignored(monkeypatch, tmp_path, damage):
+    monkeypatch.setenv("REFDECODE_CACHE", str(tmp_path))
+    monkeypatch.setenv(cost_cache.SWITCH_VARIABLE, "on")
+    model = fresh_model()
+    state = taught_policy().learned_state()
+    damage(state)
+    cost_cache.save_policy(cost_cache.fingerprint(model, routable=kernels.routable(model)), "k", state)
+    assert policy.warm_policy(model, 128, kind="k").acceptance.rates() == policy.DraftPolicy().acceptance.rates()
+
+
+def test_switched_off_no_policy_is_kept_or_read(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFDECODE_CACHE", str(tmp_path))
+    monkeypatch.setenv(cost_cache.SWITCH_VARIABLE, "off")
+    model = fresh_model()
+    policy.remember_policy(model, taught_policy(), kind="k")
+    assert not (tmp_path / "policies").exists()
