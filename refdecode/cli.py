@@ -39,12 +39,20 @@ def _check_utf8(text: str, what: str) -> None:
         raise CliError(f"{what} is not valid UTF-8 (an undecodable byte at character {err.start})") from None
 
 
+def _add_model_options(p, *, dtype: bool = True) -> None:
+    """--model and --device (and --dtype), as every command that loads the target takes them."""
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or a local checkpoint dir")
+    p.add_argument("--device", default="cpu")
+    if dtype:
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text with reference drafting")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or a local checkpoint dir")
+    _add_model_options(p)
     p.add_argument("--ref", action="append", default=[], metavar="FILE", help="a reference file (repeatable)")
     p.add_argument("--index", help="a corpus index directory built with `refdecode index build`")
     p.add_argument(
@@ -80,8 +88,6 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     p.add_argument("--max-draft", type=int, default=128, help="longest draft verified in one forward")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")
     p.add_argument("--stream", action="store_true", help="print tokens as they are accepted")
     p.add_argument("--stats", action="store_true", help="print a line of decoding statistics to stderr")
@@ -261,9 +267,7 @@ def _add_calibrate(subparsers) -> None:
         "where every later generation on this machine with the same model shapes and dtype finds it. Prints the "
         "cost curve: how much a wider forward costs over a one-token one, i.e. how free verifying width is here.",
     )
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or a local checkpoint dir")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    _add_model_options(p)
     p.add_argument("--max-draft", type=int, default=128, help="the longest draft generation will use (default 128)")
     p.add_argument("--context", type=int, default=256, help="cached tokens the forwards run after (default 256)")
     p.add_argument("--again", action="store_true", help="time afresh even where a kept table passes its check")
@@ -355,7 +359,7 @@ def _add_heads(subparsers) -> None:
     p = subparsers.add_parser("heads", help="Medusa-style heads that draft from the target's own hidden state")
     group = p.add_subparsers(dest="heads_command", required=True)
     t = group.add_parser("train", help="train heads on ShareGPT conversations (the training half), base frozen")
-    t.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or a local checkpoint dir")
+    _add_model_options(t, dtype=False)
     t.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget of the whole run (default: 25)")
     t.add_argument("--max-tokens", type=int, default=100_000, help="tokens run through the base model")
     t.add_argument("--heads", type=int, default=3, help="number of heads K: head k guesses token t+k+1")
@@ -365,7 +369,6 @@ def _add_heads(subparsers) -> None:
     t.add_argument(
         "--train-output", action="store_true", help="also train the heads' output matrix (default: the model's own)"
     )
-    t.add_argument("--device", default="cpu")
     t.set_defaults(func=_run_heads_train)
 
 
