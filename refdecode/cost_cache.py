@@ -132,7 +132,7 @@ def load(key: dict) -> list[dict]:
             rounding = None if rounding is None else float(rounding)
             tables.append({"context": context, "seconds": seconds, "routes": routes, "rounding": rounding})
         return tables
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError):  # RuntimeError: no home folder
         return []
 
 
@@ -145,7 +145,10 @@ def save(key: dict, table: dict) -> Path | None:
     """Keep a calibration ({"context", "seconds", "routes", "rounding"} as load returns them) beside the kept ones
     timed after other context lengths, written whole to a temporary file then renamed over the old one (a reader
     never sees a part). Returns the file, or None when the cache cannot be written (the generation goes on)."""
-    path = table_path(key)
+    try:
+        path = table_path(key)
+    except RuntimeError:  # no home folder to keep a cache in (Path.home)
+        return None
     others = [t for t in load(key) if not 1 / CONTEXT_SPAN < t["context"] / table["context"] < CONTEXT_SPAN]
     tables = [*others, table][-MAX_TABLES:]
     body = {
@@ -201,10 +204,14 @@ def load_policy(key: dict, kind: str) -> dict | None:
         if not isinstance(data, dict) or data.get("key") != key or data.get("kind") != kind:
             return None
         return data["state"] if isinstance(data["state"], dict) else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError):  # RuntimeError: no home folder
         return None
 
 
 def save_policy(key: dict, kind: str, state: dict) -> Path | None:
     """Keep a policy's learned state (DraftPolicy.learned_state), replacing the last one kept for this kind."""
-    return _write_json(policy_path(key, kind), {"key": key, "kind": kind, "state": state})
+    try:
+        path = policy_path(key, kind)
+    except RuntimeError:  # no home folder to keep a cache in (Path.home)
+        return None
+    return _write_json(path, {"key": key, "kind": kind, "state": state})

@@ -362,3 +362,20 @@ def test_switched_off_no_policy_is_kept_or_read(monkeypatch, tmp_path):
     model = fresh_model()
     policy.remember_policy(model, taught_policy(), kind="k")
     assert not (tmp_path / "policies").exists()
+
+
+def test_no_home_folder_means_nothing_kept_and_no_error(clock, monkeypatch):
+    """Path.home() raises RuntimeError where the environment names no home folder: the cache is skipped."""
+    import refdecode.models
+
+    def nowhere():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(refdecode.models, "cache_dir", nowhere)
+    model = fresh_model()
+    table = calibrate_costs(model, prefilled(model), 5, widths=calibration_widths(8), rounds=1)
+    assert set(table) == set(calibration_widths(8))
+    policy.remember_policy(model, taught_policy(), kind="k")
+    new_process(model)
+    policy._LAST_POLICIES.pop(model)
+    assert policy.warm_policy(model, 128, kind="k").acceptance.rates() == policy.DraftPolicy().acceptance.rates()
