@@ -275,6 +275,8 @@ def _add_calibrate(subparsers) -> None:
     p.set_defaults(func=_run_calibrate)
 
 
+CHAIN_RATES = (0.5, 0.7, 0.9, 0.99)  # per-token acceptance rates `calibrate` shows the verified chain length at
+
 _FILLER = (
     "A reference store indexes documents; a matcher copies the spans that follow the current suffix as draft tokens, "
     "and the target model verifies them in one forward pass. "
@@ -291,7 +293,14 @@ def _run_calibrate(args) -> int:
 
     from . import cost_cache
     from .kernels import routable, route_table
-    from .policy import calibrate_costs, calibration_widths, measured_rounding, tie_margin_for
+    from .policy import (
+        DraftPolicy,
+        ForwardCostModel,
+        calibrate_costs,
+        calibration_widths,
+        measured_rounding,
+        tie_margin_for,
+    )
 
     if not 1 <= args.max_draft <= 1024:
         raise CliError("--max-draft must be between 1 and 1024")
@@ -318,6 +327,8 @@ def _run_calibrate(args) -> int:
     after = cost_cache.load(key) if key is not None else []
     routes = dict(route_table(model))
     rounding = measured_rounding(model)
+    priced = DraftPolicy(max_draft=args.max_draft, costs=ForwardCostModel(table))
+    chains = {rate: priced.chain_length_at(rate) for rate in CHAIN_RATES}
     if key is None:
         where, how = None, "timed; not kept (REFDECODE_COST_CACHE=off)"
     elif not after:
@@ -338,6 +349,7 @@ def _run_calibrate(args) -> int:
         },
         "rounding": rounding,
         "tie_margin": tie_margin_for(model, rounding or 0.0),
+        "chain_lengths": {str(rate): k for rate, k in chains.items()},
     }
     if args.json:
         print(json.dumps(record))
@@ -347,6 +359,8 @@ def _run_calibrate(args) -> int:
     for w, t in table.items():
         kernels_used = "transformers" if w == 1 else ("routed" if routes.get(w) else "transformers")
         print(f"{w:5d}  {t:7.4f}  {t / table[1]:11.2f}  {kernels_used}")
+    lengths = ", ".join(f"{rate:g} -> {k}" for rate, k in chains.items())
+    print(f"chains the draft policy verifies at these costs, by per-token acceptance: {lengths}")
     if rounding is not None:
         margin = record["tie_margin"]
         print(f"a wide forward moves a logit by up to {rounding:.2g}; the greedy tie guard's margin: {margin:.2g}")

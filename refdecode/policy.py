@@ -333,6 +333,11 @@ class DraftPolicy:
                 break
         return best_k
 
+    def chain_length_at(self, rate: float) -> int:
+        """The chain length this policy verifies where each draft token is accepted with probability `rate` (capped
+        at 0.999), at its measured costs: 0 (plain decoding) .. max_draft. Shows the regime a cost curve sets."""
+        return self._best_length(min(max(rate, 0.0), 0.999), self.max_draft)
+
     def draft_depth(self) -> int:
         """The deepest draft worth asking a drafter for: the length at which a chain of the best rate the policy
         has learned for any kind of draft would be verified, at the measured costs (max_draft while uncalibrated).

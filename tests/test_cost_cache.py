@@ -267,6 +267,10 @@ def test_the_calibrate_command_keeps_the_table_then_finds_it(capsys, clock, tiny
     assert code == 0 and "timed in" in out and "kept in" in out
     assert len(clock.forwards) == 3 * (2 * len(calibration_widths(16)) - 1)  # three rounds, both kernels
     assert "\n   17  " in out and "routed" in out  # the table: width, seconds, x one token, kernels
+    line = next(x for x in out.splitlines() if x.startswith("chains the draft policy verifies"))
+    lengths = [int(part.split("->")[1]) for part in line.split(": ", 1)[1].split(", ")]
+    assert lengths == sorted(lengths) and all(0 <= k <= 16 for k in lengths)  # longer where drafts hold
+    assert second["chain_lengths"] == first["chain_lengths"]
 
 
 def test_the_calibrate_command_says_when_nothing_is_kept(capsys, clock, tiny_model_dir, monkeypatch, tmp_path):

@@ -142,3 +142,14 @@ def test_expected_accepted_is_the_chain_series_of_the_sources_rate():
     for _ in range(200):
         sure.acceptance.update(8, drafted=4, accepted=4)
     assert sure.chain_rate(draft(3, 8)) <= 0.999  # capped: a long draft's expectation stays finite
+
+
+def test_chain_length_at_a_rate_follows_the_cost_curve():
+    """Where width is nearly free a good rate buys a long chain; where every token costs a full forward, none."""
+    from refdecode.policy import DraftPolicy, ForwardCostModel
+
+    free = DraftPolicy(max_draft=64, costs=ForwardCostModel({1: 1.0, 2: 1.0, 64: 1.05, 65: 1.3}))
+    dear = DraftPolicy(max_draft=64, costs=ForwardCostModel({1: 1.0, 2: 2.0, 64: 64.0}))
+    assert free.chain_length_at(0.9) > free.chain_length_at(0.5) >= 1
+    assert free.chain_length_at(1.0) == 63 and free.chain_length_at(-1.0) == 0  # 64 drafts: width 65, the step
+    assert dear.chain_length_at(0.9) == 0
