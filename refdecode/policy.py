@@ -259,9 +259,9 @@ class DraftPolicy:
         }
 
     @classmethod
-    def from_learned_state(cls, state: dict, max_draft: int = 128) -> DraftPolicy:
+    def from_learned_state(cls, state: dict) -> DraftPolicy:
         """A policy holding what learned_state describes (for inherit); ValueError when it describes none."""
-        policy = cls(max_draft=max_draft, acceptance=AcceptanceModel.from_state(state["acceptance"]))
+        policy = cls(acceptance=AcceptanceModel.from_state(state["acceptance"]))
         policy._by_source = {str(k): AcceptanceModel.from_state(v) for k, v in dict(state["by_source"]).items()}
         share = float(state["pad_recompute"])
         if not 0.0 <= share <= 1.0:
@@ -618,7 +618,6 @@ def calibrate_costs(
                 return known
     if known is not None:  # an earlier call timed fewer widths (a smaller max_draft): time only the others
         widths = sorted(set(widths) - set(known))
-    device = model.device
     trials = [(w, False) for w in widths] + ([(w, True) for w in widths if w >= 2] if can_route else [])
     if rounds is None:
         rounds = 5 if len(trials) == len(widths) else 3
@@ -627,19 +626,15 @@ def calibrate_costs(
     rounding = 0.0
     for _ in range(rounds):
         for width, route in trials:
-            synchronize(device)
-            t0 = time.perf_counter()
-            logits = forward_tokens(model, cache, [pending] * width, route=route)  # [width, V]
-            synchronize(device)
-            best[width, route] = min(best[width, route], time.perf_counter() - t0)
-            cache.crop(-width)
+            seconds, logits = _timed_forward(model, cache, pending, width, route=route)
+            best[width, route] = min(best[width, route], seconds)
             # row 0 is the same computation at every width, rounded differently: how far a wide forward moves it
             if narrow is None and width == 1:
                 narrow = logits[0]
             elif narrow is not None:
                 rounding = max(rounding, (logits[0] - narrow).abs().max().item())
     if narrow is not None:  # a call that timed only wider widths leaves the one-token row's rounding as it was
-        _ROUNDING.setdefault(model, {})[(str(device), str(model.dtype))] = rounding
+        _keep_rounding(model, rounding)
     decisions = {w: best[w, True] < best[w, False] for w in widths if (w, True) in best}
     if decisions:
         set_route(model, {**dict(route_table(model)), **decisions} if known is not None else decisions)
@@ -651,6 +646,18 @@ def calibrate_costs(
         entry = {"context": cache.get_seq_length(), "seconds": table, "routes": dict(route_table(model))}
         cost_cache.save(kept, {**entry, "rounding": measured_rounding(model)})
     return table
+
+
+def _timed_forward(model, cache, pending: int, width: int, *, route: bool | None = None) -> tuple[float, torch.Tensor]:
+    """Seconds of one forward of `width` copies of `pending` on the live cache, rolled back afterwards, and its
+    logits [width, V] (route: as kernels.forward_tokens)."""
+    synchronize(model.device)
+    t0 = time.perf_counter()
+    logits = forward_tokens(model, cache, [pending] * width, route=route)
+    synchronize(model.device)
+    seconds = time.perf_counter() - t0
+    cache.crop(-width)
+    return seconds, logits
 
 
 # A kept calibration is trusted when a forward of CHECK_WIDTH tokens (or the widest kept one below it) costs, over
@@ -675,18 +682,13 @@ def _kept_costs(model, cache, pending: int, kept: dict) -> dict | None:
     now = {1: float("inf"), check: float("inf")}
     for _ in range(2):
         for width in now:
-            synchronize(model.device)
-            t0 = time.perf_counter()
-            forward_tokens(model, cache, [pending] * width)
-            synchronize(model.device)
-            now[width] = min(now[width], time.perf_counter() - t0)
-            cache.crop(-width)
+            now[width] = min(now[width], _timed_forward(model, cache, pending, width)[0])
     shape_now, shape_kept = now[check] / now[1], seconds[check] / seconds[1]
     if not 1 / CHECK_TOLERANCE <= shape_now / shape_kept <= CHECK_TOLERANCE:
         forget_route(model)
         return None
     if found["rounding"] is not None and measured_rounding(model) is None:
-        _ROUNDING.setdefault(model, {})[(str(model.device), str(model.dtype))] = found["rounding"]
+        _keep_rounding(model, found["rounding"])
     scale = now[1] / seconds[1]
     return {w: s * scale for w, s in seconds.items()}
 
@@ -695,6 +697,11 @@ def measured_rounding(model) -> float | None:
     """The largest change of any logit between a one-token forward and a wider one of the same row on `model`, as
     measured by its calibration (calibrate_costs) in this process; None when it never ran."""
     return _ROUNDING.get(model, {}).get((str(model.device), str(model.dtype)))
+
+
+def _keep_rounding(model, rounding: float) -> None:
+    """What measured_rounding answers for this model, dtype and device from now on."""
+    _ROUNDING.setdefault(model, {})[(str(model.device), str(model.dtype))] = rounding
 
 
 def measure_rounding(model, cache, pending: int, *, widths=(1, 8, 64)) -> float:
@@ -708,7 +715,7 @@ def measure_rounding(model, cache, pending: int, *, widths=(1, 8, 64)) -> float:
         rows.append(forward_tokens(model, cache, [pending] * width)[0])  # [V]: row 0, the same at every width
         cache.crop(-width)
     rounding = max((row - rows[0]).abs().max().item() for row in rows[1:])
-    _ROUNDING.setdefault(model, {})[(str(model.device), str(model.dtype))] = rounding
+    _keep_rounding(model, rounding)
     return rounding
 
 
