@@ -99,12 +99,48 @@ def fingerprint(model, *, routable: bool) -> dict:
     }
 
 
-def table_path(key: dict) -> Path:
-    """Where the table of this fingerprint is kept."""
+def _path(folder: str, what) -> Path:
+    """The file under the cache's `folder` named by a digest of `what` (JSON-ready); RuntimeError where no home
+    folder can be named (Path.home)."""
     from .models import cache_dir
 
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir() / "costs" / f"{digest}.json"
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / folder / f"{digest}.json"
+
+
+def table_path(key: dict) -> Path:
+    """Where the tables of this fingerprint are kept."""
+    return _path("costs", key)
+
+
+def _read(folder: str, what) -> dict | None:
+    """The JSON object in the file _path(folder, what) names; None where there is no home folder, no file, or no
+    object."""
+    try:
+        data = json.loads(_path(folder, what).read_text(encoding="utf-8"))
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write(folder: str, what, body: dict) -> Path | None:
+    """Write `body` whole to a temporary file beside _path(folder, what), then rename it over that file (a reader
+    never sees a part). None where that fails, no home folder included: the cache is a convenience, nothing fails
+    for want of it."""
+    try:
+        path = _path(folder, what)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(body, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except (OSError, RuntimeError):
+        return None
+    return path
 
 
 # A forward's cost by width changes with the cached context it attends to (the 1.5B in bfloat16: 17 tokens cost 0.91
@@ -118,10 +154,10 @@ def load(key: dict) -> list[dict]:
     """The kept calibrations of this fingerprint, each {"context": cached tokens it was timed after, "seconds":
     {width: s}, "routes": {width: bool}, "rounding": float or None}; [] when there are none or the file cannot be
     read (a damaged file is timed again and replaced)."""
+    data = _read("costs", key)
+    if data is None or data.get("key") != key:
+        return []
     try:
-        data = json.loads(table_path(key).read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("key") != key:
-            return []
         tables = []
         for entry in data["tables"]:
             seconds = {int(w): float(t) for w, t in entry["seconds"].items()}
@@ -132,7 +168,7 @@ def load(key: dict) -> list[dict]:
             rounding = None if rounding is None else float(rounding)
             tables.append({"context": context, "seconds": seconds, "routes": routes, "rounding": rounding})
         return tables
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError):  # RuntimeError: no home folder
+    except (ValueError, KeyError, TypeError, AttributeError):
         return []
 
 
@@ -145,10 +181,6 @@ def save(key: dict, table: dict) -> Path | None:
     """Keep a calibration ({"context", "seconds", "routes", "rounding"} as load returns them) beside the kept ones
     timed after other context lengths, written whole to a temporary file then renamed over the old one (a reader
     never sees a part). Returns the file, or None when the cache cannot be written (the generation goes on)."""
-    try:
-        path = table_path(key)
-    except RuntimeError:  # no home folder to keep a cache in (Path.home)
-        return None
     others = [t for t in load(key) if not 1 / CONTEXT_SPAN < t["context"] / table["context"] < CONTEXT_SPAN]
     tables = [*others, table][-MAX_TABLES:]
     body = {
@@ -163,25 +195,7 @@ def save(key: dict, table: dict) -> Path | None:
             for t in tables
         ],
     }
-    return _write_json(path, body)
-
-
-def _write_json(path: Path, body: dict) -> Path | None:
-    """Write `body` whole to a temporary file beside `path`, then rename it over `path` (a reader never sees a
-    part); None when that fails (the cache is a convenience: nothing fails for want of it)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(body, f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError:
-        return None
-    return path
+    return _write("costs", key, body)
 
 
 # What the draft policy learned (policy.warm_policy): how often drafts of each source and match length were
@@ -191,27 +205,18 @@ def _write_json(path: Path, body: dict) -> Path | None:
 
 def policy_path(key: dict, kind: str) -> Path:
     """Where the learned acceptance of this fingerprint and kind of drafting is kept."""
-    from .models import cache_dir
-
-    digest = hashlib.sha256(json.dumps([key, kind], sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir() / "policies" / f"{digest}.json"
+    return _path("policies", [key, kind])
 
 
 def load_policy(key: dict, kind: str) -> dict | None:
     """The kept learned state of save_policy, or None when there is none or it cannot be read."""
-    try:
-        data = json.loads(policy_path(key, kind).read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("key") != key or data.get("kind") != kind:
-            return None
-        return data["state"] if isinstance(data["state"], dict) else None
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError):  # RuntimeError: no home folder
+    data = _read("policies", [key, kind])
+    if data is None or data.get("key") != key or data.get("kind") != kind:
         return None
+    state = data.get("state")
+    return state if isinstance(state, dict) else None
 
 
 def save_policy(key: dict, kind: str, state: dict) -> Path | None:
     """Keep a policy's learned state (DraftPolicy.learned_state), replacing the last one kept for this kind."""
-    try:
-        path = policy_path(key, kind)
-    except RuntimeError:  # no home folder to keep a cache in (Path.home)
-        return None
-    return _write_json(path, {"key": key, "kind": kind, "state": state})
+    return _write("policies", [key, kind], {"key": key, "kind": kind, "state": state})
