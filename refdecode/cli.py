@@ -291,7 +291,6 @@ def _run_calibrate(args) -> int:
 
     import refdecode
 
-    from . import cost_cache
     from .kernels import routable, route_table
     from .policy import (
         DraftPolicy,
@@ -357,8 +356,7 @@ def _run_calibrate(args) -> int:
     print(f"{args.model}, {args.dtype} on {model.device}, after {args.context} cached tokens: {how} in {seconds:.1f} s")
     print("width  seconds  x one token  kernels")
     for w, t in table.items():
-        kernels_used = "transformers" if w == 1 else ("routed" if routes.get(w) else "transformers")
-        print(f"{w:5d}  {t:7.4f}  {t / table[1]:11.2f}  {kernels_used}")
+        print(f"{w:5d}  {t:7.4f}  {t / table[1]:11.2f}  {'routed' if routes.get(w) else 'transformers'}")
     lengths = ", ".join(f"{rate:g} -> {k}" for rate, k in chains.items())
     print(f"chains the draft policy verifies at these costs, by per-token acceptance: {lengths}")
     if rounding is not None:
